@@ -1,0 +1,4 @@
+"""filterd: a fast, honest mail filter."""
+
+__version__ = "0.1.0"
+__all__ = ["__version__"]
