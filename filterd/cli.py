@@ -1,0 +1,235 @@
+"""The `filterd` command: one entry point, one subcommand per job.
+
+Exit codes follow sysexits: 0 ok, 64 usage, 65 bad input data, 66 no input, 70 internal error,
+78 configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from filterd import __version__
+from filterd.errors import ConfigError, RuleError
+
+__all__ = ["main"]
+
+EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_SOFTWARE, EX_CONFIG = 64, 65, 66, 70, 78
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="configuration file (default: embedded defaults)")
+    p.add_argument("--state-dir", metavar="DIR", help="where learnt state lives (Bayes, reputation, greylisting)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="filterd", description="filterd: a fast, honest mail filter.")
+    parser.add_argument("--version", action="version", version=f"filterd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("check", help="score one message and print the verdict")
+    _common(p)
+    p.add_argument("file", nargs="?", default="-", help="message file, or - for standard input")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--report", action="store_true", help="print the full report")
+    out.add_argument("--json", action="store_true", help="print one JSON object")
+    out.add_argument("--process", action="store_true", help="print the marked-up message")
+
+    p = sub.add_parser("mass-check", help="score many messages and print a table")
+    _common(p)
+    p.add_argument("paths", nargs="+", help="files or directories; the label is the ham/spam folder name")
+    p.add_argument("--top", type=int, default=3, help="how many top rules to show per message")
+
+    p = sub.add_parser("config", help="configuration tools")
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION")
+    c = csub.add_parser("check", help="validate and print the configuration in force")
+    _common(c)
+    c.add_argument("--diff", action="store_true", help="only settings that differ from the defaults")
+    c.add_argument("--list", action="store_true", help="list every setting with its type, default and meaning")
+
+    p = sub.add_parser("rules", help="rule set tools")
+    rsub = p.add_subparsers(dest="rules_command", metavar="ACTION")
+    r = rsub.add_parser("lint", help="compile every rule and report all problems")
+    _common(r)
+    r.add_argument("--strict", action="store_true", help="warnings (missing describe, ...) fail too")
+    return parser
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help(sys.stderr)
+        return EX_USAGE
+    _setup_logging(getattr(args, "verbose", 0))
+    try:
+        if args.command == "check":
+            return _cmd_check(args)
+        if args.command == "mass-check":
+            return _cmd_mass_check(args)
+        if args.command == "config":
+            if args.config_command != "check":
+                parser.parse_args(["config", "--help"])
+            return _cmd_config_check(args)
+        if args.command == "rules":
+            if args.rules_command != "lint":
+                parser.parse_args(["rules", "--help"])
+            return _cmd_rules_lint(args)
+    except ConfigError as exc:
+        print(f"filterd: configuration error:\n{exc}", file=sys.stderr)
+        return EX_CONFIG
+    except RuleError as exc:
+        print(f"filterd: rule error:\n{exc}", file=sys.stderr)
+        return EX_CONFIG
+    except BrokenPipeError:
+        return 0
+    parser.print_help(sys.stderr)
+    return EX_USAGE
+
+
+def _load_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from filterd.config import load_config
+
+    return load_config(args.config, state_dir=args.state_dir)
+
+
+def _load_engine(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from filterd.engine.engine import Engine
+
+    config = _load_config(args)
+    return Engine.load(config, state_dir=str(config.state_path))
+
+
+def _read_input(name: str) -> bytes:
+    if name == "-":
+        return sys.stdin.buffer.read()
+    return Path(name).read_bytes()
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from filterd.engine.markup import MarkupOptions, build_report, format_score, process_message
+
+    engine = _load_engine(args)
+    try:
+        raw = _read_input(args.file)
+    except OSError as exc:
+        print(f"filterd: cannot read {args.file}: {exc.strerror or exc}", file=sys.stderr)
+        return EX_NOINPUT
+    result = engine.scan_sync(raw)
+    options = MarkupOptions.from_engine(engine)
+    if args.json:
+        doc = {
+            "score": result.score,
+            "required_score": result.required_score,
+            "is_spam": result.is_spam,
+            "hits": [
+                {"name": h.rule, "score": h.score, "description": engine.info(h.rule).describe
+                 if engine.info(h.rule) else "", "detail": h.detail}
+                for h in result.hits
+            ],
+            "scan_ms": round(result.scan_time * 1000, 3),
+            "problems": list(result.problems) + list(result.message.problems),
+        }
+        print(json.dumps(doc, indent=2))
+    elif args.process:
+        sys.stdout.buffer.write(process_message(engine, result, options))
+    elif args.report:
+        sys.stdout.write(build_report(engine, result, options))
+    else:
+        verdict = "spam" if result.is_spam else "ham"
+        score = format_score(result.score, result.required_score, result.is_spam)
+        print(f"{verdict} {score}/{result.required_score:.1f}")
+        for h in sorted(result.hits, key=lambda h: (-(h.score or 0), h.rule)):
+            info = engine.info(h.rule)
+            print(f"  {h.score or 0:6.2f} {h.rule:<26} {info.describe if info else ''}")
+    return 0
+
+
+def _message_files(paths: Sequence[str]) -> list[Path]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
+                                and f.suffix not in (".yaml", ".md", ".tsv")))
+        elif p.is_file():
+            files.append(p)
+    return files
+
+
+def _label_of(path: Path) -> str:
+    for part in reversed(path.parts[:-1]):
+        if part in ("ham", "spam"):
+            return part
+    return "?"
+
+
+def _cmd_mass_check(args: argparse.Namespace) -> int:
+    engine = _load_engine(args)
+    files = _message_files(args.paths)
+    if not files:
+        print("filterd: no messages found", file=sys.stderr)
+        return EX_NOINPUT
+
+    async def run() -> list[tuple[Path, str, object]]:
+        rows = []
+        for f in files:
+            rows.append((f, _label_of(f), await engine.scan(f.read_bytes())))
+        return rows
+
+    rows = asyncio.run(run())
+    width = max(len(str(f)) for f in files)
+    print(f"{'file':<{width}}  {'label':<5} {'score':>7}  {'verdict':<7} top rules")
+    right = counted = 0
+    for f, label, result in rows:
+        verdict = "spam" if result.is_spam else "ham"  # type: ignore[attr-defined]
+        top = sorted(result.hits, key=lambda h: -(h.score or 0))[: args.top]  # type: ignore[attr-defined]
+        mark = "" if label == "?" or label == verdict else "  <- wrong"
+        if label != "?":
+            counted += 1
+            right += label == verdict
+        print(f"{str(f):<{width}}  {label:<5} {result.score:7.1f}  {verdict:<7} "  # type: ignore[attr-defined]
+              + ", ".join(f"{h.rule}({h.score:g})" for h in top) + mark)
+    if counted:
+        print(f"\n{right}/{counted} classified as labelled")
+    return 0
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    from filterd.config import describe_settings, dump_config
+
+    if args.list:
+        for key, type_, default, doc in describe_settings():
+            print(f"{key}  ({type_}, default {default})\n    {doc}")
+        return 0
+    config = _load_config(args)
+    print(f"# configuration in force ({args.config or 'embedded defaults'})")
+    print(dump_config(config, diff=args.diff), end="")
+    return 0
+
+
+def _cmd_rules_lint(args: argparse.Namespace) -> int:
+    from filterd.engine.engine import Engine
+
+    config = _load_config(args)
+    engine = Engine.load(config)  # raises RuleError listing every problem
+    warnings = engine.rules.problems
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    scored = sum(1 for i in engine.rules.info.values() if not i.is_sub and i.type != "meta")
+    metas = sum(1 for i in engine.rules.info.values() if i.type == "meta")
+    subs = sum(1 for i in engine.rules.info.values() if i.is_sub)
+    fallback = engine.rules.fallback_rules
+    print(f"{len(engine.rules.info)} rules OK: {scored} scored, {metas} meta, {subs} sub-rules; "
+          f"{len(fallback)} on the fallback regex engine{': ' + ', '.join(fallback) if fallback else ''}")
+    return 1 if (args.strict and warnings) else 0

@@ -1,0 +1,290 @@
+"""The engine: loads rules and checks once, then scores messages, whole or in stages.
+
+    engine = Engine.load(config)
+    result = await engine.scan(raw_bytes, ScanContext(client_ip="192.0.2.7"))
+
+or, for a milter or an MTA that learns things step by step:
+
+    scan = engine.new_scan(ctx)
+    await engine.run_stage(scan, Stage.CONNECT)     # e.g. reject at connect on a blocklist hit
+    await engine.run_stage(scan, Stage.ENVELOPE)
+    engine.set_headers(scan, header_bytes); await engine.run_stage(scan, Stage.HEADERS)
+    result = await engine.finish(scan, whole_message)
+
+Order at the end: network (async) checks are launched first, local checks and regex rules run
+while they are in flight, then the async results are collected within the scan deadline, then
+meta rules, then POST checks (which see the score so far).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from filterd.config import Config, default_config
+from filterd.engine.checks import builtin_checks
+from filterd.engine.message import ParsedMessage, parse_message
+from filterd.engine.plugin import Check, CheckSetup, Hit, Scan, ScanContext, Stage
+from filterd.engine.ruleset import CompiledRules, RuleInfo, compile_rules, header_text
+from filterd.engine.rules import load_rule_files
+from filterd.engine.uris import UriParser
+
+__all__ = ["Engine", "Result", "shipped_rules_dir"]
+
+log = logging.getLogger(__name__)
+
+
+def shipped_rules_dir() -> Path:
+    """The rule set that comes with filterd: the checkout's rules/, or the installed copy."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here.parent / "rules", here / "data" / "rules"):
+        if candidate.is_dir():
+            return candidate
+    import sys
+
+    return Path(sys.prefix) / "share" / "filterd" / "rules"
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The verdict on one message."""
+
+    score: float
+    required_score: float
+    is_spam: bool
+    hits: tuple[Hit, ...]  # scored rules that fired (no __sub-rules), sorted by name
+    subrules: tuple[str, ...]
+    message: ParsedMessage
+    timings: dict[str, float]
+    scan_time: float  # seconds
+    problems: tuple[str, ...]
+
+    @property
+    def rule_names(self) -> list[str]:
+        return [h.rule for h in self.hits]
+
+
+class Engine:
+    """Everything loaded once; `scan` is safe to call concurrently from one event loop."""
+
+    def __init__(self, config: Config, rules: CompiledRules, checks: Sequence[Check], uri_parser: UriParser) -> None:
+        self.config = config
+        self.rules = rules
+        self.checks = list(checks)
+        self.uri_parser = uri_parser
+        self._is_async = {c.name: inspect.iscoroutinefunction(c.run) for c in checks}
+
+    @classmethod
+    def load(cls, config: Config | None = None, *, extra_checks: Iterable[type] = (), state_dir: str = "") -> Engine:
+        """Read and compile the rule set and set up every check. Raises RuleError/ConfigError."""
+        config = config or default_config()
+        uri_parser = UriParser()
+        setup = CheckSetup(config=config, uri_parser=uri_parser, state_dir=state_dir)
+        checks: list[Check] = [cls_(setup) for cls_ in (*builtin_checks(), *extra_checks)]
+        dirs = [Path(d) for d in config.rules.dirs] or [shipped_rules_dir()]
+        dirs += [Path(d) for d in config.rules.extra_dirs]
+        files = load_rule_files(dirs)
+        compiled = compile_rules(
+            files,
+            emitted={c.name: c.emits for c in checks},
+            score_overrides=dict(config.scoring.score_overrides),
+            rule_timeout=config.rules.rule_timeout,
+        )
+        return cls(config, compiled, checks, uri_parser)
+
+    # -- staged interface -------------------------------------------------------------------
+
+    def new_scan(self, ctx: ScanContext | None = None) -> Scan:
+        scan = Scan(ctx=ctx or ScanContext(), uri_parser=self.uri_parser)
+        scan.deadline = time.monotonic() + self.config.rules.scan_deadline
+        return scan
+
+    def set_message(self, scan: Scan, raw: bytes) -> None:
+        """Hand over the message (the header block alone is enough for the HEADERS stage)."""
+        scan.msg = parse_message(raw, uri_parser=self.uri_parser, body_scan_size=self.config.rules.body_scan_size)
+
+    async def run_stage(self, scan: Scan, stage: Stage) -> list[Hit]:
+        """Run the checks of one stage (once); returns the hits they added."""
+        if stage in scan.stages_done:
+            return []
+        scan.stages_done.add(stage)
+        before = set(scan.hits)
+        checks = [c for c in self.checks if c.stage == stage]
+        await self._run_checks(scan, checks)
+        return [scan.hits[n] for n in scan.hits if n not in before]
+
+    async def _run_checks(self, scan: Scan, checks: Sequence[Check], during: Awaitable[None] | None = None) -> None:
+        pending: dict[asyncio.Task[Sequence[Hit]], str] = {}
+        for check in checks:
+            if self._is_async[check.name]:
+                pending[asyncio.ensure_future(check.run(scan))] = check.name  # type: ignore[arg-type]
+        for check in checks:
+            if not self._is_async[check.name]:
+                started = time.perf_counter()
+                try:
+                    hits = check.run(scan)
+                    for hit in hits:  # type: ignore[union-attr]
+                        scan.add(hit)
+                except Exception as exc:
+                    self._check_failed(scan, check.name, exc)
+                scan.timings[check.name] = time.perf_counter() - started
+        if during is not None:
+            await during
+        if not pending:
+            return
+        remaining = max(0.0, scan.deadline - time.monotonic())
+        done, not_done = await asyncio.wait(pending, timeout=remaining)
+        for task in not_done:
+            task.cancel()
+            name = pending[task]
+            scan.problems.append(f"check {name} ran past the scan deadline")
+            scan.add(Hit(f"CHECK_ERROR_{name.upper()}", "deadline", 0.0))
+        for task in done:
+            name = pending[task]
+            exc = task.exception()
+            if exc is not None:
+                self._check_failed(scan, name, exc)
+                continue
+            for hit in task.result():
+                scan.add(hit)
+
+    def _check_failed(self, scan: Scan, name: str, exc: BaseException) -> None:
+        log.warning("check %s failed (qid=%s): %s: %s", name, scan.ctx.queue_id or "-", type(exc).__name__, exc,
+                    exc_info=log.isEnabledFor(logging.DEBUG))
+        scan.problems.append(f"check {name} failed: {type(exc).__name__}: {exc}")
+        scan.add(Hit(f"CHECK_ERROR_{name.upper()}", f"{type(exc).__name__}: {exc}"[:200], 0.0))
+
+    async def finish(self, scan: Scan, raw: bytes | None = None, *, required_score: float | None = None) -> Result:
+        """Score the whole message: remaining stages, regex rules, metas, POST checks."""
+        started = time.perf_counter()
+        if raw is not None:
+            self.set_message(scan, raw)
+        msg = scan.message
+        for stage in (Stage.CONNECT, Stage.ENVELOPE, Stage.HEADERS):
+            if stage not in scan.stages_done:
+                scan.stages_done.add(stage)
+                await self._run_checks(scan, [c for c in self.checks if c.stage == stage])
+        scan.stages_done.add(Stage.BODY)
+        body_checks = [c for c in self.checks if c.stage == Stage.BODY]
+        t0 = time.perf_counter()
+        self._run_regex_rules(scan, msg)
+        scan.timings["rules"] = time.perf_counter() - t0
+        await self._run_checks(scan, body_checks)
+        values = {name: hit.value for name, hit in scan.hits.items()}
+        t0 = time.perf_counter()
+        for name in self.rules.metas(values):
+            if name not in scan.hits:
+                scan.hits[name] = Hit(name, value=values[name])
+        scan.timings["meta"] = time.perf_counter() - t0
+        scan.score_so_far = self._sum(scan)
+        scan.stages_done.add(Stage.POST)
+        post = [c for c in self.checks if c.stage == Stage.POST]
+        if post:
+            await self._run_checks(scan, post)
+        return self._result(scan, required_score, time.perf_counter() - started)
+
+    async def scan(self, raw: bytes, ctx: ScanContext | None = None, *, required_score: float | None = None) -> Result:
+        """Score a whole message in one call."""
+        scan = self.new_scan(ctx)
+        return await self.finish(scan, raw, required_score=required_score)
+
+    def scan_sync(self, raw: bytes, ctx: ScanContext | None = None, *, required_score: float | None = None) -> Result:
+        """`scan` for callers without an event loop (CLI, scripts)."""
+        return asyncio.run(self.scan(raw, ctx, required_score=required_score))
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _run_regex_rules(self, scan: Scan, msg: ParsedMessage) -> None:
+        rules = self.rules
+        timeouts: list[str] = []
+        fired: set[str] = set()
+        ctx = scan.ctx
+        for spec, matcher in rules.header_matchers.items():
+            text = header_text(msg, ctx, spec)
+            unset_names = None
+            if text is None:
+                unset_names = [p.name for p in matcher.patterns]
+                # Each rule decides alone what an absent header means (if_unset or "").
+                for name in unset_names:
+                    hr = rules.header_rules[name]
+                    value = hr.if_unset if hr.if_unset is not None else ""
+                    matched = next(p for p in matcher.patterns if p.name == name).rx.search(value) is not None
+                    if matched != hr.negate:
+                        fired.add(name)
+                continue
+            matched_names = matcher.match(text, timeouts)
+            for p in matcher.patterns:
+                if (p.name in matched_names) != rules.header_rules[p.name].negate:
+                    fired.add(p.name)
+        for hr in rules.exists_rules:
+            present = header_text(msg, ctx, hr.spec) is not None
+            if present == hr.exists:
+                fired.add(hr.name)
+        texts = {"body": msg.body_text, "nbody": msg.normalized_body, "rawbody": msg.rawbody_text}
+        for target, matcher in rules.text_matchers.items():
+            if target == "full":
+                text = msg.raw.decode("utf-8", "replace")
+            else:
+                text = texts[target]
+            fired |= matcher.match(text, timeouts)
+        if rules.uri_matcher is not None:
+            for uri in msg.uris:
+                fired |= rules.uri_matcher.match(uri.url, timeouts)
+        for name in timeouts:
+            scan.add(Hit("RULE_TIMEOUT", f"rule {name} stopped after {self.config.rules.rule_timeout * 1000:.0f} ms", 0.0))
+        body_no_subject = None
+        for name in fired:
+            value = 1.0
+            if name in rules.nosubject:
+                if body_no_subject is None:
+                    body_no_subject = msg.body_text.partition("\n")[2] if msg.subject else msg.body_text
+                if rules.nosubject[name].search(body_no_subject) is None:
+                    continue
+            if name in rules.multiple:
+                rx, maxhits, rtype = rules.multiple[name]
+                text = {"body": msg.body_text, "nbody": msg.normalized_body, "rawbody": msg.rawbody_text}.get(rtype)
+                if text is not None:
+                    try:
+                        count = sum(1 for _ in rx.finditer(text, timeout=self.config.rules.rule_timeout))
+                    except TimeoutError:
+                        count = 1
+                    value = float(min(count, maxhits) if maxhits else count) or 1.0
+            scan.add(Hit(name, value=value))
+
+    def _score_of(self, hit: Hit) -> float:
+        if hit.score is not None:
+            return hit.score
+        info = self.rules.info.get(hit.rule)
+        return info.score if info is not None else 0.0
+
+    def _sum(self, scan: Scan) -> float:
+        return sum(self._score_of(h) for n, h in scan.hits.items() if not n.startswith("__"))
+
+    def _result(self, scan: Scan, required: float | None, elapsed: float) -> Result:
+        required_score = self.config.scoring.required_score if required is None else required
+        score = round(self._sum(scan), 3)
+        shown = tuple(
+            Hit(h.rule, h.detail, self._score_of(h), h.value)
+            for n, h in sorted(scan.hits.items())
+            if not n.startswith("__")
+        )
+        subs = tuple(sorted(n for n in scan.hits if n.startswith("__")))
+        return Result(
+            score=score,
+            required_score=required_score,
+            is_spam=score >= required_score,
+            hits=shown,
+            subrules=subs,
+            message=scan.message,
+            timings=dict(scan.timings),
+            scan_time=elapsed,
+            problems=tuple(scan.problems),
+        )
+
+    def info(self, rule: str) -> RuleInfo | None:
+        return self.rules.info.get(rule)

@@ -1,0 +1,226 @@
+"""Marking a message up the way SpamAssassin does, so existing sieve/procmail rules keep working.
+
+X-Spam-Checker-Version, X-Spam-Flag (spam), X-Spam-Level, X-Spam-Status, X-Spam-Report (spam with
+report_safe 0) go at the top of the header block; with report_safe 1 or 2 spam is wrapped in a
+new message that carries the report and the original as an attachment. Existing X-Spam-*
+headers are dropped first (they are never trusted). Nothing taken from the message can put a CR
+or LF into a header we write: values are cleaned, folded by us, and non-ASCII is RFC 2047-encoded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass
+from email.header import Header
+from email.utils import formatdate
+
+from filterd import __version__
+from filterd.engine.engine import Engine, Result
+
+__all__ = ["MarkupOptions", "build_report", "format_score", "process_message", "spam_headers"]
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]+")
+
+
+@dataclass(frozen=True, slots=True)
+class MarkupOptions:
+    """Per-user choices that shape the output."""
+
+    report_safe: int = 1
+    rewrite_subject: str = ""
+    hostname: str = ""
+    contact: str = "the administrator of that system"
+
+    @classmethod
+    def from_engine(cls, engine: Engine, *, report_safe: int | None = None) -> MarkupOptions:
+        s = engine.config.scoring
+        return cls(
+            report_safe=s.report_safe if report_safe is None else report_safe,
+            rewrite_subject=s.rewrite_subject,
+            hostname=s.report_hostname or _fqdn(),
+            contact=s.report_contact,
+        )
+
+
+def _fqdn() -> str:
+    try:
+        return socket.getfqdn() or "localhost"
+    except OSError:
+        return "localhost"
+
+
+def format_score(score: float, required: float, is_spam: bool) -> str:
+    """%2.1f, except that ham never displays a score at or above the threshold."""
+    shown = f"{score:.1f}"
+    if not is_spam and float(shown) >= required:
+        shown = f"{required - 0.1:.1f}"
+    return shown
+
+
+def _clean(text: str) -> str:
+    """One line of header text: no control characters that could end the header."""
+    return _CONTROL.sub(" ", text)
+
+
+def _fold(name: str, value: str, newline: str) -> str:
+    """Wrap `Name: value` at 79 columns after spaces or commas; continuation lines start with a tab."""
+    value = _clean(value)
+    if not value.isascii():
+        value = Header(value, "utf-8", header_name=name).encode(linesep=newline, maxlinelen=78)
+        return f"{name}: {value}{newline}"
+    line = f"{name}: "
+    lines: list[str] = []
+    for token in re.findall(r"[^ ,]*[ ,]?", value):
+        if not token:
+            continue
+        width = len(line.expandtabs(8))
+        if width + len(token.rstrip()) > 79 and line.strip() and not line.endswith(": "):
+            lines.append(line.rstrip())
+            line = "\t"
+        line += token
+    lines.append(line.rstrip() if line.strip() else line)
+    return newline.join(lines) + newline
+
+
+def _report_lines(engine: Engine, result: Result) -> list[str]:
+    """`* score RULE area description` lines, plus detail lines."""
+    out: list[str] = []
+    for hit in sorted(result.hits, key=lambda h: (-(h.score or 0), h.rule)):
+        info = engine.info(hit.rule)
+        score = hit.score or 0.0
+        shown = f"{score:4.0f}" if abs(score) >= 10 else f"{score:4.1f}"
+        describe = info.describe if info else "No description available."
+        area = info.area if info else ""
+        out.append(f"* {shown} {hit.rule} {area}{_clean(describe)}")
+        if hit.detail:
+            out.append(f"*      [{_clean(hit.detail)[:200]}]")
+    # Header text must be ASCII; details can quote the message.
+    return [line.encode("ascii", "replace").decode("ascii") for line in out]
+
+
+def spam_headers(engine: Engine, result: Result, options: MarkupOptions, newline: str = "\n") -> str:
+    """The X-Spam-* header lines for this result, folded, with the given line ending."""
+    yes = result.is_spam
+    score = format_score(result.score, result.required_score, yes)
+    tests = ",".join(h.rule for h in result.hits) or "none"
+    status = (
+        f"{'Yes' if yes else 'No'}, score={score} required={result.required_score:.1f} "
+        f"tests={tests} autolearn=no version={__version__}"
+    )
+    stars = "*" * min(50, max(0, int(result.score)))
+    out = _fold("X-Spam-Checker-Version", f"filterd {__version__} on {options.hostname or _fqdn()}", newline)
+    if yes:
+        out += f"X-Spam-Flag: YES{newline}"
+    out += f"X-Spam-Level: {stars}{newline}"
+    out += _fold("X-Spam-Status", status, newline)
+    if yes and options.report_safe == 0:
+        lines = _report_lines(engine, result)
+        out += "X-Spam-Report: " + newline + "".join(f"\t{line}{newline}" for line in lines)
+        if not lines:
+            out = out[: -len(newline)] if out.endswith(newline + newline) else out
+    return out
+
+
+def build_report(engine: Engine, result: Result, options: MarkupOptions) -> str:
+    """The human report (spamd REPORT body): LF line ends, ends with exactly two newlines."""
+    msg = result.message
+    preview = re.sub(r"\s+", " ", msg.rendered_text).strip()[:200]
+    score = format_score(result.score, result.required_score, result.is_spam)
+    lines = [
+        f"Spam detection software, running on the system \"{options.hostname or _fqdn()}\",",
+        "has identified this incoming email as possible spam." if result.is_spam
+        else "has checked this incoming email and did not find it to be spam.",
+        "The original message has been attached to this so you can view it or label",
+        f"similar future email. If you have any questions, see {options.contact} for details.",
+        "",
+        f"Content preview:  {_clean(preview)}",
+        "",
+        f"Content analysis details:   ({score} points, {result.required_score:.1f} required)",
+        "",
+        " pts rule name              description",
+        "---- ---------------------- --------------------------------------------------",
+    ]
+    for hit in sorted(result.hits, key=lambda h: (-(h.score or 0), h.rule)):
+        info = engine.info(hit.rule)
+        s = hit.score or 0.0
+        shown = f"{s:4.0f}" if abs(s) >= 10 else f"{s:4.1f}"
+        lines.append(f"{shown} {hit.rule:<22} {(info.area if info else '')}{info.describe if info else ''}")
+        if hit.detail:
+            lines.append(" " * 28 + f"[{_clean(hit.detail)[:200]}]")
+    return "\n".join(lines).rstrip("\n") + "\n\n"
+
+
+def _header_block_without_spam(raw_header_block: str) -> tuple[str, str]:
+    """Split off a leading Return-Path field (it must stay first); the rest follows our headers."""
+    if raw_header_block[:12].lower() == "return-path:":
+        m = re.match(r"Return-Path:[^\n]*\n(?:[ \t][^\n]*\n)*", raw_header_block, re.I)
+        if m:
+            return m.group(0), raw_header_block[m.end():]
+    return "", raw_header_block
+
+
+def process_message(engine: Engine, result: Result, options: MarkupOptions) -> bytes:
+    """The message as it leaves the filter (spamd PROCESS): marked up, or wrapped when spam."""
+    msg = result.message
+    nl = msg.newline
+    header_block = msg.header_block
+    if options.rewrite_subject and result.is_spam:
+        header_block = _rewrite_subject(header_block, options.rewrite_subject, nl)
+    if result.is_spam and options.report_safe in (1, 2):
+        return _wrap(engine, result, options, header_block)
+    first, rest = _header_block_without_spam(header_block)
+    added = spam_headers(engine, result, options, nl)
+    head = (first + added + rest).encode("ascii", "surrogateescape")
+    return head + nl.encode() + msg.body_raw
+
+
+def _rewrite_subject(header_block: str, prefix: str, nl: str) -> str:
+    m = re.search(r"^Subject:[ \t]?([^\n]*(?:\n[ \t][^\n]*)*)\n", header_block, re.I | re.M)
+    prefix = _clean(prefix)
+    if not m:
+        return header_block + f"Subject: {prefix}{nl}"
+    old = m.group(1).rstrip("\r")
+    new = f"Subject: {prefix} {old}{nl}X-Spam-Prev-Subject: {old}{nl}"
+    return header_block[: m.start()] + new + header_block[m.end():]
+
+
+def _wrap(engine: Engine, result: Result, options: MarkupOptions, header_block: str) -> bytes:
+    msg = result.message
+    nl = msg.newline
+    boundary = f"----------=_{int(time.time()):08X}.{os.urandom(4).hex().upper()}"
+    copied = []
+    for name in ("From", "To", "Cc", "Subject", "Date", "Message-Id"):
+        m = re.search(rf"^{name}:[^\n]*\n(?:[ \t][^\n]*\n)*", header_block, re.I | re.M)
+        if m:
+            copied.append(m.group(0).replace("\r\n", "\n").replace("\n", nl))
+    lines = [
+        f"Received: from localhost by {options.hostname or _fqdn()}{nl}"
+        f"\twith filterd (version {__version__});{nl}\t{formatdate(localtime=True)}{nl}",
+        *copied,
+        spam_headers(engine, result, options, nl),
+        f"MIME-Version: 1.0{nl}",
+        f"Content-Type: multipart/mixed; boundary=\"{boundary}\"{nl}",
+        nl,
+        f"This is a multi-part message in MIME format.{nl}{nl}",
+        f"--{boundary}{nl}",
+        f"Content-Type: text/plain; charset=UTF-8{nl}Content-Disposition: inline{nl}"
+        f"Content-Transfer-Encoding: 8bit{nl}{nl}",
+    ]
+    report = build_report(engine, result, options).replace("\n", nl)
+    original_type = msg.get("content-type", "text/plain").split(";")[0].strip().lower() or "text/plain"
+    disposition = "inline" if original_type == "text/plain" else "attachment"
+    if options.report_safe == 2:
+        part_head = f"Content-Type: text/plain; x-spam-type=original{nl}"
+    else:
+        part_head = f"Content-Type: message/rfc822; x-spam-type=original{nl}"
+    part_head += (
+        f"Content-Description: original message before filterd{nl}"
+        f"Content-Disposition: {disposition}{nl}Content-Transfer-Encoding: 8bit{nl}{nl}"
+    )
+    head = "".join(lines).encode("ascii", "surrogateescape") + report.encode("utf-8")
+    original = msg.raw
+    tail = f"{nl}--{boundary}{nl}{part_head}".encode()
+    return head + tail + original + f"{nl}--{boundary}--{nl}{nl}".encode()

@@ -1,0 +1,107 @@
+"""The check-plugin interface: one check family = one plugin that reads a Scan and returns hits.
+
+A check never adds to a score, edits the message or calls another check; the runner merges
+hits and `scoring` turns them into a verdict. Checks run at a stage (what the caller knows so
+far: the connection, the envelope, the headers, the whole message, or the score itself), may be
+async (network lookups), and are given a deadline. One that raises is logged and recorded as a
+zero-score `CHECK_ERROR_<NAME>` hit; the scan goes on.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from filterd.config import Config
+    from filterd.engine.message import ParsedMessage
+    from filterd.engine.uris import UriParser
+
+__all__ = ["Check", "CheckSetup", "Hit", "Scan", "ScanContext", "Stage"]
+
+
+class Stage(enum.IntEnum):
+    """When a check can run: what the caller must have handed over first."""
+
+    CONNECT = 1  # client IP, rDNS, HELO
+    ENVELOPE = 2  # MAIL FROM, RCPT TO
+    HEADERS = 3  # the header block
+    BODY = 4  # the whole message
+    POST = 5  # after rules and metas: sees the score so far (reputation, autolearn)
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """A rule that fired. ``score`` None means: take the rule's configured score."""
+
+    rule: str
+    detail: str = ""
+    score: float | None = None
+    value: float = 1.0  # what meta rules see: 1, a hit count, or a check's number
+
+
+@dataclass(frozen=True, slots=True)
+class ScanContext:
+    """What the caller knows about how the message arrived (milter, MTA, spamd headers)."""
+
+    client_ip: str = ""
+    client_name: str = ""  # verified reverse DNS of the client, "" if none / unknown
+    helo: str = ""
+    mail_from: str | None = None  # envelope sender; "" is the null sender, None unknown
+    rcpts: tuple[str, ...] = ()
+    user: str = ""
+    queue_id: str = ""
+    authenticated: bool = False
+    local_only: bool = False  # skip network tests
+
+
+@dataclass(slots=True)
+class Scan:
+    """Per-message state: the context, the message once known, the hits so far."""
+
+    ctx: ScanContext
+    uri_parser: UriParser
+    msg: ParsedMessage | None = None
+    hits: dict[str, Hit] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    stages_done: set[Stage] = field(default_factory=set)
+    score_so_far: float = 0.0
+    deadline: float = 0.0  # loop.time() / monotonic at which the scan must wrap up
+    problems: list[str] = field(default_factory=list)  # rule timeouts, check errors (for logs)
+
+    @property
+    def message(self) -> ParsedMessage:
+        """The parsed message; only valid for HEADERS (headers only) and later stages."""
+        if self.msg is None:
+            raise RuntimeError("the message is not known at this stage")
+        return self.msg
+
+    def add(self, hit: Hit) -> None:
+        """Record a hit; a rule that fires twice keeps its first detail and counts up."""
+        old = self.hits.get(hit.rule)
+        if old is None:
+            self.hits[hit.rule] = hit
+        else:
+            self.hits[hit.rule] = Hit(old.rule, old.detail, old.score, old.value + hit.value)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckSetup:
+    """What a check gets when the engine loads: the configuration and shared helpers."""
+
+    config: Config
+    uri_parser: UriParser
+    state_dir: str = ""
+
+
+@runtime_checkable
+class Check(Protocol):
+    """One check family. ``run`` returns hits, or an awaitable of hits for network checks."""
+
+    name: ClassVar[str]
+    stage: ClassVar[Stage]
+    emits: ClassVar[frozenset[str]]
+
+    def run(self, scan: Scan) -> Sequence[Hit] | Awaitable[Sequence[Hit]]: ...

@@ -1,0 +1,125 @@
+"""Parsing Received headers into relays.
+
+Each MTA writes Received in its own dialect; the common ones (Postfix, Sendmail, Exim, qmail,
+Exchange, Gmail) agree on the RFC 5321 skeleton `from X (Y [IP]) by Z with P id I for <R>; date`
+and differ inside the parentheses. The parser takes what it can find and marks the rest.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from datetime import datetime
+
+__all__ = ["Relay", "parse_received"]
+
+
+@dataclass(frozen=True, slots=True)
+class Relay:
+    """One hop: the host that connected (ip, rdns, helo) to the host that wrote the header (by)."""
+
+    ip: str = ""
+    rdns: str = ""
+    helo: str = ""
+    by: str = ""
+    id: str = ""
+    with_: str = ""
+    envfor: str = ""
+    auth: bool = False
+    date: datetime | None = None
+    parsed: bool = True
+    raw: str = ""
+
+    @property
+    def ip_is_private(self) -> bool:
+        """True for RFC 1918, loopback, link-local, CGNAT and other non-routable sources."""
+        if not self.ip:
+            return False
+        try:
+            address = ipaddress.ip_address(self.ip)
+        except ValueError:
+            return False
+        return not address.is_global
+
+
+_IP4 = r"(?:\d{1,3}\.){3}\d{1,3}"
+_IP6 = r"(?:IPv6:)?[0-9a-fA-F]{0,4}(?::[0-9a-fA-F]{0,4}){2,7}(?:%\w+)?"
+_IP_IN_BRACKETS = re.compile(rf"\[(?:IPv6:)?({_IP4}|{_IP6})\]")
+_BARE_IP = re.compile(rf"(?<![\w.])({_IP4})(?![\w.])")
+_FROM = re.compile(r"^\s*from\s+(\S+)", re.I)
+_BY = re.compile(r"\bby\s+([^\s;()]+)", re.I)
+_WITH = re.compile(r"\bwith\s+([A-Za-z0-9/_-]+)", re.I)
+_ID = re.compile(r"\bid\s+<?([^\s;<>()]+)>?", re.I)
+_FOR = re.compile(r"\bfor\s+<?([^\s;<>]+@[^\s;<>]+)>?", re.I)
+_HELO_EQ = re.compile(r"\bhelo[= ]+([^\s)\]]+)", re.I)
+_PAREN = re.compile(r"\(([^()]*)\)")
+_AUTH = re.compile(r"\b(?:ESMTPS?A|ESMTPSA|LMTPSA|authenticated|auth=|\(Authenticated sender)", re.I)
+_HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+\.?$")
+
+
+def _clean_ip(text: str) -> str:
+    text = text.removeprefix("IPv6:").split("%")[0]
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return ""
+
+
+def parse_received(value: str) -> Relay:
+    """Parse one unfolded Received value. Never raises; unknown shapes give parsed=False."""
+    raw = value
+    head, _, date_text = value.rpartition(";")
+    if not head:
+        head, date_text = value, ""
+    date: datetime | None = None
+    if date_text.strip():
+        try:
+            date = parsedate_to_datetime(date_text.strip())
+        except (TypeError, ValueError, IndexError, OverflowError):
+            date = None
+    m_from = _FROM.match(head)
+    m_by = _BY.search(head)
+    if not m_from:
+        # "by host with local id X" (hops inside one machine) carry no client.
+        return Relay(by=m_by.group(1).lower() if m_by else "", date=date, parsed=bool(m_by), raw=raw)
+    helo = m_from.group(1).strip("()[]")
+    ip = ""
+    rdns = ""
+    from_part = head[m_from.start() : m_by.start() if m_by else len(head)]
+    m_ip = _IP_IN_BRACKETS.search(from_part)
+    if m_ip:
+        ip = _clean_ip(m_ip.group(1))
+    else:
+        m_bare = _BARE_IP.search(from_part)
+        if m_bare:
+            ip = _clean_ip(m_bare.group(1))
+    for paren in _PAREN.findall(from_part):
+        words = paren.replace("[", " [").split()
+        if not words:
+            continue
+        first = words[0].rstrip(".")
+        if _HOSTNAME.match(first) and not _BARE_IP.fullmatch(first) and not first.startswith("["):
+            rdns = first.lower()
+            break
+    m_helo = _HELO_EQ.search(from_part)
+    if m_helo:  # Exim: "from rdns ([ip] helo=HELO)": the word after "from" is the rDNS
+        rdns = helo.lower() if _HOSTNAME.match(helo) else rdns
+        helo = m_helo.group(1)
+    m_with = _WITH.search(head)
+    m_id = _ID.search(head)
+    m_for = _FOR.search(head)
+    return Relay(
+        ip=ip,
+        rdns=rdns,
+        helo=helo,
+        by=m_by.group(1).lower() if m_by else "",
+        id=m_id.group(1) if m_id else "",
+        with_=m_with.group(1) if m_with else "",
+        envfor=m_for.group(1) if m_for else "",
+        auth=bool(_AUTH.search(head)),
+        date=date,
+        parsed=bool(ip or rdns),
+        raw=raw,
+    )
