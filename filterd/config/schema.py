@@ -1,0 +1,231 @@
+"""Every setting filterd has, declared once: type, default, bounds and a one-line doc.
+
+A section is a frozen, slotted dataclass deriving from `Section` whose fields are made with
+`setting()`; `Config` holds one field per section, made with `section()`. Adding a section is
+writing its dataclass and adding one field to `Config`: the loader, the dump and
+`describe_settings()` find it by introspection.
+
+A setting's annotation is its type, one of: ``bool``, ``int``, ``float``, ``str``,
+`Duration`, `Size`, ``Literal[...]``, ``tuple[str, ...]``, ``tuple[Network, ...]`` and
+``FrozenMap[str, float]``. ``min``/``max`` bound numbers, durations (seconds) and sizes (bytes).
+
+A section may override `Section.check` for rules that involve several of its settings.
+To change a loaded config use ``dataclasses.replace`` (nested for a section:
+``replace(cfg, scoring=replace(cfg.scoring, required_score=3.0))``); note it does not validate.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "Config",
+    "FrozenMap",
+    "Network",
+    "NetworkConfig",
+    "RulesConfig",
+    "SchemaField",
+    "ScoringConfig",
+    "Section",
+    "SettingInfo",
+    "schema_fields",
+    "section",
+    "setting",
+]
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
+from pathlib import Path
+from typing import Any, Generic, TypeAlias, TypeVar, cast, get_type_hints
+
+from filterd.config.units import Duration, Size, format_duration, parse_duration, parse_size
+
+T = TypeVar("T")
+K = TypeVar("K")
+V = TypeVar("V")
+S = TypeVar("S", bound="Section")
+
+Network: TypeAlias = IPv4Network | IPv6Network
+"""An entry of a CIDR list setting; written ``192.0.2.0/24``, ``2001:db8::/32`` or one address."""
+
+_META = "filterd.setting"
+
+
+class FrozenMap(Mapping[K, V], Generic[K, V]):
+    """An immutable, hashable mapping (the type of mapping-valued settings)."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[K, V] | None = None) -> None:
+        self._data: dict[K, V] = dict(data) if data is not None else {}
+
+    def __getitem__(self, key: K) -> V:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._data.items()))
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._data!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class SettingInfo:
+    """What `setting()` stores in a field's metadata."""
+
+    doc: str
+    min: float | None = None
+    max: float | None = None
+
+
+def setting(default: T, *, min: float | None = None, max: float | None = None, doc: str) -> T:
+    """Declare a setting: its default, optional inclusive bounds, and a one-line doc."""
+    if not doc:
+        raise TypeError("every setting needs a doc line")
+    return field(default=default, metadata={_META: SettingInfo(doc, min, max)})
+
+
+def section(cls: type[S]) -> S:
+    """Declare a section field of `Config` (or of another section)."""
+    return field(default_factory=cls)
+
+
+class Section:
+    """Base of every section dataclass."""
+
+    __slots__ = ()
+
+    def check(self) -> Sequence[tuple[str, str]]:
+        """Problems involving several settings, as (setting name, message); none by default."""
+        return ()
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaField:
+    """One field of a section: a setting (``info`` set) or a nested section (``info`` None)."""
+
+    name: str
+    type: Any
+    info: SettingInfo | None
+    default: Any
+
+    @property
+    def is_section(self) -> bool:
+        return self.info is None
+
+
+def schema_fields(cls: type[Section]) -> tuple[SchemaField, ...]:
+    """The fields of a section class with their resolved types, in declaration order."""
+    hints = get_type_hints(cls)
+    result = []
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        info = f.metadata.get(_META)
+        tp = hints[f.name]
+        if info is None and not (isinstance(tp, type) and issubclass(tp, Section)):
+            raise TypeError(f"{cls.__name__}.{f.name}: declare it with setting() or section()")
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            default = cast(Callable[[], Any], f.default_factory)()
+        result.append(SchemaField(f.name, tp, info, default))
+    return tuple(result)
+
+
+@dataclass(frozen=True, slots=True)
+class ScoringConfig(Section):
+    """How hits become a verdict and how spam is marked."""
+
+    required_score: float = setting(
+        5.0, min=-1000, max=1000, doc="Score at or above which a message is spam."
+    )
+    report_safe: int = setting(
+        1, min=0, max=2,
+        doc="0: add headers only; 1: attach the original as message/rfc822; 2: as text/plain.",
+    )  # fmt: skip
+    rewrite_subject: str = setting(
+        "", doc="Prefix added to the Subject of spam, e.g. '[SPAM]'; empty = leave it alone."
+    )
+    report_hostname: str = setting(
+        "", doc="Host name shown in reports and headers; empty = this machine's FQDN."
+    )
+    report_contact: str = setting(
+        "the administrator of that system", doc="Who to contact, as shown in spam reports."
+    )
+    score_overrides: FrozenMap[str, float] = setting(
+        FrozenMap[str, float](),
+        doc="Rule name -> score, replacing the shipped score; 0 disables the rule.",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RulesConfig(Section):
+    """Where rules come from and how much time and text they get."""
+
+    dirs: tuple[str, ...] = setting(
+        (), doc="Rule directories to load instead of the shipped set; empty = the shipped set."
+    )
+    extra_dirs: tuple[str, ...] = setting(
+        (), doc="Rule directories loaded after `dirs`, for local rules."
+    )
+    rule_timeout: Duration = setting(
+        parse_duration("50ms"), min=parse_duration("1ms"), max=parse_duration("10s"),
+        doc="Time limit per rule in the fallback regex engine.",
+    )  # fmt: skip
+    scan_deadline: Duration = setting(
+        parse_duration("10s"), min=parse_duration("100ms"), max=parse_duration("600s"),
+        doc="Time limit for scanning one message; later checks are skipped.",
+    )  # fmt: skip
+    body_scan_size: Size = setting(
+        parse_size("200K"), min=parse_size("1K"), max=parse_size("64M"),
+        doc="How much of the rendered text body the body rules see.",
+    )  # fmt: skip
+    max_scan_size: Size = setting(
+        parse_size("10M"), min=parse_size("1K"), max=parse_size("1G"),
+        doc="Messages larger than this are not scanned.",
+    )  # fmt: skip
+
+    def check(self) -> Sequence[tuple[str, str]]:
+        if self.rule_timeout > self.scan_deadline:
+            return [
+                (
+                    "rule_timeout",
+                    f"expected a duration <= scan_deadline ({format_duration(self.scan_deadline)})"
+                    f", got {format_duration(self.rule_timeout)!r}",
+                )
+            ]
+        return ()
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkConfig(Section):
+    """Which relays are ours."""
+
+    trusted_networks: tuple[Network, ...] = setting(
+        (), doc="Relays whose Received headers are believed (ours and those we trust)."
+    )
+    internal_networks: tuple[Network, ...] = setting(
+        (), doc="Relays that are part of our own mail system (a subset of the trusted ones)."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Config(Section):
+    """The whole configuration; immutable. A reload builds a new one."""
+
+    state_dir: str = setting(
+        "", doc="State directory; empty = the one given on the command line, else ./filterd-state."
+    )
+    scoring: ScoringConfig = section(ScoringConfig)
+    rules: RulesConfig = section(RulesConfig)
+    network: NetworkConfig = section(NetworkConfig)
+
+    @property
+    def state_path(self) -> Path:
+        """`state_dir`, or ``filterd-state`` when it is empty."""
+        return Path(self.state_dir or "filterd-state")
