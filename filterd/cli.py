@@ -134,8 +134,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
             "required_score": result.required_score,
             "is_spam": result.is_spam,
             "hits": [
-                {"name": h.rule, "score": h.score, "description": engine.info(h.rule).describe
-                 if engine.info(h.rule) else "", "detail": h.detail}
+                {
+                    "name": h.rule,
+                    "score": h.score,
+                    "description": engine.info(h.rule).describe if engine.info(h.rule) else "",
+                    "detail": h.detail,
+                }
                 for h in result.hits
             ],
             "scan_ms": round(result.scan_time * 1000, 3),
@@ -160,8 +164,13 @@ def _message_files(paths: Sequence[str]) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files.extend(sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
-                                and f.suffix not in (".yaml", ".md", ".tsv")))
+            files.extend(
+                sorted(
+                    f
+                    for f in p.rglob("*")
+                    if f.is_file() and not f.name.startswith(".") and f.suffix not in (".yaml", ".md", ".tsv")
+                )
+            )
         elif p.is_file():
             files.append(p)
     return files
@@ -198,8 +207,11 @@ def _cmd_mass_check(args: argparse.Namespace) -> int:
         if label != "?":
             counted += 1
             right += label == verdict
-        print(f"{str(f):<{width}}  {label:<5} {result.score:7.1f}  {verdict:<7} "  # type: ignore[attr-defined]
-              + ", ".join(f"{h.rule}({h.score:g})" for h in top) + mark)
+        print(
+            f"{str(f):<{width}}  {label:<5} {result.score:7.1f}  {verdict:<7} "  # type: ignore[attr-defined]
+            + ", ".join(f"{h.rule}({h.score:g})" for h in top)
+            + mark
+        )
     if counted:
         print(f"\n{right}/{counted} classified as labelled")
     return 0
@@ -230,6 +242,8 @@ def _cmd_rules_lint(args: argparse.Namespace) -> int:
     metas = sum(1 for i in engine.rules.info.values() if i.type == "meta")
     subs = sum(1 for i in engine.rules.info.values() if i.is_sub)
     fallback = engine.rules.fallback_rules
-    print(f"{len(engine.rules.info)} rules OK: {scored} scored, {metas} meta, {subs} sub-rules; "
-          f"{len(fallback)} on the fallback regex engine{': ' + ', '.join(fallback) if fallback else ''}")
+    print(
+        f"{len(engine.rules.info)} rules OK: {scored} scored, {metas} meta, {subs} sub-rules; "
+        f"{len(fallback)} on the fallback regex engine{': ' + ', '.join(fallback) if fallback else ''}"
+    )
     return 1 if (args.strict and warnings) else 0

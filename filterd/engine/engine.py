@@ -30,8 +30,8 @@ from filterd.config import Config, default_config
 from filterd.engine.checks import builtin_checks
 from filterd.engine.message import ParsedMessage, parse_message
 from filterd.engine.plugin import Check, CheckSetup, Hit, Scan, ScanContext, Stage
-from filterd.engine.ruleset import CompiledRules, RuleInfo, compile_rules, header_text
 from filterd.engine.rules import load_rule_files
+from filterd.engine.ruleset import CompiledRules, RuleInfo, compile_rules, header_text
 from filterd.engine.uris import UriParser
 
 __all__ = ["Engine", "Result", "shipped_rules_dir"]
@@ -154,8 +154,14 @@ class Engine:
                 scan.add(hit)
 
     def _check_failed(self, scan: Scan, name: str, exc: BaseException) -> None:
-        log.warning("check %s failed (qid=%s): %s: %s", name, scan.ctx.queue_id or "-", type(exc).__name__, exc,
-                    exc_info=log.isEnabledFor(logging.DEBUG))
+        log.warning(
+            "check %s failed (qid=%s): %s: %s",
+            name,
+            scan.ctx.queue_id or "-",
+            type(exc).__name__,
+            exc,
+            exc_info=log.isEnabledFor(logging.DEBUG),
+        )
         scan.problems.append(f"check {name} failed: {type(exc).__name__}: {exc}")
         scan.add(Hit(f"CHECK_ERROR_{name.upper()}", f"{type(exc).__name__}: {exc}"[:200], 0.0))
 
@@ -227,16 +233,15 @@ class Engine:
                 fired.add(hr.name)
         texts = {"body": msg.body_text, "nbody": msg.normalized_body, "rawbody": msg.rawbody_text}
         for target, matcher in rules.text_matchers.items():
-            if target == "full":
-                text = msg.raw.decode("utf-8", "replace")
-            else:
-                text = texts[target]
+            text = msg.raw.decode("utf-8", "replace") if target == "full" else texts[target]
             fired |= matcher.match(text, timeouts)
         if rules.uri_matcher is not None:
             for uri in msg.uris:
                 fired |= rules.uri_matcher.match(uri.url, timeouts)
         for name in timeouts:
-            scan.add(Hit("RULE_TIMEOUT", f"rule {name} stopped after {self.config.rules.rule_timeout * 1000:.0f} ms", 0.0))
+            scan.add(
+                Hit("RULE_TIMEOUT", f"rule {name} stopped after {self.config.rules.rule_timeout * 1000:.0f} ms", 0.0)
+            )
         body_no_subject = None
         for name in fired:
             value = 1.0

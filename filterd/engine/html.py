@@ -1,15 +1,19 @@
 """HTML to visible text, plus the facts spammers' HTML tricks leave behind.
 
-One regex pass tokenises the document into tags and text (no DOM: a DOM costs far more per
-message and spam HTML is rarely well formed). A stack of open elements carries inherited
-invisibility (display:none, visibility:hidden, tiny fonts, text coloured like its background).
+The document is parsed by lexbor (through selectolax), which repairs broken HTML the way
+browsers and mail clients do, in C. Python only visits the few elements that matter: those
+with a style, colour or hidden attribute (to drop invisible text and count tiny text), links,
+images, forms and active content. Paragraph structure survives text extraction because a form
+feed (HTML whitespace that no mail contains and the parser keeps) is put before every
+block-level tag first; the text is then cut into paragraphs at the form feeds.
 """
 
 from __future__ import annotations
 
-import html as _html
 import re
 from dataclasses import dataclass, field
+
+from selectolax.lexbor import LexborHTMLParser, LexborNode
 
 __all__ = ["HtmlFacts", "HtmlLink", "render_html"]
 
@@ -27,8 +31,8 @@ class HtmlFacts:
     """What one HTML part looked like, beyond its visible text."""
 
     visible_chars: int = 0
-    hidden_chars: int = 0  # display:none, visibility:hidden, same colour as background
-    tiny_chars: int = 0  # font-size <= 2px / <font size=1> with little else
+    hidden_chars: int = 0  # display:none, visibility:hidden, text coloured like its background
+    tiny_chars: int = 0  # font-size <= 2px, <font size=1>
     hidden_text: str = ""
     images: int = 0
     image_area: int = 0  # sum of width*height where given
@@ -42,57 +46,152 @@ class HtmlFacts:
     meta_refresh: bool = False
     comments_in_words: int = 0  # v<!-- x -->iagra
     tags: int = 0
-    unknown_tags: int = 0
+    unknown_tags: int = 0  # tags no mail client knows (<xyzzy>): word splitters, parser confusers
     font_color_tags: int = 0
     bgcolor_set: bool = False
     has_head: bool = False
-    has_title: bool = False
     title: str = ""
     base_href: str = ""
     truncated: bool = False
 
 
-_TOKEN = re.compile(
-    r"<!--.*?(?:-->|\Z)|<!\[CDATA\[.*?(?:\]\]>|\Z)|<![^>]*>|<\?[^>]*>|"
-    r"</?([A-Za-z][A-Za-z0-9:-]*)((?:[^>\"']|\"[^\"]*\"|'[^']*')*)>",
-    re.S,
+_BLOCK_TAG = re.compile(
+    r"<(?=/?(?:p|div|br|tr|li|ul|ol|h[1-6]|table|blockquote|pre|hr|dl|dt|dd|form|center|"
+    r"section|article|header|footer|address|td|th)\b)",
+    re.I,
 )
-_ATTR = re.compile(r"([A-Za-z_:][-A-Za-z0-9_:.]*)(?:\s*=\s*(\"[^\"]*\"|'[^']*'|[^\s\"'>]+))?")
+_COMMENT = re.compile(r"<!--.{0,200}?-->", re.S)
+_TAG_NAME = re.compile(r"<([A-Za-z][A-Za-z0-9]*)")
+_KNOWN_TAGS = frozenset(
+    [
+        "html",
+        "head",
+        "body",
+        "title",
+        "meta",
+        "link",
+        "style",
+        "script",
+        "noscript",
+        "base",
+        "p",
+        "div",
+        "span",
+        "br",
+        "hr",
+        "a",
+        "img",
+        "table",
+        "tr",
+        "td",
+        "th",
+        "tbody",
+        "thead",
+        "tfoot",
+        "caption",
+        "col",
+        "colgroup",
+        "ul",
+        "ol",
+        "li",
+        "dl",
+        "dt",
+        "dd",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "b",
+        "i",
+        "u",
+        "s",
+        "em",
+        "strong",
+        "small",
+        "big",
+        "sup",
+        "sub",
+        "strike",
+        "tt",
+        "code",
+        "pre",
+        "blockquote",
+        "center",
+        "font",
+        "form",
+        "input",
+        "select",
+        "option",
+        "textarea",
+        "button",
+        "label",
+        "iframe",
+        "frame",
+        "frameset",
+        "object",
+        "embed",
+        "applet",
+        "param",
+        "map",
+        "area",
+        "abbr",
+        "cite",
+        "q",
+        "address",
+        "article",
+        "section",
+        "header",
+        "footer",
+        "nav",
+        "main",
+        "aside",
+        "figure",
+        "figcaption",
+        "time",
+        "mark",
+        "del",
+        "ins",
+        "picture",
+        "source",
+        "video",
+        "audio",
+        "canvas",
+        "svg",
+        "wbr",
+        "nobr",
+        "marquee",
+        "blink",
+        "o",
+        "xml",
+        "v",
+        "w",
+        "st1",
+        "template",
+        "basefont",
+        "bdo",
+        "dfn",
+        "kbd",
+        "samp",
+        "var",
+        "legend",
+        "fieldset",
+        "optgroup",
+        "details",
+        "summary",
+    ]
+)
 _STYLE_PROP = re.compile(r"([a-z-]+)\s*:\s*([^;]+)", re.I)
-_WS = re.compile(r"[ \t\r\n\f\u00a0]+")
-_BLOCK = frozenset(
-    "p div br tr li ul ol h1 h2 h3 h4 h5 h6 table blockquote pre hr dl dt dd form center "
-    "section article header footer address td th tbody thead title".split()
-)
-_SKIP = frozenset(("script", "style", "head", "title", "noscript", "xml", "template"))
-_VOID = frozenset(
-    "area base br col embed hr img input link meta param source track wbr basefont frame".split()
-)
-_KNOWN = _BLOCK | _SKIP | _VOID | frozenset(
-    "html body a b i u s em strong span font small big sup sub strike tt code abbr "
-    "caption center colgroup label select option textarea button iframe object applet "
-    "map nobr o:p st1:place center map marquee blink del ins mark q cite dfn kbd samp var "
-    "picture video audio canvas svg nav main aside figure figcaption time v:shape meta".split()
-)
-_URL_ATTRS = ("href", "src", "action", "background", "data", "codebase", "lowsrc", "formaction")
+_WS = re.compile(r"[ \t\r\n\u00a0]+")
 _WHITES = frozenset(("white", "#fff", "#ffffff", "#fefefe", "#fdfdfd", "rgb(255,255,255)"))
-_MAX_TOKENS = 100_000
-
-
-def _attrs(text: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for m in _ATTR.finditer(text):
-        value = m.group(2) or ""
-        if value[:1] in ("'", '"'):
-            value = value[1:-1]
-        name = m.group(1).lower()
-        if name not in out:
-            out[name] = _html.unescape(value) if "&" in value else value
-    return out
+_URL_ATTRS = ("href", "src", "action", "background", "data", "codebase", "lowsrc", "formaction")
+_SELECT_STYLED = "[style],[hidden],font,[bgcolor]"
+_SELECT_ACTIVE = "a,img,form,input,iframe,frame,object,embed,applet,meta,base,area,[background],[src]"
 
 
 def _colour(value: str) -> str:
-    colour = value.strip().lower().replace(" ", "").rstrip(";")
+    colour = value.strip().lower().replace(" ", "").rstrip(";").strip("'\"")
     if colour in _WHITES:
         return "#ffffff"
     if len(colour) == 4 and colour.startswith("#"):
@@ -101,65 +200,86 @@ def _colour(value: str) -> str:
 
 
 def _px(value: str) -> float | None:
-    m = re.match(r"\s*([0-9.]+)\s*(px|pt|em|rem|%)?", value)
+    m = re.match(r"\s*([0-9]*\.?[0-9]+)\s*(px|pt|em|rem|%)?", value)
     if not m:
         return None
-    try:
-        number = float(m.group(1))
-    except ValueError:
-        return None
+    number = float(m.group(1))
     unit = (m.group(2) or "px").lower()
-    return {"px": number, "pt": number * 1.33, "em": number * 16, "rem": number * 16}.get(
-        unit, number * 0.16
-    )
+    return {"px": number, "pt": number * 1.33, "em": number * 16, "rem": number * 16}.get(unit, number * 0.16)
 
 
-@dataclass(slots=True)
-class _Frame:
-    tag: str
-    hidden: bool
-    tiny: bool
-    colour: str
-    background: str
+def _style(style: str) -> dict[str, str]:
+    return {m.group(1).lower(): m.group(2).strip().lower() for m in _STYLE_PROP.finditer(style)}
 
 
-def _frame_for(tag: str, attrs: dict[str, str], parent: _Frame, facts: HtmlFacts) -> _Frame:
-    hidden, tiny = parent.hidden, parent.tiny
-    colour, background = parent.colour, parent.background
-    if "hidden" in attrs and tag not in ("input",):
-        hidden = True
-    if tag == "font":
-        facts.font_color_tags += "color" in attrs
-        if "color" in attrs:
-            colour = _colour(attrs["color"])
-        size = attrs.get("size", "").strip()
-        if size in ("0", "1", "-3", "-4"):
-            tiny = True
-    if "bgcolor" in attrs:
-        background = _colour(attrs["bgcolor"])
-        facts.bgcolor_set = True
-    style = attrs.get("style")
-    if style:
-        for m in _STYLE_PROP.finditer(style):
-            prop, value = m.group(1).lower(), m.group(2).strip().lower()
-            if prop == "display" and value.startswith("none"):
-                hidden = True
-            elif prop == "visibility" and value.startswith("hidden"):
-                hidden = True
-            elif prop == "font-size":
-                px = _px(value)
-                if px is not None and px <= 2:
-                    tiny = True
-            elif prop == "color":
-                colour = _colour(value)
-            elif prop in ("background-color", "background"):
-                background = _colour(value.split()[0]) if value.split() else background
-                facts.bgcolor_set = True
-            elif prop in ("max-height", "height") and value.startswith("0"):
-                hidden = hidden or tag in ("div", "span", "p", "td", "table")
-            elif prop == "opacity" and value.startswith("0") and not value.startswith("0."):
-                hidden = True
-    return _Frame(tag, hidden, tiny, colour, background)
+def _background(node: LexborNode | None) -> str:
+    """The nearest background colour set on the node or an ancestor ("" if none)."""
+    depth = 0
+    while node is not None and depth < 64:
+        attrs = node.attributes
+        if attrs.get("bgcolor"):
+            return _colour(attrs["bgcolor"] or "")
+        style = attrs.get("style")
+        if style and "background" in style.lower():
+            props = _style(style)
+            value = props.get("background-color") or props.get("background", "")
+            if value.split():
+                return _colour(value.split()[0])
+        node = node.parent
+        depth += 1
+    return ""
+
+
+def _is_hidden(node: LexborNode, attrs: dict[str, str | None], props: dict[str, str], any_bg: bool) -> bool:
+    """``any_bg``: some element before this one set a background (else it is white)."""
+    if "hidden" in attrs and node.tag != "input":
+        return True
+    if props.get("display", "").startswith("none") or props.get("visibility", "").startswith("hidden"):
+        return True
+    opacity = props.get("opacity", "")
+    if opacity and opacity.replace(".", "").strip("0") == "":
+        return True
+    size = props.get("font-size")
+    if size is not None:
+        px = _px(size)
+        if px is not None and px <= 0.5:
+            return True
+    colour = props.get("color") or ((attrs.get("color") or "") if node.tag == "font" else "")
+    if colour:
+        colour = _colour(colour)
+        # Mail clients paint an unset background white.
+        if not any_bg:
+            return colour == "#ffffff"
+        return colour == (_background(node) or "#ffffff")
+    return False
+
+
+def _is_tiny(node: LexborNode, attrs: dict[str, str | None], props: dict[str, str]) -> bool:
+    if node.tag == "font" and (attrs.get("size") or "").strip() in ("0", "1", "-3", "-4"):
+        return True
+    size = props.get("font-size")
+    if size is None:
+        return False
+    px = _px(size)
+    return px is not None and px <= 2
+
+
+def _inside(node: LexborNode, ids: set[int]) -> bool:
+    if not ids:
+        return False
+    parent = node.parent
+    depth = 0
+    while parent is not None and depth < 256:
+        if parent.mem_id in ids:
+            return True
+        parent = parent.parent
+        depth += 1
+    return False
+
+
+def _int_attr(node: LexborNode, name: str) -> int:
+    digits = re.sub(r"\D", "", node.attributes.get(name) or "")[:6]
+    return min(int(digits), 5000) if digits else 0
 
 
 def render_html(source: str, max_chars: int = 1_000_000) -> tuple[str, HtmlFacts]:
@@ -168,146 +288,103 @@ def render_html(source: str, max_chars: int = 1_000_000) -> tuple[str, HtmlFacts
     if len(source) > max_chars:
         source = source[:max_chars]
         facts.truncated = True
-    root = _Frame("#root", False, False, "", "")
-    stack: list[_Frame] = [root]
-    out: list[str] = []
-    hidden_out: list[str] = []
-    skip_depth = 0
-    skip_tag = ""
-    anchor_href: str | None = None
-    anchor_text: list[str] = []
-    pos = 0
-    count = 0
-    last_was_text_word = False
-
-    def emit_text(chunk: str) -> None:
-        nonlocal last_was_text_word
-        if "&" in chunk:
-            chunk = _html.unescape(chunk)
-        frame = stack[-1]
-        stripped = chunk.strip()
-        if not stripped:
-            out.append(" ")
-            return
-        n = len(stripped)
-        # Mail clients paint an unset background white.
-        invisible = frame.hidden or (
-            frame.colour != "" and frame.colour == (frame.background or "#ffffff")
+    if "<!--" in source:
+        facts.comments_in_words = sum(
+            1
+            for m in _COMMENT.finditer(source)
+            if source[m.start() - 1 : m.start()].isalpha() and source[m.end() : m.end() + 1].isalpha()
         )
-        if invisible:
-            facts.hidden_chars += n
-            hidden_out.append(stripped)
-            return
-        if frame.tiny:
-            facts.tiny_chars += n
-        facts.visible_chars += n
-        out.append(chunk)
-        if anchor_href is not None:
-            anchor_text.append(chunk)
-        last_was_text_word = chunk[-1:].isalnum()
+    names = _TAG_NAME.findall(source)
+    facts.tags = len(names)
+    facts.unknown_tags = sum(1 for n in names if n.lower() not in _KNOWN_TAGS)
+    marked = _BLOCK_TAG.sub("\f<", source.replace("\f", " "))
+    tree = LexborHTMLParser(marked)
+    head = tree.head
+    if head is not None and head.child is not None:
+        facts.has_head = True
+        title = tree.css_first("title")
+        if title is not None:
+            facts.title = _WS.sub(" ", title.text() or "").strip()
+    facts.scripts = len(tree.css("script"))
+    tree.strip_tags(["script", "style", "noscript", "template", "title", "xml"])
+    root = tree.body or tree.root
+    if root is None:
+        return "", facts
 
-    for m in _TOKEN.finditer(source):
-        count += 1
-        if count > _MAX_TOKENS:
-            facts.truncated = True
-            break
-        start = m.start()
-        if start > pos and not skip_depth:
-            emit_text(source[pos:start])
-        pos = m.end()
-        token = m.group(0)
-        name = m.group(1)
-        if name is None:
-            if token.startswith("<!--"):
-                after = source[pos : pos + 1]
-                if last_was_text_word and after.isalnum():
-                    facts.comments_in_words += 1
+    hidden_parts: list[str] = []
+    hidden_nodes: list[LexborNode] = []
+    hidden_ids: set[int] = set()
+    seen: set[int] = set()
+    for node in tree.css(_SELECT_STYLED):  # document order: ancestors come first
+        if node.mem_id in seen:  # a node matching several selectors is listed again
             continue
-        tag = name.lower()
-        facts.tags += 1
-        closing = token[1] == "/"
-        if tag not in _KNOWN:
-            facts.unknown_tags += 1
-        if skip_depth:
-            if closing and tag == skip_tag:
-                skip_depth -= 1
-            elif not closing and tag == skip_tag:
-                skip_depth += 1
-            if tag == "title" and closing:
-                facts.has_title = True
+        seen.add(node.mem_id)
+        attrs = node.attributes
+        if node.tag == "font" and "color" in attrs:
+            facts.font_color_tags += 1
+        if _inside(node, hidden_ids):
             continue
-        if closing:
-            if tag == "a" and anchor_href is not None:
-                facts.links.append(HtmlLink(anchor_href, _WS.sub(" ", "".join(anchor_text)).strip()))
-                anchor_href = None
-                anchor_text = []
-            for i in range(len(stack) - 1, 0, -1):
-                if stack[i].tag == tag:
-                    del stack[i:]
-                    break
-            if tag in _BLOCK:
-                out.append("\n\n" if tag in ("p", "div", "table", "blockquote", "h1", "h2", "h3") else "\n")
+        style = attrs.get("style")
+        props = _style(style) if style else {}
+        if "bgcolor" in attrs or "background" in (style or "").lower():
+            facts.bgcolor_set = True
+        if _is_hidden(node, attrs, props, facts.bgcolor_set):
+            hidden_nodes.append(node)
+            hidden_ids.add(node.mem_id)
             continue
-        attrs = _attrs(m.group(2) or "") if m.group(2) else {}
+        if _is_tiny(node, attrs, props):
+            facts.tiny_chars += len((node.text() or "").strip())
+    # Only outermost hidden elements are removed: freeing a node frees its subtree.
+    for node in hidden_nodes:
+        text = _WS.sub(" ", (node.text(separator=" ") or "").replace("\f", " ")).strip()
+        if text:
+            facts.hidden_chars += len(text)
+            hidden_parts.append(text)
+        node.decompose()
+
+    seen.clear()
+    for node in tree.css(_SELECT_ACTIVE):
+        if node.mem_id in seen:
+            continue
+        seen.add(node.mem_id)
+        tag = node.tag
+        attrs = node.attributes
         for key in _URL_ATTRS:
-            if key in attrs and attrs[key].strip():
-                facts.urls.append(attrs[key].strip())
-        if tag in _SKIP:
-            if tag == "head":
-                facts.has_head = True
-                continue  # head content is skipped by its children (title/style/script)
-            if tag == "title":
-                end = source.lower().find("</title", pos)
-                facts.title = _WS.sub(" ", _html.unescape(source[pos : end if end >= 0 else pos])).strip()
-            if tag not in _VOID and not token.endswith("/>"):
-                skip_depth, skip_tag = 1, tag
-            if tag == "script":
-                facts.scripts += 1
-            continue
-        if tag == "img":
+            value = attrs.get(key)
+            if value and value.strip():
+                facts.urls.append(value.strip())
+        if tag == "a":
+            href = attrs.get("href")
+            if href is not None:
+                text = node.text(separator=" ") or ""
+                if not text.strip():
+                    alts = [i.attributes.get("alt") or "" for i in node.css("img")]
+                    text = " ".join(a for a in alts if a)
+                facts.links.append(HtmlLink(href.strip(), _WS.sub(" ", text.replace("\f", " ")).strip()))
+        elif tag == "img":
             facts.images += 1
-            try:
-                w = int(re.sub(r"\D", "", attrs.get("width", "")) or 0)
-                h = int(re.sub(r"\D", "", attrs.get("height", "")) or 0)
-            except ValueError:
-                w = h = 0
-            facts.image_area += min(w, 5000) * min(h, 5000)
-            alt = attrs.get("alt", "").strip()
-            if alt and anchor_href is not None:
-                anchor_text.append(alt)
-        elif tag == "a":
-            if anchor_href is not None:
-                facts.links.append(HtmlLink(anchor_href, _WS.sub(" ", "".join(anchor_text)).strip()))
-            anchor_href = attrs.get("href", "").strip()
-            anchor_text = []
+            facts.image_area += _int_attr(node, "width") * _int_attr(node, "height")
         elif tag == "form":
             facts.forms += 1
         elif tag == "input":
-            if attrs.get("type", "").lower() == "password":
+            if (attrs.get("type") or "").lower() == "password":
                 facts.password_inputs += 1
-        elif tag == "iframe":
+        elif tag in ("iframe", "frame"):
             facts.iframes += 1
         elif tag in ("object", "embed", "applet"):
             facts.objects += 1
         elif tag == "meta":
-            if attrs.get("http-equiv", "").lower() == "refresh":
+            if (attrs.get("http-equiv") or "").lower() == "refresh":
                 facts.meta_refresh = True
+                content = attrs.get("content") or ""
+                if "url=" in content.lower():
+                    facts.urls.append(content[content.lower().index("url=") + 4 :].strip("'\" "))
         elif tag == "base":
-            facts.base_href = attrs.get("href", "")
-        elif tag == "body":
-            if "bgcolor" in attrs:
-                facts.bgcolor_set = True
-                root.background = _colour(attrs["bgcolor"])
-        if tag in _BLOCK:
-            out.append("\n\n" if tag in ("p", "div", "table", "blockquote", "h1", "h2", "h3") else "\n")
-        if tag not in _VOID and not token.endswith("/>"):
-            stack.append(_frame_for(tag, attrs, stack[-1], facts))
-            if len(stack) > 512:  # unclosed-tag bombs: keep the innermost state, cap memory
-                del stack[1:256]
-    if pos < len(source) and not skip_depth:
-        emit_text(source[pos:])
-    if anchor_href is not None:
-        facts.links.append(HtmlLink(anchor_href, _WS.sub(" ", "".join(anchor_text)).strip()))
-    facts.hidden_text = " ".join(hidden_out)[:10_000]
-    text = "".join(out)
-    return text, facts
+            facts.base_href = attrs.get("href") or ""
+
+    text = root.text(separator="") or ""
+    paragraphs = [p.strip() for p in _WS.sub(" ", text).split("\f")]
+    visible = "\n\n".join(p for p in paragraphs if p)
+    facts.visible_chars = len(visible) - visible.count("\n")
+    facts.hidden_text = " ".join(hidden_parts)[:10_000]
+    return visible, facts

@@ -130,8 +130,9 @@ def build_report(engine: Engine, result: Result, options: MarkupOptions) -> str:
     preview = re.sub(r"\s+", " ", msg.rendered_text).strip()[:200]
     score = format_score(result.score, result.required_score, result.is_spam)
     lines = [
-        f"Spam detection software, running on the system \"{options.hostname or _fqdn()}\",",
-        "has identified this incoming email as possible spam." if result.is_spam
+        f'Spam detection software, running on the system "{options.hostname or _fqdn()}",',
+        "has identified this incoming email as possible spam."
+        if result.is_spam
         else "has checked this incoming email and did not find it to be spam.",
         "The original message has been attached to this so you can view it or label",
         f"similar future email. If you have any questions, see {options.contact} for details.",
@@ -158,7 +159,7 @@ def _header_block_without_spam(raw_header_block: str) -> tuple[str, str]:
     if raw_header_block[:12].lower() == "return-path:":
         m = re.match(r"Return-Path:[^\n]*\n(?:[ \t][^\n]*\n)*", raw_header_block, re.I)
         if m:
-            return m.group(0), raw_header_block[m.end():]
+            return m.group(0), raw_header_block[m.end() :]
     return "", raw_header_block
 
 
@@ -184,7 +185,7 @@ def _rewrite_subject(header_block: str, prefix: str, nl: str) -> str:
         return header_block + f"Subject: {prefix}{nl}"
     old = m.group(1).rstrip("\r")
     new = f"Subject: {prefix} {old}{nl}X-Spam-Prev-Subject: {old}{nl}"
-    return header_block[: m.start()] + new + header_block[m.end():]
+    return header_block[: m.start()] + new + header_block[m.end() :]
 
 
 def _wrap(engine: Engine, result: Result, options: MarkupOptions, header_block: str) -> bytes:
@@ -202,7 +203,7 @@ def _wrap(engine: Engine, result: Result, options: MarkupOptions, header_block: 
         *copied,
         spam_headers(engine, result, options, nl),
         f"MIME-Version: 1.0{nl}",
-        f"Content-Type: multipart/mixed; boundary=\"{boundary}\"{nl}",
+        f'Content-Type: multipart/mixed; boundary="{boundary}"{nl}',
         nl,
         f"This is a multi-part message in MIME format.{nl}{nl}",
         f"--{boundary}{nl}",

@@ -11,13 +11,10 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass, field
-from email import errors as email_errors
-from email.message import Message
-from email.parser import BytesParser
-from email.policy import compat32
 from email.utils import getaddresses
 
 from filterd.engine.html import HtmlFacts, render_html
+from filterd.engine.mime import split_header_block, walk_mime
 from filterd.engine.received import Relay, parse_received
 from filterd.engine.textcodec import decode_bytes, decode_header_value
 from filterd.engine.uris import Uri, UriParser, extract_text_uris
@@ -59,101 +56,37 @@ _CONFUSABLES = str.maketrans(
 )
 _ZW_TABLE = {ord(c): None for c in ZERO_WIDTH}
 _SPACED_LETTERS = re.compile(r"\b(?:[A-Za-z][ .\-_*]){3,}[A-Za-z]\b")
-_WS_RUN = re.compile(r"[ \t\f\v\u00a0\u2000-\u200a\u3000]+")
+_HAS_ZERO_WIDTH = re.compile(f"[{ZERO_WIDTH}]")
+_NON_LATIN_LETTER = re.compile(r"[\u0370-\u03ff\u0400-\u04ff\uff10-\uff19\u0261\u0501\u04cf]")
+_MIXED_WORD = re.compile(r"[^\W_]*[\u0370-\u03ff\u0400-\u04ff\uff10-\uff19\u0261\u0501\u04cf][^\W_]*")
+_LATIN = re.compile(r"[A-Za-z]")
+# Cheap test before the costly pattern: a single letter between two separators.
+_SPACED_HINT = re.compile(r"(?:^|[ .\-_*])[A-Za-z][ .\-_*][A-Za-z][ .\-_*][A-Za-z](?:[ .\-_*]|$)", re.M)
 _PARAGRAPH_SPLIT = re.compile(r"\n[ \t\u00a0]*\n\s*")
-_HEADER_NAME = re.compile(rb"^[!-9;-~]+[ \t]*:")
-_DEFECT_NAMES = {
-    email_errors.StartBoundaryNotFoundDefect: "missing-boundary",
-    email_errors.CloseBoundaryNotFoundDefect: "missing-close-boundary",
-    email_errors.NoBoundaryInMultipartDefect: "no-boundary-parameter",
-    email_errors.FirstHeaderLineIsContinuationDefect: "header-starts-with-continuation",
-    email_errors.MisplacedEnvelopeHeaderDefect: "misplaced-envelope-header",
-    email_errors.MissingHeaderBodySeparatorDefect: "no-header-body-separator",
-    email_errors.MultipartInvariantViolationDefect: "multipart-not-multipart",
-    email_errors.InvalidBase64PaddingDefect: "bad-base64",
-    email_errors.InvalidBase64CharactersDefect: "bad-base64",
-    email_errors.InvalidBase64LengthDefect: "bad-base64",
-}
-_MAX_PARTS = 500
-_MAX_HEADERS = 2000
 
 
 def _collapse_spaced(match: re.Match[str]) -> str:
     return re.sub(r"[ .\-_*]", "", match.group(0))
 
 
+def _unconfuse(match: re.Match[str]) -> str:
+    word = match.group(0)
+    # Only words that mix scripts are disguised Latin; a Russian or Greek word stays itself.
+    return word.translate(_CONFUSABLES) if _LATIN.search(word) else word
+
+
 def normalize_for_rules(text: str) -> str:
-    """The de-obfuscated view: NFKC, no zero-width characters, homoglyphs to Latin, and
-    spaced-out words ("v i a g r a") joined."""
+    """The de-obfuscated view: NFKC, no zero-width characters, look-alike letters inside Latin
+    words mapped to Latin, and spaced-out words ("v i a g r a") joined."""
     if not text.isascii():
-        text = unicodedata.normalize("NFKC", text.translate(_ZW_TABLE)).translate(_CONFUSABLES)
-    return _SPACED_LETTERS.sub(_collapse_spaced, text)
-
-
-@dataclass(frozen=True, slots=True)
-class _HeaderSplit:
-    mbox_from: str
-    newline: str
-    fields: list[tuple[str, str, bytes]]  # name, raw value (folded, surrogateescaped), raw bytes
-    body: bytes
-    problems: list[str]
-
-
-def _split_headers(data: bytes) -> _HeaderSplit:
-    problems: list[str] = []
-    mbox_from = ""
-    if data.startswith(b"From "):
-        end = data.find(b"\n")
-        line = data[: end if end >= 0 else len(data)]
-        mbox_from = line.rstrip(b"\r").decode("latin-1")
-        data = data[end + 1 :] if end >= 0 else b""
-    first_nl = data.find(b"\n")
-    newline = "\r\n" if first_nl > 0 and data[first_nl - 1 : first_nl] == b"\r" else "\n"
-    fields: list[tuple[str, str, bytes]] = []
-    size = len(data)
-    pos = 0
-    current = -1  # start offset of the field being read
-    body_start = size
-    while pos < size:
-        nl = data.find(b"\n", pos)
-        end = size if nl < 0 else nl + 1
-        line = data[pos:end]
-        if not line.rstrip(b"\r\n"):  # the blank line that ends the header block
-            body_start = end
-            break
-        if line[:1] in (b" ", b"\t"):
-            if current < 0:
-                problems.append("header-starts-with-continuation")
-                current = pos
-            pos = end
-            continue
-        if not _HEADER_NAME.match(line) or len(fields) >= _MAX_HEADERS:
-            # Neither a field nor a fold: the header block ended without a blank line.
-            problems.append(
-                "too-many-headers" if len(fields) >= _MAX_HEADERS else "no-header-body-separator"
-            )
-            body_start = pos
-            break
-        if current >= 0:
-            fields.append(_field(data[current:pos]))
-        current = pos
-        pos = end
-    else:
-        pos = size
-    if current >= 0:
-        fields.append(_field(data[current : min(pos, body_start)]))
-    return _HeaderSplit(mbox_from, newline, fields, data[body_start:], problems)
-
-
-def _field(block: bytes) -> tuple[str, str, bytes]:
-    colon = block.find(b":")
-    if colon < 0:  # a leading continuation line with no field name
-        return "X-Broken-Header", block.decode("ascii", "surrogateescape").strip(), block
-    name = block[:colon].strip().decode("ascii", "replace")
-    value = block[colon + 1 :].decode("ascii", "surrogateescape")
-    if value.startswith(" "):
-        value = value[1:]
-    return name, value.rstrip("\r\n"), block
+        if _HAS_ZERO_WIDTH.search(text):
+            text = text.translate(_ZW_TABLE)
+        text = unicodedata.normalize("NFKC", text)
+        if _NON_LATIN_LETTER.search(text):
+            text = _MIXED_WORD.sub(_unconfuse, text)
+    if _SPACED_HINT.search(text):
+        text = _SPACED_LETTERS.sub(_collapse_spaced, text)
+    return text
 
 
 @dataclass(frozen=True)
@@ -234,75 +167,39 @@ class ParsedMessage:
         return [p for p in self.parts if p.filename or p.disposition == "attachment"]
 
 
-def _part_text(msg: Message, payload: bytes) -> tuple[str, str]:
-    decoded = decode_bytes(payload, msg.get_param("charset") if msg.get("content-type") else None)  # type: ignore[arg-type]
-    return str(decoded), decoded.problem
-
-
-def _safe_param(msg: Message, name: str, header: str = "content-type") -> str:
-    try:
-        value = msg.get_param(name, header=header)
-    except Exception:
-        return ""
-    if isinstance(value, tuple):  # RFC 2231 (charset, language, value)
-        try:
-            from email.utils import collapse_rfc2231_value
-
-            return str(collapse_rfc2231_value(value))
-        except Exception:
-            return str(value[2])
-    return str(value or "")
-
-
-def _walk(msg: Message, path: str, out: list[tuple[str, Message]], depth: int = 0) -> None:
-    if len(out) >= _MAX_PARTS or depth > 50:
-        return
-    if msg.is_multipart():
-        payload = msg.get_payload()
-        if isinstance(payload, list):
-            for i, sub in enumerate(payload, 1):
-                if isinstance(sub, Message):
-                    _walk(sub, f"{path}.{i}" if path else str(i), out, depth + 1)
-        return
-    out.append((path or "1", msg))
-
-
 def _paragraph_lines(text: str) -> list[str]:
     lines: list[str] = []
     for para in _PARAGRAPH_SPLIT.split(text):
-        line = _WS_RUN.sub(" ", para.replace("\r", "").replace("\n", " ")).strip()
+        line = " ".join(para.split())
         if line:
             lines.append(line)
     return lines
 
 
-def parse_message(
-    data: bytes, *, uri_parser: UriParser, body_scan_size: int = 200_000
-) -> ParsedMessage:
+def parse_message(data: bytes, *, uri_parser: UriParser, body_scan_size: int = 200_000) -> ParsedMessage:
     """Parse any bytes into a ParsedMessage. Never raises on message content."""
-    split = _split_headers(data)
-    problems = list(split.problems)
-    kept = [(n, v, b) for n, v, b in split.fields if not n.lower().startswith("x-spam-")]
-    header_bytes = b"".join(b if b.endswith(b"\n") else b + split.newline.encode() for _, _, b in kept)
-    nl = split.newline.encode()
-    raw = header_bytes + nl + split.body
+    mbox_from = ""
+    if data.startswith(b"From "):
+        end = data.find(b"\n")
+        mbox_from = data[: end if end >= 0 else len(data)].rstrip(b"\r").decode("latin-1")
+        data_no_from = data[end + 1 :] if end >= 0 else b""
+    else:
+        data_no_from = data
+    first_nl = data_no_from.find(b"\n")
+    newline = "\r\n" if first_nl > 0 and data_no_from[first_nl - 1 : first_nl] == b"\r" else "\n"
+    nl = newline.encode()
+    block = split_header_block(data_no_from)
+    problems = list(block.problems)
+    kept = [f for f in block.fields if not f.name.lower().startswith("x-spam-")]
+    header_bytes = b"".join(f.raw if f.raw.endswith(b"\n") else f.raw + nl for f in kept)
+    raw = header_bytes + nl + block.body
     headers: list[HeaderField] = []
     index: dict[str, list[int]] = {}
-    for i, (name, value, _) in enumerate(kept):
-        headers.append(HeaderField(name, value, decode_header_value(value)))
-        index.setdefault(name.lower(), []).append(i)
+    for i, f in enumerate(kept):
+        headers.append(HeaderField(f.name, f.value, decode_header_value(f.value)))
+        index.setdefault(f.name.lower(), []).append(i)
 
-    try:
-        root = BytesParser(policy=compat32).parsebytes(raw)
-    except Exception:  # the email package is lenient; this is belt and braces
-        problems.append("mime-parse-failed")
-        root = Message()
-        root.set_payload(split.body.decode("ascii", "surrogateescape"))
-    leaves: list[tuple[str, Message]] = []
-    _walk(root, "", leaves)
-    if len(leaves) >= _MAX_PARTS:
-        problems.append("too-many-parts")
-
+    leaves = walk_mime(kept, block.body, problems)
     parts: list[Part] = []
     plain_texts: list[str] = []
     raw_texts: list[str] = []
@@ -310,33 +207,12 @@ def parse_message(
     html_urls: list[tuple[str, str]] = []
     merged: HtmlFacts | None = None
     html_parts = 0
-    for path, leaf in leaves:
-        for defect in getattr(leaf, "defects", []):
-            problems.append(_DEFECT_NAMES.get(type(defect), type(defect).__name__))
-        try:
-            ctype = leaf.get_content_type()
-        except Exception:
-            ctype = "text/plain"
-        try:
-            payload = leaf.get_payload(decode=True)
-        except Exception:
-            payload = None
-            problems.append("undecodable-payload")
-        if not isinstance(payload, bytes):
-            payload = b""
-        for defect in getattr(leaf, "defects", []):
-            name = _DEFECT_NAMES.get(type(defect))
-            if name == "bad-base64" and name not in problems:
-                problems.append(name)
-        charset = _safe_param(leaf, "charset")
-        try:
-            filename = leaf.get_filename() or ""
-        except Exception:
-            filename = ""
-        if filename:
-            filename = decode_header_value(str(filename))
-        disposition = (leaf.get("content-disposition") or "").split(";")[0].strip().lower()
-        encoding = str(leaf.get("content-transfer-encoding") or "").strip().lower()
+    for leaf in leaves:
+        ctype = leaf.content_type
+        payload = leaf.payload
+        charset = leaf.params.get("charset", "")
+        filename = leaf.filename
+        disposition = leaf.disposition
         text: str | None = None
         charset_problem = ""
         is_attachment = disposition == "attachment" or bool(filename)
@@ -360,8 +236,18 @@ def parse_message(
                 raw_texts.append(text)
                 text_for_uris.append(text)
         parts.append(
-            Part(path, ctype, charset.lower(), filename, disposition, encoding, len(payload),
-                 payload, text, charset_problem)
+            Part(
+                leaf.path,
+                ctype,
+                charset.lower(),
+                filename,
+                disposition,
+                leaf.encoding,
+                len(payload),
+                payload,
+                text,
+                charset_problem,
+            )
         )
 
     rendered_text = "\n\n".join(plain_texts)
@@ -396,11 +282,11 @@ def parse_message(
     return ParsedMessage(
         raw=raw,
         original=data,
-        newline=split.newline,
-        mbox_from=split.mbox_from,
+        newline=newline,
+        mbox_from=mbox_from,
         headers=tuple(headers),
         header_block=header_bytes.decode("ascii", "surrogateescape"),
-        body_raw=split.body,
+        body_raw=block.body,
         parts=tuple(parts),
         problems=tuple(dict.fromkeys(problems)),
         rendered_text=rendered_text,
@@ -425,9 +311,20 @@ def _looks_like_html(text: str) -> bool:
 
 def _merge_facts(a: HtmlFacts, b: HtmlFacts) -> HtmlFacts:
     for name in (
-        "visible_chars", "hidden_chars", "tiny_chars", "images", "image_area", "forms",
-        "password_inputs", "scripts", "iframes", "objects", "comments_in_words", "tags",
-        "unknown_tags", "font_color_tags",
+        "visible_chars",
+        "hidden_chars",
+        "tiny_chars",
+        "images",
+        "image_area",
+        "forms",
+        "password_inputs",
+        "scripts",
+        "iframes",
+        "objects",
+        "comments_in_words",
+        "tags",
+        "unknown_tags",
+        "font_color_tags",
     ):
         setattr(a, name, getattr(a, name) + getattr(b, name))
     a.links.extend(b.links)

@@ -37,13 +37,36 @@ __all__ = ["RULE_TYPES", "TFLAGS", "RuleDef", "RuleFileSet", "load_rule_files", 
 
 RULE_TYPES = ("header", "body", "nbody", "rawbody", "uri", "full", "meta", "eval")
 TFLAGS = frozenset(
-    {"nice", "net", "learn", "noautolearn", "userconf", "multiple", "nosubject",
-     "autolearn_force", "noawl", "nolog", "autolearn_header", "autolearn_body"}
+    {
+        "nice",
+        "net",
+        "learn",
+        "noautolearn",
+        "userconf",
+        "multiple",
+        "nosubject",
+        "autolearn_force",
+        "noawl",
+        "nolog",
+        "autolearn_header",
+        "autolearn_body",
+    }
 )
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _FIELDS = frozenset(
-    {*RULE_TYPES, "match", "not_match", "exists", "if_unset", "describe", "tflags", "score",
-     "maxhits", "priority", "area"}
+    {
+        *RULE_TYPES,
+        "match",
+        "not_match",
+        "exists",
+        "if_unset",
+        "describe",
+        "tflags",
+        "score",
+        "maxhits",
+        "priority",
+        "area",
+    }
 )
 _REGEX_LITERAL = re.compile(r"^/(.*)/([a-z]*)$", re.S)
 
@@ -169,8 +192,11 @@ def _read_rule(path: Path, key: yaml.Node, value: yaml.Node, problems: list[Prob
         nodes[field_name] = v
     types = [t for t in RULE_TYPES if t in fields]
     if len(types) != 1:
-        bad("a rule has exactly one of: " + ", ".join(RULE_TYPES) if not types else
-            f"a rule has one type, this one has {', '.join(types)}")
+        bad(
+            "a rule has exactly one of: " + ", ".join(RULE_TYPES)
+            if not types
+            else f"a rule has one type, this one has {', '.join(types)}"
+        )
         return None
     rtype = types[0]
     target = fields[rtype]
@@ -242,10 +268,21 @@ def _read_rule(path: Path, key: yaml.Node, value: yaml.Node, problems: list[Prob
         bad("if_unset: expected text", nodes.get("if_unset"))
         if_unset = None
     return RuleDef(
-        name=name, type=rtype, target=str(target).strip(), pattern=pattern, flags=flags,
-        negate=negate, exists=exists, if_unset=if_unset, describe=describe.strip(),
-        tflags=frozenset(tflags), score=float(score) if score is not None else None,
-        maxhits=int(maxhits), priority=int(priority), file=where, line=line,
+        name=name,
+        type=rtype,
+        target=str(target).strip(),
+        pattern=pattern,
+        flags=flags,
+        negate=negate,
+        exists=exists,
+        if_unset=if_unset,
+        describe=describe.strip(),
+        tflags=frozenset(tflags),
+        score=float(score) if score is not None else None,
+        maxhits=int(maxhits),
+        priority=int(priority),
+        file=where,
+        line=line,
     )
 
 
@@ -269,8 +306,9 @@ def load_rule_files(dirs: Iterable[Path]) -> RuleFileSet:
                 if rule is None:
                     continue
                 if rule.name in defined_here:
-                    out.problems.append(Problem(str(path), rule.line, rule.name,
-                                                f"defined again (first at {defined_here[rule.name]})"))
+                    out.problems.append(
+                        Problem(str(path), rule.line, rule.name, f"defined again (first at {defined_here[rule.name]})")
+                    )
                     continue
                 defined_here[rule.name] = rule.where
                 out.rules[rule.name] = rule

@@ -82,8 +82,11 @@ def header_text(msg: ParsedMessage, ctx: ScanContext, spec: str) -> str | None:
             return msg.header_block
         return "\n".join(f"{h.name}: {h.value}" for h in msg.headers)
     if name == "ToCc":
-        values = msg.get_all("to") + msg.get_all("cc") if not modifier == "raw" else (
-            msg.get_raw_all("to") + msg.get_raw_all("cc"))
+        values = (
+            msg.get_all("to") + msg.get_all("cc")
+            if modifier != "raw"
+            else (msg.get_raw_all("to") + msg.get_raw_all("cc"))
+        )
     elif name == "MESSAGEID":
         values = msg.get_all("message-id") + msg.get_all("resent-message-id") + msg.get_all("x-message-id")
     elif name == "EnvelopeFrom":
@@ -142,9 +145,33 @@ def _meta_code(rule: RuleDef, known: Mapping[str, object], problems: list[Proble
     except SyntaxError:
         problems.append(Problem(rule.file, rule.line, rule.name, f"meta: not a valid expression: {expr!r}"))
         return None
-    allowed = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.USub, ast.UAdd,
-               ast.BinOp, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Compare, ast.Lt, ast.Gt, ast.LtE,
-               ast.GtE, ast.Eq, ast.NotEq, ast.Constant, ast.Call, ast.Attribute, ast.Name, ast.Load)
+    allowed = (
+        ast.Expression,
+        ast.BoolOp,
+        ast.And,
+        ast.Or,
+        ast.UnaryOp,
+        ast.Not,
+        ast.USub,
+        ast.UAdd,
+        ast.BinOp,
+        ast.Add,
+        ast.Sub,
+        ast.Mult,
+        ast.Div,
+        ast.Compare,
+        ast.Lt,
+        ast.Gt,
+        ast.LtE,
+        ast.GtE,
+        ast.Eq,
+        ast.NotEq,
+        ast.Constant,
+        ast.Call,
+        ast.Attribute,
+        ast.Name,
+        ast.Load,
+    )
     for node in ast.walk(tree):
         if not isinstance(node, allowed):
             problems.append(Problem(rule.file, rule.line, rule.name, f"meta: not allowed: {expr!r}"))
@@ -198,9 +225,14 @@ def _build_meta_function(
     for name in order:
         code = compiled[name][0]
         lines.append(f"    v = {code}")
-        lines.append(f"    if v:\n        h[{name!r}] = float(v) if not isinstance(v, bool) else 1.0\n        hit.append({name!r})")
+        lines.append("    if v:")
+        lines.append(f"        h[{name!r}] = float(v) if not isinstance(v, bool) else 1.0")
+        lines.append(f"        hit.append({name!r})")
     lines.append("    return hit")
-    namespace: dict[str, object] = {"_div": _div, "__builtins__": {"float": float, "isinstance": isinstance, "bool": bool}}
+    namespace: dict[str, object] = {
+        "_div": _div,
+        "__builtins__": {"float": float, "isinstance": isinstance, "bool": bool},
+    }
     exec(compile("\n".join(lines), "<meta rules>", "exec"), namespace)
     return namespace["_metas"], tuple(order)  # type: ignore[return-value]
 
@@ -243,12 +275,25 @@ def compile_rules(
             warnings.append(Problem(rule.file, rule.line, name, "no describe: text"))
         if "nice" in rule.tflags and score > 0:
             warnings.append(Problem(rule.file, rule.line, name, "tflags nice but positive score"))
-        info[name] = RuleInfo(name, rule.type, rule.describe or "No description available.", score,
-                              rule.tflags, _AREA.get(rule.type, ""), rule.where)
+        info[name] = RuleInfo(
+            name,
+            rule.type,
+            rule.describe or "No description available.",
+            score,
+            rule.tflags,
+            _AREA.get(rule.type, ""),
+            rule.where,
+        )
         if rule.type == "eval":
             if rule.target not in emitted:
-                problems.append(Problem(rule.file, rule.line, name, f"eval: no check named {rule.target!r} "
-                                        f"(known: {', '.join(sorted(emitted))})"))
+                problems.append(
+                    Problem(
+                        rule.file,
+                        rule.line,
+                        name,
+                        f"eval: no check named {rule.target!r} (known: {', '.join(sorted(emitted))})",
+                    )
+                )
             elif name not in emitted[rule.target]:
                 problems.append(Problem(rule.file, rule.line, name, f"eval: check {rule.target!r} never emits {name}"))
             eval_rules[name] = rule.target

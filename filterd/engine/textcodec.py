@@ -104,9 +104,7 @@ def decode_bytes(data: bytes, charset: str | None) -> DecodedText:
         return DecodedText(data.decode("cp1252", "replace"), "cp1252", declared, problem)
 
 
-_ENCODED_WORD = re.compile(
-    r"=\?(?P<cs>[^?*\s]+)(?:\*[^?\s]*)?\?(?P<enc>[bBqQ])\?(?P<text>[^?\s]*)\?=", re.ASCII
-)
+_ENCODED_WORD = re.compile(r"=\?(?P<cs>[^?*\s]+)(?:\*[^?\s]*)?\?(?P<enc>[bBqQ])\?(?P<text>[^?\s]*)\?=", re.ASCII)
 # Whitespace between two adjacent encoded words is dropped (RFC 2047 section 6.2).
 _BETWEEN_WORDS = re.compile(r"(\?=)\s+(=\?)")
 
@@ -131,9 +129,7 @@ def decode_header_value(value: str) -> str:
     undecodable header bytes); those are decoded as UTF-8, else cp1252.
     """
     if "\n" in value or "\r" in value:
-        value = value.replace("\r\n", "\n").replace("\r", "\n").replace("\n\t", " ").replace(
-            "\n ", " "
-        )
+        value = value.replace("\r\n", "\n").replace("\r", "\n").replace("\n\t", " ").replace("\n ", " ")
         value = value.replace("\n", " ")
     if not value.isascii():
         try:

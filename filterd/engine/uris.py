@@ -37,11 +37,11 @@ class Uri:
 # Three cheap scans instead of one clever one: each starts with a literal, so the regex engine
 # skips ahead quickly (a single alternation that can start anywhere costs ~10x more).
 _URL_CHARS = r"[^\s<>\"'`{}|\\^]"
-_SCHEME_URI = re.compile(
-    rf"(?i)\b(https?|hxxps?|h\*\*ps?|ftp)\s?:\s?//({_URL_CHARS}+)"
-)
+# Found by the "//" (a literal the regex engine can jump to), then the scheme is read backwards.
+_SLASHES = re.compile(rf"\s?//({_URL_CHARS}+)")
+_SCHEME_BEFORE = re.compile(r"(?i)(?:^|[^a-z0-9*])(https?|hxxps?|h\*\*ps?|ftp)\s?:$")
 _WWW_URI = re.compile(
-    rf"(?i)(?<![\w/.@-])www\d{{0,3}}(?:\.|\[\.\]|\(dot\))[a-z0-9-]+"
+    rf"(?i)www\d{{0,3}}(?:\.|\[\.\]|\(dot\))[a-z0-9-]+"
     rf"(?:(?:\.|\[\.\]|\(dot\))[a-z0-9-]+)+(?:[/?#]{_URL_CHARS}*)?"
 )
 _BARE_TLD_PATH = re.compile(
@@ -105,7 +105,7 @@ class UriParser:
         m = re.match(r"([a-z*][a-z0-9+.*-]*)\s?:\s?//", lowered)
         if m:
             scheme = m.group(1)
-            rest = raw[m.end():]
+            rest = raw[m.end() :]
             if scheme in ("hxxp", "hxxps", "h**p", "h**ps"):
                 scheme = scheme.replace("xx", "tt").replace("**", "tt")
                 obfuscated = True
@@ -196,12 +196,17 @@ def extract_text_uris(text: str) -> list[tuple[str, str]]:
     found: list[tuple[str, str]] = []
     taken: list[tuple[int, int]] = []
     if "//" in text:
-        for m in _SCHEME_URI.finditer(text):
-            found.append((f"{m.group(1)}://{m.group(2)}".rstrip(_TRAILING_JUNK), "text"))
-            taken.append(m.span())
-    lowered = text.lower() if ("www" in text or "WWW" in text or "Www" in text) else ""
-    if "www" in lowered:
+        for m in _SLASHES.finditer(text):
+            scheme = _SCHEME_BEFORE.search(text, max(0, m.start() - 8), m.start())
+            if scheme is None:
+                continue
+            found.append((f"{scheme.group(1)}://{m.group(1)}".rstrip(_TRAILING_JUNK), "text"))
+            taken.append((scheme.start(1), m.end()))
+    if "www" in text or "WWW" in text or "Www" in text:
         for m in _WWW_URI.finditer(text):
+            before = text[m.start() - 1 : m.start()]
+            if before and (before.isalnum() or before in "_/.@-"):
+                continue
             if not any(a <= m.start() < b for a, b in taken):
                 found.append((m.group(0).rstrip(_TRAILING_JUNK), "text"))
                 taken.append(m.span())
