@@ -80,22 +80,33 @@ class Engine:
         self._is_async = {c.name: inspect.iscoroutinefunction(c.run) for c in checks}
 
     @classmethod
-    def load(cls, config: Config | None = None, *, extra_checks: Iterable[type] = (), state_dir: str = "") -> Engine:
-        """Read and compile the rule set and set up every check. Raises RuleError/ConfigError."""
+    def load(
+        cls,
+        config: Config | None = None,
+        *,
+        checks: Iterable[type] | None = None,
+        extra_checks: Iterable[type] = (),
+        state_dir: str = "",
+    ) -> Engine:
+        """Read and compile the rule set and set up every check. Raises RuleError.
+
+        ``checks`` replaces the shipped check plugins (tests use it to load a rule set alone).
+        """
         config = config or default_config()
         uri_parser = UriParser()
         setup = CheckSetup(config=config, uri_parser=uri_parser, state_dir=state_dir)
-        checks: list[Check] = [cls_(setup) for cls_ in (*builtin_checks(), *extra_checks)]
+        classes = builtin_checks() if checks is None else list(checks)
+        instances: list[Check] = [cls_(setup) for cls_ in (*classes, *extra_checks)]
         dirs = [Path(d) for d in config.rules.dirs] or [shipped_rules_dir()]
         dirs += [Path(d) for d in config.rules.extra_dirs]
         files = load_rule_files(dirs)
         compiled = compile_rules(
             files,
-            emitted={c.name: c.emits for c in checks},
+            emitted={c.name: c.emits for c in instances},
             score_overrides=dict(config.scoring.score_overrides),
             rule_timeout=config.rules.rule_timeout,
         )
-        return cls(config, compiled, checks, uri_parser)
+        return cls(config, compiled, instances, uri_parser)
 
     # -- staged interface -------------------------------------------------------------------
 
@@ -292,4 +303,14 @@ class Engine:
         )
 
     def info(self, rule: str) -> RuleInfo | None:
-        return self.rules.info.get(rule)
+        """What is known about a rule; the engine's own notices are described here."""
+        found = self.rules.info.get(rule)
+        if found is not None:
+            return found
+        if rule == "RULE_TIMEOUT":
+            return RuleInfo(rule, "engine", "A rule ran past its time limit and was stopped", 0.0,
+                            frozenset(), "", "<engine>")
+        if rule.startswith("CHECK_ERROR_"):
+            return RuleInfo(rule, "engine", f"The {rule[12:].lower()} check failed; see the log", 0.0,
+                            frozenset(), "", "<engine>")
+        return None

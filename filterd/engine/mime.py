@@ -92,7 +92,8 @@ _PARAM = re.compile(r"""\s*([^\s=;"]+)\s*=\s*("(?:[^"\\]|\\.)*"?|[^;]*)""", re.S
 def content_params(value: str) -> tuple[str, dict[str, str]]:
     """Parse `type/subtype; a=b; c="d"` into (lower-case type, params). RFC 2231 values
     (`name*=utf-8''x`, `name*0=`...) are joined and decoded."""
-    value = decode_header_value(value) if "\n" in value or "\r" in value else value
+    if "\n" in value or "\r" in value:  # unfold only: boundaries must keep their raw bytes
+        value = " ".join(value.split())
     head, _, rest = value.partition(";")
     ctype = head.strip().lower()
     params: dict[str, str] = {}
@@ -193,7 +194,7 @@ def _uudecode(body: bytes) -> bytes:
 
 def _split_multipart(body: bytes, boundary: str, problems: list[str]) -> list[bytes]:
     """Cut a multipart body at its delimiter lines (`--boundary` at a line start)."""
-    delim = b"--" + boundary.encode("ascii", "surrogateescape")
+    delim = b"--" + boundary.encode("utf-8", "surrogateescape")
     parts: list[bytes] = []
     pos = 0
     starts: list[int] = []
@@ -227,17 +228,19 @@ def _split_multipart(body: bytes, boundary: str, problems: list[str]) -> list[by
             break
         line_end = body.find(b"\n", start)
         content_start = size if line_end < 0 else line_end + 1
-        if n + 1 < len(starts):
+        at_delimiter = n + 1 < len(starts)
+        if at_delimiter:
             nxt = starts[n + 1]
             end = (-nxt - 1) if nxt < 0 else nxt
         else:
             end = size
         chunk = body[content_start:end]
         # The line break before a delimiter belongs to the delimiter.
-        if chunk.endswith(b"\r\n"):
-            chunk = chunk[:-2]
-        elif chunk.endswith(b"\n"):
-            chunk = chunk[:-1]
+        if at_delimiter:
+            if chunk.endswith(b"\r\n"):
+                chunk = chunk[:-2]
+            elif chunk.endswith(b"\n"):
+                chunk = chunk[:-1]
         parts.append(chunk)
     return parts
 
@@ -302,7 +305,7 @@ def _walk(
     disposition_raw = _get(fields, "content-disposition")
     disposition, dparams = content_params(disposition_raw) if disposition_raw else ("", {})
     filename = dparams.get("filename") or params.get("name") or ""
-    if filename and "=?" in filename:
+    if filename and ("=?" in filename or not filename.isascii()):
         filename = decode_header_value(filename)
     payload = _decode_payload(body, encoding, problems)
     leaves.append(MimeLeaf(path or "1", ctype, params, disposition, filename, encoding, payload, fields))

@@ -139,7 +139,7 @@ def _meta_code(rule: RuleDef, known: Mapping[str, object], problems: list[Proble
             out.append(f"h.get({word!r},0)")
         else:
             out.append({"&&": " and ", "||": " or ", "!": " not "}.get(op, f" {op} "))
-    code = "".join(out)
+    code = "".join(out).strip()
     try:
         tree = ast.parse(code, mode="eval")
     except SyntaxError:
