@@ -56,7 +56,7 @@ def test_report_safe_0_headers_on_top_after_return_path_old_ones_gone(make_engin
     msg = email.message_from_bytes(out, policy=compat32)
     # Folding breaks after commas; unfolding leaves the continuation tab, as with SpamAssassin.
     status = re.sub(r",\s+", ",", " ".join(msg["X-Spam-Status"].split()))
-    assert status.startswith("Yes, score=5.4 required=5.0 tests=LONG_RULE_NAME_NUMBER_ONE,")
+    assert status.startswith("Yes,score=5.4 required=5.0 tests=LONG_RULE_NAME_NUMBER_ONE,")
     assert re.search(r"tests=\S*LONG_RULE_NAME_NUMBER_TWO", status)
     report = msg["X-Spam-Report"]
     assert "* 2.5 LONG_RULE_NAME_NUMBER_ONE BODY: first" in report
