@@ -59,7 +59,7 @@ def test_report_safe_0_headers_on_top_after_return_path_old_ones_gone(make_engin
     assert status.startswith("Yes,score=5.4 required=5.0 tests=LONG_RULE_NAME_NUMBER_ONE,")
     assert re.search(r"tests=\S*LONG_RULE_NAME_NUMBER_TWO", status)
     report = msg["X-Spam-Report"]
-    assert "* 2.5 LONG_RULE_NAME_NUMBER_ONE BODY: first" in report
+    assert "*  2.5 LONG_RULE_NAME_NUMBER_ONE BODY: first" in report  # %4.1f, as SpamAssassin
     assert out.endswith(b"\n\nAn offer you cannot refuse.\n")
 
 
