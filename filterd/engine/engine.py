@@ -180,7 +180,9 @@ class Engine:
         """Score the whole message: remaining stages, regex rules, metas, POST checks."""
         started = time.perf_counter()
         if raw is not None:
+            t0 = time.perf_counter()
             self.set_message(scan, raw)
+            scan.timings["parse"] = time.perf_counter() - t0
         msg = scan.message
         for stage in (Stage.CONNECT, Stage.ENVELOPE, Stage.HEADERS):
             if stage not in scan.stages_done:

@@ -12,9 +12,13 @@ the same thing whichever engine runs it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import platform
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import hyperscan
 import regex
@@ -74,6 +78,56 @@ def hyperscan_accepts(source: str, flags: str) -> bool:
     return True
 
 
+def _cache_dir() -> Path | None:
+    base = os.environ.get("FILTERD_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "filterd"
+    )
+    path = Path(base) / "hyperscan"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return path
+
+
+def _compile_db(patterns: Sequence[CompiledPattern]) -> object | None:
+    """Compile a Hyperscan database, or load it from the cache of earlier compilations.
+
+    Compiling a large rule group takes a second or more; a reload or a test run that brings
+    the same patterns again loads the serialised database in milliseconds. The key covers the
+    patterns, their flags, the library version and the machine.
+    """
+    if not patterns:
+        return None
+    expressions = [p.source.encode("utf-8") for p in patterns]
+    flags = [_hs_flags(p.flags) for p in patterns]
+    key = hashlib.sha256(
+        repr((expressions, flags, hyperscan.__version__ if hasattr(hyperscan, "__version__") else "",
+              platform.machine(), platform.python_version())).encode()
+    ).hexdigest()
+    cache = _cache_dir()
+    if cache is not None:
+        try:
+            db = hyperscan.loadb((cache / key).read_bytes(), hyperscan.HS_MODE_BLOCK)
+            db.scratch = hyperscan.Scratch(db)
+            return db
+        except (OSError, hyperscan.error):
+            pass
+    db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+    try:
+        db.compile(expressions=expressions, ids=list(range(len(patterns))), flags=flags)
+    except hyperscan.error:
+        return None
+    if cache is not None:
+        try:
+            tmp = cache / f"{key}.{os.getpid()}.tmp"
+            tmp.write_bytes(hyperscan.dumpb(db))
+            os.replace(tmp, cache / key)
+        except OSError:
+            pass
+    return db
+
+
 @dataclass(slots=True)
 class MultiMatcher:
     """All the patterns of one target text. ``match`` returns the names that matched."""
@@ -87,21 +141,16 @@ class MultiMatcher:
     @classmethod
     def build(cls, patterns: Sequence[CompiledPattern], timeout: float) -> MultiMatcher:
         self = cls(list(patterns), timeout)
-        accepted: list[CompiledPattern] = []
-        for p in patterns:
-            if hyperscan_accepts(p.source, p.flags):
-                accepted.append(p)
-            else:
-                self._fallback.append(p)
-        if accepted:
-            db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-            db.compile(
-                expressions=[p.source.encode("utf-8") for p in accepted],
-                ids=list(range(len(accepted))),
-                flags=[_hs_flags(p.flags) for p in accepted],
-            )
-            self._db = db
-            self._hs_names = [p.name for p in accepted]
+        accepted = list(patterns)
+        db = _compile_db(accepted)
+        if db is None:  # some pattern is refused: find which, one by one (slow, but only then)
+            accepted = [p for p in patterns if hyperscan_accepts(p.source, p.flags)]
+            self._fallback = [p for p in patterns if p not in accepted]
+            db = _compile_db(accepted) if accepted else None
+        self._db = db
+        self._hs_names = [p.name for p in accepted] if db is not None else []
+        if db is None:
+            self._fallback = list(patterns)
         return self
 
     @property

@@ -16,7 +16,7 @@ from email.utils import getaddresses
 
 import regex
 
-from filterd.engine.matcher import CompiledPattern, MultiMatcher, compile_fallback, hyperscan_accepts
+from filterd.engine.matcher import CompiledPattern, MultiMatcher, compile_fallback
 from filterd.engine.message import ParsedMessage
 from filterd.engine.plugin import ScanContext
 from filterd.engine.rules import RuleDef, RuleFileSet
@@ -259,7 +259,6 @@ def compile_rules(
     multiple: dict[str, tuple[regex.Pattern[str], int, str]] = {}
     nosubject: dict[str, regex.Pattern[str]] = {}
     eval_rules: dict[str, str] = {}
-    fallback: list[str] = []
     overrides = dict(score_overrides or {})
     for name, rule in rules.items():
         if name in files.scores:
@@ -326,8 +325,6 @@ def compile_rules(
         except (regex.error, ValueError, OverflowError) as exc:
             problems.append(Problem(rule.file, rule.line, name, f"bad regex: {exc}"))
             continue
-        if not hyperscan_accepts(rule.pattern, flags):
-            fallback.append(name)
         groups.setdefault(group, []).append(CompiledPattern(name, rule.pattern, flags, rx))
         if "multiple" in rule.tflags:
             multiple[name] = (rx, rule.maxhits, rule.type)
@@ -343,6 +340,7 @@ def compile_rules(
     if problems:
         raise RuleError(problems)
     matchers = {g: MultiMatcher.build(p, rule_timeout) for g, p in groups.items()}
+    fallback = [n for m in matchers.values() for n in m.fallback_names]
     return CompiledRules(
         info=info,
         header_matchers={g[2:]: m for g, m in matchers.items() if g.startswith("h:")},
