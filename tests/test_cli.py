@@ -1,0 +1,68 @@
+"""The `filterd` command as an admin runs it: a real subprocess, real files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GTUBE = b"Subject: test\nFrom: admin@example.org\n\nXJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X\n"
+
+
+def filterd(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "filterd", *args], input=stdin, capture_output=True, timeout=120)
+
+
+def test_check_json_has_the_documented_fields() -> None:
+    proc = filterd("check", "--json", "-", stdin=GTUBE)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["is_spam"] is True and doc["score"] >= 1000 and doc["required_score"] == 5.0
+    gtube = next(h for h in doc["hits"] if h["name"] == "GTUBE")
+    assert gtube["score"] == 1000 and gtube["description"]
+
+
+def test_check_plain_and_process(tmp_path: Path) -> None:
+    path = tmp_path / "m.eml"
+    path.write_bytes(GTUBE)
+    proc = filterd("check", str(path))
+    assert proc.returncode == 0 and proc.stdout.startswith(b"spam 10")
+    proc = filterd("check", "--process", str(path))
+    assert b"X-Spam-Flag: YES" in proc.stdout and b"x-spam-type=original" in proc.stdout
+
+
+def test_check_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    proc = filterd("check", str(tmp_path / "nope.eml"))
+    assert proc.returncode == 66 and b"cannot read" in proc.stderr
+
+
+def test_config_check_reports_file_and_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "filterd.yaml"
+    cfg.write_text("scoring:\n  required_score: banana\n  colour: red\n")
+    proc = filterd("config", "check", "--config", str(cfg))
+    assert proc.returncode == 78
+    err = proc.stderr.decode()
+    assert f"{cfg}:2: scoring.required_score:" in err and f"{cfg}:3: scoring.colour:" in err
+    cfg.write_text("scoring:\n  required_score: 6.5\n")
+    proc = filterd("config", "check", "--diff", "--config", str(cfg))
+    assert proc.returncode == 0 and b"required_score: 6.5" in proc.stdout
+
+
+def test_rules_lint_lists_every_problem(tmp_path: Path) -> None:
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "10_x.yaml").write_text("A: {body: '/(/', describe: x}\nB: {meta: 'NOPE', describe: y}\n")
+    cfg = tmp_path / "filterd.yaml"
+    cfg.write_text(f"rules:\n  extra_dirs: [{rules}]\n")
+    proc = filterd("rules", "lint", "--config", str(cfg))
+    assert proc.returncode == 78
+    err = proc.stderr.decode()
+    assert "10_x.yaml:1: A: bad regex" in err and "10_x.yaml:2: B: meta: unknown rule 'NOPE'" in err
+
+
+def test_shipped_rules_lint_clean() -> None:
+    proc = filterd("rules", "lint", "--strict")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert b"rules OK" in proc.stdout

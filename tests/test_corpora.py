@@ -1,0 +1,34 @@
+"""The sample corpus: every file's facts from corpora/expected.yaml hold (one case per file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from filterd.engine.engine import Engine
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPORA = ROOT / "corpora"
+EXPECTED: dict[str, dict[str, object]] = yaml.safe_load((CORPORA / "expected.yaml").read_text())
+
+
+def test_expected_covers_every_sample_and_nothing_else() -> None:
+    files = {str(p.relative_to(CORPORA)) for p in CORPORA.rglob("*.eml")}
+    assert files == set(EXPECTED)
+    assert sum(1 for f in files if f.startswith("ham/")) >= 25 and sum(1 for f in files if f.startswith("spam/")) >= 25
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_sample(name: str, shipped_engine: Engine) -> None:
+    facts = EXPECTED[name]
+    result = shipped_engine.scan_sync((CORPORA / name).read_bytes())
+    fired = {h.rule for h in result.hits} | set(result.subrules)
+    label = facts["label"]
+    assert label == name.split("/")[0]
+    must = set(facts.get("must_hit") or [])  # type: ignore[call-overload]
+    must_not = set(facts.get("must_not_hit") or [])  # type: ignore[call-overload]
+    assert must <= fired, f"missing {sorted(must - fired)}; fired {sorted(fired)}"
+    assert not (must_not & fired), f"should not fire: {sorted(must_not & fired)}"
+    assert result.is_spam == (label == "spam"), f"score {result.score}: {sorted(fired)}"
