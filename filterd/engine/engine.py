@@ -157,9 +157,9 @@ class Engine:
             scan.add(Hit(f"CHECK_ERROR_{name.upper()}", "deadline", 0.0))
         for task in done:
             name = pending[task]
-            exc = task.exception()
-            if exc is not None:
-                self._check_failed(scan, name, exc)
+            error = task.exception()
+            if error is not None:
+                self._check_failed(scan, name, error)
                 continue
             for hit in task.result():
                 scan.add(hit)
@@ -231,8 +231,9 @@ class Engine:
                 # Each rule decides alone what an absent header means (if_unset or "").
                 for name in unset_names:
                     hr = rules.header_rules[name]
-                    value = hr.if_unset if hr.if_unset is not None else ""
-                    matched = next(p for p in matcher.patterns if p.name == name).rx.search(value) is not None
+                    unset_value = hr.if_unset if hr.if_unset is not None else ""
+                    pattern = next(p for p in matcher.patterns if p.name == name)
+                    matched = pattern.rx.search(unset_value) is not None
                     if matched != hr.negate:
                         fired.add(name)
                 continue
@@ -265,10 +266,10 @@ class Engine:
                     continue
             if name in rules.multiple:
                 rx, maxhits, rtype = rules.multiple[name]
-                text = {"body": msg.body_text, "nbody": msg.normalized_body, "rawbody": msg.rawbody_text}.get(rtype)
-                if text is not None:
+                counted = {"body": msg.body_text, "nbody": msg.normalized_body, "rawbody": msg.rawbody_text}.get(rtype)
+                if counted is not None:
                     try:
-                        count = sum(1 for _ in rx.finditer(text, timeout=self.config.rules.rule_timeout))
+                        count = sum(1 for _ in rx.finditer(counted, timeout=self.config.rules.rule_timeout))
                     except TimeoutError:
                         count = 1
                     value = float(min(count, maxhits) if maxhits else count) or 1.0
