@@ -14,7 +14,9 @@ from filterd.config.load import (
 )
 from filterd.config.schema import (
     Config,
+    DaemonConfig,
     FrozenMap,
+    ListsConfig,
     Network,
     NetworkConfig,
     RulesConfig,
@@ -34,8 +36,10 @@ from filterd.config.units import (
 
 __all__ = [
     "Config",
+    "DaemonConfig",
     "Duration",
     "FrozenMap",
+    "ListsConfig",
     "Network",
     "NetworkConfig",
     "RulesConfig",

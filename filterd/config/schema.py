@@ -18,7 +18,9 @@ from __future__ import annotations
 
 __all__ = [
     "Config",
+    "DaemonConfig",
     "FrozenMap",
+    "ListsConfig",
     "Network",
     "NetworkConfig",
     "RulesConfig",
@@ -32,6 +34,7 @@ __all__ = [
 ]
 
 import dataclasses
+import ipaddress
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
@@ -215,6 +218,63 @@ class NetworkConfig(Section):
 
 
 @dataclass(frozen=True, slots=True)
+class DaemonConfig(Section):
+    """The scoring daemon: where it listens, how many workers, its limits."""
+
+    listen: tuple[str, ...] = setting(
+        (), doc="Addresses to serve spamd on: HOST:PORT or a Unix socket path (--listen adds to these)."
+    )
+    workers: int = setting(0, min=0, max=256, doc="Worker processes; 0 = one per CPU core.")
+    socket_mode: str = setting("0660", doc="Permissions of Unix sockets, in octal.")
+    socket_owner: str = setting("", doc="Owner of Unix sockets (user name); empty = the daemon's user.")
+    socket_group: str = setting("", doc="Group of Unix sockets; empty = the daemon's group.")
+    allowed_ips: tuple[Network, ...] = setting(
+        (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
+        doc="TCP clients allowed to connect; others are refused and logged.",
+    )
+    max_request_size: Size = setting(
+        parse_size("64M"), min=parse_size("1K"), max=parse_size("1G"),
+        doc="Largest request accepted at all; bigger ones get an error (rules.max_scan_size decides what is scanned).",
+    )  # fmt: skip
+    read_timeout: Duration = setting(
+        parse_duration("30s"), min=parse_duration("100ms"), max=parse_duration("1h"),
+        doc="Time a client has to send its whole request.",
+    )  # fmt: skip
+    idle_timeout: Duration = setting(
+        parse_duration("10s"), min=parse_duration("100ms"), max=parse_duration("1h"),
+        doc="Time a client may stay silent while sending.",
+    )  # fmt: skip
+    max_connections: int = setting(
+        256, min=1, max=100_000, doc="Open connections per worker; more get EX_TEMPFAIL at once."
+    )
+    max_concurrent_scans: int = setting(
+        64, min=1, max=10_000, doc="Scans in progress per worker; further requests wait their turn."
+    )
+    grace_period: Duration = setting(
+        parse_duration("30s"), min=parse_duration("0s"), max=parse_duration("1h"),
+        doc="On SIGTERM or reload, how long in-flight requests get to finish.",
+    )  # fmt: skip
+    pid_file: str = setting("", doc="Write the master's PID here; empty = no PID file.")
+    user_prefs_dir: str = setting(
+        "", doc="Directory of per-user settings, <user>.yaml, chosen by the spamd User header."
+    )
+    allow_tell: bool = setting(False, doc="Accept spamd TELL (learning) requests, like spamd --allow-tell.")
+    metrics_listen: str = setting("", doc="HOST:PORT serving /metrics (Prometheus) and /healthz; empty = off.")
+
+
+@dataclass(frozen=True, slots=True)
+class ListsConfig(Section):
+    """Welcome and block lists that apply to everyone (per-user ones live in user_prefs_dir)."""
+
+    welcomelist_from: tuple[str, ...] = setting(
+        (), doc="Sender address globs (*, ?) whose mail is welcome: USER_IN_WELCOMELIST."
+    )
+    blocklist_from: tuple[str, ...] = setting(
+        (), doc="Sender address globs whose mail is spam: USER_IN_BLOCKLIST."
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Config(Section):
     """The whole configuration; immutable. A reload builds a new one."""
 
@@ -224,6 +284,8 @@ class Config(Section):
     scoring: ScoringConfig = section(ScoringConfig)
     rules: RulesConfig = section(RulesConfig)
     network: NetworkConfig = section(NetworkConfig)
+    daemon: DaemonConfig = section(DaemonConfig)
+    lists: ListsConfig = section(ListsConfig)
 
     @property
     def state_path(self) -> Path:
