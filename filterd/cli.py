@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="files or directories; the label is the ham/spam folder name")
     p.add_argument("--top", type=int, default=3, help="how many top rules to show per message")
 
+    p = sub.add_parser("daemon", help="run the scoring daemon (spamd protocol) in the foreground")
+    _common(p)
+    p.add_argument(
+        "--listen",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="HOST:PORT or a Unix socket path; repeat for several (default 127.0.0.1:783)",
+    )
+    p.add_argument("--workers", type=int, help="worker processes (default: one per CPU core)")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve /metrics and /healthz over HTTP here")
+    p.add_argument("--pid-file", metavar="FILE", help="write the master's PID here")
+    p.add_argument("--allow-tell", action="store_true", help="accept spamd TELL (learning) requests")
+    p.add_argument("--user-prefs", metavar="DIR", help="directory of per-user <user>.yaml settings")
+
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION")
     c = csub.add_parser("check", help="validate and print the configuration in force")
@@ -61,9 +77,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+class _JournalFormatter(logging.Formatter):
+    """systemd's stderr convention: a <priority> prefix, no timestamp (journald adds it)."""
+
+    _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self._PRIORITY.get(record.levelno, 6)}>{super().format(record)}"
+
+
+def _setup_logging(verbose: int, *, default: int = logging.WARNING) -> None:
+    level = default if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter("%(name)s[%(process)d]: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,12 +104,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help(sys.stderr)
         return EX_USAGE
-    _setup_logging(getattr(args, "verbose", 0))
+    _setup_logging(getattr(args, "verbose", 0), default=logging.INFO if args.command == "daemon" else logging.WARNING)
     try:
         if args.command == "check":
             return _cmd_check(args)
         if args.command == "mass-check":
             return _cmd_mass_check(args)
+        if args.command == "daemon":
+            return _cmd_daemon(args)
         if args.command == "config":
             if args.config_command != "check":
                 parser.parse_args(["config", "--help"])
@@ -215,6 +249,32 @@ def _cmd_mass_check(args: argparse.Namespace) -> int:
     if counted:
         print(f"\n{right}/{counted} classified as labelled")
     return 0
+
+
+def _cmd_daemon(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from filterd.config import Config
+    from filterd.daemon.master import Master
+    from filterd.engine.engine import Engine
+
+    def load() -> tuple[Config, Engine]:
+        """Read the configuration (with the command line on top) and build the engine."""
+        config = _load_config(args)
+        d = config.daemon
+        d = dataclasses.replace(
+            d,
+            listen=tuple(args.listen) or d.listen,
+            workers=args.workers if args.workers is not None else d.workers,
+            metrics_listen=args.metrics_listen or d.metrics_listen,
+            pid_file=args.pid_file or d.pid_file,
+            allow_tell=args.allow_tell or d.allow_tell,
+            user_prefs_dir=args.user_prefs or d.user_prefs_dir,
+        )
+        config = dataclasses.replace(config, daemon=d)
+        return config, Engine.load(config, state_dir=str(config.state_path))
+
+    return Master(load).run()
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:

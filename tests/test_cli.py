@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-GTUBE = b"Subject: test\nFrom: admin@example.org\n\nXJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X\n"
+GTUBE = (
+    b"Subject: test\nFrom: admin@example.org\n\nXJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X\n"
+)
 
 
 def filterd(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:

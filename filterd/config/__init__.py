@@ -11,6 +11,7 @@ from filterd.config.load import (
     describe_settings,
     dump_config,
     load_config,
+    load_section_file,
 )
 from filterd.config.schema import (
     Config,
@@ -53,6 +54,7 @@ __all__ = [
     "format_duration",
     "format_size",
     "load_config",
+    "load_section_file",
     "parse_duration",
     "parse_size",
     "section",

@@ -18,6 +18,7 @@ __all__ = [
     "describe_settings",
     "dump_config",
     "load_config",
+    "load_section_file",
 ]
 
 import contextlib
@@ -28,7 +29,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from ipaddress import ip_network
 from pathlib import Path
-from typing import Any, Literal, TypeAlias, TypeVar, cast, get_args, get_origin
+from types import UnionType
+from typing import Any, Literal, TypeAlias, TypeVar, Union, cast, get_args, get_origin
 
 import yaml
 from yaml.constructor import SafeConstructor
@@ -120,11 +122,18 @@ def describe_settings() -> list[tuple[str, str, str, str]]:
 # -- reading and merging layers ------------------------------------------------------------
 
 
-def _load(schema: type[S], path: Path) -> S:
+def load_section_file(schema: type[S], path: str | Path) -> S:
+    """Read one YAML file (no local.d/override.d layers) into ``schema``, checked like the
+    main configuration (used for per-user settings). Raises ConfigError."""
+    return _load(schema, Path(path), layered=False)
+
+
+def _load(schema: type[S], path: Path, *, layered: bool = True) -> S:
     """Read, merge and check all layers of ``path`` against ``schema``."""
     layers = [(path, False)]
-    layers += [(f, False) for f in sorted((path.parent / "local.d").glob("*.yaml"))]
-    layers += [(f, True) for f in sorted((path.parent / "override.d").glob("*.yaml"))]
+    if layered:
+        layers += [(f, False) for f in sorted((path.parent / "local.d").glob("*.yaml"))]
+        layers += [(f, True) for f in sorted((path.parent / "override.d").glob("*.yaml"))]
     problems: list[Problem] = []
     tree: _Tree = {}
     for file, replace in layers:
@@ -389,9 +398,21 @@ def _scalar(tp: Any, raw: object) -> object:
         for choice in get_args(tp):
             if type(choice) is type(raw) and choice == raw:
                 return choice
+    elif _optional_of(tp) is not None:
+        # "X | None": None is the default (meaning "not set here"); a value must be an X.
+        return _scalar(_optional_of(tp), raw)
     else:
         raise TypeError(f"unsupported setting type {tp!r}")
     raise _Invalid()
+
+
+def _optional_of(tp: Any) -> Any:
+    """X for a type written ``X | None``, else None."""
+    if get_origin(tp) in (Union, UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(get_args(tp)) == 2:
+            return args[0]
+    return None
 
 
 def _check_bounds(value: object, info: SettingInfo | None) -> None:

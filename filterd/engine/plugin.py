@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from filterd.config import Config
     from filterd.engine.message import ParsedMessage
+    from filterd.engine.prefs import UserPrefs
     from filterd.engine.uris import UriParser
 
 __all__ = ["Check", "CheckSetup", "Hit", "Scan", "ScanContext", "Stage"]
@@ -55,6 +56,7 @@ class ScanContext:
     queue_id: str = ""
     authenticated: bool = False
     local_only: bool = False  # skip network tests
+    prefs: UserPrefs | None = None  # the user's own settings (welcome/block lists, ...)
 
 
 @dataclass(slots=True)

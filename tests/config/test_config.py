@@ -814,6 +814,7 @@ def test_public_names() -> None:
         "format_duration",
         "format_size",
         "load_config",
+        "load_section_file",
         "parse_duration",
         "parse_size",
         "section",

@@ -27,7 +27,7 @@ def test_parse_headers_decoded_in_order_with_duplicates() -> None:
         b" Mon, 5 Jan 2026 10:00:00 +0000\n"
         b"Received: from b.example ([198.51.100.2]) by a.example; Mon, 5 Jan 2026 09:59:00 +0000\n"
         b"Subject: =?UTF-8?B?SGVsbG8gd8O2cmxk?= and\n =?iso-8859-1?Q?caf=E9?=\n"
-        b"From: \"Alice\" <alice@example.com>\n"
+        b'From: "Alice" <alice@example.com>\n'
         b"\n"
         b"body\n"
     )
@@ -54,13 +54,13 @@ def test_parse_crlf_and_mbox_from_line() -> None:
 def test_parse_multipart_alternative_and_attachment() -> None:
     pdf = base64.encodebytes(b"%PDF-1.4 fake").decode()
     data = (
-        "Subject: report\nMIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=\"XX\"\n\n"
+        'Subject: report\nMIME-Version: 1.0\nContent-Type: multipart/mixed; boundary="XX"\n\n'
         "preamble\n--XX\nContent-Type: multipart/alternative; boundary=YY\n\n"
         "--YY\nContent-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: quoted-printable\n\n"
         "Caf=C3=A9 at noon\n--YY\nContent-Type: text/html; charset=utf-8\n\n"
         "<html><body><p>Caf&eacute; at <b>noon</b></p><a href='http://shop.example.net/x'>here</a></body></html>\n"
-        "--YY--\n--XX\nContent-Type: application/pdf; name=\"r.pdf\"\nContent-Disposition: attachment;"
-        f" filename=\"r.pdf\"\nContent-Transfer-Encoding: base64\n\n{pdf}--XX--\n"
+        '--YY--\n--XX\nContent-Type: application/pdf; name="r.pdf"\nContent-Disposition: attachment;'
+        f' filename="r.pdf"\nContent-Transfer-Encoding: base64\n\n{pdf}--XX--\n'
     ).encode()
     msg = parse(data)
     assert [p.content_type for p in msg.parts] == ["text/plain", "text/html", "application/pdf"]
@@ -93,7 +93,10 @@ def test_parse_wrong_and_missing_charsets_fall_back() -> None:
     assert "charset-bad-bytes" in msg.problems
     msg = parse(b"Content-Type: text/plain; charset=x-martian\n\nplain")
     assert "charset-unknown-charset" in msg.problems
-    msg = parse("Content-Type: text/plain; charset=koi8-r\n\n".encode() + "\u041f\u0440\u0438\u0432\u0435\u0442".encode("koi8-r"))
+    msg = parse(
+        b"Content-Type: text/plain; charset=koi8-r\n\n"
+        + "\u041f\u0440\u0438\u0432\u0435\u0442".encode("koi8-r")
+    )
     assert msg.parts[0].text == "\u041f\u0440\u0438\u0432\u0435\u0442"
 
 
@@ -161,9 +164,31 @@ def test_any_bytes_give_a_model(data: bytes) -> None:
 
 
 _MIME_ATOMS = st.sampled_from(
-    [b"Content-Type: multipart/mixed; boundary=", b"--", b"\n", b"\r\n", b"Content-Transfer-Encoding: base64\n",
-     b"Content-Type: text/html; charset=", b"<a href=", b"=?utf-8?q?", b"?=", b"http://", b"[", b"]", b"<div style=",
-     b"display:none>", b"Received: from ", b"(", b")", b";", b"\x00", b"\xff", b"=\n", b"begin 644 x\n", b"\t"]
+    [
+        b"Content-Type: multipart/mixed; boundary=",
+        b"--",
+        b"\n",
+        b"\r\n",
+        b"Content-Transfer-Encoding: base64\n",
+        b"Content-Type: text/html; charset=",
+        b"<a href=",
+        b"=?utf-8?q?",
+        b"?=",
+        b"http://",
+        b"[",
+        b"]",
+        b"<div style=",
+        b"display:none>",
+        b"Received: from ",
+        b"(",
+        b")",
+        b";",
+        b"\x00",
+        b"\xff",
+        b"=\n",
+        b"begin 644 x\n",
+        b"\t",
+    ]
 )
 
 

@@ -14,7 +14,7 @@ from tests.conftest import MakeEngine
 
 MSG = (
     b"Received: from helo.example (rdns.example [192.0.2.9]) by mx.example.org; Mon, 5 Jan 2026 10:00:00 +0000\n"
-    b"From: \"Prize Office\" <winner@lotto.example>\n"
+    b'From: "Prize Office" <winner@lotto.example>\n'
     b"To: alice@example.org\n"
     b"Cc: bob@example.org\n"
     b"Subject: You WON a prize\n"
@@ -53,8 +53,20 @@ def test_rule_types_match_their_targets(make_engine: MakeEngine) -> None:
     )
     hit = names(engine)
     assert hit == {
-        "SUBJ_WON", "FROM_ADDR", "FROM_NAME", "TOCC", "ALLH", "HAS_MID", "NO_XM", "NOT_MAILER", "UNSET_SUB",
-        "BODY_CLAIM", "BODY_SUBJECT_LINE", "URI_LOTTO", "FULL_RCVD", "RAW_X",
+        "SUBJ_WON",
+        "FROM_ADDR",
+        "FROM_NAME",
+        "TOCC",
+        "ALLH",
+        "HAS_MID",
+        "NO_XM",
+        "NOT_MAILER",
+        "UNSET_SUB",
+        "BODY_CLAIM",
+        "BODY_SUBJECT_LINE",
+        "URI_LOTTO",
+        "FULL_RCVD",
+        "RAW_X",
     }
 
 
@@ -238,8 +250,12 @@ def test_hyperscan_and_fallback_engines_agree_on_samples(make_engine: MakeEngine
         from filterd.engine.plugin import ScanContext
 
         ctx = ScanContext()
-        targets = {"body": msg.body_text, "nbody": msg.normalized_body, "rawbody": msg.rawbody_text,
-                   "full": msg.raw.decode("utf-8", "replace")}
+        targets = {
+            "body": msg.body_text,
+            "nbody": msg.normalized_body,
+            "rawbody": msg.rawbody_text,
+            "full": msg.raw.decode("utf-8", "replace"),
+        }
         for target, matcher in rules.text_matchers.items():
             fast = matcher.match(targets[target])
             slow = {p.name for p in matcher.patterns if p.rx.search(targets[target])}
