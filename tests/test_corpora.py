@@ -31,4 +31,10 @@ def test_sample(name: str, shipped_engine: Engine) -> None:
     must_not = set(facts.get("must_not_hit") or [])  # type: ignore[call-overload]
     assert must <= fired, f"missing {sorted(must - fired)}; fired {sorted(fired)}"
     assert not (must_not & fired), f"should not fire: {sorted(must_not & fired)}"
-    assert result.is_spam == (label == "spam"), f"score {result.score}: {sorted(fired)}"
+    if facts.get("reaches_threshold", True):
+        assert result.is_spam == (label == "spam"), f"score {result.score}: {sorted(fired)}"
+    else:
+        # Rules alone cannot honestly catch it (the reason is in expected.yaml); once they do,
+        # the expectation must be updated, so this is asserted both ways.
+        assert label == "spam" and facts.get("reason"), "reaches_threshold: false needs a spam label and a reason"
+        assert not result.is_spam, f"now caught (score {result.score}): update corpora/expected.yaml"

@@ -8,7 +8,7 @@ or, for a milter or an MTA that learns things step by step:
     scan = engine.new_scan(ctx)
     await engine.run_stage(scan, Stage.CONNECT)     # e.g. reject at connect on a blocklist hit
     await engine.run_stage(scan, Stage.ENVELOPE)
-    engine.set_headers(scan, header_bytes); await engine.run_stage(scan, Stage.HEADERS)
+    engine.set_message(scan, header_bytes); await engine.run_stage(scan, Stage.HEADERS)
     result = await engine.finish(scan, whole_message)
 
 Order at the end: network (async) checks are launched first, local checks and regex rules run

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from filterd.engine.checks.headers import HeaderCheck
+from filterd.engine.checks.html import HtmlCheck
+from filterd.engine.checks.lists import ListsCheck
+from filterd.engine.checks.mime import MimeCheck
+from filterd.engine.checks.text import TextCheck
+from filterd.engine.checks.uri import UriCheck
+
 __all__ = ["builtin_checks"]
 
 
 def builtin_checks() -> list[type]:
     """Classes of every shipped check, in a stable order."""
-    return []
+    return [ListsCheck, HeaderCheck, MimeCheck, HtmlCheck, UriCheck, TextCheck]
