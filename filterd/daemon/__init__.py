@@ -1,0 +1,3 @@
+"""The scoring daemon: a master that forks workers serving the spamd protocol with asyncio."""
+
+__all__: list[str] = []

@@ -1,0 +1,149 @@
+"""Counters a worker keeps, their transport to the master, and the Prometheus text format.
+
+Each worker keeps cumulative counters in plain dicts and sends a JSON snapshot to the master
+through a pipe about once a second. The master adds up the last snapshot of every live worker
+and what retired workers left behind, so totals never go backwards across restarts or reloads.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+__all__ = ["SCAN_BUCKETS", "Aggregate", "WorkerMetrics", "render_prometheus"]
+
+# Seconds: scan-time histogram bucket bounds.
+SCAN_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass(slots=True)
+class WorkerMetrics:
+    """One worker's cumulative counters."""
+
+    messages: Counter[str] = field(default_factory=Counter)  # verdict -> count
+    requests: Counter[str] = field(default_factory=Counter)  # method -> count
+    errors: Counter[str] = field(default_factory=Counter)  # kind -> count
+    rule_hits: Counter[str] = field(default_factory=Counter)
+    scan_buckets: list[int] = field(default_factory=lambda: [0] * (len(SCAN_BUCKETS) + 1))
+    scan_seconds_sum: float = 0.0
+    bytes_scanned: int = 0
+    refused: int = 0
+
+    def observe_scan(self, verdict: str, seconds: float, rules: list[str], size: int) -> None:
+        self.messages[verdict] += 1
+        self.scan_buckets[bisect.bisect_left(SCAN_BUCKETS, seconds)] += 1
+        self.scan_seconds_sum += seconds
+        self.bytes_scanned += size
+        self.rule_hits.update(rules)
+
+    def snapshot(self) -> bytes:
+        data = {
+            "messages": self.messages,
+            "requests": self.requests,
+            "errors": self.errors,
+            "rule_hits": self.rule_hits,
+            "scan_buckets": self.scan_buckets,
+            "scan_seconds_sum": self.scan_seconds_sum,
+            "bytes_scanned": self.bytes_scanned,
+            "refused": self.refused,
+        }
+        return json.dumps(data, separators=(",", ":")).encode() + b"\n"
+
+
+@dataclass(slots=True)
+class Aggregate:
+    """The master's view: last snapshot per live worker plus retired workers' totals."""
+
+    live: dict[int, dict[str, object]] = field(default_factory=dict)
+    retired: dict[str, object] = field(default_factory=dict)
+    worker_restarts: int = 0
+    reloads: int = 0
+    failed_reloads: int = 0
+
+    def update(self, pid: int, line: bytes) -> None:
+        try:
+            data = json.loads(line)
+        except ValueError:
+            return
+        if isinstance(data, dict):
+            self.live[pid] = data
+
+    def retire(self, pid: int) -> None:
+        data = self.live.pop(pid, None)
+        if data is not None:
+            self.retired = _add(self.retired, data)
+
+    def total(self) -> dict[str, object]:
+        result = dict(self.retired)
+        for data in self.live.values():
+            result = _add(result, data)
+        return result
+
+
+def _add(a: dict[str, object], b: dict[str, object]) -> dict[str, object]:
+    out: dict[str, object] = dict(a)
+    for key, value in b.items():
+        mine = out.get(key)
+        if isinstance(value, dict):
+            merged: Counter[str] = Counter(mine if isinstance(mine, dict) else {})
+            merged.update(value)
+            out[key] = dict(merged)
+        elif isinstance(value, list):
+            base = mine if isinstance(mine, list) else [0] * len(value)
+            out[key] = [x + y for x, y in zip(base, value, strict=False)]
+        elif isinstance(value, int | float):
+            out[key] = (mine if isinstance(mine, int | float) else 0) + value
+    return out
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render_prometheus(agg: Aggregate, *, workers: int, generation: int) -> bytes:
+    """The text exposition format (version 0.0.4)."""
+    t = agg.total()
+    lines: list[str] = []
+
+    def family(name: str, kind: str, help_text: str) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+
+    family("filterd_messages_total", "counter", "Messages scanned, by verdict.")
+    for verdict, n in sorted(dict(t.get("messages") or {}).items()):  # type: ignore[call-overload]
+        lines.append(f'filterd_messages_total{{verdict="{_label(verdict)}"}} {n}')
+    family("filterd_requests_total", "counter", "spamd requests, by method.")
+    for method, n in sorted(dict(t.get("requests") or {}).items()):  # type: ignore[call-overload]
+        lines.append(f'filterd_requests_total{{method="{_label(method)}"}} {n}')
+    family("filterd_errors_total", "counter", "Failed requests, by kind.")
+    for kind, n in sorted(dict(t.get("errors") or {}).items()):  # type: ignore[call-overload]
+        lines.append(f'filterd_errors_total{{kind="{_label(kind)}"}} {n}')
+    family("filterd_scan_seconds", "histogram", "Time to scan one message.")
+    buckets = list(t.get("scan_buckets") or [0] * (len(SCAN_BUCKETS) + 1))  # type: ignore[call-overload]
+    running = 0
+    for bound, n in zip(SCAN_BUCKETS, buckets, strict=False):
+        running += n
+        lines.append(f'filterd_scan_seconds_bucket{{le="{bound}"}} {running}')
+    running += buckets[-1] if len(buckets) > len(SCAN_BUCKETS) else 0
+    lines.append(f'filterd_scan_seconds_bucket{{le="+Inf"}} {running}')
+    lines.append(f"filterd_scan_seconds_sum {float(t.get('scan_seconds_sum') or 0.0):.6f}")  # type: ignore[arg-type]
+    lines.append(f"filterd_scan_seconds_count {running}")
+    family("filterd_scanned_bytes_total", "counter", "Bytes of mail scanned.")
+    lines.append(f"filterd_scanned_bytes_total {t.get('bytes_scanned') or 0}")
+    family("filterd_rule_hits_total", "counter", "Messages on which each rule fired.")
+    for rule, n in sorted(dict(t.get("rule_hits") or {}).items()):  # type: ignore[call-overload]
+        lines.append(f'filterd_rule_hits_total{{rule="{_label(rule)}"}} {n}')
+    family("filterd_connections_refused_total", "counter", "Connections refused (not allowed, or too many).")
+    lines.append(f"filterd_connections_refused_total {t.get('refused') or 0}")
+    family("filterd_worker_restarts_total", "counter", "Workers that died and were replaced.")
+    lines.append(f"filterd_worker_restarts_total {agg.worker_restarts}")
+    family("filterd_reloads_total", "counter", "Configuration reloads, by result.")
+    lines.append(f'filterd_reloads_total{{result="ok"}} {agg.reloads}')
+    lines.append(f'filterd_reloads_total{{result="failed"}} {agg.failed_reloads}')
+    family("filterd_workers", "gauge", "Worker processes serving now.")
+    lines.append(f"filterd_workers {workers}")
+    family("filterd_generation", "gauge", "Configuration generation (1 at start, +1 per reload).")
+    lines.append(f"filterd_generation {generation}")
+    return ("\n".join(lines) + "\n").encode()

@@ -1,0 +1,167 @@
+"""A worker process: one asyncio loop serving many spamd connections with one engine.
+
+CPU work (parsing, rules) runs inline and is short; network checks are awaited, so one slow
+lookup never holds up other messages. Every read has an idle timeout and the whole request a
+read timeout. SIGTERM stops accepting and lets the connections in flight finish within the
+grace period. A worker whose master has gone away exits by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import time
+from collections.abc import Sequence
+
+from filterd.config import Config
+from filterd.daemon.listeners import Listener
+from filterd.daemon.metrics import WorkerMetrics
+from filterd.daemon.service import SpamdService
+from filterd.engine.engine import Engine
+from filterd.errors import RemoteProtocolError
+from filterd.protocols.spamd import (
+    EX_TEMPFAIL,
+    EX_TIMEOUT,
+    NEED_DATA,
+    SpamdRequest,
+    SpamdServerConnection,
+    render_error,
+)
+
+__all__ = ["Worker"]
+
+log = logging.getLogger("filterd.daemon")
+
+
+class Worker:
+    """Serves spamd on inherited listening sockets until told to stop."""
+
+    def __init__(self, engine: Engine, config: Config, listeners: Sequence[Listener], report_fd: int | None) -> None:
+        self.engine = engine
+        self.config = config
+        self.listeners = listeners
+        self.report_fd = report_fd
+        self.metrics = WorkerMetrics()
+        self.service = SpamdService(engine, config, self.metrics)
+        self.active = 0
+        self._allowed = [ipaddress.ip_network(n) for n in config.daemon.allowed_ips]
+        self._stopping: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
+        self._parent = os.getppid()
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the master reloads, not us
+        servers = []
+        for listener in self.listeners:
+            if listener.address.is_unix:
+                server = await asyncio.start_unix_server(self._connection, sock=listener.sock, limit=65536)
+            else:
+                server = await asyncio.start_server(self._connection, sock=listener.sock, limit=65536)
+            servers.append(server)
+        reporter = asyncio.create_task(self._report_loop())
+        await self._stopping.wait()
+        for server in servers:
+            server.close()  # stop accepting; the master keeps the sockets open for the next generation
+        grace = self.config.daemon.grace_period
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._idle.wait()
+        if self.active:
+            log.warning(
+                "worker %d: %d connection(s) still open after the %.0fs grace period", os.getpid(), self.active, grace
+            )
+        reporter.cancel()
+        self._report()
+
+    async def _report_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self._report()
+            if os.getppid() != self._parent:  # the master died: nobody supervises us any more
+                log.error("worker %d: master is gone, exiting", os.getpid())
+                assert self._stopping is not None
+                self._stopping.set()
+
+    def _report(self) -> None:
+        if self.report_fd is None:
+            return
+        with contextlib.suppress(BlockingIOError, BrokenPipeError, OSError):
+            os.write(self.report_fd, self.metrics.snapshot())
+
+    def _allowed_peer(self, writer: asyncio.StreamWriter) -> tuple[bool, str]:
+        peer = writer.get_extra_info("peername")
+        if not isinstance(peer, tuple):  # Unix socket: file permissions decide
+            return True, "unix"
+        try:
+            ip = ipaddress.ip_address(peer[0])
+        except ValueError:
+            return False, str(peer[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self._allowed), str(ip)
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        allowed, peer = self._allowed_peer(writer)
+        if not allowed:
+            self.metrics.refused += 1
+            log.warning("refused connection from %s: not in daemon.allowed_ips", peer)
+            writer.close()
+            return
+        if self.active >= self.config.daemon.max_connections:
+            self.metrics.refused += 1
+            log.warning("refused connection from %s: %d connections open (daemon.max_connections)", peer, self.active)
+            with contextlib.suppress(OSError):
+                writer.write(render_error(EX_TEMPFAIL, "Temporary failure: too many connections, try again"))
+            writer.close()
+            return
+        self.active += 1
+        assert self._idle is not None
+        self._idle.clear()
+        try:
+            reply = await self._exchange(reader)
+            if reply:
+                writer.write(reply)
+                await writer.drain()
+        except (ConnectionError, OSError) as exc:
+            log.info("connection from %s lost: %s", peer, exc)
+        finally:
+            self.active -= 1
+            if not self.active:
+                self._idle.set()
+            with contextlib.suppress(OSError, RuntimeError):
+                writer.close()
+
+    async def _exchange(self, reader: asyncio.StreamReader) -> bytes:
+        d = self.config.daemon
+        conn = SpamdServerConnection(max_body_size=d.max_request_size)
+        deadline = time.monotonic() + d.read_timeout
+        try:
+            while True:
+                event = conn.next_event()
+                if event is not NEED_DATA:
+                    break
+                remaining = min(d.idle_timeout, deadline - time.monotonic())
+                if remaining <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(remaining):
+                    data = await reader.read(65536)
+                conn.receive_data(data)
+        except RemoteProtocolError as exc:
+            self.metrics.errors["protocol"] += 1
+            log.info("protocol error: %s", exc)
+            return exc.reply or render_error(76, f"Bad header line: {exc}")
+        except TimeoutError:
+            self.metrics.errors["timeout"] += 1
+            return render_error(EX_TIMEOUT, "Timeout: (the client sent nothing for too long)")
+        assert isinstance(event, SpamdRequest)
+        return await self.service.handle(event)

@@ -1,0 +1,129 @@
+"""Start a real `filterd daemon` in a subprocess on loopback / a Unix socket, for tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+
+def need_binary(name: str) -> str:
+    """The path of a program the test needs; in CI a missing one fails the test, never skips it."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed; scripts/run-tests installs it with apt-get")
+        pytest.skip(f"{name} is not installed (scripts/run-tests installs it)")
+    return path
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    unix_path: Path
+    host: str = ""
+    port: int = 0
+    metrics_port: int = 0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def request(self, data: bytes, *, unix: bool = True, timeout: float = 30) -> bytes:
+        """One raw spamd exchange: send, half-close, read to EOF."""
+        if unix:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            address: object = str(self.unix_path)
+        else:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            address = (self.host, self.port)
+        sock.settimeout(timeout)
+        with sock:
+            sock.connect(address)  # type: ignore[arg-type]
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+    def wait_for_log(self, pattern: str, timeout: float = 30, count: int = 1) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            matches = list(re.finditer(pattern, self.log()))
+            if len(matches) >= count:
+                return matches[count - 1]
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited ({self.proc.returncode}):\n{self.log()}")
+            time.sleep(0.05)
+        raise AssertionError(f"no {pattern!r} in the daemon log after {timeout}s:\n{self.log()}")
+
+
+def start_daemon(tmp_path: Path, *args: str, config: str = "", workers: int = 2, metrics: bool = True) -> Daemon:
+    """Start the daemon on a Unix socket and an ephemeral loopback TCP port; wait until ready."""
+    run = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
+    run.mkdir()
+    unix_path = run / "spamd.sock"
+    cfg = run / "filterd.yaml"
+    cfg.write_text(config or "{}\n")
+    log_path = run / "daemon.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "filterd",
+        "daemon",
+        "--config",
+        str(cfg),
+        "--state-dir",
+        str(run / "state"),
+        "--listen",
+        str(unix_path),
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        str(workers),
+        *args,
+    ]
+    if metrics:
+        cmd += ["--metrics-listen", "127.0.0.1:0"]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    daemon = Daemon(proc, log_path, unix_path)
+    m = daemon.wait_for_log(r"listening for spamd on 127\.0\.0\.1:(\d+)")
+    daemon.host, daemon.port = "127.0.0.1", int(m.group(1))
+    if metrics:
+        daemon.metrics_port = int(daemon.wait_for_log(r"metrics on http://127\.0\.0\.1:(\d+)/").group(1))
+    daemon.wait_for_log(r"filterd daemon ready")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the workers accept once their loops run
+        try:
+            if daemon.request(b"PING SPAMC/1.5\r\n\r\n", timeout=5).startswith(b"SPAMD/1.5 0 PONG"):
+                return daemon
+        except OSError:
+            pass
+        time.sleep(0.05)
+    daemon.stop()
+    raise AssertionError(f"daemon never answered PING:\n{daemon.log()}")
