@@ -142,7 +142,14 @@ class Master:
                         os.close(sock.fileno())
             os.set_blocking(report_fd, False)
             worker = Worker(self.engine, self.config, self.listeners, report_fd)
-            asyncio.run(worker.serve())
+            profile_dir = os.environ.get("FILTERD_PROFILE_DIR")
+            if profile_dir:  # for performance work: one cProfile dump per worker
+                import cProfile
+
+                cProfile.runctx("asyncio.run(worker.serve())", globals(), {"worker": worker, "asyncio": asyncio},
+                                os.path.join(profile_dir, f"worker-{os.getpid()}.prof"))
+            else:
+                asyncio.run(worker.serve())
         except BaseException:  # noqa: BLE001 - a worker must never return into the master's code
             log.exception("worker %d failed", os.getpid())
             code = 70

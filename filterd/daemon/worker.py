@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Sequence
 
@@ -50,38 +51,77 @@ class Worker:
         self.active = 0
         self._allowed = [ipaddress.ip_network(n) for n in config.daemon.allowed_ips]
         self._stopping: asyncio.Event | None = None
-        self._idle: asyncio.Event | None = None
         self._parent = os.getppid()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the master reloads, not us
-        servers = []
-        for listener in self.listeners:
-            if listener.address.is_unix:
-                server = await asyncio.start_unix_server(self._connection, sock=listener.sock, limit=65536)
-            else:
-                server = await asyncio.start_server(self._connection, sock=listener.sock, limit=65536)
-            servers.append(server)
+        accepting = [asyncio.create_task(self._accept_loop(listener)) for listener in self.listeners]
         reporter = asyncio.create_task(self._report_loop())
         await self._stopping.wait()
-        for server in servers:
-            server.close()  # stop accepting; the master keeps the sockets open for the next generation
+        for task in accepting:
+            task.cancel()  # stop accepting; the master keeps the sockets open for the next generation
+        self._take_pending()
         grace = self.config.daemon.grace_period
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(grace):
-                await self._idle.wait()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace)
         if self.active:
             log.warning(
                 "worker %d: %d connection(s) still open after the %.0fs grace period", os.getpid(), self.active, grace
             )
         reporter.cancel()
         self._report()
+
+    async def _accept_loop(self, listener: Listener) -> None:
+        """Take one connection at a time and let its handler start before taking the next.
+
+        asyncio's own server accepts every pending connection at once, so with several workers
+        on one socket whichever wakes first hoards the queue while the others idle; one at a
+        time, a worker busy scanning leaves new connections to an idle one.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listener.sock)
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: back off, keep listening
+                log.error("accept on %s failed: %s; pausing 100 ms", listener.bound, exc)
+                await asyncio.sleep(0.1)
+                continue
+            conn.setblocking(False)
+            task = asyncio.create_task(self._socket(conn, listener.address.is_unix))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            await asyncio.sleep(0)
+
+    def _take_pending(self) -> None:
+        """Serve the connections already waiting in the backlog: their clients have connected."""
+        for listener in self.listeners:
+            for _ in range(self.config.daemon.max_connections):
+                try:
+                    conn, _ = listener.sock.accept()
+                except OSError:  # BlockingIOError: nothing more is waiting
+                    break
+                conn.setblocking(False)
+                task = asyncio.create_task(self._socket(conn, listener.address.is_unix))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _socket(self, conn: socket.socket, unix: bool) -> None:
+        try:
+            if unix:
+                reader, writer = await asyncio.open_unix_connection(sock=conn, limit=65536)
+            else:
+                reader, writer = await asyncio.open_connection(sock=conn, limit=65536)
+        except OSError:
+            conn.close()
+            return
+        await self._connection(reader, writer)
 
     async def _report_loop(self) -> None:
         while True:
@@ -125,8 +165,6 @@ class Worker:
             writer.close()
             return
         self.active += 1
-        assert self._idle is not None
-        self._idle.clear()
         try:
             reply = await self._exchange(reader)
             if reply:
@@ -136,8 +174,6 @@ class Worker:
             log.info("connection from %s lost: %s", peer, exc)
         finally:
             self.active -= 1
-            if not self.active:
-                self._idle.set()
             with contextlib.suppress(OSError, RuntimeError):
                 writer.close()
 
