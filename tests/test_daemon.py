@@ -360,3 +360,33 @@ def test_load_5000_messages_64_connections_with_a_reload(tmp_path: Path) -> None
     print(
         f"\n{total} requests in {elapsed:.1f}s ({total / elapsed:.0f}/s) at concurrency {concurrency}, reload mid-way"
     )
+
+
+def test_limits_pid_file_socket_mode_and_unscanned_big_mail(tmp_path: Path) -> None:
+    pid_file = tmp_path / "filterd.pid"
+    d = start_daemon(
+        tmp_path,
+        "--pid-file",
+        str(pid_file),
+        config="rules:\n  max_scan_size: 2K\ndaemon:\n  max_connections: 1\n  socket_mode: '0600'\n",
+        workers=1,
+        metrics=False,
+    )
+    try:
+        assert pid_file.read_text().strip() == str(d.proc.pid)
+        assert oct(d.unix_path.stat().st_mode & 0o777) == "0o600"
+        big = GTUBE_MSG + b"filler line\n" * 400
+        reply = d.request(b"PROCESS SPAMC/1.5\r\nContent-length: %d\r\n\r\n" % len(big) + big)
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert b"Spam: False ; 0.0 / 5.0" in head and body == big  # too big to scan: back unchanged
+        holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        holder.connect(str(d.unix_path))
+        holder.sendall(b"CHECK SPAMC/1.5\r\n")  # holds the only connection slot
+        time.sleep(0.3)
+        assert d.request(b"PING SPAMC/1.5\r\n\r\n").startswith(b"SPAMD/1.0 75 ")
+        holder.close()
+        time.sleep(0.3)
+        assert d.request(b"PING SPAMC/1.5\r\n\r\n").startswith(b"SPAMD/1.5 0 PONG")
+    finally:
+        assert d.stop() == 0
+    assert not pid_file.exists()

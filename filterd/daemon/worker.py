@@ -60,11 +60,13 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the master reloads, not us
-        accepting = [asyncio.create_task(self._accept_loop(listener)) for listener in self.listeners]
+        for listener in self.listeners:
+            loop.add_reader(listener.sock.fileno(), self._accept_one, listener)
         reporter = asyncio.create_task(self._report_loop())
         await self._stopping.wait()
-        for task in accepting:
-            task.cancel()  # stop accepting; the master keeps the sockets open for the next generation
+        for listener in self.listeners:
+            # Stop accepting; the master keeps the sockets open for the next generation.
+            loop.remove_reader(listener.sock.fileno())
         self._take_pending()
         grace = self.config.daemon.grace_period
         if self._tasks:
@@ -76,28 +78,35 @@ class Worker:
         reporter.cancel()
         self._report()
 
-    async def _accept_loop(self, listener: Listener) -> None:
-        """Take one connection at a time and let its handler start before taking the next.
+    def _accept_one(self, listener: Listener) -> None:
+        """Take one connection per readiness event, then let handlers run.
 
         asyncio's own server accepts every pending connection at once, so with several workers
         on one socket whichever wakes first hoards the queue while the others idle; one at a
-        time, a worker busy scanning leaves new connections to an idle one.
+        time, a worker busy scanning leaves new connections to an idle one. A plain reader
+        callback (not an awaited accept) also means a connection is never accepted and then
+        dropped by a cancellation at shutdown.
         """
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                conn, _ = await loop.sock_accept(listener.sock)
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                continue
-            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: back off, keep listening
-                log.error("accept on %s failed: %s; pausing 100 ms", listener.bound, exc)
-                await asyncio.sleep(0.1)
-                continue
-            conn.setblocking(False)
-            task = asyncio.create_task(self._socket(conn, listener.address.is_unix))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            await asyncio.sleep(0)
+        try:
+            conn, _ = listener.sock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: back off, keep listening
+            log.error("accept on %s failed: %s; pausing 100 ms", listener.bound, exc)
+            loop = asyncio.get_running_loop()
+            fd = listener.sock.fileno()
+            loop.remove_reader(fd)
+            stopping = self._stopping
+            loop.call_later(0.1, lambda: None if stopping is None or stopping.is_set()
+                            else loop.add_reader(fd, self._accept_one, listener))
+            return
+        self._spawn(conn, listener)
+
+    def _spawn(self, conn: socket.socket, listener: Listener) -> None:
+        conn.setblocking(False)
+        task = asyncio.create_task(self._socket(conn, listener.address.is_unix))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _take_pending(self) -> None:
         """Serve the connections already waiting in the backlog: their clients have connected."""
@@ -107,10 +116,7 @@ class Worker:
                     conn, _ = listener.sock.accept()
                 except OSError:  # BlockingIOError: nothing more is waiting
                     break
-                conn.setblocking(False)
-                task = asyncio.create_task(self._socket(conn, listener.address.is_unix))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._spawn(conn, listener)
 
     async def _socket(self, conn: socket.socket, unix: bool) -> None:
         try:
@@ -160,14 +166,14 @@ class Worker:
         if self.active >= self.config.daemon.max_connections:
             self.metrics.refused += 1
             log.warning("refused connection from %s: %d connections open (daemon.max_connections)", peer, self.active)
-            with contextlib.suppress(OSError):
-                writer.write(render_error(EX_TEMPFAIL, "Temporary failure: too many connections, try again"))
-            writer.close()
+            await self._refuse(reader, writer, render_error(EX_TEMPFAIL, "Temporary failure: too many connections"))
             return
         self.active += 1
         try:
-            reply = await self._exchange(reader)
-            if reply:
+            reply, whole = await self._exchange(reader)
+            if not whole:  # an error before the request was read to its end
+                await self._refuse(reader, writer, reply)
+            elif reply:
                 writer.write(reply)
                 await writer.drain()
         except (ConnectionError, OSError) as exc:
@@ -177,7 +183,22 @@ class Worker:
             with contextlib.suppress(OSError, RuntimeError):
                 writer.close()
 
-    async def _exchange(self, reader: asyncio.StreamReader) -> bytes:
+    @staticmethod
+    async def _refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reply: bytes) -> None:
+        """Answer and close without a reset: closing with the request unread would send an RST
+        that can overtake the answer, so the request is read and dropped first (for 1 s at most)."""
+        with contextlib.suppress(OSError, RuntimeError):
+            writer.write(reply)
+            await writer.drain()
+            writer.write_eof()
+            async with asyncio.timeout(1.0):
+                while await reader.read(65536):
+                    pass
+        with contextlib.suppress(OSError, RuntimeError, TimeoutError):
+            writer.close()
+
+    async def _exchange(self, reader: asyncio.StreamReader) -> tuple[bytes, bool]:
+        """Read one request and answer it; the flag says whether the request was read whole."""
         d = self.config.daemon
         conn = SpamdServerConnection(max_body_size=d.max_request_size)
         deadline = time.monotonic() + d.read_timeout
@@ -195,9 +216,9 @@ class Worker:
         except RemoteProtocolError as exc:
             self.metrics.errors["protocol"] += 1
             log.info("protocol error: %s", exc)
-            return exc.reply or render_error(76, f"Bad header line: {exc}")
+            return exc.reply or render_error(76, f"Bad header line: {exc}"), False
         except TimeoutError:
             self.metrics.errors["timeout"] += 1
-            return render_error(EX_TIMEOUT, "Timeout: (the client sent nothing for too long)")
+            return render_error(EX_TIMEOUT, "Timeout: (the client sent nothing for too long)"), False
         assert isinstance(event, SpamdRequest)
-        return await self.service.handle(event)
+        return await self.service.handle(event), True
