@@ -63,6 +63,7 @@ class Result:
     timings: dict[str, float]
     scan_time: float  # seconds
     problems: tuple[str, ...]
+    autolearn: str = "no"
 
     @property
     def rule_names(self) -> list[str]:
@@ -111,7 +112,7 @@ class Engine:
     # -- staged interface -------------------------------------------------------------------
 
     def new_scan(self, ctx: ScanContext | None = None) -> Scan:
-        scan = Scan(ctx=ctx or ScanContext(), uri_parser=self.uri_parser)
+        scan = Scan(ctx=ctx or ScanContext(), uri_parser=self.uri_parser, rules=self.rules.info)
         scan.deadline = time.monotonic() + self.config.rules.scan_deadline
         return scan
 
@@ -303,7 +304,12 @@ class Engine:
             timings=dict(scan.timings),
             scan_time=elapsed,
             problems=tuple(scan.problems),
+            autolearn=scan.autolearn,
         )
+
+    def check(self, name: str) -> Check | None:
+        """The loaded check plugin called ``name`` (e.g. "bayes"), if any."""
+        return next((c for c in self.checks if c.name == name), None)
 
     def info(self, rule: str) -> RuleInfo | None:
         """What is known about a rule; the engine's own notices are described here."""

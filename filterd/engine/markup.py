@@ -19,8 +19,9 @@ from email.utils import formatdate
 
 from filterd import __version__
 from filterd.engine.engine import Engine, Result
+from filterd.engine.mime import content_params, split_header_block, split_multipart
 
-__all__ = ["MarkupOptions", "build_report", "format_score", "process_message", "spam_headers"]
+__all__ = ["MarkupOptions", "build_report", "format_score", "original_message", "process_message", "spam_headers"]
 
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]+")
 
@@ -108,7 +109,7 @@ def spam_headers(engine: Engine, result: Result, options: MarkupOptions, newline
     tests = ",".join(h.rule for h in result.hits) or "none"
     status = (
         f"{'Yes' if yes else 'No'}, score={score} required={result.required_score:.1f} "
-        f"tests={tests} autolearn=no version={__version__}"
+        f"tests={tests} autolearn={result.autolearn} version={__version__}"
     )
     stars = "*" * min(50, max(0, int(result.score)))
     out = _fold("X-Spam-Checker-Version", f"filterd {__version__} on {options.hostname or _fqdn()}", newline)
@@ -225,3 +226,24 @@ def _wrap(engine: Engine, result: Result, options: MarkupOptions, header_block: 
     original = msg.raw
     tail = f"{nl}--{boundary}{nl}{part_head}".encode()
     return head + tail + original + f"{nl}--{boundary}--{nl}{nl}".encode()
+
+
+def original_message(raw: bytes) -> bytes:
+    """Undo report_safe wrapping (ours or SpamAssassin's): the part marked x-spam-type=original.
+
+    Learning from a message a user drags to Junk must learn what the sender sent, not our report.
+    Anything else comes back as it is (X-Spam-* headers are ignored by the parser anyway).
+    """
+    if b"x-spam-type=original" not in raw:
+        return raw
+    top = split_header_block(raw[raw.find(b"\n") + 1 :] if raw.startswith(b"From ") else raw)
+    ctype = next((f.value for f in top.fields if f.name.lower() == "content-type"), "")
+    kind, params = content_params(ctype)
+    if not kind.startswith("multipart/") or not params.get("boundary"):
+        return raw
+    for chunk in split_multipart(top.body, params["boundary"], []):
+        part = split_header_block(chunk)
+        part_type = next((f.value for f in part.fields if f.name.lower() == "content-type"), "")
+        if content_params(part_type)[1].get("x-spam-type", "").lower() == "original":
+            return part.body
+    return raw

@@ -16,7 +16,7 @@ from urllib.parse import unquote_to_bytes
 
 from filterd.engine.textcodec import decode_bytes, decode_header_value
 
-__all__ = ["MimeLeaf", "RawField", "content_params", "split_header_block", "walk_mime"]
+__all__ = ["MimeLeaf", "RawField", "content_params", "split_header_block", "split_multipart", "walk_mime"]
 
 _HEADER_NAME = re.compile(rb"[!-9;-~]+[ \t]*:")
 _MAX_HEADERS = 2000
@@ -192,7 +192,7 @@ def _uudecode(body: bytes) -> bytes:
     return b"".join(out)
 
 
-def _split_multipart(body: bytes, boundary: str, problems: list[str]) -> list[bytes]:
+def split_multipart(body: bytes, boundary: str, problems: list[str]) -> list[bytes]:
     """Cut a multipart body at its delimiter lines (`--boundary` at a line start)."""
     delim = b"--" + boundary.encode("utf-8", "surrogateescape")
     parts: list[bytes] = []
@@ -275,7 +275,7 @@ def _walk(
         if not boundary:
             problems.append("no-boundary-parameter")
         else:
-            chunks = _split_multipart(body, boundary, problems)
+            chunks = split_multipart(body, boundary, problems)
             if chunks:
                 child_default = "message/rfc822" if ctype == "multipart/digest" else "text/plain"
                 for i, chunk in enumerate(chunks, 1):

@@ -10,7 +10,7 @@ zero-score `CHECK_ERROR_<NAME>` hit; the scan goes on.
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from filterd.config import Config
     from filterd.engine.message import ParsedMessage
     from filterd.engine.prefs import UserPrefs
+    from filterd.engine.ruleset import RuleInfo
     from filterd.engine.uris import UriParser
 
 __all__ = ["Check", "CheckSetup", "Hit", "Scan", "ScanContext", "Stage"]
@@ -72,6 +73,8 @@ class Scan:
     score_so_far: float = 0.0
     deadline: float = 0.0  # loop.time() / monotonic at which the scan must wrap up
     problems: list[str] = field(default_factory=list)  # rule timeouts, check errors (for logs)
+    rules: Mapping[str, RuleInfo] = field(default_factory=dict)  # what every rule is (scores, tflags)
+    autolearn: str = "no"  # what autolearn did: "ham", "spam", "no", "disabled", "failed"
 
     @property
     def message(self) -> ParsedMessage:
