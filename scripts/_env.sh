@@ -20,6 +20,11 @@ if [ ! -x .venv/bin/python ]; then
     fi
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${FILTERD_EXTRAS:-}" 2>&1 | grep -v -i "warning" || true
+if ! .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${FILTERD_EXTRAS:-}" \
+        > .venv/install.log 2>&1; then
+    cat .venv/install.log >&2
+    echo "installing filterd failed (log above, also in .venv/install.log)" >&2
+    exit 1
+fi
 .venv/bin/python -c 'import filterd' || { echo "filterd did not install" >&2; exit 1; }
 export PATH="$here/.venv/bin:$PATH"
