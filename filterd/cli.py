@@ -62,6 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-tell", action="store_true", help="accept spamd TELL (learning) requests")
     p.add_argument("--user-prefs", metavar="DIR", help="directory of per-user <user>.yaml settings")
 
+    p = sub.add_parser("learn", help="train Bayes from spam and ham folders (like sa-learn)")
+    _common(p)
+    _learn_arguments(p)
+
+    p = sub.add_parser("eval", help="measure accuracy on labelled folders: ROC AUC, recall, false positives, plots")
+    _common(p)
+    from filterd.evaluate import add_eval_arguments
+
+    add_eval_arguments(p)
+
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION")
     c = csub.add_parser("check", help="validate and print the configuration in force")
@@ -84,6 +94,20 @@ class _JournalFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return f"<{self._PRIORITY.get(record.levelno, 6)}>{super().format(record)}"
+
+
+def _learn_arguments(p: argparse.ArgumentParser) -> None:
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--spam", action="store_true", help="learn the messages as spam")
+    what.add_argument("--ham", action="store_true", help="learn the messages as ham")
+    what.add_argument("--forget", action="store_true", help="forget what was learnt from the messages")
+    what.add_argument("--dump", action="store_true", help="print message and token counts (like sa-learn --dump magic)")
+    what.add_argument("--backup", metavar="FILE", help="write the whole store to FILE (portable text; - for stdout)")
+    what.add_argument("--restore", metavar="FILE", help="replace the store with a backup (- for stdin)")
+    what.add_argument("--clear", action="store_true", help="forget everything")
+    what.add_argument("--expire", action="store_true", help="drop least recently seen tokens down to bayes.max_tokens")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="Maildir, mbox, directory or file; - for stdin")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
 
 
 def _setup_logging(verbose: int, *, default: int = logging.WARNING) -> None:
@@ -112,6 +136,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_mass_check(args)
         if args.command == "daemon":
             return _cmd_daemon(args)
+        if args.command == "eval":
+            from filterd.evaluate import EvalArgs, run_eval
+
+            return run_eval(EvalArgs.from_namespace(args, _load_config(args)))
+        if args.command == "learn":
+            from filterd.learn import run_learn
+
+            return run_learn(args, _load_config(args))
         if args.command == "config":
             if args.config_command != "check":
                 parser.parse_args(["config", "--help"])

@@ -14,6 +14,7 @@ from filterd.config.load import (
     load_section_file,
 )
 from filterd.config.schema import (
+    BayesConfig,
     Config,
     DaemonConfig,
     FrozenMap,
@@ -36,6 +37,7 @@ from filterd.config.units import (
 )
 
 __all__ = [
+    "BayesConfig",
     "Config",
     "DaemonConfig",
     "Duration",

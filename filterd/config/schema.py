@@ -17,6 +17,7 @@ To change a loaded config use ``dataclasses.replace`` (nested for a section:
 from __future__ import annotations
 
 __all__ = [
+    "BayesConfig",
     "Config",
     "DaemonConfig",
     "FrozenMap",
@@ -39,7 +40,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
-from typing import Any, Generic, TypeAlias, TypeVar, cast, get_type_hints
+from typing import Any, Generic, Literal, TypeAlias, TypeVar, cast, get_type_hints
 
 from filterd.config.units import Duration, Size, format_duration, parse_duration, parse_size
 
@@ -275,6 +276,72 @@ class ListsConfig(Section):
 
 
 @dataclass(frozen=True, slots=True)
+class BayesConfig(Section):
+    """The Bayesian classifier: its store, when it may speak, and how it learns by itself."""
+
+    enabled: bool = setting(True, doc="Score messages with the Bayes classifier (the BAYES_xx rules).")
+    min_spam: int = setting(
+        200, min=1, max=1_000_000, doc="Spam messages that must be learnt before BAYES_xx rules fire."
+    )
+    min_ham: int = setting(
+        200, min=1, max=1_000_000, doc="Ham messages that must be learnt before BAYES_xx rules fire."
+    )
+    max_tokens: int = setting(
+        1_000_000, min=10_000, max=50_000_000,
+        doc="Token buckets kept in the store; expiry drops the least recently seen beyond this.",
+    )  # fmt: skip
+    expiry_period: Duration = setting(
+        parse_duration("12h"), min=parse_duration("1m"), max=parse_duration("30d"),
+        doc="How often the daemon may expire old tokens.",
+    )  # fmt: skip
+    n_features: int = setting(
+        1 << 22, min=1 << 12, max=1 << 26,
+        doc="Hash buckets (a power of two); each worker keeps two int32 arrays of this many counts.",
+    )  # fmt: skip
+    combiner: Literal["robinson_fisher", "naive_bayes", "complement_nb"] = setting(
+        "robinson_fisher", doc="How token counts combine into a probability (see scripts/bayes-experiment)."
+    )
+    robinson_s: float = setting(
+        0.03, min=0.0001, max=100.0, doc="Robinson's s: weight of the prior x against a token's own counts."
+    )
+    robinson_x: float = setting(
+        0.538, min=0.01, max=0.99, doc="Robinson's x: the probability assumed for a token never seen."
+    )
+    min_prob_strength: float = setting(
+        0.346, min=0.0, max=0.49, doc="Tokens whose probability is closer than this to 0.5 are ignored."
+    )
+    max_interesting: int = setting(
+        150, min=0, max=100_000, doc="At most this many of the most extreme tokens are combined; 0 = all."
+    )
+    alpha: float = setting(
+        0.1, min=1e-6, max=10.0, doc="Lidstone smoothing of the naive_bayes and complement_nb combiners."
+    )
+    autolearn: bool = setting(True, doc="Learn from messages whose score without Bayes is clear enough.")
+    autolearn_ham_below: float = setting(
+        0.1, min=-1000, max=1000, doc="Learn as ham below this many autolearn points."
+    )
+    autolearn_spam_at: float = setting(
+        12.0, min=-1000, max=1000, doc="Learn as spam at or above this many autolearn points."
+    )
+    autolearn_min_header_points: float = setting(
+        3.0, min=0, max=1000, doc="Autolearning spam needs at least this many points from header rules."
+    )
+    autolearn_min_body_points: float = setting(
+        3.0, min=0, max=1000, doc="Autolearning spam needs at least this many points from body rules."
+    )
+
+    def check(self) -> Sequence[tuple[str, str]]:
+        problems = []
+        if self.n_features & (self.n_features - 1):
+            problems.append(("n_features", f"expected a power of two, got {self.n_features}"))
+        if self.autolearn_ham_below > self.autolearn_spam_at:
+            problems.append(
+                ("autolearn_ham_below", f"expected a value <= autolearn_spam_at ({self.autolearn_spam_at})")
+            )
+        return problems
+
+
+@dataclass(frozen=True, slots=True)
 class Config(Section):
     """The whole configuration; immutable. A reload builds a new one."""
 
@@ -286,6 +353,7 @@ class Config(Section):
     network: NetworkConfig = section(NetworkConfig)
     daemon: DaemonConfig = section(DaemonConfig)
     lists: ListsConfig = section(ListsConfig)
+    bayes: BayesConfig = section(BayesConfig)
 
     @property
     def state_path(self) -> Path:

@@ -13,10 +13,13 @@ import time
 from filterd.config import Config
 from filterd.daemon.metrics import WorkerMetrics
 from filterd.engine.engine import Engine, Result
-from filterd.engine.markup import MarkupOptions, build_report, process_message
+from filterd.engine.bayes import LearnResult
+from filterd.engine.markup import MarkupOptions, build_report, original_message, process_message
+from filterd.engine.message import parse_message
 from filterd.engine.plugin import ScanContext
 from filterd.engine.prefs import BadUserName, UserPrefs, UserPrefsStore
 from filterd.protocols.spamd import (
+    EX_DATAERR,
     EX_NOUSER,
     EX_SOFTWARE,
     EX_UNAVAILABLE,
@@ -24,6 +27,7 @@ from filterd.protocols.spamd import (
     render_error,
     render_pong,
     render_response,
+    render_tell,
 )
 
 __all__ = ["SpamdService"]
@@ -55,9 +59,7 @@ class SpamdService:
                 return render_error(
                     EX_UNAVAILABLE, "Service Unavailable: TELL commands are not enabled, set the --allow-tell switch."
                 )
-            return render_error(
-                EX_UNAVAILABLE, "Service Unavailable: learning needs the Bayes store, which this filterd lacks yet"
-            )
+            return self._tell(request)
         if method not in _SCANNING:  # the protocol layer only lets known verbs through
             return render_error(EX_SOFTWARE, f"Internal error: unhandled method {method}")
         try:
@@ -67,6 +69,37 @@ class SpamdService:
             log.warning("refused request: %s", exc)
             return render_error(EX_NOUSER, f"No such user: {exc}")
         return await self._scan(request, prefs)
+
+    def _tell(self, request: SpamdRequest) -> bytes:
+        """Learn or forget through Bayes (spamc -L). "remote" (Razor/Pyzor reporting) is not
+        offered, so it never appears in DidSet/DidRemove and spamc -C says it was not done."""
+        check = self.engine.check("bayes")
+        store = getattr(check, "store", None) if check is not None else None
+        if store is None or not self.config.bayes.enabled:
+            return render_error(EX_UNAVAILABLE, "Service Unavailable: Bayes is disabled (bayes.enabled)")
+        if len(request.body) > self.config.rules.max_scan_size:
+            return render_error(EX_DATAERR, "Data error: message larger than rules.max_scan_size, not learnt")
+        msg = parse_message(original_message(request.body), uri_parser=self.engine.uri_parser,
+                            body_scan_size=self.config.rules.body_scan_size)
+        did_set: list[str] = []
+        did_remove: list[str] = []
+        try:
+            if "local" in request.remove_targets:
+                if store.forget(msg) is LearnResult.FORGOTTEN:
+                    did_remove.append("local")
+            if "local" in request.set_targets and request.message_class in ("spam", "ham"):
+                if store.learn(msg, request.message_class == "spam") in (LearnResult.LEARNED, LearnResult.MOVED):
+                    did_set.append("local")
+        except Exception:
+            self.metrics.errors["learn_failed"] += 1
+            log.exception("TELL failed (user=%s)", request.user or "-")
+            return render_error(EX_SOFTWARE, "Internal error: learning failed, see the daemon log")
+        self.metrics.requests["learn"] += 1
+        log.info("tell user=%s class=%s set=%s remove=%s did_set=%s did_remove=%s msgid=%s", request.user or "-",
+                 request.message_class or "-", ",".join(sorted(request.set_targets)) or "-",
+                 ",".join(sorted(request.remove_targets)) or "-", ",".join(did_set) or "-",
+                 ",".join(did_remove) or "-", msg.get("message-id").strip()[:200] or "-")
+        return render_tell(did_set, did_remove)
 
     async def _scan(self, request: SpamdRequest, prefs: UserPrefs) -> bytes:
         required = prefs.required_score if prefs.required_score is not None else self.config.scoring.required_score

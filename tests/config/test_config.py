@@ -796,6 +796,7 @@ def test_describe_settings_covers_every_setting() -> None:
 
 def test_public_names() -> None:
     assert sorted(filterd.config.__all__) == [
+        "BayesConfig",
         "Config",
         "DaemonConfig",
         "Duration",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from filterd.engine.bayes.check import BayesCheck
 from filterd.engine.checks.headers import HeaderCheck
 from filterd.engine.checks.html import HtmlCheck
 from filterd.engine.checks.lists import ListsCheck
@@ -14,4 +15,4 @@ __all__ = ["builtin_checks"]
 
 def builtin_checks() -> list[type]:
     """Classes of every shipped check, in a stable order."""
-    return [ListsCheck, HeaderCheck, MimeCheck, HtmlCheck, UriCheck, TextCheck]
+    return [ListsCheck, HeaderCheck, MimeCheck, HtmlCheck, UriCheck, TextCheck, BayesCheck]

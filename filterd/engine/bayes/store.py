@@ -1,0 +1,755 @@
+"""The Bayes store: token counts in SQLite (WAL), mirrored in memory for scoring.
+
+Scoring must not touch SQLite per token, so each process keeps two int32 arrays of
+``n_features`` counts (spam and ham messages containing each hashed bucket) and scores a
+message with a numpy gather. SQLite is the shared, durable truth; each process pulls what the
+others learnt with `BayesStore.refresh`, which reads a change log instead of the counts:
+
+* ``state`` (one row): nspam, nham, ``seq`` (the last change) and ``epoch`` (bumped by
+  clear/restore, which makes every reader reload everything).
+* ``buckets``: id, spam, ham, atime (last learnt or seen), one row per non-empty bucket.
+* ``messages``: digest (`message_digest`), class, when, and the message's token hashes
+  (uint32, little-endian), so that forgetting or moving it undoes exactly what learning did.
+* ``changes``: one row per transaction, keyed by seq, holding the delta it applied:
+  increments, clamped decrements (never below 0) and buckets zeroed by expiry. A reader at
+  seq k applies k+1, k+2, ... in order. Both sides apply a delta the same way (increments,
+  then clamped decrements, then zeroing), so memory always equals the table.
+* ``snapshot`` (one row): all non-empty buckets as one blob, with the seq and epoch it
+  reflects. Reading 1M bucket rows through Python takes seconds; the blob takes tens of ms.
+  A process starting (or fallen behind the log) loads the snapshot and applies the changes
+  after it. A writer that is up to date writes a new snapshot from its memory once the log
+  since the last one passes 2000 changes or 8 MB, then drops older changes (keeping 10
+  minutes' worth for readers that are nearly up to date). Without a usable snapshot the
+  reader falls back to reading the table, and writes a snapshot for the next one.
+
+Every learn/forget/expire is one ``BEGIN IMMEDIATE`` transaction (`learn_many`: one per batch
+of messages): a crash (kill -9) loses at most the open transaction, never the consistency of
+counts and messages. ``synchronous=NORMAL``: in WAL mode a power loss may also lose the last
+few committed transactions, but never corrupts the file; Bayes can afford that, an fsync per
+learnt message in a scanning worker it cannot.
+
+Token atime: learning sets it; scanning marks the buckets it read in memory, and the marks
+are written out at most every 10 minutes (and on close), so expiry drops what is neither
+learnt nor seen any more.
+
+Backup format (`backup`/`restore`), UTF-8 text, tab-separated, one record per line::
+
+    filterd-bayes-backup	1
+    n_features	4194304
+    tokenizer	1
+    counts	<nspam>	<nham>
+    b	<bucket>	<spam>	<ham>	<atime>        (one per non-empty bucket)
+    m	<s|h>	<digest>	<learnt>	<base64 of uint32 little-endian token hashes>
+    end	<number of b lines>	<number of m lines>
+
+A restore into a store with another n_features rebuilds the bucket counts from the messages'
+token hashes (the b lines only fit the n_features they were written with).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import enum
+import logging
+import os
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import numpy.typing as npt
+
+from filterd.config import BayesConfig
+from filterd.engine.bayes.classifier import ClassifierParams, complement_nb_norms, spam_probability
+from filterd.engine.bayes.tokenizer import TOKENIZER_VERSION, Tokenizer, message_digest
+from filterd.engine.message import ParsedMessage
+
+__all__ = ["SCHEMA_VERSION", "BayesStore", "LearnResult", "StoreError"]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_BACKUP_MAGIC = "filterd-bayes-backup"
+_BATCH = 500  # messages per transaction in learn_many
+_CHANGE_LOG_KEEP = 600  # seconds of changes kept past a snapshot, for readers nearly up to date
+_SNAPSHOT_AFTER_CHANGES = 2000
+_SNAPSHOT_AFTER_BYTES = 8 << 20
+_TOUCH_FLUSH_INTERVAL = 600.0  # seconds between writes of scanned buckets' atime
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS state (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    nspam INTEGER NOT NULL,
+    nham INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    last_expiry INTEGER NOT NULL,
+    expired_total INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS buckets (
+    id INTEGER PRIMARY KEY,
+    spam INTEGER NOT NULL,
+    ham INTEGER NOT NULL,
+    atime INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    digest TEXT PRIMARY KEY,
+    spam INTEGER NOT NULL,
+    learnt INTEGER NOT NULL,
+    hashes BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY,
+    at INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    delta BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snapshot (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    counts BLOB NOT NULL
+);
+"""
+
+Ids = npt.NDArray[np.int64]
+Triples = npt.NDArray[np.int64]  # shape (k, 3): bucket, spam count, ham count
+
+
+class StoreError(Exception):
+    """The store file is not a filterd Bayes store, or a backup cannot be read."""
+
+
+class LearnResult(enum.Enum):
+    """What learning or forgetting one message did."""
+
+    LEARNED = "learned"
+    ALREADY = "already"  # learnt before as the same class: nothing changed
+    MOVED = "moved"  # learnt before as the other class: its counts moved over
+    FORGOTTEN = "forgotten"
+    NOT_KNOWN = "not_known"  # forget() of a message never learnt
+
+
+_EMPTY3: Triples = np.zeros((0, 3), dtype=np.int64)
+_EMPTY: Ids = np.zeros(0, dtype=np.int64)
+
+
+def _encode_delta(inc: Triples, dec: Triples, zero: Ids) -> bytes:
+    head = np.array([len(inc), len(dec), len(zero)], dtype=np.int64)
+    return np.concatenate([head, inc.ravel(), dec.ravel(), zero]).astype("<i4").tobytes()
+
+
+def _decode_delta(blob: bytes) -> tuple[Triples, Triples, Ids]:
+    data = np.frombuffer(blob, dtype="<i4").astype(np.int64)
+    n_inc, n_dec, n_zero = (int(x) for x in data[:3])
+    at = 3
+    inc = data[at : at + 3 * n_inc].reshape(n_inc, 3)
+    at += 3 * n_inc
+    dec = data[at : at + 3 * n_dec].reshape(n_dec, 3)
+    at += 3 * n_dec
+    return inc, dec, data[at : at + n_zero]
+
+
+def _encode_counts(spam: npt.NDArray[np.int32], ham: npt.NDArray[np.int32]) -> bytes:
+    """The non-empty buckets as three little-endian int32 columns: ids, spam, ham."""
+    ids = np.flatnonzero(spam | ham)
+    return np.concatenate([ids.astype("<i4"), spam[ids].astype("<i4"), ham[ids].astype("<i4")]).tobytes()
+
+
+def _decode_counts(blob: bytes, n_features: int) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]:
+    data = np.frombuffer(blob, dtype="<i4").reshape(3, -1)
+    spam = np.zeros(n_features, dtype=np.int32)
+    ham = np.zeros(n_features, dtype=np.int32)
+    spam[data[0]] = data[1]
+    ham[data[0]] = data[2]
+    return spam, ham
+
+
+def _aggregate(parts: list[tuple[Ids, int, int]]) -> Triples:
+    """Sum (bucket ids, d_spam, d_ham) pieces into distinct-bucket triples."""
+    if not parts:
+        return _EMPTY3
+    ids = np.concatenate([p[0] for p in parts])
+    spam = np.concatenate([np.full(len(p[0]), p[1], dtype=np.int64) for p in parts])
+    ham = np.concatenate([np.full(len(p[0]), p[2], dtype=np.int64) for p in parts])
+    uniq, inverse = np.unique(ids, return_inverse=True)
+    out = np.zeros((len(uniq), 3), dtype=np.int64)
+    out[:, 0] = uniq
+    np.add.at(out[:, 1], inverse, spam)
+    np.add.at(out[:, 2], inverse, ham)
+    return out
+
+
+class BayesStore:
+    """One process's handle on the shared store. Not thread-safe; open one per process."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, config: BayesConfig, n_features: int) -> None:
+        self._conn = conn
+        self.path = path
+        self.config = config
+        self.n_features = n_features
+        self._mask = np.uint32(n_features - 1)
+        self._params = ClassifierParams(
+            combiner=config.combiner,
+            robinson_s=config.robinson_s,
+            robinson_x=config.robinson_x,
+            min_prob_strength=config.min_prob_strength,
+            max_interesting=config.max_interesting,
+            alpha=config.alpha,
+        )
+        self._spam = np.zeros(n_features, dtype=np.int32)
+        self._ham = np.zeros(n_features, dtype=np.int32)
+        self._spam_total = 0
+        self._ham_total = 0
+        self._nspam = 0
+        self._nham = 0
+        self._seq = -1
+        self._epoch = -1
+        self._norms: tuple[float, float] | None = None  # complement_nb, recomputed after changes
+        self._touched = np.zeros(n_features, dtype=np.bool_)
+        self._touched_since = time.monotonic()
+        self._tokenizer = Tokenizer()
+        self._last_msg: tuple[ParsedMessage, npt.NDArray[np.uint32]] | None = None
+        self._pid = os.getpid()
+        self._snapshot_due = False
+
+    # -- opening ---------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path, config: BayesConfig) -> BayesStore:
+        """Open the store at ``path``, creating the file (and its directory) if missing.
+
+        A store keeps the n_features it was created with; a different configured value is
+        logged and ignored (restore a backup into a new store to change it).
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                now = int(time.time())
+                conn.execute("INSERT OR IGNORE INTO state VALUES (1, 0, 0, 0, 0, ?, 0)", (now,))
+                for key, value in (
+                    ("schema_version", SCHEMA_VERSION),
+                    ("tokenizer_version", TOKENIZER_VERSION),
+                    ("n_features", config.n_features),
+                    ("created", now),
+                ):
+                    conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, str(value)))
+                meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise StoreError(f"{path}: not a usable Bayes store: {exc}") from exc
+        if int(meta["schema_version"]) != SCHEMA_VERSION:
+            conn.close()
+            raise StoreError(f"{path}: schema version {meta['schema_version']}, expected {SCHEMA_VERSION}")
+        n_features = int(meta["n_features"])
+        if n_features != config.n_features:
+            log.warning(
+                "%s was built with n_features=%d; ignoring the configured %d", path, n_features, config.n_features
+            )
+        if int(meta["tokenizer_version"]) != TOKENIZER_VERSION:
+            log.warning(
+                "%s was learnt with tokenizer version %s (this is %d): retrain for best results",
+                path,
+                meta["tokenizer_version"],
+                TOKENIZER_VERSION,
+            )
+        store = cls(conn, path, config, n_features)
+        store.refresh()
+        store._maybe_snapshot()
+        return store
+
+    def close(self) -> None:
+        """Write pending atimes and close the connection."""
+        if self._pid == os.getpid():
+            with contextlib.suppress(sqlite3.Error):
+                self._flush_touches()
+        self._conn.close()
+
+    def __enter__(self) -> BayesStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def counts(self) -> tuple[int, int]:
+        """(spam, ham) messages learnt, as the file says now."""
+        row = self._conn.execute("SELECT nspam, nham FROM state").fetchone()
+        return int(row[0]), int(row[1])
+
+    def refresh(self) -> None:
+        """Catch up with what other processes (or this one) committed; cheap when nothing did."""
+        conn = self._conn
+        conn.execute("BEGIN")
+        try:
+            seq, epoch, nspam, nham = conn.execute("SELECT seq, epoch, nspam, nham FROM state").fetchone()
+            if epoch != self._epoch:
+                self._reload(seq, epoch)
+            elif seq != self._seq:
+                rows = conn.execute("SELECT seq, delta FROM changes WHERE seq > ? ORDER BY seq", (self._seq,)).fetchall()
+                if len(rows) != seq - self._seq or (rows and rows[0][0] != self._seq + 1):
+                    self._reload(seq, epoch)  # the log was pruned past our position
+                else:
+                    for _, blob in rows:
+                        self._apply(*_decode_delta(blob))
+                    self._seq = seq
+            self._nspam, self._nham = int(nspam), int(nham)
+        finally:
+            conn.execute("COMMIT")
+        if time.monotonic() - self._touched_since >= _TOUCH_FLUSH_INTERVAL:
+            self._flush_touches()
+        if self._snapshot_due:
+            self._maybe_snapshot()
+
+    def _reload(self, seq: int, epoch: int) -> None:
+        """Load all counts as of ``seq`` (inside the caller's read transaction): the snapshot
+        and the changes after it, or else every row of the table."""
+        conn = self._conn
+        snap = conn.execute("SELECT seq, epoch, counts FROM snapshot").fetchone()
+        if snap is not None and snap[1] == epoch and snap[0] <= seq:
+            rows = conn.execute("SELECT seq, delta FROM changes WHERE seq > ? ORDER BY seq", (snap[0],)).fetchall()
+            if len(rows) == seq - snap[0] and (not rows or rows[0][0] == snap[0] + 1):
+                self._spam, self._ham = _decode_counts(bytes(snap[2]), self.n_features)
+                self._totals()
+                for _, blob in rows:
+                    self._apply(*_decode_delta(blob))
+                self._seq, self._epoch = seq, epoch
+                self._snapshot_due = len(rows) >= _SNAPSHOT_AFTER_CHANGES
+                return
+        self._spam = np.zeros(self.n_features, dtype=np.int32)
+        self._ham = np.zeros(self.n_features, dtype=np.int32)
+        cursor = conn.execute("SELECT id, spam, ham FROM buckets")
+        while rows := cursor.fetchmany(65536):
+            data = np.array(rows, dtype=np.int64)
+            self._spam[data[:, 0]] = data[:, 1]
+            self._ham[data[:, 0]] = data[:, 2]
+        self._totals()
+        self._seq, self._epoch = seq, epoch
+        self._snapshot_due = True
+
+    def _totals(self) -> None:
+        self._spam_total = int(self._spam.sum(dtype=np.int64))
+        self._ham_total = int(self._ham.sum(dtype=np.int64))
+        self._norms = None
+
+    def _apply(self, inc: Triples, dec: Triples, zero: Ids) -> None:
+        """Apply one delta to the in-memory counts, exactly as the SQL did."""
+        spam, ham = self._spam, self._ham
+        if len(inc):
+            ids = inc[:, 0]
+            spam[ids] += inc[:, 1].astype(np.int32)
+            ham[ids] += inc[:, 2].astype(np.int32)
+            self._spam_total += int(inc[:, 1].sum())
+            self._ham_total += int(inc[:, 2].sum())
+        if len(dec):
+            ids = dec[:, 0]
+            for counts, column in ((spam, 1), (ham, 2)):
+                old = counts[ids]
+                new = np.maximum(old - dec[:, column], 0).astype(np.int32)
+                counts[ids] = new
+                delta = int(new.sum(dtype=np.int64) - old.sum(dtype=np.int64))
+                if column == 1:
+                    self._spam_total += delta
+                else:
+                    self._ham_total += delta
+        if len(zero):
+            self._spam_total -= int(spam[zero].sum(dtype=np.int64))
+            self._ham_total -= int(ham[zero].sum(dtype=np.int64))
+            spam[zero] = 0
+            ham[zero] = 0
+        self._norms = None
+
+    def _hashes(self, msg: ParsedMessage) -> npt.NDArray[np.uint32]:
+        """Token hashes, remembered for the last message (scored, then often autolearnt)."""
+        last = self._last_msg
+        if last is not None and last[0] is msg:
+            return last[1]
+        hashes = self._tokenizer.hashes(msg)
+        self._last_msg = (msg, hashes)
+        return hashes
+
+    def _ids(self, hashes: npt.NDArray[np.uint32]) -> Ids:
+        ids = np.sort((hashes & self._mask).astype(np.int64))
+        if ids.size > 1:
+            keep = np.empty(ids.size, dtype=np.bool_)
+            keep[0] = True
+            np.not_equal(ids[1:], ids[:-1], out=keep[1:])
+            ids = ids[keep]
+        return ids
+
+    def spam_probability(self, msg: ParsedMessage) -> float | None:
+        """The message's spam probability from the in-memory counts (call `refresh` to see
+        others' learning). None until min_spam and min_ham messages are learnt, or when no
+        token of the message says anything."""
+        if self._nspam < self.config.min_spam or self._nham < self.config.min_ham:
+            return None
+        ids = self._ids(self._hashes(msg))
+        if ids.size == 0:
+            return None
+        self._touched[ids] = True
+        if self._params.combiner == "complement_nb" and self._norms is None:
+            self._norms = complement_nb_norms(self._spam, self._ham, self._params.alpha)
+        return spam_probability(
+            self._params,
+            self._spam[ids],
+            self._ham[ids],
+            self._nspam,
+            self._nham,
+            self._spam_total,
+            self._ham_total,
+            self.n_features,
+            self._norms,
+        )
+
+    # -- writing -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; taken at once (IMMEDIATE) so it cannot deadlock on upgrade."""
+        if self._pid != os.getpid():
+            raise RuntimeError("a BayesStore cannot be used across fork(); open one per process")
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _commit_delta(
+        self, conn: sqlite3.Connection, inc: Triples, dec: Triples, zero: Ids, d_spam: int, d_ham: int
+    ) -> None:
+        """Apply a delta to the tables and log it (inside a write transaction)."""
+        now = int(time.time())
+        if len(inc):
+            conn.executemany(
+                "INSERT INTO buckets (id, spam, ham, atime) VALUES (?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+                " spam = spam + excluded.spam, ham = ham + excluded.ham, atime = max(atime, excluded.atime)",
+                [(b, s, h, now) for b, s, h in inc.tolist()],
+            )
+        if len(dec):
+            conn.executemany(
+                "UPDATE buckets SET spam = max(spam - ?, 0), ham = max(ham - ?, 0) WHERE id = ?",
+                [(s, h, b) for b, s, h in dec.tolist()],
+            )
+            conn.executemany(
+                "DELETE FROM buckets WHERE id = ? AND spam = 0 AND ham = 0", [(b,) for b in dec[:, 0].tolist()]
+            )
+        if len(zero):
+            conn.executemany("DELETE FROM buckets WHERE id = ?", [(b,) for b in zero.tolist()])
+        conn.execute(
+            "UPDATE state SET nspam = nspam + ?, nham = nham + ?, seq = seq + 1", (d_spam, d_ham)
+        )
+        (seq,) = conn.execute("SELECT seq FROM state").fetchone()
+        delta = _encode_delta(inc, dec, zero)
+        conn.execute("INSERT INTO changes (seq, at, size, delta) VALUES (?, ?, ?, ?)", (seq, now, len(delta), delta))
+
+    def _maybe_snapshot(self) -> None:
+        """Write a snapshot when the log since the last one has grown (see the module docstring)."""
+        if not self._snapshot_due:
+            row = self._conn.execute(
+                "SELECT count(*), coalesce(sum(size), 0) FROM changes"
+                " WHERE seq > coalesce((SELECT seq FROM snapshot WHERE epoch = (SELECT epoch FROM state)), -1)"
+            ).fetchone()
+            if row[0] < _SNAPSHOT_AFTER_CHANGES and row[1] < _SNAPSHOT_AFTER_BYTES:
+                return
+        if self._pid != os.getpid():
+            return
+        with self._write() as conn:
+            seq, epoch = conn.execute("SELECT seq, epoch FROM state").fetchone()
+            if (seq, epoch) != (self._seq, self._epoch):
+                return  # someone else committed since our refresh; they or a later writer will
+            self._write_snapshot(conn, seq, epoch, self._spam, self._ham)
+        self._snapshot_due = False
+
+    @staticmethod
+    def _write_snapshot(
+        conn: sqlite3.Connection, seq: int, epoch: int, spam: npt.NDArray[np.int32], ham: npt.NDArray[np.int32]
+    ) -> None:
+        conn.execute("INSERT OR REPLACE INTO snapshot VALUES (1, ?, ?, ?)", (seq, epoch, _encode_counts(spam, ham)))
+        conn.execute("DELETE FROM changes WHERE seq <= ? AND at < ?", (seq, int(time.time()) - _CHANGE_LOG_KEEP))
+
+    def learn(self, msg: ParsedMessage, is_spam: bool) -> LearnResult:
+        """Learn one message as spam or ham, in one transaction."""
+        return self._learn_batch([(message_digest(msg), self._hashes(msg), is_spam)])[0]
+
+    def learn_many(self, items: Iterable[tuple[ParsedMessage, bool]]) -> Counter[LearnResult]:
+        """Learn many messages, one transaction per batch of 500 (tokenised before the lock)."""
+        results: Counter[LearnResult] = Counter()
+        batch: list[tuple[str, npt.NDArray[np.uint32], bool]] = []
+        for msg, is_spam in items:
+            batch.append((message_digest(msg), self._tokenizer.hashes(msg), bool(is_spam)))
+            if len(batch) >= _BATCH:
+                results.update(self._learn_batch(batch))
+                batch = []
+        if batch:
+            results.update(self._learn_batch(batch))
+        return results
+
+    def _learn_batch(self, batch: list[tuple[str, npt.NDArray[np.uint32], bool]]) -> list[LearnResult]:
+        out: list[LearnResult] = []
+        now = int(time.time())
+        inc: list[tuple[Ids, int, int]] = []
+        dec: list[tuple[Ids, int, int]] = []
+        d_spam = d_ham = 0
+        with self._write() as conn:
+            known: dict[str, tuple[bool, bytes | None]] = {}
+            for digest, hashes, is_spam in batch:
+                if digest in known:
+                    was = known[digest]
+                else:
+                    row = conn.execute("SELECT spam, hashes FROM messages WHERE digest = ?", (digest,)).fetchone()
+                    was = (bool(row[0]), bytes(row[1])) if row is not None else (False, None)
+                    if row is None:
+                        known[digest] = was
+                was_spam, old_blob = was
+                if old_blob is not None and was_spam == is_spam:
+                    out.append(LearnResult.ALREADY)
+                    continue
+                ids = self._ids(hashes)
+                inc.append((ids, 1, 0) if is_spam else (ids, 0, 1))
+                blob = hashes.astype("<u4").tobytes()
+                if old_blob is not None:
+                    old_ids = self._ids(np.frombuffer(old_blob, dtype="<u4"))
+                    dec.append((old_ids, 1, 0) if was_spam else (old_ids, 0, 1))
+                    conn.execute(
+                        "UPDATE messages SET spam = ?, learnt = ?, hashes = ? WHERE digest = ?",
+                        (int(is_spam), now, blob, digest),
+                    )
+                    d_spam -= int(was_spam)
+                    d_ham -= int(not was_spam)
+                    out.append(LearnResult.MOVED)
+                else:
+                    conn.execute("INSERT INTO messages VALUES (?, ?, ?, ?)", (digest, int(is_spam), now, blob))
+                    out.append(LearnResult.LEARNED)
+                d_spam += int(is_spam)
+                d_ham += int(not is_spam)
+                known[digest] = (is_spam, blob)
+            if inc or dec:
+                self._commit_delta(conn, _aggregate(inc), _aggregate(dec), _EMPTY, d_spam, d_ham)
+        if inc or dec:
+            self.refresh()
+            self._maybe_snapshot()
+        return out
+
+    def forget(self, msg: ParsedMessage) -> LearnResult:
+        """Undo what learning ``msg`` did: FORGOTTEN, or NOT_KNOWN if it was never learnt."""
+        digest = message_digest(msg)
+        with self._write() as conn:
+            row = conn.execute("SELECT spam, hashes FROM messages WHERE digest = ?", (digest,)).fetchone()
+            if row is None:
+                return LearnResult.NOT_KNOWN
+            was_spam = bool(row[0])
+            ids = self._ids(np.frombuffer(bytes(row[1]), dtype="<u4"))
+            conn.execute("DELETE FROM messages WHERE digest = ?", (digest,))
+            dec = _aggregate([(ids, 1, 0) if was_spam else (ids, 0, 1)])
+            self._commit_delta(conn, _EMPTY3, dec, _EMPTY, -int(was_spam), -int(not was_spam))
+        self.refresh()
+        self._maybe_snapshot()
+        return LearnResult.FORGOTTEN
+
+    # -- maintenance ---------------------------------------------------------------------
+
+    def _flush_touches(self) -> None:
+        """Write the atime of buckets scanned since the last flush (one short transaction)."""
+        self._touched_since = time.monotonic()
+        ids = np.flatnonzero(self._touched)
+        if ids.size == 0:
+            return
+        self._touched[:] = False
+        now = int(time.time())
+        for start in range(0, ids.size, 20_000):  # short transactions: other writers wait less
+            with self._write() as conn:
+                conn.executemany(
+                    "UPDATE buckets SET atime = ? WHERE id = ?", [(now, b) for b in ids[start : start + 20_000].tolist()]
+                )
+
+    def expire(self, max_tokens: int | None = None) -> int:
+        """Drop the least recently seen buckets beyond ``max_tokens`` (default: the configured
+        maximum); returns how many were dropped. Message counts stay as they are, as in
+        SpamAssassin: expiry forgets rare old clues, not messages."""
+        limit = self.config.max_tokens if max_tokens is None else max_tokens
+        self._flush_touches()
+        now = int(time.time())
+        with self._write() as conn:
+            (n,) = conn.execute("SELECT count(*) FROM buckets").fetchone()
+            excess = n - limit
+            if excess <= 0:
+                conn.execute("UPDATE state SET last_expiry = ?", (now,))
+                return 0
+            rows = conn.execute("SELECT id FROM buckets ORDER BY atime, id LIMIT ?", (excess,)).fetchall()
+            zero = np.array([r[0] for r in rows], dtype=np.int64)
+            self._commit_delta(conn, _EMPTY3, _EMPTY3, zero, 0, 0)
+            conn.execute(
+                "UPDATE state SET last_expiry = ?, expired_total = expired_total + ?", (now, len(zero))
+            )
+        self.refresh()
+        self._snapshot_due = True  # a good moment: expiry runs rarely and just rewrote many buckets
+        self._maybe_snapshot()
+        return len(zero)
+
+    def expire_if_due(self) -> int | None:
+        """`expire` if expiry_period has passed since the last one; None if it was not due."""
+        (last,) = self._conn.execute("SELECT last_expiry FROM state").fetchone()
+        if time.time() - last < self.config.expiry_period:
+            return None
+        return self.expire()
+
+    def dump(self) -> dict[str, object]:
+        """What ``sa-learn --dump magic`` shows, and a little more."""
+        conn = self._conn
+        conn.execute("BEGIN")
+        try:
+            nspam, nham, seq, epoch, last_expiry, expired = conn.execute(
+                "SELECT nspam, nham, seq, epoch, last_expiry, expired_total FROM state"
+            ).fetchone()
+            ntokens, oldest, newest = conn.execute("SELECT count(*), min(atime), max(atime) FROM buckets").fetchone()
+            (nmessages,) = conn.execute("SELECT count(*) FROM messages").fetchone()
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        finally:
+            conn.execute("COMMIT")
+        size = sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
+        return {
+            "version": SCHEMA_VERSION,
+            "tokenizer_version": int(meta["tokenizer_version"]),
+            "n_features": self.n_features,
+            "combiner": self._params.combiner,
+            "nspam": nspam,
+            "nham": nham,
+            "nmessages": nmessages,
+            "ntokens": ntokens,
+            "oldest_atime": oldest,
+            "newest_atime": newest,
+            "last_expiry": last_expiry,
+            "expired_total": expired,
+            "seq": seq,
+            "epoch": epoch,
+            "size": size,
+            "path": str(self.path),
+        }
+
+    def backup(self, out: IO[str]) -> None:
+        """Write the whole store in the portable text format (module docstring)."""
+        conn = self._conn
+        conn.execute("BEGIN")
+        try:
+            nspam, nham = conn.execute("SELECT nspam, nham FROM state").fetchone()
+            out.write(f"{_BACKUP_MAGIC}\t{SCHEMA_VERSION}\nn_features\t{self.n_features}\n")
+            out.write(f"tokenizer\t{TOKENIZER_VERSION}\ncounts\t{nspam}\t{nham}\n")
+            n_b = n_m = 0
+            for bucket, spam, ham, atime in conn.execute("SELECT id, spam, ham, atime FROM buckets ORDER BY id"):
+                out.write(f"b\t{bucket}\t{spam}\t{ham}\t{atime}\n")
+                n_b += 1
+            for digest, spam, learnt, blob in conn.execute(
+                "SELECT digest, spam, learnt, hashes FROM messages ORDER BY digest"
+            ):
+                out.write(f"m\t{'s' if spam else 'h'}\t{digest}\t{learnt}\t{base64.b64encode(blob).decode()}\n")
+                n_m += 1
+            out.write(f"end\t{n_b}\t{n_m}\n")
+        finally:
+            conn.execute("COMMIT")
+
+    def restore(self, inp: IO[str]) -> None:
+        """Replace the store's contents with a backup, all or nothing. Raises StoreError."""
+        buckets: list[tuple[int, int, int, int]] = []
+        messages: list[tuple[str, int, int, bytes]] = []
+        n_features = counts = None
+        ended = False
+        first = inp.readline().rstrip("\n").split("\t")
+        if first[0] != _BACKUP_MAGIC or len(first) != 2 or first[1] != str(SCHEMA_VERSION):
+            raise StoreError("not a filterd Bayes backup (or another version)")
+        for number, line in enumerate(inp, start=2):
+            if ended:
+                raise StoreError(f"line {number}: data after the end marker")
+            fields = line.rstrip("\n").split("\t")
+            try:
+                kind = fields[0]
+                if kind == "b":
+                    bucket, spam, ham, atime = (int(x) for x in fields[1:5])
+                    buckets.append((bucket, spam, ham, atime))
+                elif kind == "m":
+                    if fields[1] not in ("s", "h"):
+                        raise ValueError(f"class {fields[1]!r}")
+                    blob = base64.b64decode(fields[4], validate=True)
+                    if len(blob) % 4:
+                        raise ValueError("token hashes of a length not a multiple of 4")
+                    messages.append((fields[2], int(fields[1] == "s"), int(fields[3]), blob))
+                elif kind == "n_features":
+                    n_features = int(fields[1])
+                elif kind == "tokenizer":
+                    pass
+                elif kind == "counts":
+                    counts = (int(fields[1]), int(fields[2]))
+                elif kind == "end":
+                    if (int(fields[1]), int(fields[2])) != (len(buckets), len(messages)):
+                        raise ValueError("record counts do not match the end marker")
+                    ended = True
+                else:
+                    raise ValueError(f"unknown record {kind!r}")
+            except (ValueError, IndexError) as exc:
+                raise StoreError(f"line {number}: {exc}") from exc
+        if not ended:
+            raise StoreError("the backup is truncated (no end marker)")
+        nspam = sum(m[1] for m in messages)
+        nham = len(messages) - nspam
+        if counts is None or n_features is None or counts != (nspam, nham):
+            raise StoreError("the backup's counts do not match its messages")
+        if n_features != self.n_features:
+            buckets = self._buckets_from_messages(messages)
+        with self._write() as conn:
+            conn.execute("DELETE FROM buckets")
+            conn.execute("DELETE FROM messages")
+            conn.execute("DELETE FROM changes")
+            conn.executemany("INSERT INTO buckets VALUES (?, ?, ?, ?)", buckets)
+            conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?)", messages)
+            conn.execute("UPDATE state SET nspam = ?, nham = ?, seq = seq + 1, epoch = epoch + 1", (nspam, nham))
+            seq, epoch = conn.execute("SELECT seq, epoch FROM state").fetchone()
+            spam = np.zeros(self.n_features, dtype=np.int32)
+            ham = np.zeros(self.n_features, dtype=np.int32)
+            if buckets:
+                table = np.array(buckets, dtype=np.int64)
+                spam[table[:, 0]] = table[:, 1]
+                ham[table[:, 0]] = table[:, 2]
+            self._write_snapshot(conn, seq, epoch, spam, ham)
+        self.refresh()
+
+    def _buckets_from_messages(self, messages: list[tuple[str, int, int, bytes]]) -> list[tuple[int, int, int, int]]:
+        spam = np.zeros(self.n_features, dtype=np.int64)
+        ham = np.zeros(self.n_features, dtype=np.int64)
+        for _, is_spam, _, blob in messages:
+            ids = self._ids(np.frombuffer(blob, dtype="<u4"))
+            (spam if is_spam else ham)[ids] += 1
+        now = int(time.time())
+        nonzero = np.flatnonzero(spam + ham)
+        return [(int(b), int(spam[b]), int(ham[b]), now) for b in nonzero]
+
+    def clear(self) -> None:
+        """Forget everything (messages, counts, the change log)."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM buckets")
+            conn.execute("DELETE FROM messages")
+            conn.execute("DELETE FROM changes")
+            conn.execute("UPDATE state SET nspam = 0, nham = 0, seq = seq + 1, epoch = epoch + 1")
+            seq, epoch = conn.execute("SELECT seq, epoch FROM state").fetchone()
+            empty = np.zeros(self.n_features, dtype=np.int32)
+            self._write_snapshot(conn, seq, epoch, empty, empty)
+        self.refresh()

@@ -1,0 +1,168 @@
+"""`filterd learn`: train Bayes from spam and ham folders, like sa-learn.
+
+Messages are parsed and learnt in batches (one SQLite transaction per batch), so a large
+folder learns at hundreds of messages per second and a kill loses at most one batch. A
+progress bar with rate and ETA is drawn on a terminal; elsewhere a plain line is logged every
+few seconds. The summary says what was learnt, what was already known, what moved class,
+and what was skipped (with a warning naming each skipped file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from typing import TextIO
+
+from filterd.config import Config
+from filterd.engine.bayes import BayesStore, LearnResult
+from filterd.engine.message import ParsedMessage, parse_message
+from filterd.engine.uris import UriParser
+from filterd.mailbox import count_sources, iter_messages
+
+__all__ = ["run_learn"]
+
+log = logging.getLogger("filterd.learn")
+_BATCH = 200
+
+
+class _Progress:
+    """A one-line bar on a terminal; a log line every few seconds elsewhere."""
+
+    def __init__(self, total: int, stream: TextIO, tty: bool) -> None:
+        self.total = max(total, 1)
+        self.stream = stream
+        self.tty = tty
+        self.started = time.monotonic()
+        self.last = 0.0
+
+    def update(self, done: int, files: int, *, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self.last < (0.2 if self.tty else 5.0):
+            return
+        self.last = now
+        elapsed = max(now - self.started, 1e-6)
+        rate = done / elapsed
+        share = min(files / self.total, 1.0)
+        eta = (elapsed / share - elapsed) if share > 0 else 0.0
+        text = (
+            f"{done} messages, {rate:.0f} msg/s, {share * 100:3.0f}% of files, ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+        )
+        if self.tty:
+            width = 30
+            bar = "=" * int(width * share)
+            self.stream.write(f"\r[{bar:<{width}}] {text}   ")
+            if final:
+                self.stream.write("\n")
+            self.stream.flush()
+        else:
+            log.info("%s", text)
+
+
+def _messages(
+    paths: Iterable[str], skipped: list[str], uri_parser: UriParser, config: Config, files_done: list[int]
+) -> Iterator[ParsedMessage]:
+    for path in paths:
+        last_file = ""
+        for item in iter_messages(path):
+            file = item.identifier.split("#", 1)[0]
+            if file != last_file:
+                files_done[0] += 1
+                last_file = file
+            if item.skipped:
+                log.warning("skipped %s: %s", item.identifier, item.skipped)
+                skipped.append(item.identifier)
+                continue
+            yield parse_message(item.data, uri_parser=uri_parser, body_scan_size=config.rules.body_scan_size)
+
+
+def run_learn(args: argparse.Namespace, config: Config) -> int:
+    store_path = config.state_path / "bayes.sqlite"
+    config.state_path.mkdir(parents=True, exist_ok=True)
+    store = BayesStore.open(store_path, config.bayes)
+    try:
+        return _run(args, config, store)
+    finally:
+        store.close()
+
+
+def _run(args: argparse.Namespace, config: Config, store: BayesStore) -> int:
+    if args.dump:
+        print(json.dumps(store.dump(), indent=2, default=str))
+        return 0
+    if args.backup:
+        if args.backup == "-":
+            store.backup(sys.stdout)
+        else:
+            with open(args.backup, "w", encoding="utf-8") as out:
+                store.backup(out)
+        nspam, nham = store.counts()
+        print(f"backed up {nspam} spam and {nham} ham to {args.backup}", file=sys.stderr)
+        return 0
+    if args.restore:
+        if args.restore == "-":
+            store.restore(sys.stdin)
+        else:
+            with open(args.restore, encoding="utf-8") as inp:
+                store.restore(inp)
+        nspam, nham = store.counts()
+        print(f"restored: {nspam} spam, {nham} ham")
+        return 0
+    if args.clear:
+        store.clear()
+        print("cleared: the Bayes store is empty")
+        return 0
+    if args.expire:
+        print(f"expired {store.expire(config.bayes.max_tokens)} tokens")
+        return 0
+    if not args.paths:
+        print("filterd learn: name at least one Maildir, mbox, directory or file (or - for stdin)", file=sys.stderr)
+        return 64
+    tty = sys.stderr.isatty() and not args.no_progress
+    progress = _Progress(sum(count_sources(p) for p in args.paths), sys.stderr, tty)
+    skipped: list[str] = []
+    files_done = [0]
+    totals: Counter[LearnResult] = Counter()
+    done = 0
+    batch: list[ParsedMessage] = []
+    uri_parser = UriParser()
+
+    def flush() -> None:
+        nonlocal done
+        if args.forget:
+            for msg in batch:
+                totals[store.forget(msg)] += 1
+        else:
+            totals.update(store.learn_many((msg, bool(args.spam)) for msg in batch))
+        done += len(batch)
+        batch.clear()
+        progress.update(done, files_done[0])
+
+    started = time.monotonic()
+    for msg in _messages(args.paths, skipped, uri_parser, config, files_done):
+        batch.append(msg)
+        if len(batch) >= _BATCH:
+            flush()
+    flush()
+    progress.update(done, files_done[0], final=True)
+    elapsed = time.monotonic() - started
+    nspam, nham = store.counts()
+    if args.forget:
+        summary = f"forgot {totals[LearnResult.FORGOTTEN]}, not known {totals[LearnResult.NOT_KNOWN]}"
+    else:
+        summary = (
+            f"learnt {totals[LearnResult.LEARNED]} as {'spam' if args.spam else 'ham'}, "
+            f"already known {totals[LearnResult.ALREADY]}, moved from the other class "
+            f"{totals[LearnResult.MOVED]}"
+        )
+    print(
+        f"{summary}, skipped {len(skipped)} ({done} messages in {elapsed:.1f}s, "
+        f"{done / max(elapsed, 1e-6):.0f} msg/s). The store now holds {nspam} spam and {nham} ham."
+    )
+    if nspam < config.bayes.min_spam or nham < config.bayes.min_ham:
+        print(f"Bayes stays silent until it has learnt {config.bayes.min_spam} spam and {config.bayes.min_ham} ham.")
+    return 0 if not skipped or done else 65
