@@ -86,7 +86,9 @@ def test_learning_through_the_daemon_reaches_every_worker(tmp_path: Path) -> Non
     try:
         where = ["-U", str(d.unix_path)]
         for path in SPAM[:8]:
-            out = subprocess.run([spamc, *where, "-L", "spam"], input=path.read_bytes(), capture_output=True, timeout=60)
+            out = subprocess.run(
+                [spamc, *where, "-L", "spam"], input=path.read_bytes(), capture_output=True, timeout=60
+            )
             assert out.stdout == b"Message successfully un/learned\n", out
         out = subprocess.run([spamc, *where, "-L", "spam"], input=SPAM[0].read_bytes(), capture_output=True, timeout=60)
         assert out.stdout == b"Message was already un/learned\n"

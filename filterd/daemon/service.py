@@ -12,8 +12,8 @@ import time
 
 from filterd.config import Config
 from filterd.daemon.metrics import WorkerMetrics
-from filterd.engine.engine import Engine, Result
 from filterd.engine.bayes import LearnResult
+from filterd.engine.engine import Engine, Result
 from filterd.engine.markup import MarkupOptions, build_report, original_message, process_message
 from filterd.engine.message import parse_message
 from filterd.engine.plugin import ScanContext
@@ -84,12 +84,14 @@ class SpamdService:
         did_set: list[str] = []
         did_remove: list[str] = []
         try:
-            if "local" in request.remove_targets:
-                if store.forget(msg) is LearnResult.FORGOTTEN:
-                    did_remove.append("local")
-            if "local" in request.set_targets and request.message_class in ("spam", "ham"):
-                if store.learn(msg, request.message_class == "spam") in (LearnResult.LEARNED, LearnResult.MOVED):
-                    did_set.append("local")
+            if "local" in request.remove_targets and store.forget(msg) is LearnResult.FORGOTTEN:
+                did_remove.append("local")
+            learn_as = request.message_class if "local" in request.set_targets else None
+            if learn_as in ("spam", "ham") and store.learn(msg, learn_as == "spam") in (
+                LearnResult.LEARNED,
+                LearnResult.MOVED,
+            ):
+                did_set.append("local")
         except Exception:
             self.metrics.errors["learn_failed"] += 1
             log.exception("TELL failed (user=%s)", request.user or "-")
