@@ -2,7 +2,7 @@
 
 Bayes is trained on one part of the corpus in a temporary state directory (never the user's
 store), the other part is scored with the full engine, and three scorers are compared:
-rules + Bayes (the engine's score), rules alone (that score minus the BAYES_* hits) and Bayes
+rules + Bayes (the engine's score), rules alone (the same hits scored as without Bayes) and Bayes
 alone (the store's spam probability). Either a fixed split (``--split split.tsv``) or stratified
 k-fold cross-validation (``--folds N``) with near-duplicates kept in one fold, so a spam
 campaign never sits on both sides. Writes roc.png, scores.png and scores.tsv.
@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from filterd.config import Config
 from filterd.mailbox import iter_messages
@@ -417,7 +417,8 @@ async def _score(
         except Exception as exc:
             bayes = None
             problems.append(f"Bayes probability failed: {type(exc).__name__}: {exc}")
-        rules_score = round(sum(h.score or 0.0 for h in result.hits if not h.rule.startswith("BAYES_")), 3)
+        # What the same hits score without Bayes: the score set used when Bayes has no opinion.
+        rules_score = round(sum(_without_bayes(engine, h) for h in result.hits if not h.rule.startswith("BAYES_")), 3)
         out.append(
             Scored(
                 s.ident,
@@ -929,3 +930,11 @@ def _wrap(text: str, width: int = 90) -> str:
         return text
     head, _, tail = text.partition("; ")
     return f"{head}\n{tail}"
+
+
+def _without_bayes(engine: Any, hit: Any) -> float:
+    """A hit's score from the score set for "Bayes gives no opinion" (rules/scores.yaml's first value)."""
+    info = engine.info(hit.rule)
+    if info is None or hit.rule.startswith("CHECK_ERROR_") or info.type == "engine":
+        return float(hit.score or 0.0)
+    return float(info.score)

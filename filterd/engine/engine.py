@@ -276,20 +276,27 @@ class Engine:
                     value = float(min(count, maxhits) if maxhits else count) or 1.0
             scan.add(Hit(name, value=value))
 
-    def _score_of(self, hit: Hit) -> float:
+    def _score_of(self, hit: Hit, bayes_active: bool) -> float:
         if hit.score is not None:
             return hit.score
         info = self.rules.info.get(hit.rule)
-        return info.score if info is not None else 0.0
+        return info.score_for(bayes_active) if info is not None else 0.0
+
+    @staticmethod
+    def _bayes_active(scan: Scan) -> bool:
+        """Bayes gave an opinion (exactly one BAYES_xx fires then): use the scores fitted with it."""
+        return any(name.startswith("BAYES_") for name in scan.hits)
 
     def _sum(self, scan: Scan) -> float:
-        return sum(self._score_of(h) for n, h in scan.hits.items() if not n.startswith("__"))
+        active = self._bayes_active(scan)
+        return sum(self._score_of(h, active) for n, h in scan.hits.items() if not n.startswith("__"))
 
     def _result(self, scan: Scan, required: float | None, elapsed: float) -> Result:
         required_score = self.config.scoring.required_score if required is None else required
         score = round(self._sum(scan), 3)
+        active = self._bayes_active(scan)
         shown = tuple(
-            Hit(h.rule, h.detail, self._score_of(h), h.value)
+            Hit(h.rule, h.detail, self._score_of(h, active), h.value)
             for n, h in sorted(scan.hits.items())
             if not n.startswith("__")
         )

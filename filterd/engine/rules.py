@@ -117,7 +117,7 @@ class RuleFileSet:
     """Everything read from rule directories: definitions, scores, and the problems found."""
 
     rules: dict[str, RuleDef]
-    scores: dict[str, tuple[float, str]]  # name -> (score, "file:line")
+    scores: dict[str, tuple[tuple[float, float], str]]  # name -> ((without Bayes, with Bayes), "file:line")
     problems: list[Problem]
 
 
@@ -153,16 +153,22 @@ def _load_nodes(path: Path, problems: list[Problem]) -> yaml.MappingNode | None:
 
 
 def _read_scores(path: Path, node: yaml.MappingNode, out: RuleFileSet) -> None:
+    """NAME: score, or NAME: [without_bayes, with_bayes] (two score sets, as SpamAssassin's)."""
     for key, value in node.value:
         line = key.start_mark.line + 1
         name = str(key.value)
         raw = _scalar(value)
-        if isinstance(raw, bool) or not isinstance(raw, int | float):
-            out.problems.append(Problem(str(path), line, name, f"a score is a number, got {raw!r}"))
+        values = raw if isinstance(raw, list) else [raw]
+        if len(values) not in (1, 2) or any(isinstance(v, bool) or not isinstance(v, int | float) for v in values):
+            out.problems.append(
+                Problem(str(path), line, name, f"a score is a number or [without_bayes, with_bayes], got {raw!r}")
+            )
             continue
         if name in out.scores and out.scores[name][1].startswith(f"{path}:"):
             out.problems.append(Problem(str(path), line, name, "score given twice in one file"))
-        out.scores[name] = (float(raw), f"{path}:{line}")
+        numbers = [float(v) for v in values if isinstance(v, int | float)]
+        pair = (numbers[0], numbers[-1])
+        out.scores[name] = (pair, f"{path}:{line}")
 
 
 def _read_rule(path: Path, key: yaml.Node, value: yaml.Node, problems: list[Problem]) -> RuleDef | None:

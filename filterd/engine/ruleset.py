@@ -36,10 +36,14 @@ class RuleInfo:
     name: str
     type: str
     describe: str
-    score: float
+    score: float  # when Bayes gives no opinion (untrained, disabled)
     tflags: frozenset[str]
     area: str  # report prefix: "BODY: ", "URI: ", ...
     where: str  # file:line
+    score_bayes: float | None = None  # when a BAYES_xx rule fired; None = the same as score
+
+    def score_for(self, bayes_active: bool) -> float:
+        return self.score_bayes if bayes_active and self.score_bayes is not None else self.score
 
     @property
     def is_sub(self) -> bool:
@@ -262,14 +266,15 @@ def compile_rules(
     overrides = dict(score_overrides or {})
     for name, rule in rules.items():
         if name in files.scores:
-            score = files.scores[name][0]
+            score, score_bayes = files.scores[name][0]
         elif rule.score is not None:
-            score = rule.score
+            score = score_bayes = rule.score
         else:
-            score = 0.0 if rule.is_sub else 1.0
-        score = overrides.get(name, score)
+            score = score_bayes = 0.0 if rule.is_sub else 1.0
+        if name in overrides:
+            score = score_bayes = overrides[name]
         if rule.is_sub:
-            score = 0.0
+            score = score_bayes = 0.0
         if not rule.describe and not rule.is_sub:
             warnings.append(Problem(rule.file, rule.line, name, "no describe: text"))
         if "nice" in rule.tflags and score > 0:
@@ -282,6 +287,7 @@ def compile_rules(
             rule.tflags,
             _AREA.get(rule.type, ""),
             rule.where,
+            score_bayes if score_bayes != score else None,
         )
         if rule.type == "eval":
             if rule.target not in emitted:
