@@ -76,6 +76,7 @@ class Worker:
                 "worker %d: %d connection(s) still open after the %.0fs grace period", os.getpid(), self.active, grace
             )
         reporter.cancel()
+        self.engine.flush_learning()
         self._report()
 
     def _accept_one(self, listener: Listener) -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from filterd.config import Config, default_config
+from filterd.engine.bayes import autolearn_decision
 from filterd.engine.checks import builtin_checks
 from filterd.engine.message import ParsedMessage, parse_message
 from filterd.engine.plugin import Check, CheckSetup, Hit, Scan, ScanContext, Stage
@@ -79,6 +80,8 @@ class Engine:
         self.checks = list(checks)
         self.uri_parser = uri_parser
         self._is_async = {c.name: inspect.iscoroutinefunction(c.run) for c in checks}
+        self._pending_learn: list[tuple[ParsedMessage, bool]] = []
+        self._last_learn = time.monotonic()
 
     @classmethod
     def load(
@@ -206,6 +209,7 @@ class Engine:
         post = [c for c in self.checks if c.stage == Stage.POST]
         if post:
             await self._run_checks(scan, post)
+        self._autolearn(scan)
         return self._result(scan, required_score, time.perf_counter() - started)
 
     async def scan(self, raw: bytes, ctx: ScanContext | None = None, *, required_score: float | None = None) -> Result:
@@ -313,6 +317,48 @@ class Engine:
             problems=tuple(scan.problems),
             autolearn=scan.autolearn,
         )
+
+    def _autolearn(self, scan: Scan) -> None:
+        """Learn clear cases on the fly (SpamAssassin's autolearn), in small batches.
+
+        The decision uses the score set without Bayes, so Bayes never trains on its own opinion.
+        Learnt messages are written once 32 are waiting or 2 s have passed, one transaction
+        each batch: a daemon killed meanwhile loses at most that batch, which only autolearn
+        would have learnt.
+        """
+        cfg = self.config.bayes
+        if not (cfg.enabled and cfg.autolearn) or scan.ctx.no_autolearn:
+            scan.autolearn = "disabled"
+            return
+        check = self.check("bayes")
+        store = getattr(check, "store", None)
+        if store is None:
+            scan.autolearn = "unavailable"
+            return
+        decision = autolearn_decision(scan.hits, self.rules.info, self.config)
+        if decision is None:
+            scan.autolearn = "no"
+            return
+        scan.autolearn = "spam" if decision else "ham"
+        self._pending_learn.append((scan.message, decision))
+        now = time.monotonic()
+        if len(self._pending_learn) >= 32 or now - self._last_learn >= 2.0:
+            self._last_learn = now
+            if not self.flush_learning():
+                scan.autolearn = "failed"
+
+    def flush_learning(self) -> bool:
+        """Write what autolearn has queued (the daemon calls this when a worker stops)."""
+        batch, self._pending_learn = self._pending_learn, []
+        store = getattr(self.check("bayes"), "store", None)
+        if not batch or store is None:
+            return True
+        try:
+            store.learn_many(batch)
+        except Exception as exc:  # learning is a side effect; it must never fail a scan
+            log.warning("autolearn of %d messages failed: %s", len(batch), exc)
+            return False
+        return True
 
     def check(self, name: str) -> Check | None:
         """The loaded check plugin called ``name`` (e.g. "bayes"), if any."""

@@ -57,6 +57,7 @@ class ScanContext:
     queue_id: str = ""
     authenticated: bool = False
     local_only: bool = False  # skip network tests
+    no_autolearn: bool = False  # do not learn from this scan (tests, evaluations)
     prefs: UserPrefs | None = None  # the user's own settings (welcome/block lists, ...)
 
 
