@@ -278,3 +278,54 @@ def test_gtube_scores_1000(shipped_engine: object) -> None:
     data = b"Subject: test\n\nXJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X\n"
     result = shipped_engine.scan_sync(data)  # type: ignore[attr-defined]
     assert "GTUBE" in result.rule_names and result.is_spam and result.score >= 1000
+
+
+class _ConnectCheck:
+    name: ClassVar[str] = "connectcheck"
+    stage: ClassVar[Stage] = Stage.CONNECT
+    emits: ClassVar[frozenset[str]] = frozenset({"CLIENT_DOC_NET"})
+
+    def __init__(self, setup: CheckSetup) -> None:
+        pass
+
+    def run(self, scan: Scan) -> Sequence[Hit]:
+        return [Hit("CLIENT_DOC_NET", scan.ctx.client_ip)] if scan.ctx.client_ip.startswith("192.0.2.") else []
+
+
+class _HeaderCheck:
+    name: ClassVar[str] = "headercheck"
+    stage: ClassVar[Stage] = Stage.HEADERS
+    emits: ClassVar[frozenset[str]] = frozenset({"HAS_LOTTO_FROM"})
+
+    def __init__(self, setup: CheckSetup) -> None:
+        pass
+
+    def run(self, scan: Scan) -> Sequence[Hit]:
+        return [Hit("HAS_LOTTO_FROM")] if "lotto" in scan.message.from_addr else []
+
+
+def test_staged_input_runs_each_stage_once_as_data_arrives(make_engine: MakeEngine) -> None:
+    """The milter/MTA path: connect, envelope, headers, then the whole message."""
+    import asyncio
+
+    from filterd.engine.plugin import ScanContext
+
+    engine = make_engine(
+        "CLIENT_DOC_NET: {eval: connectcheck, describe: client in a documentation net, score: 1}\n"
+        "HAS_LOTTO_FROM: {eval: headercheck, describe: lotto sender, score: 1}\n"
+        "CLAIM: {body: '/claim/i', describe: claim, score: 1}\n",
+        checks=[_ConnectCheck, _HeaderCheck],
+    )
+
+    async def run() -> None:
+        scan = engine.new_scan(ScanContext(client_ip="192.0.2.9", helo="helo.example", mail_from="w@lotto.example"))
+        assert [h.rule for h in await engine.run_stage(scan, Stage.CONNECT)] == ["CLIENT_DOC_NET"]
+        assert await engine.run_stage(scan, Stage.CONNECT) == []  # once only
+        assert await engine.run_stage(scan, Stage.ENVELOPE) == []
+        engine.set_message(scan, MSG.split(b"\n\n", 1)[0] + b"\n\n")  # the header block alone
+        assert [h.rule for h in await engine.run_stage(scan, Stage.HEADERS)] == ["HAS_LOTTO_FROM"]
+        result = await engine.finish(scan, MSG)
+        assert {h.rule for h in result.hits} == {"CLIENT_DOC_NET", "HAS_LOTTO_FROM", "CLAIM"}
+        assert result.score == 3.0
+
+    asyncio.run(run())
