@@ -185,6 +185,7 @@ def _read_input(name: str) -> bytes:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from filterd.engine.markup import MarkupOptions, build_report, format_score, process_message
+    from filterd.engine.plugin import ScanContext
 
     engine = _load_engine(args)
     try:
@@ -192,7 +193,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"filterd: cannot read {args.file}: {exc.strerror or exc}", file=sys.stderr)
         return EX_NOINPUT
-    result = engine.scan_sync(raw)
+    # A one-off check learns nothing: autolearn belongs to the daemon, which owns the store.
+    result = engine.scan_sync(raw, ScanContext(no_autolearn=True))
     options = MarkupOptions.from_engine(engine)
     if args.json:
         doc = {
@@ -250,6 +252,8 @@ def _label_of(path: Path) -> str:
 
 
 def _cmd_mass_check(args: argparse.Namespace) -> int:
+    from filterd.engine.plugin import ScanContext
+
     engine = _load_engine(args)
     files = _message_files(args.paths)
     if not files:
@@ -259,7 +263,7 @@ def _cmd_mass_check(args: argparse.Namespace) -> int:
     async def run() -> list[tuple[Path, str, object]]:
         rows = []
         for f in files:
-            rows.append((f, _label_of(f), await engine.scan(f.read_bytes())))
+            rows.append((f, _label_of(f), await engine.scan(f.read_bytes(), ScanContext(no_autolearn=True))))
         return rows
 
     rows = asyncio.run(run())

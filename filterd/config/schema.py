@@ -296,10 +296,11 @@ class BayesConfig(Section):
     )  # fmt: skip
     n_features: int = setting(
         1 << 22, min=1 << 12, max=1 << 26,
-        doc="Hash buckets (a power of two); each worker keeps two int32 arrays of this many counts.",
+        doc="Hash buckets (a power of two); each process keeps two int32 arrays of them (32 MB at 2**22).",
     )  # fmt: skip
     combiner: Literal["robinson_fisher", "naive_bayes", "complement_nb"] = setting(
-        "robinson_fisher", doc="How token counts combine into a probability (see scripts/bayes-experiment)."
+        "robinson_fisher",
+        doc="How token counts become a probability; robinson_fisher measured best (scripts/bayes-experiment).",
     )
     robinson_s: float = setting(
         0.03, min=0.0001, max=100.0, doc="Robinson's s: weight of the prior x against a token's own counts."

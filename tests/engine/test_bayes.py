@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy import sparse
+from scipy import sparse  # type: ignore[import-untyped]
 from sklearn.metrics import roc_auc_score
 from sklearn.naive_bayes import ComplementNB, MultinomialNB
 
-from filterd.config import default_config, load_config
+from filterd.config import default_config, load_config, parse_duration
 from filterd.engine.bayes import (
     BayesCheck,
     BayesStore,
@@ -121,7 +121,12 @@ def test_tokenizer_dkim_signature_counts_by_presence_and_domain_only() -> None:
 def test_tokenizer_prefixes_header_tokens_and_reads_the_body() -> None:
     tokens = set(tokenize(msg_with()))  # type: ignore[arg-type]
     assert {"subject:quarterly", "subject:report", "from:user:alex", "from:dom:mail.sender.example"} <= tokens
-    assert {"from:dom:sender.example", "from:name:alex", "to:dom:example.net", "message-id:dom:sender.example"} <= tokens
+    assert {
+        "from:dom:sender.example",
+        "from:name:alex",
+        "to:dom:example.net",
+        "message-id:dom:sender.example",
+    } <= tokens
     assert {"quarterly", "report", "draft", "ct:text/plain", "part:ct:text/plain"} <= tokens
     assert not any(t.startswith("date:") for t in tokens)
 
@@ -163,6 +168,19 @@ def test_token_ids_are_distinct_sorted_buckets() -> None:
     assert hashes.dtype == np.uint32 and len(hashes) == len(set(tokenize(msg)))  # type: ignore[arg-type]
 
 
+def test_tokenizer_bounds_its_work_on_hostile_mail() -> None:
+    headers = b"".join(b"X-Junk-%d: value %d here\n" % (i, i) for i in range(5000))
+    received = b"".join(b"Received: from h%d.example ([192.0.2.%d]) by mx.example\n" % (i, i % 250) for i in range(500))
+    body = b"\n" + b" ".join(b"word%dx" % i for i in range(300_000)) + b"\n"
+    msg = parse(BASE + headers + received + body)
+    started = time.perf_counter()
+    tokens = tokenize(msg)
+    hashes = Tokenizer().hashes(msg)
+    assert time.perf_counter() - started < 5.0
+    assert len(tokens) < 20_000 and len(hashes) == len(tokens)
+    assert sum(t.startswith("hdr:x-junk-") for t in tokens) < 300
+
+
 def test_tokenizer_cached_hashes_equal_the_spelled_out_tokens() -> None:
     tokenizer = Tokenizer(cache_size=64)  # small: the caches fill and empty along the way
     raws = [make_raw(i, i % 2 == 0) for i in range(40)] + [BASE + BODY]
@@ -180,8 +198,7 @@ def test_message_digest_ignores_what_transport_and_filters_add() -> None:
     added = (
         b"From MAILER-DAEMON Mon Jan 12 10:00:00 2026\n"
         b"Received: from mx.example.net by mail.example.net; Mon, 12 Jan 2026 10:00:09 +0000\n"
-        b"X-Spam-Status: No, score=0.1\nAuthentication-Results: mx.example.net; spf=pass\n"
-        + plain
+        b"X-Spam-Status: No, score=0.1\nAuthentication-Results: mx.example.net; spf=pass\n" + plain
     )
     assert message_digest(parse(added)) == digest
     assert message_digest(parse(plain.replace(b"\n", b"\r\n"))) == digest
@@ -371,9 +388,7 @@ def test_store_probability_follows_training(store_path: Path) -> None:
     probe = make_msg(2000, False, extra="zanzibarfoo quixotrel")
     before = store.spam_probability(probe)
     assert before is not None
-    store.learn_many(
-        [(make_msg(3000 + i, True, extra="zanzibarfoo quixotrel"), True) for i in range(6)]
-    )
+    store.learn_many([(make_msg(3000 + i, True, extra="zanzibarfoo quixotrel"), True) for i in range(6)])
     after = store.spam_probability(probe)
     assert after is not None and after > before
     store.close()
@@ -693,7 +708,8 @@ def test_bayes_rules_silent_below_min_counts(tmp_path: Path) -> None:
 
 def test_bayes_check_without_a_store_is_silent_and_creates_nothing(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    engine = Engine.load(default_config(), state_dir=str(state))
+    config = dataclasses.replace(default_config(), bayes=bayes_config())  # no autolearn: it would create one
+    engine = Engine.load(config, state_dir=str(state))
     result = engine.scan_sync(make_raw(1, True))
     assert not [h for h in result.hits if h.rule.startswith("BAYES_")]
     assert not state.exists()
@@ -723,7 +739,8 @@ def test_config_bayes_defaults_and_power_of_two(tmp_path: Path) -> None:
         load_config(path)
     path.write_text("bayes:\n  n_features: 1048576\n  combiner: naive_bayes\n  expiry_period: 6h\n")
     loaded = load_config(path).bayes
-    assert (loaded.n_features, loaded.combiner, loaded.expiry_period) == (1 << 20, "naive_bayes", 6 * 3600)
+    assert loaded.n_features == 1 << 20 and loaded.combiner == "naive_bayes"
+    assert loaded.expiry_period == parse_duration("6h")
 
 
 # -- autolearn ----------------------------------------------------------------------------------
@@ -772,6 +789,20 @@ def test_autolearn_ham_below_threshold_unless_bayes_says_spam() -> None:
     assert decide("WELCOME") is False  # ignored: points 0 < 0.1
     assert decide("HDR_A") is None  # 4 points: neither
     assert decide(autolearn_ham_below=-1.0) is None
+
+
+def test_autolearn_points_use_the_set_without_bayes_and_the_verdict_the_set_with_it() -> None:
+    infos = dict(INFOS)
+    # 12.5 points without Bayes; with Bayes the rules are worth less and the message is ham.
+    infos["HDR_A"] = dataclasses.replace(INFOS["HDR_A"], score_bayes=0.5)
+    infos["BODY_A"] = dataclasses.replace(INFOS["BODY_A"], score_bayes=0.5)
+    infos["URI_A"] = dataclasses.replace(INFOS["URI_A"], score_bayes=0.5)
+    infos["HDR_B"] = dataclasses.replace(INFOS["HDR_B"], score_bayes=0.5)
+    hits = [Hit(n) for n in ("HDR_A", "BODY_A", "URI_A", "HDR_B")]
+    config = default_config()
+    assert autolearn_decision(hits, infos, config) is True  # no BAYES_xx: the first set decides
+    # With BAYES_50 the engine scores 4 x 0.5 + 0.8 = 2.8: not spam, so not learnt as spam.
+    assert autolearn_decision([*hits, Hit("BAYES_50")], infos, config) is None
 
 
 def test_autolearn_accepts_a_scan_hit_dict_and_kinds_for_eval_rules() -> None:

@@ -1,9 +1,9 @@
 """Whether a scanned message is clear enough to be learnt on its own (SpamAssassin's autolearn).
 
-The decision uses *autolearn points*: the scores of the rules that hit, leaving out rules
-flagged ``noautolearn`` or ``userconf``, rules scoring 0, and the ``learn`` rules (Bayes itself)
-whose scores are tallied apart as *learned points*, so that Bayes does not train on its own
-opinion. Points are also split into header and body points:
+The decision uses *autolearn points*: the scores (from the set without Bayes) of the rules that
+hit, leaving out rules flagged ``noautolearn`` or ``userconf``, rules scoring 0, and the
+``learn`` rules (Bayes itself) whose scores are tallied apart as *learned points*, so that
+Bayes does not train on its own opinion. Points are also split into header and body points:
 
 * points < autolearn_ham_below: learn as ham, unless learned points > +1.0 (Bayes thinks it is
   spam) or the final score says spam;
@@ -56,18 +56,33 @@ def _side(name: str, info: RuleFacts, kinds: Mapping[str, str] | None) -> str:
     return kinds.get(name, "") if kinds is not None else ""
 
 
+def _final_score(info: RuleFacts, bayes_active: bool) -> float:
+    """The rule's score in the set the engine used: the Bayes set when Bayes gave an opinion
+    and the rule has one (`RuleInfo.score_bayes`)."""
+    with_bayes = getattr(info, "score_bayes", None)
+    return float(with_bayes) if bayes_active and with_bayes is not None else info.score
+
+
 def autolearn_points(
     hits: Iterable[Hit], rule_infos: Mapping[str, RuleFacts], kinds: Mapping[str, str] | None = None
 ) -> tuple[float, float, float, float, float, bool]:
-    """(points, header points, body points, learned points, final score, autolearn_force hit)."""
+    """(points, header points, body points, learned points, final score, autolearn_force hit).
+
+    Points use each rule's score without Bayes; the final score uses the set the engine scored
+    the message with.
+    """
+    found = [(hit, rule_infos.get(hit.rule)) for hit in hits if not hit.rule.startswith("__")]
+    bayes_active = any(info is not None and "learn" in info.tflags for _, info in found)
     points = header = body = learned = total = 0.0
     force = False
-    for hit in hits:
-        if hit.rule.startswith("__"):
-            continue
-        info = rule_infos.get(hit.rule)
-        score = hit.score if hit.score is not None else (info.score if info is not None else 0.0)
-        total += score
+    for hit, info in found:
+        if hit.score is not None:
+            score = final = hit.score  # a dynamic score (AWL and the like) is the same in both sets
+        elif info is not None:
+            score, final = info.score, _final_score(info, bayes_active)
+        else:
+            score = final = 0.0
+        total += final
         if info is None or score == 0:
             continue
         if "noautolearn" in info.tflags or "userconf" in info.tflags:

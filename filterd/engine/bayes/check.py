@@ -45,7 +45,9 @@ BANDS: tuple[tuple[str, float, float], ...] = (
 
 def bayes_rules(probability: float) -> list[str]:
     """The BAYES_xx rules a probability fires (one, or BAYES_99 and BAYES_999)."""
-    return [name for name, low, high in BANDS if (low < probability or probability == low == 0.0) and probability <= high]
+    return [
+        name for name, low, high in BANDS if (low < probability or probability == low == 0.0) and probability <= high
+    ]
 
 
 class BayesCheck:

@@ -10,13 +10,21 @@ Three combiners, compared by ``scripts/bayes-experiment`` on the SpamAssassin co
 * ``robinson_fisher`` (the default): SpamAssassin's. Per token Robinson's smoothed
   f(w) = (s·x + n·p)/(s + n), the tokens with |f - 0.5| >= min_prob_strength, at most
   ``max_interesting`` of the most extreme, combined with Fisher's chi-square method (prior
-  included, as in SpamAssassin since bug 3118). Its output is a probability with a real
-  "unsure" middle, which the BAYES_xx bands were made for.
+  included, as in SpamAssassin since bug 3118).
 * ``naive_bayes``: multinomial naive Bayes, Lidstone smoothing ``alpha``, as the sigmoid of the
-  log-likelihood ratio plus the log prior ratio. Ranks well but is famously over-confident:
-  nearly everything lands below 0.01 or above 0.99.
+  log-likelihood ratio plus the log prior ratio (exactly scikit-learn's MultinomialNB).
 * ``complement_nb``: Rennie et al.'s complement naive Bayes with weight normalisation, as
   scikit-learn's ComplementNB(norm=True); the score is squashed through a logistic curve.
+
+Why Robinson-Fisher: trained on the corpus's train part and scored on its test part it ranks
+best, (1-AUC) 0.054% against 0.40% for the best naive Bayes (alpha by cross-validation) and
+0.51% for complement NB, and its false-positive rate at p >= 0.5 is 0.19% against 0.53%. Its
+output is also a usable probability: a real "unsure" middle (6% of messages between 0.2 and
+0.8) where naive Bayes puts everything below 0.01 or above 0.999 (9 ham of 2,080 above 0.999),
+which would turn ten BAYES_xx bands into two. SpamAssassin's constants (s 0.030, x 0.538,
+strength 0.346, 150 tokens) are kept: cross-validation on train finds the grid flat around
+them (best mean AUC 0.99969 at s 0.1-0.3 against 0.99964, within fold noise) and they did
+better on test. It costs ~0.1 ms a message against ~0.03 ms for naive Bayes.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
+from scipy.special import gammaincc  # type: ignore[import-untyped]  # scipy comes with scikit-learn
 
 __all__ = [
     "COMBINERS",
@@ -58,34 +67,13 @@ class ClassifierParams:
     alpha: float = 0.1  # Lidstone smoothing of the naive Bayes combiners
 
 
-def _log_factorials(n: int) -> npt.NDArray[np.float64]:
-    """log(i!) for i < n, read-only."""
-    table = np.zeros(n)
-    if n > 1:
-        np.cumsum(np.log(np.arange(1, n, dtype=np.float64)), out=table[1:])
-    table.flags.writeable = False
-    return table
-
-
-_LOG_FACTORIALS = _log_factorials(4096)  # covers k up to 4096 tokens; larger k computes its own
-
-
 def chi2q(x2: float, k: int) -> float:
-    """P(X >= x2) for X chi-square distributed with 2k degrees of freedom.
-
-    For even degrees of freedom this is exp(-m)·Σ_{i<k} m^i/i! with m = x2/2 (SpamAssassin's
-    chi2q); summed in log space so that neither a large m nor a large k over- or underflows.
-    """
+    """P(X >= x2) for X chi-square distributed with 2k degrees of freedom: SpamAssassin's
+    chi2q, exp(-m)·Σ_{i<k} m^i/i! with m = x2/2, which is the regularised upper incomplete
+    gamma function Q(k, m). scipy's is exact to ~1e-13 and 10x faster than summing in numpy."""
     if k <= 0:
         return 1.0
-    m = x2 / 2.0
-    if m <= 0.0:
-        return 1.0
-    log_fact = _LOG_FACTORIALS[:k] if k <= _LOG_FACTORIALS.size else _log_factorials(k)
-    logs = np.arange(k, dtype=np.float64) * math.log(m) - log_fact
-    top = float(logs.max())
-    total = top - m + math.log(float(np.exp(logs - top).sum()))
-    return min(1.0, math.exp(total))
+    return float(gammaincc(k, max(x2, 0.0) / 2.0))
 
 
 def robinson_fisher(
@@ -105,17 +93,16 @@ def robinson_fisher(
     """
     if nspam <= 0 or nham <= 0:
         return None
-    s_f = s.astype(np.float64)
-    h_f = h.astype(np.float64)
-    n_f = s_f + h_f
-    seen = n_f > 0
+    n = s + h
+    seen = n > 0
     if not seen.all():
-        s_f, h_f, n_f = s_f[seen], h_f[seen], n_f[seen]
-        if n_f.size == 0:
+        s, h, n = s[seen], h[seen], n[seen]
+        if n.size == 0:
             return None
-    spam_ratio = s_f * (1.0 / nspam)
-    p = spam_ratio / (spam_ratio + h_f * (1.0 / nham))
-    f = (robinson_s * robinson_x + n_f * p) / (robinson_s + n_f)
+    # p = (s/nspam) / (s/nspam + h/nham), written without two divisions per token
+    s_weighted = s * float(nham)
+    p = s_weighted / (s_weighted + h * float(nspam))
+    f = (robinson_s * robinson_x + n * p) / (robinson_s + n)
     strength = np.abs(f - 0.5)
     if min_prob_strength > 0:
         keep = strength >= min_prob_strength
@@ -128,9 +115,9 @@ def robinson_fisher(
     total = nspam + nham
     log_s = math.log(nspam / total) + float(np.log1p(-f).sum())
     log_h = math.log(nham / total) + float(np.log(f).sum())
-    spam_evidence = 1.0 - chi2q(-2.0 * log_s, k)
-    ham_evidence = 1.0 - chi2q(-2.0 * log_h, k)
-    return (1.0 + spam_evidence - ham_evidence) / 2.0
+    # Q(k, m) for the spam and the ham product at once (one ufunc call)
+    q_spam, q_ham = gammaincc(k, np.array([-log_s, -log_h]))
+    return (1.0 + (1.0 - float(q_spam)) - (1.0 - float(q_ham))) / 2.0
 
 
 def naive_bayes_log_odds(

@@ -233,37 +233,27 @@ class BayesStore:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                now = int(time.time())
-                conn.execute("INSERT OR IGNORE INTO state VALUES (1, 0, 0, 0, 0, ?, 0)", (now,))
-                for key, value in (
-                    ("schema_version", SCHEMA_VERSION),
-                    ("tokenizer_version", TOKENIZER_VERSION),
-                    ("n_features", config.n_features),
-                    ("created", now),
-                ):
-                    conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, str(value)))
-                meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            conn.execute("PRAGMA journal_size_limit=67108864")  # a snapshot must not leave a huge WAL
+            if conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'snapshot'").fetchone()[0] == 0:
+                cls._create(conn, config)  # a new file (or one a crash interrupted before this commit)
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise StoreError(f"{path}: not a usable Bayes store: {exc}") from exc
-        if int(meta["schema_version"]) != SCHEMA_VERSION:
+        try:
+            version, n_features = int(meta["schema_version"]), int(meta["n_features"])
+            tokenizer_version = int(meta["tokenizer_version"])
+        except (KeyError, ValueError) as exc:
             conn.close()
-            raise StoreError(f"{path}: schema version {meta['schema_version']}, expected {SCHEMA_VERSION}")
-        n_features = int(meta["n_features"])
+            raise StoreError(f"{path}: not a filterd Bayes store (meta: {exc})") from exc
+        if version != SCHEMA_VERSION:
+            conn.close()
+            raise StoreError(f"{path}: schema version {version}, expected {SCHEMA_VERSION}")
         if n_features != config.n_features:
             log.warning(
                 "%s was built with n_features=%d; ignoring the configured %d", path, n_features, config.n_features
             )
-        if int(meta["tokenizer_version"]) != TOKENIZER_VERSION:
+        if tokenizer_version != TOKENIZER_VERSION:
             log.warning(
                 "%s was learnt with tokenizer version %s (this is %d): retrain for best results",
                 path,
@@ -274,6 +264,28 @@ class BayesStore:
         store.refresh()
         store._maybe_snapshot()
         return store
+
+    @staticmethod
+    def _create(conn: sqlite3.Connection, config: BayesConfig) -> None:
+        """The tables and their first rows, in one transaction (several processes may race here)."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            now = int(time.time())
+            conn.execute("INSERT OR IGNORE INTO state VALUES (1, 0, 0, 0, 0, ?, 0)", (now,))
+            for key, value in (
+                ("schema_version", SCHEMA_VERSION),
+                ("tokenizer_version", TOKENIZER_VERSION),
+                ("n_features", config.n_features),
+                ("created", now),
+            ):
+                conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, str(value)))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         """Write pending atimes and close the connection."""
@@ -304,7 +316,9 @@ class BayesStore:
             if epoch != self._epoch:
                 self._reload(seq, epoch)
             elif seq != self._seq:
-                rows = conn.execute("SELECT seq, delta FROM changes WHERE seq > ? ORDER BY seq", (self._seq,)).fetchall()
+                rows = conn.execute(
+                    "SELECT seq, delta FROM changes WHERE seq > ? ORDER BY seq", (self._seq,)
+                ).fetchall()
                 if len(rows) != seq - self._seq or (rows and rows[0][0] != self._seq + 1):
                     self._reload(seq, epoch)  # the log was pruned past our position
                 else:
@@ -456,9 +470,7 @@ class BayesStore:
             )
         if len(zero):
             conn.executemany("DELETE FROM buckets WHERE id = ?", [(b,) for b in zero.tolist()])
-        conn.execute(
-            "UPDATE state SET nspam = nspam + ?, nham = nham + ?, seq = seq + 1", (d_spam, d_ham)
-        )
+        conn.execute("UPDATE state SET nspam = nspam + ?, nham = nham + ?, seq = seq + 1", (d_spam, d_ham))
         (seq,) = conn.execute("SELECT seq FROM state").fetchone()
         delta = _encode_delta(inc, dec, zero)
         conn.execute("INSERT INTO changes (seq, at, size, delta) VALUES (?, ?, ?, ?)", (seq, now, len(delta), delta))
@@ -580,7 +592,8 @@ class BayesStore:
         for start in range(0, ids.size, 20_000):  # short transactions: other writers wait less
             with self._write() as conn:
                 conn.executemany(
-                    "UPDATE buckets SET atime = ? WHERE id = ?", [(now, b) for b in ids[start : start + 20_000].tolist()]
+                    "UPDATE buckets SET atime = ? WHERE id = ?",
+                    [(now, b) for b in ids[start : start + 20_000].tolist()],
                 )
 
     def expire(self, max_tokens: int | None = None) -> int:
@@ -599,9 +612,7 @@ class BayesStore:
             rows = conn.execute("SELECT id FROM buckets ORDER BY atime, id LIMIT ?", (excess,)).fetchall()
             zero = np.array([r[0] for r in rows], dtype=np.int64)
             self._commit_delta(conn, _EMPTY3, _EMPTY3, zero, 0, 0)
-            conn.execute(
-                "UPDATE state SET last_expiry = ?, expired_total = expired_total + ?", (now, len(zero))
-            )
+            conn.execute("UPDATE state SET last_expiry = ?, expired_total = expired_total + ?", (now, len(zero)))
         self.refresh()
         self._snapshot_due = True  # a good moment: expiry runs rarely and just rewrote many buckets
         self._maybe_snapshot()
@@ -723,13 +734,13 @@ class BayesStore:
             conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?)", messages)
             conn.execute("UPDATE state SET nspam = ?, nham = ?, seq = seq + 1, epoch = epoch + 1", (nspam, nham))
             seq, epoch = conn.execute("SELECT seq, epoch FROM state").fetchone()
-            spam = np.zeros(self.n_features, dtype=np.int32)
-            ham = np.zeros(self.n_features, dtype=np.int32)
+            spam_counts = np.zeros(self.n_features, dtype=np.int32)
+            ham_counts = np.zeros(self.n_features, dtype=np.int32)
             if buckets:
                 table = np.array(buckets, dtype=np.int64)
-                spam[table[:, 0]] = table[:, 1]
-                ham[table[:, 0]] = table[:, 2]
-            self._write_snapshot(conn, seq, epoch, spam, ham)
+                spam_counts[table[:, 0]] = table[:, 1]
+                ham_counts[table[:, 0]] = table[:, 2]
+            self._write_snapshot(conn, seq, epoch, spam_counts, ham_counts)
         self.refresh()
 
     def _buckets_from_messages(self, messages: list[tuple[str, int, int, bytes]]) -> list[tuple[int, int, int, int]]:

@@ -22,12 +22,19 @@ SpamAssassin writes them), reverse DNS and HELO names with their parent domains,
 Tokens are hashed with CRC-32 (stable across processes and versions of Python, unlike `hash`),
 and a store uses the low bits as bucket ids: ``hash & (n_features - 1)``. The message's own
 hashes are kept with it, so a store can forget exactly what it learnt.
+
+Speed: a typical message gives ~250 distinct tokens, and classifying and hashing each in Python
+is most of the cost. `Tokenizer` (one per store, so per process) remembers the hashes of words,
+header fields, address lists and relays it has seen, which recur from message to message; a
+known word then costs one dictionary lookup. Splitting the text into words is done by
+bytes.translate + split (C speed) rather than a regular expression.
 """
 
 from __future__ import annotations
 
 import array
 import hashlib
+import itertools
 import re
 import zlib
 from collections.abc import Iterable
@@ -130,7 +137,10 @@ _CHARSET = re.compile(r'charset\s*=\s*"?([^";\s]+)', re.I)
 _IPV4 = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 _MAX_BODY = 50_000  # characters of rendered text tokenised: enough for any clue, bounded cost
 _MAX_URIS = 64
+_MAX_HEADERS = 300  # header fields read; a message with thousands is hostile, not informative
+_MAX_RELAYS = 20
 _MAX_WORDS_PER_HEADER = 12
+_MAX_CACHED_KEY = 200  # characters: longer header values and words are hashed, not remembered
 
 
 def _words(text: str) -> list[str]:
@@ -377,12 +387,12 @@ class Tokenizer:
 
     Words, header fields, address lists and relays recur (the vocabulary, our own relays, a
     list's From line, X-Mailer values), so `hashes` keeps their token hashes in dictionaries
-    (emptied when they reach ``cache_size`` entries): a known word costs one lookup instead of
+    (the older half forgotten when they reach ``cache_size`` entries): a known word costs one lookup instead of
     being classified and hashed again. That halves the cost of a typical message. Keep one per
     store (per process); `tokens` is the uncached spelling-out for debugging.
     """
 
-    def __init__(self, cache_size: int = 50_000) -> None:
+    def __init__(self, cache_size: int = 100_000) -> None:
         self._cache_size = cache_size
         self._words: dict[str, tuple[int, ...]] = {}
         self._fields: dict[tuple[str, str], tuple[int, ...]] = {}
@@ -392,10 +402,10 @@ class Tokenizer:
         """The message's distinct tokens, in a stable order (headers, MIME, URIs, body)."""
         out: list[str] = []
         addresses: dict[str, list[str]] = {}
-        for field in msg.headers:
+        for field in msg.headers[:_MAX_HEADERS]:
             name = field.name.lower()
             kind = _header_kind(name)
-            if kind == _OTHER or kind == _PRESENCE:
+            if kind in (_OTHER, _PRESENCE):
                 out.extend(_field_tokens(name, field.value))
             elif kind == _ADDRESSES:
                 addresses.setdefault(name, []).append(field.value)
@@ -407,7 +417,7 @@ class Tokenizer:
             elif name == "from" or name == "to":
                 out.append(f"{name}:none")
         out.extend(_subject_tokens(msg))
-        for relay in msg.relays:
+        for relay in msg.relays[:_MAX_RELAYS]:
             out.extend(_relay_tokens(relay.ip, relay.rdns, relay.helo, relay.with_, relay.auth))
         out.extend(_mime_tokens(msg))
         out.extend(_uri_tokens(msg))
@@ -417,11 +427,17 @@ class Tokenizer:
         out.extend(_text_extras(lowered))
         return list(dict.fromkeys(out))
 
-    def _remember(self, cache: dict[_K, tuple[int, ...]], key: _K, tokens: list[str]) -> tuple[int, ...]:
+    def _remember(self, cache: dict[_K, tuple[int, ...]], key: _K, size: int, tokens: list[str]) -> tuple[int, ...]:
+        """Hash ``tokens`` and keep them under ``key``, unless the key is long (``size``
+        characters): long keys rarely repeat, and would let one message fill memory."""
         hashes = tuple(_crc(t) for t in tokens)
-        if len(cache) >= self._cache_size:
-            cache.clear()
-        cache[key] = hashes
+        if size <= _MAX_CACHED_KEY:
+            if len(cache) >= self._cache_size:
+                # Drop the older half (dicts keep insertion order): what is still common comes
+                # back at once, and the cost is paid once per cache_size/2 new entries.
+                for old in list(itertools.islice(cache, len(cache) // 2)):
+                    del cache[old]
+            cache[key] = hashes
         return hashes
 
     def hashes(self, msg: ParsedMessage) -> npt.NDArray[np.uint32]:
@@ -430,17 +446,19 @@ class Tokenizer:
         extend = out.extend
         fields, kinds = self._fields, self._kinds
         addresses: dict[str, list[str]] = {}
-        for field in msg.headers:
+        for field in msg.headers[:_MAX_HEADERS]:
             name = field.name.lower()
             kind = kinds.get(name)
             if kind is None:
                 kind = _header_kind(name)
                 if len(kinds) < self._cache_size:
                     kinds[name] = kind
-            if kind == _OTHER or kind == _PRESENCE:
+            if kind in (_OTHER, _PRESENCE):
                 key = (name, field.value)
                 hit = fields.get(key)
-                extend(hit if hit is not None else self._remember(fields, key, _field_tokens(name, field.value)))
+                if hit is None:
+                    hit = self._remember(fields, key, len(field.value), _field_tokens(name, field.value))
+                extend(hit)
             elif kind == _ADDRESSES:
                 addresses.setdefault(name, []).append(field.value)
             elif kind == _MESSAGE_ID:
@@ -449,16 +467,15 @@ class Tokenizer:
             if name in addresses:
                 key = (name, " ".join(addresses[name]))
                 hit = fields.get(key)
-                extend(hit if hit is not None else self._remember(fields, key, _address_tokens(*key)))
+                extend(hit if hit is not None else self._remember(fields, key, len(key[1]), _address_tokens(*key)))
             elif name == "from" or name == "to":
                 out.append(_crc(f"{name}:none"))
-        for relay in msg.relays:
+        for relay in msg.relays[:_MAX_RELAYS]:
             key = ("\x00rcvd", f"{relay.ip}|{relay.rdns}|{relay.helo}|{relay.with_}|{relay.auth}")
             hit = fields.get(key)
             if hit is None:
-                hit = self._remember(
-                    fields, key, _relay_tokens(relay.ip, relay.rdns, relay.helo, relay.with_, relay.auth)
-                )
+                tokens = _relay_tokens(relay.ip, relay.rdns, relay.helo, relay.with_, relay.auth)
+                hit = self._remember(fields, key, len(key[1]), tokens)
             extend(hit)
         extend(_crc(t) for t in _subject_tokens(msg))
         extend(_crc(t) for t in _mime_tokens(msg))
@@ -468,7 +485,7 @@ class Tokenizer:
         get = words.get
         for word in set(_words(lowered)):
             hit = get(word)
-            extend(hit if hit is not None else self._remember(words, word, _word_tokens(word)))
+            extend(hit if hit is not None else self._remember(words, word, len(word), _word_tokens(word)))
         extend(_crc(t) for t in _text_extras(lowered))
         return _distinct(np.frombuffer(array.array("I", out), dtype=np.uint32))
 
