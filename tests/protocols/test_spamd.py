@@ -198,16 +198,23 @@ def test_transcript(path: Path, how: str) -> None:
     assert render(outcome, transcript.verdict) == transcript.server
 
 
-@pytest.mark.parametrize("path", TRANSCRIPT_FILES, ids=lambda p: p.stem)
+def _aiospamc_transcripts() -> list[Path]:
+    """Transcripts with a 1.5 answer: SKIP has none, and aiospamc only speaks 1.5."""
+    chosen = []
+    for path in TRANSCRIPT_FILES:
+        transcript = load_transcript(path)
+        if transcript.server and (transcript.expected is None or transcript.expected.version == "1.5"):
+            chosen.append(path)
+    return chosen
+
+
+@pytest.mark.parametrize("path", _aiospamc_transcripts(), ids=lambda p: p.stem)
 def test_transcript_response_is_accepted_by_aiospamc(path: Path) -> None:
     """aiospamc's own response parser reads every answer we send (spamc is the daemon's e2e test)."""
-    parser_module = pytest.importorskip("aiospamc.incremental_parser")
-    responses = pytest.importorskip("aiospamc.responses")
+    import aiospamc.incremental_parser as parser_module
+    import aiospamc.responses as responses
+
     transcript = load_transcript(path)
-    if not transcript.server:
-        pytest.skip("SKIP has no response")
-    if transcript.expected is not None and transcript.expected.version != "1.5":
-        pytest.skip("aiospamc only speaks 1.5; older layouts are for older clients")
     response = responses.Response(**parser_module.ResponseParser().parse(transcript.server))
     if transcript.expected is None:
         assert int(response.status_code) == int(transcript.server.split(b" ")[1])
@@ -553,8 +560,8 @@ def test_exit_codes_are_sysexits() -> None:
 
 
 def test_requests_built_by_aiospamc_parse() -> None:
-    requests = pytest.importorskip("aiospamc.requests")
-    hv = pytest.importorskip("aiospamc.header_values")
+    import aiospamc.header_values as hv
+    import aiospamc.requests as requests
     message = b"Subject: hi\r\n\r\nbody\r\n"
     for verb in sorted(METHODS - {"PING", "SKIP", "TELL"}):
         for compress in (False, True):
