@@ -322,7 +322,7 @@ class Engine:
         """Learn clear cases on the fly (SpamAssassin's autolearn), in small batches.
 
         The decision uses the score set without Bayes, so Bayes never trains on its own opinion.
-        Learnt messages are written once 32 are waiting or 2 s have passed, one transaction
+        Learnt messages are written once 8 are waiting or 2 s have passed, one transaction
         each batch: a daemon killed meanwhile loses at most that batch, which only autolearn
         would have learnt.
         """
@@ -342,7 +342,7 @@ class Engine:
         scan.autolearn = "spam" if decision else "ham"
         self._pending_learn.append((scan.message, decision))
         now = time.monotonic()
-        if len(self._pending_learn) >= 32 or now - self._last_learn >= 2.0:
+        if len(self._pending_learn) >= 8 or now - self._last_learn >= 2.0:
             self._last_learn = now
             if not self.flush_learning():
                 scan.autolearn = "failed"
