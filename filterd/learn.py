@@ -12,14 +12,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from typing import TextIO
 
+import numpy as np
+import numpy.typing as npt
+
 from filterd.config import Config
-from filterd.engine.bayes import BayesStore, LearnResult
+from filterd.engine.bayes import BayesStore, LearnResult, message_digest, token_hashes
 from filterd.engine.message import ParsedMessage, parse_message
 from filterd.engine.uris import UriParser
 from filterd.mailbox import count_sources, iter_messages
@@ -63,9 +68,17 @@ class _Progress:
             log.info("%s", text)
 
 
-def _messages(
-    paths: Iterable[str], skipped: list[str], uri_parser: UriParser, config: Config, files_done: list[int]
-) -> Iterator[ParsedMessage]:
+def _reduce(raws: list[bytes], body_scan_size: int) -> list[tuple[str, npt.NDArray[np.uint32]]]:
+    """Parse and tokenise a chunk of messages (runs in a worker process)."""
+    uri_parser = UriParser()
+    out = []
+    for raw in raws:
+        msg = parse_message(raw, uri_parser=uri_parser, body_scan_size=body_scan_size)
+        out.append((message_digest(msg), token_hashes(msg)))
+    return out
+
+
+def _raw_items(paths: Iterable[str], skipped: list[str], files_done: list[int]) -> Iterator[bytes]:
     for path in paths:
         last_file = ""
         for item in iter_messages(path):
@@ -77,7 +90,32 @@ def _messages(
                 log.warning("skipped %s: %s", item.identifier, item.skipped)
                 skipped.append(item.identifier)
                 continue
-            yield parse_message(item.data, uri_parser=uri_parser, body_scan_size=config.rules.body_scan_size)
+            yield item.data
+
+
+def _messages(
+    paths: Iterable[str], skipped: list[str], uri_parser: UriParser, config: Config, files_done: list[int]
+) -> Iterator[ParsedMessage]:
+    for raw in _raw_items(paths, skipped, files_done):
+        yield parse_message(raw, uri_parser=uri_parser, body_scan_size=config.rules.body_scan_size)
+
+
+def _chunks(items: Iterator[bytes], size: int) -> Iterator[list[bytes]]:
+    chunk: list[bytes] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _write(
+    store: BayesStore, reduced: list[tuple[str, npt.NDArray[np.uint32]]], is_spam: bool, totals: Counter[LearnResult]
+) -> int:
+    totals.update(store.learn_hashed((digest, hashes, is_spam) for digest, hashes in reduced))
+    return len(reduced)
 
 
 def run_learn(args: argparse.Namespace, config: Config) -> int:
@@ -133,21 +171,33 @@ def _run(args: argparse.Namespace, config: Config, store: BayesStore) -> int:
 
     def flush() -> None:
         nonlocal done
-        if args.forget:
-            for msg in batch:
-                totals[store.forget(msg)] += 1
-        else:
-            totals.update(store.learn_many((msg, bool(args.spam)) for msg in batch))
+        for msg in batch:
+            totals[store.forget(msg)] += 1
         done += len(batch)
         batch.clear()
         progress.update(done, files_done[0])
 
     started = time.monotonic()
-    for msg in _messages(args.paths, skipped, uri_parser, config, files_done):
-        batch.append(msg)
-        if len(batch) >= _BATCH:
-            flush()
-    flush()
+    if args.forget:
+        for msg in _messages(args.paths, skipped, uri_parser, config, files_done):
+            batch.append(msg)
+            if len(batch) >= _BATCH:
+                flush()
+        flush()
+    else:
+        # Parsing and tokenising dominate: spread them over the cores; one process writes.
+        chunks = _chunks(_raw_items(args.paths, skipped, files_done), _BATCH // 4)
+        workers = max(1, min(os.cpu_count() or 1, 8))
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            pending: list[Future[list[tuple[str, npt.NDArray[np.uint32]]]]] = []
+            for chunk in chunks:
+                pending.append(pool.submit(_reduce, chunk, config.rules.body_scan_size))
+                if len(pending) >= workers * 2:
+                    done += _write(store, pending.pop(0).result(), bool(args.spam), totals)
+                    progress.update(done, files_done[0])
+            for future in pending:
+                done += _write(store, future.result(), bool(args.spam), totals)
+                progress.update(done, files_done[0])
     progress.update(done, files_done[0], final=True)
     elapsed = time.monotonic() - started
     nspam, nham = store.counts()

@@ -517,6 +517,20 @@ class BayesStore:
             results.update(self._learn_batch(batch))
         return results
 
+    def learn_hashed(self, items: Iterable[tuple[str, npt.NDArray[np.uint32], bool]]) -> Counter[LearnResult]:
+        """`learn_many` for messages already reduced to (digest, token hashes, is_spam): lets
+        `filterd learn` parse and tokenise in several processes and write from one."""
+        results: Counter[LearnResult] = Counter()
+        batch: list[tuple[str, npt.NDArray[np.uint32], bool]] = []
+        for item in items:
+            batch.append(item)
+            if len(batch) >= _BATCH:
+                results.update(self._learn_batch(batch))
+                batch = []
+        if batch:
+            results.update(self._learn_batch(batch))
+        return results
+
     def _learn_batch(self, batch: list[tuple[str, npt.NDArray[np.uint32], bool]]) -> list[LearnResult]:
         out: list[LearnResult] = []
         now = int(time.time())
