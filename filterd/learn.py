@@ -10,6 +10,7 @@ and what was skipped (with a warning naming each skipped file).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -24,7 +25,8 @@ import numpy as np
 import numpy.typing as npt
 
 from filterd.config import Config
-from filterd.engine.bayes import BayesStore, LearnResult, message_digest, token_hashes
+from filterd.engine.bayes import BayesStore, LearnResult, message_digest
+from filterd.engine.bayes.tokenizer import Tokenizer
 from filterd.engine.message import ParsedMessage, parse_message
 from filterd.engine.uris import UriParser
 from filterd.mailbox import count_sources, iter_messages
@@ -68,13 +70,19 @@ class _Progress:
             log.info("%s", text)
 
 
+@functools.cache
+def _worker_tools() -> tuple[UriParser, Tokenizer]:
+    """One URI parser (it loads the public-suffix list) and one tokenizer per worker process."""
+    return UriParser(), Tokenizer()
+
+
 def _reduce(raws: list[bytes], body_scan_size: int) -> list[tuple[str, npt.NDArray[np.uint32]]]:
     """Parse and tokenise a chunk of messages (runs in a worker process)."""
-    uri_parser = UriParser()
+    uri_parser, tokenizer = _worker_tools()
     out = []
     for raw in raws:
         msg = parse_message(raw, uri_parser=uri_parser, body_scan_size=body_scan_size)
-        out.append((message_digest(msg), token_hashes(msg)))
+        out.append((message_digest(msg), tokenizer.hashes(msg)))
     return out
 
 
