@@ -506,16 +506,9 @@ class BayesStore:
 
     def learn_many(self, items: Iterable[tuple[ParsedMessage, bool]]) -> Counter[LearnResult]:
         """Learn many messages, one transaction per batch of 500 (tokenised before the lock)."""
-        results: Counter[LearnResult] = Counter()
-        batch: list[tuple[str, npt.NDArray[np.uint32], bool]] = []
-        for msg, is_spam in items:
-            batch.append((message_digest(msg), self._tokenizer.hashes(msg), bool(is_spam)))
-            if len(batch) >= _BATCH:
-                results.update(self._learn_batch(batch))
-                batch = []
-        if batch:
-            results.update(self._learn_batch(batch))
-        return results
+        return self.learn_hashed(
+            (message_digest(msg), self._tokenizer.hashes(msg), bool(is_spam)) for msg, is_spam in items
+        )
 
     def learn_hashed(self, items: Iterable[tuple[str, npt.NDArray[np.uint32], bool]]) -> Counter[LearnResult]:
         """`learn_many` for messages already reduced to (digest, token hashes, is_spam): lets
