@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import sparse  # type: ignore[import-untyped]
-from sklearn.metrics import roc_auc_score
 from sklearn.naive_bayes import ComplementNB, MultinomialNB
 
 from filterd.config import default_config, load_config, parse_duration
@@ -810,22 +809,3 @@ def test_autolearn_accepts_a_scan_hit_dict_and_kinds_for_eval_rules() -> None:
     hits = {n: Hit(n) for n in ("HDR_A", "HDR_B", "EVAL_A")}
     assert autolearn_decision(hits, INFOS, config) is None
     assert autolearn_decision(hits, INFOS, config, kinds={"EVAL_A": "body"}) is True
-
-
-# -- the corpus ---------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not (CORPUS / "split.tsv").exists(), reason="no shared corpus")
-def test_corpus_bayes_alone_ranks_test_part_well(tmp_path: Path) -> None:
-    rows = [line.split("\t") for line in (CORPUS / "split.tsv").read_text().splitlines()[1:]]
-    store = BayesStore.open(tmp_path / "bayes.sqlite", bayes_config(min_spam=200, min_ham=200, n_features=1 << 20))
-    store.learn_many((parse((CORPUS / p).read_bytes()), label == "spam") for p, label, part in rows if part == "train")
-    labels, scores = [], []
-    for p, label, part in rows:
-        if part == "test":
-            prob = store.spam_probability(parse((CORPUS / p).read_bytes()))
-            labels.append(label == "spam")
-            scores.append(0.5 if prob is None else prob)
-    store.close()
-    assert (1 - roc_auc_score(labels, scores)) * 100 < 0.5
