@@ -46,27 +46,27 @@ class CompiledPattern:
     rx: regex.Pattern[str]
 
 
+# One table for both engines, so a rule flag can never mean different things in each.
+_FLAGS = {
+    "i": (regex.IGNORECASE, hyperscan.HS_FLAG_CASELESS),
+    "m": (regex.MULTILINE, hyperscan.HS_FLAG_MULTILINE),
+    "s": (regex.DOTALL, hyperscan.HS_FLAG_DOTALL),
+}
+
+
 def compile_fallback(source: str, flags: str) -> regex.Pattern[str]:
     """Compile with the `regex` module (V0 = Perl-ish semantics); raises regex.error."""
     f = regex.ASCII | regex.V0
-    if "i" in flags:
-        f |= regex.IGNORECASE
-    if "m" in flags:
-        f |= regex.MULTILINE
-    if "s" in flags:
-        f |= regex.DOTALL
+    for flag in flags:
+        f |= _FLAGS[flag][0]
     return regex.compile(source, f)
 
 
 def _hs_flags(flags: str) -> int:
     f = hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_UTF8
-    if "i" in flags:
-        f |= hyperscan.HS_FLAG_CASELESS
-    if "m" in flags:
-        f |= hyperscan.HS_FLAG_MULTILINE
-    if "s" in flags:
-        f |= hyperscan.HS_FLAG_DOTALL
-    return f
+    for flag in flags:
+        f |= _FLAGS[flag][1]
+    return int(f)
 
 
 def hyperscan_accepts(source: str, flags: str) -> bool:
