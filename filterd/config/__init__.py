@@ -14,9 +14,14 @@ from filterd.config.load import (
     load_section_file,
 )
 from filterd.config.schema import (
+    AntivirusConfig,
+    AuthConfig,
     BayesConfig,
     Config,
     DaemonConfig,
+    DnsblConfig,
+    DnsblZone,
+    DnsConfig,
     FrozenMap,
     ListsConfig,
     Network,
@@ -37,9 +42,14 @@ from filterd.config.units import (
 )
 
 __all__ = [
+    "AntivirusConfig",
+    "AuthConfig",
     "BayesConfig",
     "Config",
     "DaemonConfig",
+    "DnsConfig",
+    "DnsblConfig",
+    "DnsblZone",
     "Duration",
     "FrozenMap",
     "ListsConfig",

@@ -241,8 +241,12 @@ def _build(
     where: yaml.Node | None,
     constructor: SafeConstructor,
     problems: list[Problem],
+    base: S | None = None,
 ) -> S:
-    """An instance of section ``cls`` from ``tree``; bad values are reported and defaulted."""
+    """An instance of section ``cls`` from ``tree`` (over ``base``, else the defaults).
+
+    Bad values are reported and defaulted.
+    """
     fields = schema_fields(cls)
     names = [f.name for f in fields]
     for key, written in tree.items():
@@ -266,7 +270,7 @@ def _build(
             continue
         with contextlib.suppress(_Invalid):  # reported already; the default stays
             values[f.name] = _value(f, entry, key_path, constructor, problems)
-    result = cast(Callable[..., S], cls)(**values)
+    result = dataclasses.replace(base, **values) if base is not None else cast(Callable[..., S], cls)(**values)
     if len(problems) == before:  # cross-checks only make sense on values that passed
         for name, message in result.check():
             blamed = tree.get(name)
@@ -304,12 +308,24 @@ def _value(
         bad = False
         for key, item in node.items():
             item_path = _join(path, key)
+            if _is_section_type(args[1]):  # a named group of settings, e.g. one DNSBL zone
+                if isinstance(item.value, dict):
+                    # A shipped entry is changed by naming it; its other settings stay as shipped.
+                    base = cast(FrozenMap[str, Section], f.default).get(key)
+                    items[key] = _build(args[1], item.value, item_path, item.key, constructor, problems, base)
+                else:
+                    message = f"expected a mapping of settings, got {_show(item.value)}"
+                    problems.append(_problem(item.key, item_path, message))
+                    bad = True
+                continue
             try:
                 items[key] = _scalar_at(args[1], None, item, item_path, constructor, problems)
             except _Invalid:
                 bad = True
         if bad:
             raise _Invalid()
+        if _is_section_type(args[1]):  # entries merge over the shipped ones
+            return FrozenMap({**cast(FrozenMap[str, object], f.default), **items})
         return FrozenMap(items)
     if origin is tuple:
         if not isinstance(node, yaml.SequenceNode):
@@ -406,6 +422,10 @@ def _scalar(tp: Any, raw: object) -> object:
     raise _Invalid()
 
 
+def _is_section_type(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, Section)
+
+
 def _optional_of(tp: Any) -> Any:
     """X for a type written ``X | None``, else None."""
     if get_origin(tp) in (Union, UnionType):
@@ -452,6 +472,8 @@ def _expected(tp: Any, info: SettingInfo | None) -> str:
     if origin is tuple:
         return f"a list of {_plural(args[0])}"
     if origin is FrozenMap:
+        if _is_section_type(args[1]):
+            return "a mapping of names to groups of settings"
         return f"a mapping of names to {_plural(args[1])}"
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
@@ -478,6 +500,8 @@ def _type_name(f: SchemaField) -> str:
     if origin is tuple:
         return "list[cidr]" if args[0] == Network else f"list[{args[0].__name__}]"
     if origin is FrozenMap:
+        if _is_section_type(args[1]):
+            return f"map[{args[0].__name__}, {{{', '.join(f.name for f in schema_fields(args[1]))}}}]"
         return f"map[{args[0].__name__}, {args[1].__name__}]"
     if origin is Literal:
         return " | ".join(str(a) for a in args)
@@ -510,6 +534,8 @@ def _render(tp: Any, value: object) -> object:
     if origin is tuple:
         return [_render(args[0], v) for v in cast(tuple[object, ...], value)]
     if origin is FrozenMap:
+        if _is_section_type(args[1]):
+            return {k: _to_dict(cast(Section, v), None) for k, v in cast(FrozenMap[str, object], value).items()}
         return {k: _render(args[1], v) for k, v in cast(FrozenMap[str, object], value).items()}
     if tp is Duration:
         return format_duration(cast(float, value))

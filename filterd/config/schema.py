@@ -17,9 +17,14 @@ To change a loaded config use ``dataclasses.replace`` (nested for a section:
 from __future__ import annotations
 
 __all__ = [
+    "AntivirusConfig",
+    "AuthConfig",
     "BayesConfig",
     "Config",
     "DaemonConfig",
+    "DnsConfig",
+    "DnsblConfig",
+    "DnsblZone",
     "FrozenMap",
     "ListsConfig",
     "Network",
@@ -206,15 +211,179 @@ class RulesConfig(Section):
         return ()
 
 
+_LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
 @dataclass(frozen=True, slots=True)
 class NetworkConfig(Section):
-    """Which relays are ours."""
+    """Which relays are ours, and whether checks that ask the network run at all."""
 
+    enabled: bool = setting(
+        True, doc="Run network checks (DNSBL, URIBL, SPF, DKIM, DMARC); false = local tests only."
+    )
     trusted_networks: tuple[Network, ...] = setting(
-        (), doc="Relays whose Received headers are believed (ours and those we trust)."
+        _LOOPBACK, doc="Relays whose Received headers are believed (ours and those we trust); loopback always is."
     )
     internal_networks: tuple[Network, ...] = setting(
-        (), doc="Relays that are part of our own mail system (a subset of the trusted ones)."
+        _LOOPBACK, doc="Relays that are part of our own mail system (a subset of the trusted ones)."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig(Section):
+    """How network checks ask DNS: servers, time limits, cache, and when to give up on a zone."""
+
+    nameservers: tuple[str, ...] = setting(
+        (), doc="Resolvers to ask: ADDR or ADDR:PORT ([v6]:PORT); empty = those in /etc/resolv.conf."
+    )
+    timeout: Duration = setting(
+        parse_duration("2s"), min=parse_duration("10ms"), max=parse_duration("60s"),
+        doc="How long one lookup may take (all nameservers and retries included).",
+    )  # fmt: skip
+    cache_entries: int = setting(
+        50_000, min=0, max=10_000_000, doc="Answers cached per worker (TTL honoured); 0 = no cache."
+    )
+    min_ttl: Duration = setting(
+        parse_duration("0s"), min=0, max=parse_duration("1d"), doc="Cache answers at least this long."
+    )
+    max_ttl: Duration = setting(
+        parse_duration("1d"), min=0, max=parse_duration("30d"), doc="Cache answers at most this long."
+    )
+    negative_ttl: Duration = setting(
+        parse_duration("5m"), min=0, max=parse_duration("1d"),
+        doc="Cache NXDOMAIN / no-answer this long when the zone's SOA does not say.",
+    )  # fmt: skip
+    breaker_failures: int = setting(
+        5, min=1, max=10_000, doc="Consecutive timeouts or server failures of a zone before it is skipped."
+    )
+    breaker_cooldown: Duration = setting(
+        parse_duration("1m"), min=parse_duration("1s"), max=parse_duration("1d"),
+        doc="How long a tripped zone is skipped before one lookup tries it again.",
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class DnsblZone(Section):
+    """One DNS blocklist: what is looked up in it and what its answers mean."""
+
+    enabled: bool = setting(True, doc="Use this list (set false to turn off a shipped one).")
+    zone: str = setting("", doc="The list's DNS zone, e.g. zen.spamhaus.org.")
+    type: Literal["ip", "domain"] = setting("ip", doc="ip: relay addresses (reversed); domain: domain names.")
+    relays: Literal["last_external", "all_untrusted"] = setting(
+        "last_external", doc="ip lists: check the last external relay only, or every untrusted one."
+    )
+    sources: tuple[str, ...] = setting(
+        ("uri",), doc="domain lists: which domains to check, any of uri, helo, sender, from."
+    )
+    answers: FrozenMap[str, str] = setting(
+        FrozenMap(), doc="Answer address (127.0.0.x) -> rule name that fires."
+    )
+    bitmask: FrozenMap[str, str] = setting(
+        FrozenMap(), doc="Bit value of the last octet (e.g. 2, 4, 8) -> rule name (URIBL/SURBL style)."
+    )
+    any_answer: str = setting("", doc="Rule that fires on any listing not mapped above; empty = none.")
+    blocked_answers: tuple[str, ...] = setting(
+        ("127.255.255.252", "127.255.255.254", "127.255.255.255", "127.0.1.255"),
+        doc="Answers meaning the list refused this resolver: never a listing; the zone is reported unusable.",
+    )
+
+    def check(self) -> Sequence[tuple[str, str]]:
+        problems = []
+        if not self.zone:
+            problems.append(("zone", "expected the list's DNS zone, e.g. zen.spamhaus.org"))
+        if not (self.answers or self.bitmask or self.any_answer):
+            problems.append(("answers", "expected at least one of answers, bitmask or any_answer"))
+        return problems
+
+
+def _shipped_zones() -> FrozenMap[str, DnsblZone]:
+    """The public lists SpamAssassin also uses by default; their rules and scores are in rules/."""
+    m = FrozenMap
+    return m({
+        "zen": DnsblZone(
+            zone="zen.spamhaus.org", type="ip", relays="last_external",
+            answers=m({
+                "127.0.0.2": "RCVD_IN_SBL", "127.0.0.3": "RCVD_IN_SBL_CSS", "127.0.0.9": "RCVD_IN_SBL",
+                "127.0.0.4": "RCVD_IN_XBL", "127.0.0.5": "RCVD_IN_XBL", "127.0.0.6": "RCVD_IN_XBL",
+                "127.0.0.7": "RCVD_IN_XBL", "127.0.0.10": "RCVD_IN_PBL", "127.0.0.11": "RCVD_IN_PBL",
+            }),
+        ),
+        "dbl": DnsblZone(
+            zone="dbl.spamhaus.org", type="domain", sources=("uri", "helo", "sender"),
+            answers=m({
+                "127.0.1.2": "URIBL_DBL_SPAM", "127.0.1.4": "URIBL_DBL_PHISH", "127.0.1.5": "URIBL_DBL_MALWARE",
+                "127.0.1.6": "URIBL_DBL_BOTNETCC", "127.0.1.102": "URIBL_DBL_ABUSE_SPAM",
+                "127.0.1.103": "URIBL_DBL_ABUSE_REDIR", "127.0.1.104": "URIBL_DBL_ABUSE_PHISH",
+                "127.0.1.105": "URIBL_DBL_ABUSE_MALW", "127.0.1.106": "URIBL_DBL_ABUSE_BOTCC",
+            }),
+        ),
+        "uribl": DnsblZone(
+            zone="multi.uribl.com", type="domain", sources=("uri",),
+            bitmask=m({"2": "URIBL_BLACK", "4": "URIBL_GREY", "8": "URIBL_RED"}),
+            blocked_answers=("127.0.0.1",),
+        ),
+        "surbl": DnsblZone(
+            zone="multi.surbl.org", type="domain", sources=("uri",),
+            bitmask=m({"8": "URIBL_PH_SURBL", "16": "URIBL_MW_SURBL", "64": "URIBL_ABUSE_SURBL",
+                       "128": "URIBL_CR_SURBL"}),
+            blocked_answers=("127.0.0.1",),
+        ),
+    })  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class DnsblConfig(Section):
+    """IP and domain blocklists looked up in DNS (rules say their scores, in rules/)."""
+
+    enabled: bool = setting(True, doc="Look up relays and domains in the zones below.")
+    zones: FrozenMap[str, DnsblZone] = setting(
+        _shipped_zones(), doc="Blocklists by a short name; the shipped ones are in the default config."
+    )
+    max_domains: int = setting(
+        20, min=0, max=1000, doc="Registered domains of a message looked up per domain list, most frequent first."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig(Section):
+    """Sender authentication: SPF, DKIM, ARC and DMARC, and the Authentication-Results header."""
+
+    spf: bool = setting(True, doc="Check SPF for the envelope sender and the HELO name (pyspf).")
+    dkim: bool = setting(True, doc="Verify every DKIM signature (dkimpy).")
+    arc: bool = setting(True, doc="Verify the ARC chain when a message has one.")
+    dmarc: bool = setting(True, doc="Look up the author domain's DMARC policy and check alignment.")
+    authserv_id: str = setting(
+        "", doc="The name in Authentication-Results headers; empty = this host's name."
+    )
+    add_header: bool = setting(True, doc="Add an RFC 8601 Authentication-Results header to the message.")
+    max_signatures: int = setting(5, min=0, max=100, doc="DKIM signatures verified per message at most.")
+    dkim_keys: FrozenMap[str, str] = setting(
+        FrozenMap(), doc="Signing keys for outgoing mail: domain -> 'selector:/path/to/key.pem'."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AntivirusConfig(Section):
+    """Virus scanning with clamd."""
+
+    enabled: bool = setting(False, doc="Scan messages with clamd.")
+    clamd: str = setting(
+        "/run/clamav/clamd.ctl", doc="clamd's socket: a Unix socket path or HOST:PORT."
+    )
+    timeout: Duration = setting(
+        parse_duration("10s"), min=parse_duration("100ms"), max=parse_duration("10m"),
+        doc="How long one clamd scan may take.",
+    )  # fmt: skip
+    max_size: Size = setting(
+        parse_size("25M"), min=parse_size("1K"), max=parse_size("1G"),
+        doc="Largest message or attachment sent to clamd (clamd's StreamMaxLength must allow it).",
+    )  # fmt: skip
+    scan_attachments: bool = setting(True, doc="Also scan each decoded attachment, not only the raw message.")
+    action: Literal["reject", "quarantine", "tag"] = setting(
+        "reject", doc="What a milter or MTA does with a virus: refuse it, quarantine it, or only tag it."
+    )
+    on_error: Literal["tempfail", "continue"] = setting(
+        "tempfail", doc="clamd unreachable or failing: ask the sender to retry later, or go on (AV_ERROR fires)."
     )
 
 
@@ -352,6 +521,10 @@ class Config(Section):
     scoring: ScoringConfig = section(ScoringConfig)
     rules: RulesConfig = section(RulesConfig)
     network: NetworkConfig = section(NetworkConfig)
+    dns: DnsConfig = section(DnsConfig)
+    dnsbl: DnsblConfig = section(DnsblConfig)
+    auth: AuthConfig = section(AuthConfig)
+    antivirus: AntivirusConfig = section(AntivirusConfig)
     daemon: DaemonConfig = section(DaemonConfig)
     lists: ListsConfig = section(ListsConfig)
     bayes: BayesConfig = section(BayesConfig)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import textwrap
 from dataclasses import dataclass
 from ipaddress import ip_network
@@ -82,8 +83,8 @@ def test_defaults_load_without_a_file() -> None:
     assert cfg.rules.scan_deadline == 10.0
     assert cfg.rules.body_scan_size == 200 * K
     assert cfg.rules.max_scan_size == 10 * M
-    assert cfg.network.trusted_networks == ()
-    assert cfg.network.internal_networks == ()
+    loopback = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+    assert cfg.network.trusted_networks == cfg.network.internal_networks == loopback
 
 
 def test_empty_file_and_empty_sections_give_defaults(cwd: Path) -> None:
@@ -777,7 +778,7 @@ def test_describe_settings_covers_every_setting() -> None:
     def leaves(data: dict[str, object], prefix: str = "") -> list[str]:
         out = []
         for key, value in data.items():
-            if isinstance(value, dict) and key != "score_overrides":
+            if isinstance(value, dict) and key not in ("score_overrides", "zones", "dkim_keys"):
                 out += leaves(value, f"{prefix}{key}.")
             else:
                 out.append(prefix + key)
@@ -789,16 +790,21 @@ def test_describe_settings_covers_every_setting() -> None:
     assert table["rules.rule_timeout"] == ("duration, 1ms..10s", "50ms")
     assert table["rules.body_scan_size"] == ("size, 1K..64M", "200K")
     assert table["scoring.required_score"] == ("float, -1000..1000", "5.0")
-    assert table["network.trusted_networks"] == ("list[cidr]", "[]")
+    assert table["network.trusted_networks"] == ("list[cidr]", "[127.0.0.0/8, '::1/128']")
     assert table["scoring.score_overrides"] == ("map[str, float]", "{}")
     assert table["state_dir"] == ("str", "''")
 
 
 def test_public_names() -> None:
     assert sorted(filterd.config.__all__) == [
+        "AntivirusConfig",
+        "AuthConfig",
         "BayesConfig",
         "Config",
         "DaemonConfig",
+        "DnsConfig",
+        "DnsblConfig",
+        "DnsblZone",
         "Duration",
         "FrozenMap",
         "ListsConfig",
