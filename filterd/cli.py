@@ -27,6 +27,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="configuration file (default: embedded defaults)")
     p.add_argument("--state-dir", metavar="DIR", help="where learnt state lives (Bayes, reputation, greylisting)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    p.add_argument(
+        "-L", "--local", action="store_true", help="no network checks (DNSBL, SPF, DKIM, DMARC), like spamd -L"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,9 +168,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _load_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    import dataclasses
+
     from filterd.config import load_config
 
-    return load_config(args.config, state_dir=args.state_dir)
+    config = load_config(args.config, state_dir=args.state_dir)
+    if getattr(args, "local", False):
+        config = dataclasses.replace(config, network=dataclasses.replace(config.network, enabled=False))
+    return config
 
 
 def _load_engine(args: argparse.Namespace):  # type: ignore[no-untyped-def]

@@ -448,8 +448,14 @@ def _run_round(
 
     stats = FoldStats()
     with tempfile.TemporaryDirectory(prefix="filterd-eval-") as tmp:
-        # Autolearn would teach the store the very test messages it is being judged on.
-        cfg = dataclasses.replace(config, state_dir=tmp, bayes=dataclasses.replace(config.bayes, autolearn=False))
+        # Autolearn would teach the store the very test messages it is being judged on; and
+        # network checks would judge an archived corpus by today's blocklists and DNS.
+        cfg = dataclasses.replace(
+            config,
+            state_dir=tmp,
+            bayes=dataclasses.replace(config.bayes, autolearn=False),
+            network=dataclasses.replace(config.network, enabled=False),
+        )
         store = BayesStore.open(cfg.state_path / "bayes.sqlite", cfg.bayes)
         try:
             _train(store, train, cfg, stats, parsed)

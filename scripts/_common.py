@@ -57,7 +57,7 @@ def start_filterd(workers: int, tmp: Path, *extra: str) -> tuple[subprocess.Pope
     log = (tmp / "filterd.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "filterd", "daemon", "--listen", f"127.0.0.1:{port}", "--workers", str(workers),
-         "--state-dir", str(tmp / "state"), *extra],
+         "--state-dir", str(tmp / "state"), "--local", *extra],
         stdout=log, stderr=subprocess.STDOUT,
     )
     return proc, port

@@ -30,7 +30,7 @@ def main() -> int:
         with log_path.open("wb") as log:
             daemon = subprocess.Popen(
                 [str(BIN / "filterd"), "daemon", "--listen", str(sock), "--workers", "2", "--state-dir",
-                 str(Path(tmp) / "state")],
+                 str(Path(tmp) / "state"), "--local"],
                 stdout=log, stderr=subprocess.STDOUT,
             )
         try:

@@ -7,15 +7,33 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
+import dns.resolver
 import pytest
 
-from filterd.config import default_config
+from filterd.config import Config, default_config
 from filterd.engine.engine import Engine
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_CORPUS = ROOT.parent / "shared" / "corpora" / "spamassassin"
 
 MakeEngine = Callable[..., Engine]
+
+
+def offline_config(config: Config | None = None) -> Config:
+    """``config`` (default: the built-in one) with network checks off: tests that want DNS
+    start the local DNS server fixture and point ``dns.nameservers`` at it."""
+    config = config or default_config()
+    return dataclasses.replace(config, network=dataclasses.replace(config.network, enabled=False))
+
+
+@pytest.fixture(autouse=True)
+def _never_the_system_resolver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing in a test may ask the resolvers of /etc/resolv.conf (the brief's rule)."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a test tried to use the system resolver; configure dns.nameservers")
+
+    monkeypatch.setattr(dns.resolver.Resolver, "read_resolv_conf", refuse)
 
 
 @pytest.fixture
@@ -30,7 +48,7 @@ def make_engine(tmp_path: Path) -> MakeEngine:
             files = {"10_test.yaml": files}
         for name, text in files.items():
             (rules_dir / name).write_text(textwrap.dedent(text))
-        cfg = default_config()
+        cfg = offline_config()
         cfg = dataclasses.replace(cfg, rules=dataclasses.replace(cfg.rules, dirs=(str(rules_dir),), **rules_settings))
         return Engine.load(cfg, checks=checks or [])
 
@@ -40,4 +58,4 @@ def make_engine(tmp_path: Path) -> MakeEngine:
 @pytest.fixture(scope="session")
 def shipped_engine() -> Engine:
     """The engine with the shipped rule set and checks, loaded once per test session."""
-    return Engine.load()
+    return Engine.load(offline_config())

@@ -86,7 +86,9 @@ def start_daemon(tmp_path: Path, *args: str, config: str = "", workers: int = 2,
     run.mkdir()
     unix_path = run / "spamd.sock"
     cfg = run / "filterd.yaml"
-    cfg.write_text(config or "{}\n")
+    if "network:" not in config and "dns:" not in config:
+        config = "network: {enabled: false}\n" + config  # never the system resolver in tests
+    cfg.write_text(config)
     log_path = run / "daemon.log"
     cmd = [
         sys.executable,

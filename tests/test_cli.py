@@ -18,7 +18,7 @@ def filterd(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes
 
 
 def test_check_json_has_the_documented_fields() -> None:
-    proc = filterd("check", "--json", "-", stdin=GTUBE)
+    proc = filterd("check", "--local", "--json", "-", stdin=GTUBE)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["is_spam"] is True and doc["score"] >= 1000 and doc["required_score"] == 5.0
@@ -29,14 +29,14 @@ def test_check_json_has_the_documented_fields() -> None:
 def test_check_plain_and_process(tmp_path: Path) -> None:
     path = tmp_path / "m.eml"
     path.write_bytes(GTUBE)
-    proc = filterd("check", str(path))
+    proc = filterd("check", "--local", str(path))
     assert proc.returncode == 0 and proc.stdout.startswith(b"spam 10")
-    proc = filterd("check", "--process", str(path))
+    proc = filterd("check", "--local", "--process", str(path))
     assert b"X-Spam-Flag: YES" in proc.stdout and b"x-spam-type=original" in proc.stdout
 
 
 def test_check_missing_file_is_a_clear_error(tmp_path: Path) -> None:
-    proc = filterd("check", str(tmp_path / "nope.eml"))
+    proc = filterd("check", "--local", str(tmp_path / "nope.eml"))
     assert proc.returncode == 66 and b"cannot read" in proc.stderr
 
 

@@ -14,7 +14,8 @@ PACKAGE = Path(filterd.__file__).resolve().parent
 FORBIDDEN = {
     "protocols": {"engine", "config", "daemon", "mta", "mda", "cli"},
     "engine": {"daemon", "mta", "mda", "cli"},
-    "config": {"engine", "daemon", "mta", "mda", "cli"},
+    "config": {"engine", "daemon", "mta", "mda", "cli", "net"},
+    "net": {"engine", "daemon", "mta", "mda", "cli", "protocols"},
     "daemon": {"mta", "mda", "cli"},
     "mta": {"engine", "daemon", "cli"},
     "mda": {"engine", "daemon", "mta", "cli"},

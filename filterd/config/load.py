@@ -270,7 +270,10 @@ def _build(
             continue
         with contextlib.suppress(_Invalid):  # reported already; the default stays
             values[f.name] = _value(f, entry, key_path, constructor, problems)
-    result = dataclasses.replace(base, **values) if base is not None else cast(Callable[..., S], cls)(**values)
+    if base is not None:
+        result = cast(S, dataclasses.replace(cast(Any, base), **values))
+    else:
+        result = cast(Callable[..., S], cls)(**values)
     if len(problems) == before:  # cross-checks only make sense on values that passed
         for name, message in result.check():
             blamed = tree.get(name)

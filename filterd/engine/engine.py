@@ -34,6 +34,7 @@ from filterd.engine.plugin import Check, CheckSetup, Hit, Scan, ScanContext, Sta
 from filterd.engine.rules import load_rule_files
 from filterd.engine.ruleset import CompiledRules, RuleInfo, compile_rules, header_text
 from filterd.engine.uris import UriParser
+from filterd.net.dns import Resolver
 
 __all__ = ["Engine", "Result", "shipped_rules_dir"]
 
@@ -65,6 +66,8 @@ class Result:
     scan_time: float  # seconds
     problems: tuple[str, ...]
     autolearn: str = "no"
+    extra_headers: tuple[tuple[str, str], ...] = ()  # e.g. Authentication-Results, for the output
+    facts: tuple[tuple[str, str], ...] = ()  # what checks concluded, e.g. ("av", "Eicar-Signature")
 
     @property
     def rule_names(self) -> list[str]:
@@ -74,8 +77,16 @@ class Result:
 class Engine:
     """Everything loaded once; `scan` is safe to call concurrently from one event loop."""
 
-    def __init__(self, config: Config, rules: CompiledRules, checks: Sequence[Check], uri_parser: UriParser) -> None:
+    def __init__(
+        self,
+        config: Config,
+        rules: CompiledRules,
+        checks: Sequence[Check],
+        uri_parser: UriParser,
+        resolver: Resolver | None = None,
+    ) -> None:
         self.config = config
+        self.resolver = resolver  # for metrics: per-zone health
         self.rules = rules
         self.checks = list(checks)
         self.uri_parser = uri_parser
@@ -98,7 +109,8 @@ class Engine:
         """
         config = config or default_config()
         uri_parser = UriParser()
-        setup = CheckSetup(config=config, uri_parser=uri_parser, state_dir=state_dir)
+        resolver = Resolver(config.dns) if config.network.enabled else None
+        setup = CheckSetup(config=config, uri_parser=uri_parser, state_dir=state_dir, resolver=resolver)
         classes = builtin_checks() if checks is None else list(checks)
         instances: list[Check] = [cls_(setup) for cls_ in (*classes, *extra_checks)]
         dirs = [Path(d) for d in config.rules.dirs] or [shipped_rules_dir()]
@@ -110,7 +122,7 @@ class Engine:
             score_overrides=dict(config.scoring.score_overrides),
             rule_timeout=config.rules.rule_timeout,
         )
-        return cls(config, compiled, instances, uri_parser)
+        return cls(config, compiled, instances, uri_parser, resolver)
 
     # -- staged interface -------------------------------------------------------------------
 
@@ -316,6 +328,8 @@ class Engine:
             scan_time=elapsed,
             problems=tuple(scan.problems),
             autolearn=scan.autolearn,
+            extra_headers=tuple(scan.add_headers),
+            facts=tuple(scan.facts.items()),
         )
 
     def _autolearn(self, scan: Scan) -> None:

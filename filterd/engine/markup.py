@@ -112,7 +112,9 @@ def spam_headers(engine: Engine, result: Result, options: MarkupOptions, newline
         f"tests={tests} autolearn={result.autolearn} version={__version__}"
     )
     stars = "*" * min(50, max(0, int(result.score)))
-    out = _fold("X-Spam-Checker-Version", f"filterd {__version__} on {options.hostname or _fqdn()}", newline)
+    # Headers the checks asked for (Authentication-Results, ...) come first, as an MTA adds them.
+    out = "".join(_fold(name, _clean(value), newline) for name, value in result.extra_headers)
+    out += _fold("X-Spam-Checker-Version", f"filterd {__version__} on {options.hostname or _fqdn()}", newline)
     if yes:
         out += f"X-Spam-Flag: YES{newline}"
     out += f"X-Spam-Level: {stars}{newline}"

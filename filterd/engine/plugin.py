@@ -19,7 +19,9 @@ if TYPE_CHECKING:
     from filterd.engine.message import ParsedMessage
     from filterd.engine.prefs import UserPrefs
     from filterd.engine.ruleset import RuleInfo
+    from filterd.engine.trust import TrustPath
     from filterd.engine.uris import UriParser
+    from filterd.net.dns import Resolver
 
 __all__ = ["Check", "CheckSetup", "Hit", "Scan", "ScanContext", "Stage"]
 
@@ -76,6 +78,11 @@ class Scan:
     problems: list[str] = field(default_factory=list)  # rule timeouts, check errors (for logs)
     rules: Mapping[str, RuleInfo] = field(default_factory=dict)  # what every rule is (scores, tflags)
     autolearn: str = "no"  # what autolearn did: "ham", "spam", "no", "disabled", "failed"
+    trust: TrustPath | None = None  # computed once by filterd.engine.trust.trust_path_of
+    # Headers the output should carry, beyond X-Spam-* (e.g. Authentication-Results), in order.
+    add_headers: list[tuple[str, str]] = field(default_factory=list)
+    # Facts checks share with later stages and with the caller (e.g. "spf" -> "pass", "av" -> name).
+    facts: dict[str, str] = field(default_factory=dict)
 
     @property
     def message(self) -> ParsedMessage:
@@ -100,6 +107,7 @@ class CheckSetup:
     config: Config
     uri_parser: UriParser
     state_dir: str = ""
+    resolver: Resolver | None = None  # shared DNS client; None when network checks are off
 
 
 @runtime_checkable

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from filterd.config import BayesConfig, default_config
+from filterd.config import BayesConfig
 from filterd.engine.message import ParsedMessage, parse_message
 from filterd.engine.uris import UriParser
+from tests.conftest import offline_config
 
 SPAM_WORDS = (
     "viagra", "cialis", "casino", "jackpot", "winner", "lottery", "prize", "mortgage", "refinance",
@@ -64,7 +65,7 @@ def make_msg(n: int, spam: bool, **kwargs: object) -> ParsedMessage:
 def bayes_config(**overrides: object) -> BayesConfig:
     """Small gates so that a few synthetic messages make the store speak; small arrays; no
     autolearn (engine tests would otherwise teach the store the probes they score)."""
-    base = dataclasses.replace(default_config().bayes, min_spam=5, min_ham=5, n_features=1 << 16, autolearn=False)
+    base = dataclasses.replace(offline_config().bayes, min_spam=5, min_ham=5, n_features=1 << 16, autolearn=False)
     return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
 
 

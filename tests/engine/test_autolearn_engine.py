@@ -5,15 +5,15 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from filterd.config import default_config
 from filterd.engine.bayes import BayesStore
 from filterd.engine.engine import Engine
+from tests.conftest import offline_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_autolearn_learns_clear_cases_and_says_so(tmp_path: Path) -> None:
-    cfg = dataclasses.replace(default_config(), state_dir=str(tmp_path))
+    cfg = dataclasses.replace(offline_config(), state_dir=str(tmp_path))
     engine = Engine.load(cfg, state_dir=str(tmp_path))
     gtube = b"Subject: t\nFrom: a@example.org\n\nXJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X\n"
     outcomes = {}
@@ -36,7 +36,7 @@ def test_autolearn_learns_clear_cases_and_says_so(tmp_path: Path) -> None:
 
 
 def test_autolearn_off_leaves_the_store_alone(tmp_path: Path) -> None:
-    cfg = dataclasses.replace(default_config(), state_dir=str(tmp_path))
+    cfg = dataclasses.replace(offline_config(), state_dir=str(tmp_path))
     cfg = dataclasses.replace(cfg, bayes=dataclasses.replace(cfg.bayes, autolearn=False))
     engine = Engine.load(cfg, state_dir=str(tmp_path))
     result = engine.scan_sync((ROOT / "corpora" / "ham" / "17-one-line-lunch.eml").read_bytes())

@@ -25,7 +25,7 @@ import pytest
 from scipy import sparse  # type: ignore[import-untyped]
 from sklearn.naive_bayes import ComplementNB, MultinomialNB
 
-from filterd.config import default_config, load_config, parse_duration
+from filterd.config import load_config, parse_duration
 from filterd.engine.bayes import (
     BayesCheck,
     BayesStore,
@@ -50,6 +50,7 @@ from filterd.engine.engine import Engine
 from filterd.engine.plugin import Hit
 from filterd.engine.ruleset import RuleInfo
 from filterd.errors import ConfigError
+from tests.conftest import offline_config
 from tests.engine.bayes_helpers import bayes_config, check_consistent, make_msg, make_raw, parse
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -646,7 +647,7 @@ LEARN_LATER = """
 def test_learning_in_another_process_changes_scores_within_5_seconds(tmp_path: Path) -> None:
     state = tmp_path / "state"
     trained(state / "bayes.sqlite").close()
-    config = default_config()
+    config = offline_config()
     config = dataclasses.replace(config, bayes=bayes_config())
     engine = Engine.load(config, state_dir=str(state))
     probe = make_raw(60_000, False, extra="shibboleth " * 30)
@@ -675,7 +676,7 @@ def test_learning_in_another_process_changes_scores_within_5_seconds(tmp_path: P
 def test_bayes_rules_fire_through_the_engine(tmp_path: Path) -> None:
     state = tmp_path / "state"
     trained(state / "bayes.sqlite", n=12).close()
-    config = dataclasses.replace(default_config(), bayes=bayes_config())
+    config = dataclasses.replace(offline_config(), bayes=bayes_config())
     engine = Engine.load(config, state_dir=str(state))
     spam = engine.scan_sync(make_raw(800, True))
     ham = engine.scan_sync(make_raw(800, False))
@@ -696,7 +697,7 @@ def test_bayes_rules_fire_through_the_engine(tmp_path: Path) -> None:
 def test_bayes_rules_silent_below_min_counts(tmp_path: Path) -> None:
     state = tmp_path / "state"
     trained(state / "bayes.sqlite", n=3).close()
-    config = dataclasses.replace(default_config(), bayes=bayes_config())
+    config = dataclasses.replace(offline_config(), bayes=bayes_config())
     engine = Engine.load(config, state_dir=str(state))
     result = engine.scan_sync(make_raw(800, True))
     assert not [h for h in result.hits if h.rule.startswith("BAYES_")]
@@ -707,12 +708,12 @@ def test_bayes_rules_silent_below_min_counts(tmp_path: Path) -> None:
 
 def test_bayes_check_without_a_store_is_silent_and_creates_nothing(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    config = dataclasses.replace(default_config(), bayes=bayes_config())  # no autolearn: it would create one
+    config = dataclasses.replace(offline_config(), bayes=bayes_config())  # no autolearn: it would create one
     engine = Engine.load(config, state_dir=str(state))
     result = engine.scan_sync(make_raw(1, True))
     assert not [h for h in result.hits if h.rule.startswith("BAYES_")]
     assert not state.exists()
-    plain = Engine.load(default_config())
+    plain = Engine.load(offline_config())
     check = plain.check("bayes")
     assert isinstance(check, BayesCheck) and check.store is None
 
@@ -720,7 +721,7 @@ def test_bayes_check_without_a_store_is_silent_and_creates_nothing(tmp_path: Pat
 def test_bayes_disabled_never_opens_a_store(tmp_path: Path) -> None:
     state = tmp_path / "state"
     trained(state / "bayes.sqlite", n=12).close()
-    config = dataclasses.replace(default_config(), bayes=bayes_config(enabled=False))
+    config = dataclasses.replace(offline_config(), bayes=bayes_config(enabled=False))
     engine = Engine.load(config, state_dir=str(state))
     assert not [h for h in engine.scan_sync(make_raw(800, True)).hits if h.rule.startswith("BAYES_")]
 
@@ -729,7 +730,7 @@ def test_bayes_disabled_never_opens_a_store(tmp_path: Path) -> None:
 
 
 def test_config_bayes_defaults_and_power_of_two(tmp_path: Path) -> None:
-    cfg = default_config().bayes
+    cfg = offline_config().bayes
     assert (cfg.min_spam, cfg.min_ham, cfg.autolearn_ham_below, cfg.autolearn_spam_at) == (200, 200, 0.1, 12.0)
     assert cfg.n_features & (cfg.n_features - 1) == 0
     path = tmp_path / "filterd.yaml"
@@ -765,7 +766,7 @@ INFOS = {
 
 
 def decide(*names: str, **overrides: object) -> bool | None:
-    config = dataclasses.replace(default_config(), bayes=dataclasses.replace(default_config().bayes, **overrides))  # type: ignore[arg-type]
+    config = dataclasses.replace(offline_config(), bayes=dataclasses.replace(offline_config().bayes, **overrides))  # type: ignore[arg-type]
     return autolearn_decision([Hit(n) for n in names], INFOS, config)
 
 
@@ -798,14 +799,14 @@ def test_autolearn_points_use_the_set_without_bayes_and_the_verdict_the_set_with
     infos["URI_A"] = dataclasses.replace(INFOS["URI_A"], score_bayes=0.5)
     infos["HDR_B"] = dataclasses.replace(INFOS["HDR_B"], score_bayes=0.5)
     hits = [Hit(n) for n in ("HDR_A", "BODY_A", "URI_A", "HDR_B")]
-    config = default_config()
+    config = offline_config()
     assert autolearn_decision(hits, infos, config) is True  # no BAYES_xx: the first set decides
     # With BAYES_50 the engine scores 4 x 0.5 + 0.8 = 2.8: not spam, so not learnt as spam.
     assert autolearn_decision([*hits, Hit("BAYES_50")], infos, config) is None
 
 
 def test_autolearn_accepts_a_scan_hit_dict_and_kinds_for_eval_rules() -> None:
-    config = default_config()
+    config = offline_config()
     hits = {n: Hit(n) for n in ("HDR_A", "HDR_B", "EVAL_A")}
     assert autolearn_decision(hits, INFOS, config) is None
     assert autolearn_decision(hits, INFOS, config, kinds={"EVAL_A": "body"}) is True

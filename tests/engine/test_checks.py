@@ -11,6 +11,7 @@ import pytest
 from filterd.engine.checks import builtin_checks
 from filterd.engine.checks.headers import HeaderCheck, _epoch
 from filterd.engine.engine import Engine, Result
+from tests.conftest import offline_config
 
 HEAD = (
     b"Received: from mail.sender.example (mail.sender.example [192.0.2.10])\n"
@@ -27,7 +28,7 @@ PLAIN = b"Content-Type: text/plain; charset=us-ascii\n"
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    return Engine.load()
+    return Engine.load(offline_config())
 
 
 def scan(engine: Engine, raw: bytes) -> Result:

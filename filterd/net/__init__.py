@@ -1,0 +1,3 @@
+"""Network clients shared by the engine and the MTA: DNS now; nothing here knows about scoring."""
+
+__all__: list[str] = []
