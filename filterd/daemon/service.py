@@ -7,8 +7,10 @@ back what `SpamdService.handle` returns.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
+from collections.abc import Mapping
 
 from filterd.config import Config
 from filterd.daemon.metrics import WorkerMetrics
@@ -118,7 +120,7 @@ class SpamdService:
                 body=body if request.method in ("PROCESS", "HEADERS") else b"",
             )
         started = time.perf_counter()
-        ctx = ScanContext(user=request.user or "", prefs=prefs)
+        ctx = _connection_context(request.headers, user=request.user or "", prefs=prefs)
         try:
             async with self.scans:
                 result = await self.engine.scan(body, ctx, required_score=required)
@@ -154,3 +156,29 @@ class SpamdService:
         if method in ("REPORT", "REPORT_IFSPAM"):
             return build_report(self.engine, result, options).encode("utf-8")
         return process_message(self.engine, result, options)
+
+
+def _connection_context(headers: Mapping[str, str], *, user: str, prefs: UserPrefs) -> ScanContext:
+    """What the client says about the SMTP connection, in rspamd's request header names.
+
+    spamd has no such headers; an MTA glue script that knows the client (IP, Hostname, Helo,
+    From = envelope sender, Rcpt) may send them, and the network checks then use them instead
+    of guessing the sending relay from Received headers. A malformed IP is ignored.
+    """
+    folded = {name.lower(): value.strip() for name, value in headers.items()}
+    ip = folded.get("ip", "")
+    try:
+        ip = str(ipaddress.ip_address(ip)) if ip else ""
+    except ValueError:
+        ip = ""
+    mail_from = folded.get("from")
+    rcpt = folded.get("rcpt", "")
+    return ScanContext(
+        client_ip=ip,
+        client_name=folded.get("hostname", "") if ip else "",
+        helo=folded.get("helo", ""),
+        mail_from=mail_from.strip("<>") if mail_from is not None else None,
+        rcpts=(rcpt.strip("<>"),) if rcpt else (),
+        user=user,
+        prefs=prefs,
+    )
