@@ -8,6 +8,7 @@
     │   └── RemoteProtocolError    the peer did
     ├── CheckError             a check plugin failed (recorded as a zero-score hit)
     ├── QueueError             the MTA spool is unusable
+    ├── StateError             the state store (SQLite file or Redis) failed or is unreachable
     └── DeliveryError
         ├── TemporaryDeliveryError  try again later (4xx, EX_TEMPFAIL)
         └── PermanentDeliveryError  give up and bounce (5xx)
@@ -30,6 +31,7 @@ __all__ = [
     "QueueError",
     "RemoteProtocolError",
     "RuleError",
+    "StateError",
     "TemporaryDeliveryError",
 ]
 
@@ -94,6 +96,10 @@ class CheckError(FilterdError):
 
 class QueueError(FilterdError):
     """The queue is unusable (permissions, disk, corruption that blocks progress)."""
+
+
+class StateError(FilterdError):
+    """The state store (greylisting, reputation) failed: unreachable, locked too long, corrupt."""
 
 
 class DeliveryError(FilterdError):
