@@ -26,14 +26,17 @@ __all__ = [
     "DnsblConfig",
     "DnsblZone",
     "FrozenMap",
+    "GreylistConfig",
     "ListsConfig",
     "Network",
     "NetworkConfig",
+    "ReputationConfig",
     "RulesConfig",
     "SchemaField",
     "ScoringConfig",
     "Section",
     "SettingInfo",
+    "StateConfig",
     "schema_fields",
     "section",
     "setting",
@@ -512,6 +515,102 @@ class BayesConfig(Section):
 
 
 @dataclass(frozen=True, slots=True)
+class StateConfig(Section):
+    """Where learnt state shared by the workers lives: greylist triplets and sender reputation."""
+
+    backend: Literal["sqlite", "redis"] = setting(
+        "sqlite", doc="sqlite: one file in the state directory (one machine); redis: shared by several machines."
+    )
+    sqlite_path: str = setting("", doc="The SQLite file; empty = state.sqlite in the state directory.")
+    redis_url: str = setting(
+        "redis://127.0.0.1:6379/0", doc="The Redis server: redis://[:password@]host:port/db or unix:///path.sock."
+    )
+    redis_key_prefix: str = setting(
+        "filterd:", doc="Prefix of every key filterd writes in Redis, so a server can be shared with others."
+    )
+    timeout: Duration = setting(
+        parse_duration("2s"), min=parse_duration("10ms"), max=parse_duration("60s"),
+        doc="How long one store operation may take (a Redis reply, waiting for SQLite's write lock).",
+    )  # fmt: skip
+    sweep_period: Duration = setting(
+        parse_duration("10m"), min=parse_duration("1s"), max=parse_duration("1d"),
+        doc="How often the SQLite store deletes expired entries (Redis expires them itself).",
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class GreylistConfig(Section):
+    """Greylisting at RCPT (milter and policy service): unknown (client, sender, recipient) triplets
+    are told to retry later; real MTAs do, most spamware does not."""
+
+    # Off by default: it delays the first mail of every new correspondent by at least `delay`.
+    enabled: bool = setting(False, doc="Greylist at RCPT time (milter and Postfix policy service).")
+    delay: Duration = setting(
+        parse_duration("5m"), min=parse_duration("0s"), max=parse_duration("1d"),
+        doc="How long a new triplet must wait before its retry is accepted.",
+    )  # fmt: skip
+    retry_window: Duration = setting(
+        parse_duration("2d"), min=parse_duration("1m"), max=parse_duration("30d"),
+        doc="How long after first sight a retry still counts; later, the triplet starts over (postgrey's 2 days).",
+    )  # fmt: skip
+    expiry: Duration = setting(
+        parse_duration("35d"), min=parse_duration("1d"), max=parse_duration("1000d"),
+        doc="A triplet (or auto-whitelisted client) not seen for this long is forgotten.",
+    )  # fmt: skip
+    ipv4_prefix: int = setting(24, min=8, max=32, doc="Client IPv4 addresses are grouped by this prefix length.")
+    ipv6_prefix: int = setting(64, min=16, max=128, doc="Client IPv6 addresses are grouped by this prefix length.")
+    auto_whitelist_after: int = setting(
+        5, min=0, max=1_000_000,
+        doc="A client network whose retries passed this many times is no longer greylisted; 0 = never.",
+    )  # fmt: skip
+    normalize_sender: bool = setting(
+        True, doc="Fold per-message sender variants (+tags, BATV, SRS hashes, VERP numbers) into one triplet."
+    )
+    exempt_networks: tuple[Network, ...] = setting(
+        (), doc="Clients never greylisted (network.trusted_networks never are either)."
+    )
+    message: str = setting(
+        "451 4.7.1 Greylisted, please try again later", doc="The reply to a greylisted RCPT: 4xx code, 4.x.x status, text."
+    )
+
+    def check(self) -> Sequence[tuple[str, str]]:
+        problems = []
+        code, _, rest = self.message.partition(" ")
+        status, _, text = rest.partition(" ")
+        status_parts = status.split(".")
+        if not (
+            len(code) == 3 and code.isdigit() and code[0] == "4" and text.strip() and len(status_parts) == 3
+            and status_parts[0] == "4" and all(p.isdigit() for p in status_parts)
+        ):  # fmt: skip
+            problems.append(("message", f"expected '4xx 4.x.x text', got {self.message!r}"))
+        if self.retry_window < self.delay:
+            problems.append(
+                ("retry_window", f"expected a duration >= delay ({format_duration(self.delay)})")
+            )
+        return problems
+
+
+@dataclass(frozen=True, slots=True)
+class ReputationConfig(Section):
+    """Sender reputation (SpamAssassin's AWL/TxRep idea): the mean score of earlier mail from the
+    same address and network pulls a new message's score toward it (rule REPUTATION)."""
+
+    # Off by default, as SpamAssassin ships AWL and TxRep: it softens a hacked correspondent's
+    # spam and makes a message's score depend on what came before it.
+    enabled: bool = setting(False, doc="Adjust scores by the sender's history and record each message's score.")
+    factor: float = setting(
+        0.5, min=0.0, max=1.0,
+        doc="How far the score moves toward the sender's mean: 0 = not at all, 1 = all the way (AWL's 0.5).",
+    )  # fmt: skip
+    ipv4_prefix: int = setting(16, min=0, max=32, doc="Originating IPv4 addresses are grouped by this prefix (AWL's /16).")
+    ipv6_prefix: int = setting(48, min=0, max=128, doc="Originating IPv6 addresses are grouped by this prefix.")
+    expiry: Duration = setting(
+        parse_duration("180d"), min=parse_duration("1d"), max=parse_duration("10000d"),
+        doc="A history not updated for this long is forgotten.",
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
 class Config(Section):
     """The whole configuration; immutable. A reload builds a new one."""
 
@@ -528,6 +627,9 @@ class Config(Section):
     daemon: DaemonConfig = section(DaemonConfig)
     lists: ListsConfig = section(ListsConfig)
     bayes: BayesConfig = section(BayesConfig)
+    state: StateConfig = section(StateConfig)
+    greylist: GreylistConfig = section(GreylistConfig)
+    reputation: ReputationConfig = section(ReputationConfig)
 
     @property
     def state_path(self) -> Path:
