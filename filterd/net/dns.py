@@ -7,8 +7,11 @@ One `Resolver` per worker process is shared by every scan in it:
     if answer.ok: ...answer.records...
 
 - Answers are cached for their TTL (clamped to min_ttl..max_ttl); NXDOMAIN and empty answers
-  for the SOA minimum (or ``negative_ttl``). Concurrent identical queries share one lookup.
-- Every lookup has a time limit (``dns.timeout``; the caller may pass a shorter one).
+  for min(SOA TTL, SOA minimum) as RFC 2308 says (``negative_ttl`` when no SOA came back).
+  Concurrent identical queries share one lookup.
+- Every lookup has a time limit (``dns.timeout``; the caller may pass a shorter one). A caller
+  that stops waiting (its scan's deadline) does not stop the lookup: its answer still feeds
+  the cache and the breaker.
 - A circuit breaker per ``zone`` (any key the caller names: a DNSBL zone, "spf", ...) opens
   after ``breaker_failures`` consecutive timeouts or server failures; while open, queries for
   that zone are answered SKIPPED at once, and after ``breaker_cooldown`` one query probes it.
@@ -22,6 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import dataclasses
+import functools
 import ipaddress
 import logging
 import time
@@ -78,16 +84,23 @@ class DnsAnswer:
 class ZoneHealth:
     """Per-zone counters and the breaker's state, for logs and metrics."""
 
-    queries: int = 0
+    queries: int = 0  # lookups sent (cache hits and skipped ones are not)
+    cached: int = 0  # answered from the cache
     failures: int = 0  # all timeouts and server failures
     consecutive_failures: int = 0
-    open_until: float = 0.0  # monotonic time; 0 = closed
+    open_until: float = 0.0  # clock time; 0 = closed
     probing: bool = False
     trips: int = 0
     skipped: int = 0
     blocked: bool = False  # a DNSBL answered "you may not use me from this resolver"
     last_error: str = ""
     latencies: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=256))
+
+    def state(self, now: float) -> Literal["closed", "open", "half-open"]:
+        """The breaker: closed (asking), open (skipping), half-open (one probe may go)."""
+        if not self.open_until:
+            return "closed"
+        return "open" if now < self.open_until or self.probing else "half-open"
 
 
 def parse_nameserver(spec: str) -> tuple[str, int]:
@@ -105,6 +118,9 @@ def parse_nameserver(spec: str) -> tuple[str, int]:
     if not 0 < port < 65536:
         raise ValueError(f"bad port in nameserver {spec!r}")
     return addr, port
+
+
+Key = tuple[str, str]
 
 
 class Resolver:
@@ -125,67 +141,100 @@ class Resolver:
         inner.cache = None  # ours honours negative TTLs and is bounded
         inner.retry_servfail = False
         self._inner = inner
-        self._cache: collections.OrderedDict[tuple[str, str], tuple[float, DnsAnswer]] = collections.OrderedDict()
-        self._inflight: dict[tuple[str, str], asyncio.Future[DnsAnswer]] = {}
+        self._cache: collections.OrderedDict[Key, tuple[float, DnsAnswer]] = collections.OrderedDict()
+        # One lookup per name in flight, run as its own task: a caller that gives up or is
+        # cancelled (its scan hit the deadline) leaves it running for the cache and the breaker.
+        self._inflight: dict[Key, asyncio.Task[DnsAnswer]] = {}
         self.zones: dict[str, ZoneHealth] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- public ---------------------------------------------------------------------------
 
     async def query(self, name: str, rdtype: str, *, zone: str = "", limit: float | None = None) -> DnsAnswer:
-        """Look ``name`` up (never raises). ``zone`` names the breaker and statistics to use."""
-        self._loop = asyncio.get_running_loop()
+        """Look ``name`` up (never raises). ``zone`` names the breaker and statistics to use;
+        ``limit`` (seconds) shortens ``dns.timeout`` for this caller."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
         key = (name.lower().rstrip("."), rdtype.upper())
         now = self._clock()
+        health = self.zones.setdefault(zone, ZoneHealth()) if zone else None
         cached = self._cache.get(key)
         if cached is not None:
-            if cached[0] > now:
+            expires, answer = cached
+            if expires > now:
                 self._cache.move_to_end(key)
-                answer = cached[1]
-                return DnsAnswer(answer.name, answer.rdtype, answer.status, answer.records,
-                                 max(0.0, cached[0] - now), True, answer.detail)  # fmt: skip
+                if health is not None:
+                    health.cached += 1
+                return dataclasses.replace(answer, ttl=expires - now, cached=True)
             del self._cache[key]
-        health = self.zones.setdefault(zone, ZoneHealth()) if zone else None
-        if health is not None and not self._may_ask(health, now):
-            health.skipped += 1
-            return DnsAnswer(key[0], key[1], "skipped", detail=f"zone {zone} skipped: {health.last_error}")
-        shared = self._inflight.get(key)
-        if shared is not None:
-            return await asyncio.shield(shared)
-        future: asyncio.Future[DnsAnswer] = self._loop.create_future()
-        self._inflight[key] = future
-        try:
-            answer = await self._ask(key[0], key[1], limit, health)
-            future.set_result(answer)
-        except BaseException as exc:  # cancelled: waiters sharing the lookup get the same
-            future.set_exception(exc)
-            future.exception()  # mark retrieved
-            raise
-        finally:
-            del self._inflight[key]
-        return answer
+        wait = self.config.timeout if limit is None else min(limit, self.config.timeout)
+        if wait <= 0:
+            return DnsAnswer(key[0], key[1], "timeout", detail="no time left to ask")
+        task = self._inflight.get(key)
+        if task is not None and task.get_loop() is loop:  # someone asked already: wait for that
+            done, _ = await asyncio.wait({task}, timeout=wait)
+            if not done:  # it was started with a longer limit than ours
+                return DnsAnswer(key[0], key[1], "timeout", detail=f"no answer within {wait * 1000:.0f} ms")
+            return task.result()
+        probe = False
+        if health is not None and health.open_until:
+            if not self._may_ask(health, now):
+                health.skipped += 1
+                return DnsAnswer(key[0], key[1], "skipped", detail=f"zone {zone} skipped: {health.last_error}")
+            probe = True
+        task = loop.create_task(self._lookup(key, wait, zone, health, probe))
+        self._inflight[key] = task
+        task.add_done_callback(functools.partial(self._forget, key))
+        # The lookup ends by `wait` on its own; shielded, so that our being cancelled leaves it be.
+        return await asyncio.shield(task)
 
     def query_from_thread(self, name: str, rdtype: str, *, zone: str = "", limit: float | None = None) -> DnsAnswer:
-        """`query` for code running in a worker thread while the loop runs elsewhere."""
+        """`query` for code running in a worker thread while the resolver's loop runs elsewhere
+        (call `bind_loop` from the loop first). Never raises for DNS problems."""
         loop = self._loop
         if loop is None:
-            raise RuntimeError("the resolver has not been used from its event loop yet")
-        wait = (limit or self.config.timeout) + 1.0
+            raise RuntimeError("the resolver has no event loop yet: call bind_loop() from it first")
+        running = None
+        with contextlib.suppress(RuntimeError):
+            running = asyncio.get_running_loop()
+        if running is loop:  # waiting here would block the very loop that must answer
+            raise RuntimeError("query_from_thread called from the resolver's own loop; await query()")
+        wait = self.config.timeout if limit is None else min(limit, self.config.timeout)
+        key = (name.lower().rstrip("."), rdtype.upper())
         coro = self.query(name, rdtype, zone=zone, limit=limit)
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(wait)
+        try:
+            future = asyncio.run_coroutine_threadsafe(coro, loop)
+        except RuntimeError as exc:  # the loop is closed
+            coro.close()
+            return DnsAnswer(key[0], key[1], "error", detail=_short(exc))
+        try:
+            # The slack covers handing the call over and back; the lookup itself is bounded by `wait`.
+            return future.result(wait + 1.0)
+        except TimeoutError:
+            future.cancel()
+            return DnsAnswer(key[0], key[1], "timeout", detail="the resolver's loop did not answer in time")
 
     def bind_loop(self) -> None:
         """Remember the running loop (call from it before handing work to threads)."""
         self._loop = asyncio.get_running_loop()
 
     def mark_blocked(self, zone: str, blocked: bool = True) -> bool:
-        """Record that ``zone`` refuses this resolver; True when that is news (to log once)."""
+        """Record that ``zone`` refuses this resolver (or no longer does); True when that is news."""
         health = self.zones.setdefault(zone, ZoneHealth())
         news = health.blocked != blocked
         health.blocked = blocked
         return news
 
+    def breaker_state(self, zone: str) -> Literal["closed", "open", "half-open"]:
+        """The state of ``zone``'s circuit breaker now."""
+        health = self.zones.get(zone)
+        return "closed" if health is None else health.state(self._clock())
+
     # -- internals ------------------------------------------------------------------------
+
+    def _forget(self, key: Key, task: asyncio.Task[DnsAnswer]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
 
     def _may_ask(self, health: ZoneHealth, now: float) -> bool:
         if not health.open_until:
@@ -195,18 +244,26 @@ class Resolver:
         health.probing = True  # half open: this one query decides
         return True
 
-    async def _ask(self, name: str, rdtype: str, wanted: float | None, health: ZoneHealth | None) -> DnsAnswer:
-        limit = min(wanted, self.config.timeout) if wanted else self.config.timeout
+    async def _lookup(self, key: Key, limit: float, zone: str, health: ZoneHealth | None, probe: bool) -> DnsAnswer:
+        try:
+            return await self._ask(key[0], key[1], limit, zone, health)
+        finally:
+            if probe and health is not None and health.probing:
+                # A probe cancelled before it was accounted (its loop is shutting down): let
+                # the next query probe instead of skipping the zone for ever.
+                health.probing = False
+
+    async def _ask(self, name: str, rdtype: str, limit: float, zone: str, health: ZoneHealth | None) -> DnsAnswer:
         started = self._clock()
         try:
-            result = await self._inner.resolve(
-                name, rdtype, lifetime=limit, raise_on_no_answer=False, search=False
-            )
+            # dnspython may overrun its lifetime (it backs off between tries): hold it to the limit.
+            async with asyncio.timeout(limit):
+                result = await self._inner.resolve(name, rdtype, lifetime=limit, raise_on_no_answer=False, search=False)
         except dns.resolver.NXDOMAIN as exc:
             qnames = exc.qnames()  # type: ignore[no-untyped-call]
             response = exc.response(qnames[0]) if qnames else None  # type: ignore[no-untyped-call]
             answer = DnsAnswer(name, rdtype, "nxdomain", ttl=self._negative_ttl(response))
-        except dns.resolver.LifetimeTimeout:
+        except (dns.resolver.LifetimeTimeout, TimeoutError):
             answer = DnsAnswer(name, rdtype, "timeout", detail=f"no answer within {limit * 1000:.0f} ms")
         except dns.resolver.NoNameservers as exc:
             answer = DnsAnswer(name, rdtype, "servfail", detail=_short(exc))
@@ -218,22 +275,24 @@ class Resolver:
                 answer = DnsAnswer(name, rdtype, "nodata", ttl=self._negative_ttl(result.response))
             else:
                 records = tuple(_text(rdata) for rdata in rrset)
-                ttl = min(max(float(rrset.ttl), self.config.min_ttl), self.config.max_ttl)
-                answer = DnsAnswer(name, rdtype, "ok", records, ttl)
+                # The chain's shortest TTL (a CNAME may expire before its target).
+                ttl = min([float(rrset.ttl), *(float(r.ttl) for r in result.response.answer)])
+                answer = DnsAnswer(name, rdtype, "ok", records, self._clamp(ttl))
         if health is not None:
-            self._account(health, answer, self._clock() - started)
+            self._account(zone, health, answer, self._clock() - started)
         if answer.exists and self.config.cache_entries and answer.ttl > 0:
             self._cache[(name, rdtype)] = (self._clock() + answer.ttl, answer)
+            self._cache.move_to_end((name, rdtype))
             while len(self._cache) > self.config.cache_entries:
                 self._cache.popitem(last=False)
         return answer
 
-    def _account(self, health: ZoneHealth, answer: DnsAnswer, elapsed: float) -> None:
+    def _account(self, zone: str, health: ZoneHealth, answer: DnsAnswer, elapsed: float) -> None:
         health.queries += 1
         health.latencies.append(elapsed)
         if answer.exists:
             if health.open_until:
-                log.info("DNS zone answers again; using it again")
+                log.info("DNS zone %s answers again; using it again", zone)
             health.consecutive_failures = 0
             health.open_until = 0.0
             health.probing = False
@@ -245,18 +304,24 @@ class Resolver:
             if not health.open_until or health.probing:
                 health.trips += 1
                 log.warning(
-                    "DNS lookups for %s failed %d times in a row (%s); skipping it for %.0f s",
-                    answer.name, health.consecutive_failures, health.last_error, self.config.breaker_cooldown,
+                    "DNS lookups in %s failed %d times in a row (last: %s); skipping it for %.0f s",
+                    zone, health.consecutive_failures, health.last_error, self.config.breaker_cooldown,
                 )  # fmt: skip
             health.open_until = self._clock() + self.config.breaker_cooldown
             health.probing = False
 
     def _negative_ttl(self, response: dns.message.Message | None) -> float:
+        """RFC 2308 section 5: a negative answer lives min(SOA TTL, SOA MINIMUM); without an SOA
+        in the authority section, ``negative_ttl``."""
         ttl = float(self.config.negative_ttl)
         if response is not None:
             for rrset in response.authority:
-                if rrset.rdtype == dns.rdatatype.SOA:
-                    ttl = min(ttl, float(rrset.ttl), float(rrset[0].minimum))
+                if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
+                    ttl = min(float(rrset.ttl), float(rrset[0].minimum))
+                    break
+        return self._clamp(ttl)
+
+    def _clamp(self, ttl: float) -> float:
         return min(max(ttl, self.config.min_ttl), self.config.max_ttl)
 
 
