@@ -5,13 +5,15 @@ bytes (whole, one at a time, in random splits) and comparing bytes. The daemon a
 the I/O and call these machines from a short loop.
 
 ``NEED_DATA`` is shared by every machine in this package, so one ``is NEED_DATA`` test reads
-the same in each listener.
+the same in each listener. So is ``ConnectionClosed``, the last event of a machine that serves
+several requests on one connection (milter, policy): the peer closed at a clean boundary.
 """
 
 from __future__ import annotations
 
-__all__ = ["NEED_DATA", "NeedData"]
+__all__ = ["NEED_DATA", "ConnectionClosed", "NeedData"]
 
+from dataclasses import dataclass
 from typing import Final
 
 
@@ -29,3 +31,12 @@ class NeedData:
 
 
 NEED_DATA: Final = NeedData()
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The peer closed its side where a packet or request could start (not in the middle of one).
+
+    Whether that was polite (after a milter QUIT) or abrupt (mid-message) is for the state
+    machine's owner to judge from its state. ``next_event()`` returns NEED_DATA after this.
+    """
