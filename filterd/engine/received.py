@@ -131,8 +131,9 @@ def parse_received(value: str) -> Relay:
             break
     m_helo = _HELO_EQ.search(from_part) if "helo" in lowered else None
     if m_helo:  # Exim: "from rdns ([ip] helo=HELO)": the word after "from" is the rDNS
-        rdns = helo.lower() if _HOSTNAME.match(helo) else rdns
-        helo = m_helo.group(1)
+        # ...unless it is "[ip]" itself: Exim writes that when the client has no rDNS.
+        rdns = helo.lower() if _HOSTNAME.match(helo) and not _BARE_IP.fullmatch(helo) else rdns
+        helo = m_helo.group(1).strip("[]")  # "helo=[192.0.2.1]": brackets off, as for "from [ip]"
     m_with = _keyword(_WITH, head, lowered, "with")
     m_id = _keyword(_ID, head, lowered, "id")
     m_for = _FOR.search(head) if "for " in lowered else None

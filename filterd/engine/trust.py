@@ -14,6 +14,7 @@ connection is the newest hop and is used instead of guessing it from headers.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -76,27 +77,51 @@ def build_trust_path(
     authenticated: bool = False,
 ) -> TrustPath:
     """Sort ``relays`` (newest first, as parsed from Received) into a `TrustPath`."""
-    trusted_nets = (*_LOOPBACK, *trusted_networks)
     # Internal hosts are trusted by definition (SpamAssassin requires internal ⊆ trusted).
     internal_nets = (*_LOOPBACK, *internal_networks)
+    trusted_nets = (*internal_nets, *trusted_networks)
     hops = [r for r in relays if r.ip]  # "by host with local id" hops name no sender
     from_connection = False
     if client_ip:
         from_connection = True
-        if hops and hops[0].ip == client_ip:
-            hops = hops[1:]  # the MTA already wrote its own Received header for this connection
-        hops.insert(0, Relay(ip=client_ip, rdns=client_name, helo=helo, auth=authenticated, parsed=True))
+        connection = Relay(ip=_normal_ip(client_ip), rdns=client_name, helo=helo, auth=authenticated, parsed=True)
+        if hops and _normal_ip(hops[0].ip) == connection.ip:
+            # The MTA already wrote its own Received header for this connection: one hop, with
+            # what the caller knows first and the header filling the gaps.
+            top = hops.pop(0)
+            connection = dataclasses.replace(
+                top,
+                ip=connection.ip,
+                rdns=client_name or top.rdns,
+                helo=helo or top.helo,
+                auth=authenticated or top.auth,
+            )
+        hops.insert(0, connection)
     trusted: list[Relay] = []
     untrusted: list[Relay] = []
     last_external: Relay | None = None
     for relay in hops:
-        if not untrusted and (relay.auth or in_networks(relay.ip, trusted_nets)):
+        # A hop's "authenticated" mark is only believed while a trusted host wrote it.
+        believed = not untrusted and (relay.auth or in_networks(relay.ip, trusted_nets))
+        if believed:
             trusted.append(relay)
         else:
             untrusted.append(relay)
-        if last_external is None and not (relay.auth or in_networks(relay.ip, internal_nets)):
+        internal = (believed and relay.auth) or in_networks(relay.ip, internal_nets)
+        if last_external is None and not internal:
             last_external = relay
     return TrustPath(tuple(trusted), tuple(untrusted), last_external, from_connection)
+
+
+def _normal_ip(ip: str) -> str:
+    """The canonical text of an address (IPv4-mapped IPv6 as IPv4); unreadable text unchanged."""
+    try:
+        address: IPv4Address | IPv6Address = ipaddress.ip_address(ip.strip().removeprefix("IPv6:"))
+    except ValueError:
+        return ip
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return str(address)
 
 
 def trust_path_of(scan: Scan, network: NetworkConfig) -> TrustPath:
