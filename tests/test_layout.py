@@ -16,6 +16,7 @@ FORBIDDEN = {
     "engine": {"daemon", "mta", "mda", "cli"},
     "config": {"engine", "daemon", "mta", "mda", "cli", "net"},
     "net": {"engine", "daemon", "mta", "mda", "cli", "protocols"},
+    "state": {"engine", "daemon", "mta", "mda", "cli", "protocols", "net"},
     "daemon": {"mta", "mda", "cli"},
     "mta": {"engine", "daemon", "cli"},
     "mda": {"engine", "daemon", "mta", "cli"},
