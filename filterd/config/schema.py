@@ -570,7 +570,8 @@ class GreylistConfig(Section):
         (), doc="Clients never greylisted (network.trusted_networks never are either)."
     )
     message: str = setting(
-        "451 4.7.1 Greylisted, please try again later", doc="The reply to a greylisted RCPT: 4xx code, 4.x.x status, text."
+        "451 4.7.1 Greylisted, please try again later",
+        doc="The reply to a greylisted RCPT: 4xx code, 4.x.x status, text.",
     )
 
     def check(self) -> Sequence[tuple[str, str]]:
@@ -602,7 +603,9 @@ class ReputationConfig(Section):
         0.5, min=0.0, max=1.0,
         doc="How far the score moves toward the sender's mean: 0 = not at all, 1 = all the way (AWL's 0.5).",
     )  # fmt: skip
-    ipv4_prefix: int = setting(16, min=0, max=32, doc="Originating IPv4 addresses are grouped by this prefix (AWL's /16).")
+    ipv4_prefix: int = setting(
+        16, min=0, max=32, doc="Originating IPv4 addresses are grouped by this prefix (AWL's /16)."
+    )
     ipv6_prefix: int = setting(48, min=0, max=128, doc="Originating IPv6 addresses are grouped by this prefix.")
     expiry: Duration = setting(
         parse_duration("180d"), min=parse_duration("1d"), max=parse_duration("10000d"),

@@ -10,7 +10,7 @@ import sqlite3
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,28 +27,16 @@ from filterd.state import (
     open_state_store,
     sqlite_path,
 )
-from tests.redis_fixture import MakeRedisServer, RedisServer
+from tests.redis_fixture import MakeRedisServer
+from tests.state.conftest import MakeStore
 
 pytest_plugins = ["tests.redis_fixture"]
 
 T = TypeVar("T")
-MakeStore = Callable[[], StateStore]
-"""Another store on the same backend and data (same file, same Redis server and prefix)."""
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> MakeStore:
-    """A factory of stores sharing one backend; each test closes what it opens."""
-    if request.param == "sqlite":
-        path = tmp_path / "state" / "state.sqlite"
-        return lambda: SqliteStateStore(path, sweep_period=0.2)
-    server: RedisServer = request.getfixturevalue("redis_server")
-    prefix = server.unique_prefix()
-    return lambda: RedisStateStore(server.url, key_prefix=prefix)
 
 
 def test_set_get_merge_and_delete(make_store: MakeStore) -> None:
