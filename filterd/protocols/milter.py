@@ -43,12 +43,13 @@ Rules the connection enforces, so the daemon cannot desynchronise the MTA:
   TEMPFAIL packet; the error is sticky, the connection should then be closed.
 
 Text fields from the MTA (names, addresses, header values) are decoded as UTF-8 with surrogate
-escapes, so 8-bit header bytes survive a round trip; body chunks stay bytes. Macro names lose
-their braces: ``{client_addr}`` arrives as ``client_addr``, ``j`` stays ``j``. Every event after
-a CONNECT carries ``macros``, everything the MTA defined that is still in effect: connection and
-HELO macros for the whole connection, message macros (MAIL, RCPT, DATA, EOH, EOM stages) until
-the message ends or is aborted. The MTA's own Macros packets also come out as Macros events,
-which need no reply.
+escapes, so 8-bit header bytes survive a round trip; body chunks stay bytes. Header values are
+passed as they are both ways: without HDR_LEADSPC the MTA drops (and later adds) the space after
+the colon. Macro names lose their braces: ``{client_addr}`` arrives as ``client_addr``, ``j``
+stays ``j``. Each step event (Connect ... EndOfMessage, Unknown) carries ``macros``: everything
+the MTA defined that is still in effect, connection and HELO macros for the whole connection,
+message macros (MAIL, RCPT, DATA, EOH, EOM stages) until the message ends or is aborted. The
+MTA's macro packets also come out as Macros events, which need no reply.
 
 Deliberate differences from libmilter: an illegal step is an error instead of a silent restart
 at HELO; Quarantine is allowed only at EndOfMessage (Postfix takes it anywhere); a ReplyCode
@@ -785,8 +786,9 @@ def _between_messages(state: MilterState) -> _Moves:
     }
 
 
-# Every legal move with all steps enabled. MACRO packets may come before any command (they
-# change no state), and EOF is legal at any packet boundary. Steps switched off with NO* flags
+# Every legal move with all steps enabled. Besides these: MACRO packets may come before any
+# command (they change no state), EOF at any packet boundary moves to CLOSED, and a protocol
+# error moves any state to ERROR. Steps switched off with NO* flags
 # are jumped over by _skip_disabled(). Postfix reports a repeated HELO inside a transaction and
 # then aborts it, hence HELO from MAIL and RCPT.
 _TRANSITIONS: Final[Mapping[MilterState, Mapping[Command | _Step, MilterState]]] = {
