@@ -37,6 +37,7 @@ __all__ = [
     "Section",
     "SettingInfo",
     "StateConfig",
+    "clamd_address",
     "schema_fields",
     "section",
     "setting",
@@ -365,9 +366,25 @@ class AuthConfig(Section):
     )
 
 
+def clamd_address(spec: str) -> str | tuple[str, int]:
+    """`antivirus.clamd` as a socket address: a Unix socket path (has a slash) or (host, port).
+
+    ``[::1]:3310`` for IPv6. Raises ValueError for anything else."""
+    spec = spec.strip()
+    if "/" in spec:
+        if not spec.startswith("/"):
+            raise ValueError(f"expected an absolute socket path or HOST:PORT, got {spec!r}")
+        return spec
+    host, sep, port = spec.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"expected a socket path or HOST:PORT, got {spec!r}")
+    return host, int(port)
+
+
 @dataclass(frozen=True, slots=True)
 class AntivirusConfig(Section):
-    """Virus scanning with clamd."""
+    """Virus scanning with clamd (rules AV_VIRUS and AV_ERROR; facts for the milter and MTA)."""
 
     enabled: bool = setting(False, doc="Scan messages with clamd.")
     clamd: str = setting(
@@ -375,11 +392,12 @@ class AntivirusConfig(Section):
     )
     timeout: Duration = setting(
         parse_duration("10s"), min=parse_duration("100ms"), max=parse_duration("10m"),
-        doc="How long one clamd scan may take.",
+        doc="How long clamd may take over one message, its attachments included (capped by the scan deadline).",
     )  # fmt: skip
     max_size: Size = setting(
         parse_size("25M"), min=parse_size("1K"), max=parse_size("1G"),
-        doc="Largest message or attachment sent to clamd (clamd's StreamMaxLength must allow it).",
+        doc="Largest message sent to clamd; a bigger one is not scanned and AV_ERROR fires. At most clamd's "
+        "StreamMaxLength, at least the MTA's message size limit.",
     )  # fmt: skip
     scan_attachments: bool = setting(True, doc="Also scan each decoded attachment, not only the raw message.")
     action: Literal["reject", "quarantine", "tag"] = setting(
@@ -388,6 +406,13 @@ class AntivirusConfig(Section):
     on_error: Literal["tempfail", "continue"] = setting(
         "tempfail", doc="clamd unreachable or failing: ask the sender to retry later, or go on (AV_ERROR fires)."
     )
+
+    def check(self) -> Sequence[tuple[str, str]]:
+        try:
+            clamd_address(self.clamd)
+        except ValueError as exc:
+            return [("clamd", str(exc))]
+        return ()
 
 
 @dataclass(frozen=True, slots=True)
