@@ -9,6 +9,7 @@ from filterd.engine.checks.headers import HeaderCheck
 from filterd.engine.checks.html import HtmlCheck
 from filterd.engine.checks.lists import ListsCheck
 from filterd.engine.checks.mime import MimeCheck
+from filterd.engine.checks.reputation import ReputationCheck
 from filterd.engine.checks.text import TextCheck
 from filterd.engine.checks.uri import UriCheck
 
@@ -17,4 +18,7 @@ __all__ = ["builtin_checks"]
 
 def builtin_checks() -> list[type]:
     """Classes of every shipped check, in a stable order."""
-    return [ListsCheck, HeaderCheck, MimeCheck, AntivirusCheck, HtmlCheck, UriCheck, DnsblCheck, TextCheck, BayesCheck]
+    return [
+        ListsCheck, HeaderCheck, MimeCheck, AntivirusCheck, HtmlCheck, UriCheck, DnsblCheck, TextCheck,
+        BayesCheck, ReputationCheck,
+    ]  # fmt: skip
