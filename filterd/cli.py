@@ -20,7 +20,7 @@ from filterd.errors import ConfigError, RuleError
 
 __all__ = ["main"]
 
-EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_SOFTWARE, EX_CONFIG = 64, 65, 66, 70, 78
+EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_SOFTWARE, EX_CANTCREAT, EX_CONFIG = 64, 65, 66, 70, 73, 78
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_state_commands(sub, _common)
 
+    from filterd.statecmd import add_state_commands
+
+    add_state_commands(sub, _common)
+
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION")
     c = csub.add_parser("check", help="validate and print the configuration in force")
@@ -91,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     r = rsub.add_parser("lint", help="compile every rule and report all problems")
     _common(r)
     r.add_argument("--strict", action="store_true", help="warnings (missing describe, ...) fail too")
+
+    p = sub.add_parser("dkim", help="DKIM signing keys")
+    dsub = p.add_subparsers(dest="dkim_command", metavar="ACTION")
+    d = dsub.add_parser("genkey", help="make a signing key (mode 0600) and print the DNS TXT record to publish")
+    d.add_argument("domain", help="signing domain (d=)")
+    d.add_argument("selector", help="selector (s=): the key is published at SELECTOR._domainkey.DOMAIN")
+    d.add_argument("--dir", default=".", help="where to write DOMAIN.SELECTOR.pem (default: .)")
+    d.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048, at least 1024)")
     return parser
 
 
@@ -155,6 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from filterd.statecmd import run_state_command
 
             return run_state_command(args, _load_config(args))
+        if args.command in ("reputation", "greylist"):
+            from filterd.statecmd import run_state_command
+
+            return run_state_command(args, _load_config(args))
         if args.command == "config":
             if args.config_command != "check":
                 parser.parse_args(["config", "--help"])
@@ -163,6 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.rules_command != "lint":
                 parser.parse_args(["rules", "--help"])
             return _cmd_rules_lint(args)
+        if args.command == "dkim":
+            if args.dkim_command != "genkey":
+                parser.parse_args(["dkim", "--help"])
+            return _cmd_dkim_genkey(args)
     except ConfigError as exc:
         print(f"filterd: configuration error:\n{exc}", file=sys.stderr)
         return EX_CONFIG
@@ -359,3 +379,24 @@ def _cmd_rules_lint(args: argparse.Namespace) -> int:
         f"{len(fallback)} on the fallback regex engine{': ' + ', '.join(fallback) if fallback else ''}"
     )
     return 1 if (args.strict and warnings) else 0
+
+
+def _cmd_dkim_genkey(args: argparse.Namespace) -> int:
+    from filterd.dkimsign import generate_key, write_key
+
+    try:
+        key = generate_key(args.domain, args.selector, args.bits)
+        path = write_key(key, Path(args.dir))
+    except ValueError as exc:
+        print(f"filterd: {exc}", file=sys.stderr)
+        return EX_USAGE
+    except FileExistsError as exc:
+        print(f"filterd: {exc.filename} exists; not overwriting a key", file=sys.stderr)
+        return EX_CANTCREAT
+    except (OSError, RuntimeError) as exc:
+        print(f"filterd: {exc}", file=sys.stderr)
+        return EX_SOFTWARE
+    print(f"private key written to {path}; publish this record, then set", file=sys.stderr)
+    print(f"auth.dkim_keys: {{{key.domain}: '{key.selector}:{path.resolve()}'}}", file=sys.stderr)
+    print(key.zone_line())
+    return 0
