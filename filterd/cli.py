@@ -79,10 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_state_commands(sub, _common)
 
-    from filterd.statecmd import add_state_commands
-
-    add_state_commands(sub, _common)
-
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION")
     c = csub.add_parser("check", help="validate and print the configuration in force")
@@ -163,10 +159,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             from filterd.learn import run_learn
 
             return run_learn(args, _load_config(args))
-        if args.command in ("reputation", "greylist"):
-            from filterd.statecmd import run_state_command
-
-            return run_state_command(args, _load_config(args))
         if args.command in ("reputation", "greylist"):
             from filterd.statecmd import run_state_command
 
