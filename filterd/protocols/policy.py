@@ -353,13 +353,18 @@ class PolicyServerConnection:
 
     def _read(self) -> PolicyRequest | ConnectionClosed | NeedData:
         while True:
+            # The request cap works as a tighter line cap on the line being read (keeping a byte
+            # for its LF), so both caps refuse at the same byte however the input was split.
+            budget = self._max_request_size - self._size - 1
+            if budget < 0:
+                raise self._too_big()
             try:
-                line = self._buffer.take_line(self._max_line)
+                line = self._buffer.take_line(min(self._max_line, budget))
             except RemoteProtocolError:
+                if budget < self._max_line:
+                    raise self._too_big() from None
                 raise RemoteProtocolError(f"policy request line longer than {self._max_line} bytes") from None
             if line is None:
-                if self._size + len(self._buffer) > self._max_request_size:
-                    raise self._too_big()
                 if not self._eof:
                     return NEED_DATA
                 if self._buffer or self._size:
@@ -367,7 +372,7 @@ class PolicyServerConnection:
                 self._move(_Step.CLOSE)
                 return ConnectionClosed()
             self._size += len(line)
-            if self._size > self._max_request_size:
+            if self._size > self._max_request_size:  # a CRLF ending can pass the budget by one
                 raise self._too_big()
             content = strip_line_ending(line)
             if not content:
