@@ -11,8 +11,15 @@ import bisect
 import json
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from filterd.net.dns import Resolver
 
 __all__ = ["SCAN_BUCKETS", "Aggregate", "WorkerMetrics", "render_prometheus"]
+
+# Snapshot keys that are gauges (the state now), not counters: a retired worker's are dropped.
+_GAUGES = ("dns_zone_blocked", "dns_zone_breaker_open")
 
 # Seconds: scan-time histogram bucket bounds.
 SCAN_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -30,6 +37,23 @@ class WorkerMetrics:
     scan_seconds_sum: float = 0.0
     bytes_scanned: int = 0
     refused: int = 0
+    # Per DNS zone (a DNSBL zone, "spf", ...): the resolver's counters, copied at each report.
+    dns_queries: Counter[str] = field(default_factory=Counter)
+    dns_failures: Counter[str] = field(default_factory=Counter)
+    dns_skipped: Counter[str] = field(default_factory=Counter)
+    dns_cached: Counter[str] = field(default_factory=Counter)
+    dns_zone_blocked: Counter[str] = field(default_factory=Counter)  # 1: the list refuses our resolver
+    dns_zone_breaker_open: Counter[str] = field(default_factory=Counter)  # 1: lookups skipped for now
+
+    def observe_dns(self, resolver: Resolver) -> None:
+        """Copy the resolver's per-zone health (its counters are cumulative already)."""
+        for zone, health in resolver.zones.items():
+            self.dns_queries[zone] = health.queries
+            self.dns_failures[zone] = health.failures
+            self.dns_skipped[zone] = health.skipped
+            self.dns_cached[zone] = health.cached
+            self.dns_zone_blocked[zone] = int(health.blocked)
+            self.dns_zone_breaker_open[zone] = int(resolver.breaker_state(zone) != "closed")
 
     def observe_scan(self, verdict: str, seconds: float, rules: list[str], size: int) -> None:
         self.messages[verdict] += 1
@@ -48,6 +72,12 @@ class WorkerMetrics:
             "scan_seconds_sum": self.scan_seconds_sum,
             "bytes_scanned": self.bytes_scanned,
             "refused": self.refused,
+            "dns_queries": self.dns_queries,
+            "dns_failures": self.dns_failures,
+            "dns_skipped": self.dns_skipped,
+            "dns_cached": self.dns_cached,
+            "dns_zone_blocked": self.dns_zone_blocked,
+            "dns_zone_breaker_open": self.dns_zone_breaker_open,
         }
         return json.dumps(data, separators=(",", ":")).encode() + b"\n"
 
@@ -73,7 +103,8 @@ class Aggregate:
     def retire(self, pid: int) -> None:
         data = self.live.pop(pid, None)
         if data is not None:
-            self.retired = _add(self.retired, data)
+            counters = {k: v for k, v in data.items() if k not in _GAUGES}
+            self.retired = _add(self.retired, counters)
 
     def total(self) -> dict[str, object]:
         result = dict(self.retired)
@@ -137,6 +168,20 @@ def render_prometheus(agg: Aggregate, *, workers: int, generation: int) -> bytes
         lines.append(f'filterd_rule_hits_total{{rule="{_label(rule)}"}} {n}')
     family("filterd_connections_refused_total", "counter", "Connections refused (not allowed, or too many).")
     lines.append(f"filterd_connections_refused_total {t.get('refused') or 0}")
+    dns = (
+        ("filterd_dns_queries_total", "counter", "dns_queries", "DNS lookups sent, by zone (cache hits not counted)."),
+        ("filterd_dns_failures_total", "counter", "dns_failures", "DNS lookups that timed out or failed, by zone."),
+        ("filterd_dns_skipped_total", "counter", "dns_skipped", "DNS lookups skipped: the zone's breaker was open."),
+        ("filterd_dns_cache_hits_total", "counter", "dns_cached", "DNS lookups answered from the cache, by zone."),
+        ("filterd_dns_zone_blocked", "gauge", "dns_zone_blocked",
+         "Workers whose resolver the DNS list refuses (its answers are ignored); 0 = usable."),
+        ("filterd_dns_zone_breaker_open", "gauge", "dns_zone_breaker_open",
+         "Workers skipping the zone after repeated failures (circuit breaker open)."),
+    )  # fmt: skip
+    for name, kind, key, help_text in dns:
+        family(name, kind, help_text)
+        for zone, n in sorted(dict(t.get(key) or {}).items()):  # type: ignore[call-overload]
+            lines.append(f'{name}{{zone="{_label(zone)}"}} {n}')
     family("filterd_worker_restarts_total", "counter", "Workers that died and were replaced.")
     lines.append(f"filterd_worker_restarts_total {agg.worker_restarts}")
     family("filterd_reloads_total", "counter", "Configuration reloads, by result.")

@@ -142,6 +142,8 @@ class Worker:
     def _report(self) -> None:
         if self.report_fd is None:
             return
+        if self.engine.resolver is not None:
+            self.metrics.observe_dns(self.engine.resolver)
         with contextlib.suppress(BlockingIOError, BrokenPipeError, OSError):
             os.write(self.report_fd, self.metrics.snapshot())
 
