@@ -297,6 +297,15 @@ class DnsblZone(Section):
             problems.append(("zone", "expected the list's DNS zone, e.g. zen.spamhaus.org"))
         if not (self.answers or self.bitmask or self.any_answer):
             problems.append(("answers", "expected at least one of answers, bitmask or any_answer"))
+        for key, values in (("answers", tuple(self.answers)), ("blocked_answers", self.blocked_answers)):
+            for value in values:
+                try:
+                    ipaddress.IPv4Address(value)
+                except ValueError:
+                    problems.append((key, f"expected IPv4 answer addresses such as 127.0.0.2, got {value!r}"))
+        for bit in self.bitmask:
+            if not (bit.isdigit() and 0 < int(bit) < 256):
+                problems.append(("bitmask", f"expected last-octet bit values 1..255 (2, 4, 8, ...), got {bit!r}"))
         return problems
 
 
