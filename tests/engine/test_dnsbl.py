@@ -25,6 +25,7 @@ from filterd.daemon.metrics import Aggregate, WorkerMetrics, render_prometheus
 from filterd.engine.checks.dnsbl import DnsblCheck, answer_rules, reversed_ip
 from filterd.engine.engine import Engine, Result, shipped_rules_dir
 from filterd.engine.plugin import ScanContext
+from filterd.errors import ConfigError
 from filterd.net.dns import Resolver
 from tests.daemon_fixture import start_daemon
 from tests.dns_fixture import DelayingDnsProxy, DnsServer, MakeDelayingProxy, MakeDnsServer, MakeSilentDnsServer
@@ -498,3 +499,16 @@ def test_daemon_metrics_show_dns_zones(dnsbl_daemon: Any) -> None:
     assert 'filterd_dns_queries_total{zone="zen.test"} 1' in text
     assert 'filterd_dns_zone_blocked{zone="zen.test"} 0' in text
     assert 'filterd_rule_hits_total{rule="RCVD_IN_SBL"} 1' in text
+
+
+def test_zone_answer_codes_are_checked_at_load(tmp_path: Path) -> None:
+    path = tmp_path / "filterd.yaml"
+    path.write_text(
+        "dnsbl:\n  zones:\n    mine:\n      zone: wl.test\n"
+        "      answers: {'127.0.10': RCVD_IN_MINE}\n      bitmask: {'0x8': MINE_BIT}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    text = str(caught.value)
+    assert "dnsbl.zones.mine.answers: expected IPv4 answer addresses such as 127.0.0.2, got '127.0.10'" in text
+    assert "dnsbl.zones.mine.bitmask: expected last-octet bit values 1..255" in text
