@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from filterd.engine.bayes.check import BayesCheck
 from filterd.engine.checks.antivirus import AntivirusCheck
+from filterd.engine.checks.auth import AuthCheck
 from filterd.engine.checks.dnsbl import DnsblCheck
 from filterd.engine.checks.headers import HeaderCheck
 from filterd.engine.checks.html import HtmlCheck
@@ -19,6 +20,6 @@ __all__ = ["builtin_checks"]
 def builtin_checks() -> list[type]:
     """Classes of every shipped check, in a stable order."""
     return [
-        ListsCheck, HeaderCheck, MimeCheck, AntivirusCheck, HtmlCheck, UriCheck, DnsblCheck, TextCheck,
+        ListsCheck, HeaderCheck, MimeCheck, AntivirusCheck, HtmlCheck, UriCheck, DnsblCheck, AuthCheck, TextCheck,
         BayesCheck, ReputationCheck,
     ]  # fmt: skip

@@ -1,0 +1,143 @@
+"""The auth check inside a full engine (hits, scores, the Authentication-Results header, facts),
+its timing against a slow DNS server, DKIM signing and `filterd dkim genkey`."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from filterd.config import Config
+from filterd.dkimsign import DkimKey, sign_message
+from filterd.engine.engine import Engine
+from filterd.engine.markup import MarkupOptions, process_message
+from filterd.engine.plugin import ScanContext
+from filterd.engine.uris import UriParser
+from tests.dns_fixture import DnsServer, MakeDelayingProxy, MakeDnsServer
+from tests.engine.auth_helpers import BAD_IP, GOOD_IP, auth_config, make_message, run_auth, sign
+
+pytest_plugins = ["tests.dns_fixture", "tests.engine.auth_helpers"]
+
+Keys = dict[str, DkimKey]
+CTX = ScanContext(client_ip=GOOD_IP, helo="mail.example.com", mail_from="a@inc.example.com", no_autolearn=True)
+
+
+def engine_for(config: Config, tmp_path: Path) -> Engine:
+    config = dataclasses.replace(config, state_dir=str(tmp_path / "state"))
+    return Engine.load(config, state_dir=config.state_dir)
+
+
+def test_engine_scores_auth_rules_and_adds_the_header(auth_dns: DnsServer, dkim_keys: Keys, tmp_path: Path) -> None:
+    engine = engine_for(auth_config(auth_dns.spec), tmp_path)
+    raw = sign(make_message("Alice <alice@example.com>"), dkim_keys["example.com"])
+    result = engine.scan_sync(raw, CTX)
+    hits = {h.rule: h for h in result.hits}
+    for rule in ("SPF_PASS", "SPF_HELO_PASS", "DKIM_SIGNED", "DKIM_VALID", "DKIM_VALID_AU", "DMARC_PASS"):
+        assert rule in hits, (rule, sorted(hits), result.problems)
+    assert hits["DKIM_VALID"].score == -0.1 and hits["DKIM_SIGNED"].score == 0.1  # from rules/46_auth.yaml
+    assert not any(r.startswith("CHECK_ERROR") for r in hits), result.problems
+    ((name, value),) = result.extra_headers
+    b = re.search(r"header\.b=(\S+);", value)
+    assert b is not None
+    assert name == "Authentication-Results" and value == (
+        "mx.test; spf=pass smtp.mailfrom=a@inc.example.com; "
+        f"dkim=pass header.d=example.com header.s=sel header.b={b[1]}; "
+        "dmarc=pass (p=reject) header.from=example.com; arc=none"
+    )
+    facts = dict(result.facts)
+    assert facts["spf"] == "pass" and facts["dkim_domains"] == "example.com" and facts["dmarc"] == "pass"
+    marked = process_message(engine, result, MarkupOptions(report_safe=0, hostname="mx.test"))
+    head = marked.split(b"\r\n\r\n", 1)[0]
+    assert head.index(b"Authentication-Results: mx.test;") < head.index(b"X-Spam-Checker-Version")
+
+
+def test_engine_dmarc_reject_reaches_the_result(auth_dns: DnsServer, tmp_path: Path) -> None:
+    engine = engine_for(auth_config(auth_dns.spec), tmp_path)
+    ctx = dataclasses.replace(CTX, client_ip=BAD_IP, mail_from="a@example.com")
+    result = engine.scan_sync(make_message("Alice <alice@example.com>"), ctx)
+    rules = set(result.rule_names)
+    assert {"SPF_FAIL", "SPF_HELO_FAIL", "DMARC_REJECT"} <= rules and "DKIM_SIGNED" not in rules
+    assert dict(result.facts)["dmarc_disposition"] == "reject"
+    assert "dmarc=fail (p=reject) header.from=example.com" in dict(result.extra_headers)["Authentication-Results"]
+
+
+def test_engine_without_network_checks_has_no_auth(auth_dns: DnsServer, tmp_path: Path) -> None:
+    config = auth_config(auth_dns.spec)
+    config = dataclasses.replace(config, network=dataclasses.replace(config.network, enabled=False))
+    result = engine_for(config, tmp_path).scan_sync(make_message(), CTX)
+    assert not [r for r in result.rule_names if r.startswith(("SPF_", "DKIM_", "DMARC_"))]
+    assert result.extra_headers == () and not dict(result.facts)
+
+
+def test_auth_waits_for_the_slowest_chain_not_the_sum(
+    auth_dns: DnsServer, make_delaying_proxy: MakeDelayingProxy, dkim_keys: Keys, uri_parser: UriParser, tmp_path: Path
+) -> None:
+    """Every answer 200 ms late. Chains: SPF a@inc.example.com (2 lookups in a row), SPF HELO
+    mail.example.com (2), the DKIM key (1), _dmarc.example.com (1): 1.2 s one after another."""
+    delay = 0.2
+    proxy = make_delaying_proxy(auth_dns, delay=delay)
+    raw = sign(make_message("Alice <alice@example.com>"), dkim_keys["example.com"])
+    out = run_auth(auth_config(proxy.spec), raw, CTX, uri_parser=uri_parser)
+    assert {"SPF_PASS", "SPF_HELO_PASS", "DKIM_VALID_AU", "DMARC_PASS"} <= out.rules
+    assert 2 * delay <= out.elapsed < 3.5 * delay, out.elapsed
+    result = engine_for(auth_config(proxy.spec), tmp_path).scan_sync(raw, CTX)
+    assert {"SPF_PASS", "DKIM_VALID_AU", "DMARC_PASS"} <= set(result.rule_names)
+    assert result.scan_time < 4 * delay, result.scan_time
+
+
+def test_sign_message_oversigns_and_verifies(auth_dns: DnsServer, dkim_keys: Keys, uri_parser: UriParser) -> None:
+    key = dkim_keys["example.com"]
+    raw = sign_message(make_message(newline="\n"), "example.com", "sel", key.private_pem)
+    assert raw.startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=example.com;")
+    assert b"\r\n" not in raw  # folded with the message's own line ending
+    h = re.search(rb"h=([^;]*);", raw)
+    assert h is not None
+    signed = [name.strip() for name in h[1].replace(b"\n", b"").split(b":")]
+    assert signed.count(b"from") == 2 and b"return-path" not in signed
+    cfg = auth_config(auth_dns.spec, spf=False, dmarc=False)
+    assert "DKIM_VALID_AU" in run_auth(cfg, raw, CTX, uri_parser=uri_parser).rules
+    forged = raw.replace(b"From: Alice", b"From: mallory@example.net\nFrom: Alice", 1)
+    assert "DKIM_INVALID" in run_auth(cfg, forged, CTX, uri_parser=uri_parser).rules
+
+
+def test_genkey_output_publishes_a_working_key(
+    make_dns_server: MakeDnsServer, uri_parser: UriParser, tmp_path: Path
+) -> None:
+    def genkey(*extra: str) -> subprocess.CompletedProcess[str]:
+        args = [sys.executable, "-m", "filterd", "dkim", "genkey", "example.com", "k2025", "--dir", str(tmp_path),
+                *extra]  # fmt: skip
+        return subprocess.run(args, capture_output=True, text=True, timeout=120)
+
+    done = genkey("--bits", "1024")
+    assert done.returncode == 0, done.stderr
+    (line,) = done.stdout.splitlines()
+    assert line.startswith('k2025._domainkey.example.com. IN TXT "v=DKIM1; k=rsa; p=')
+    assert all(len(s) <= 255 for s in re.findall(r'"([^"]*)"', line))
+    key_path = tmp_path / "example.com.k2025.pem"
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    assert str(key_path) in done.stderr
+
+    server = make_dns_server({"example.com": ['@ TXT "v=spf1 -all"', line]})
+    raw = sign_message(make_message(), "example.com", "k2025", key_path.read_bytes())
+    cfg = auth_config(server.spec, spf=False, dmarc=False)
+    out = run_auth(cfg, raw, CTX, uri_parser=uri_parser)
+    assert {"DKIM_SIGNED", "DKIM_VALID", "DKIM_VALID_AU"} <= out.rules
+    assert "dkim=pass header.d=example.com header.s=k2025" in out.auth_results
+
+    again = genkey()
+    assert again.returncode == 73 and "exists" in again.stderr  # never overwrites a key
+    assert genkey("--bits", "512").returncode == 64
+
+
+def test_genkey_2048_bit_record_spans_two_strings(make_dns_server: MakeDnsServer, tmp_path: Path) -> None:
+    args = [sys.executable, "-m", "filterd", "dkim", "genkey", "example.org", "big", "--dir", str(tmp_path)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    strings = re.findall(r'"([^"]*)"', done.stdout)
+    assert len(strings) == 2 and len(strings[0]) == 255
+    server = make_dns_server({"example.org": [done.stdout.strip()]})
+    (answer,) = server.resolver().resolve("big._domainkey.example.org", "TXT")
+    assert b"".join(answer.strings).decode() == "".join(strings)
