@@ -252,7 +252,7 @@ def test_a_frozen_clamd_times_out_on_time(make_clamd: MakeClamd, transport: str)
         started = time.monotonic()
         hits, found = run_check(cfg, raw)
         elapsed = time.monotonic() - started
-    assert 0.5 <= elapsed < 1.0
+    assert 0.5 <= elapsed < 1.2  # the timeout, plus parsing and a loaded CI machine
     detail = only_hit(hits, "AV_ERROR").detail
     assert detail == f"message: clamd at {spec} did not answer within 0.5s (and 2 more)"
     assert found["av_on_error"] == "continue"
@@ -291,7 +291,7 @@ def test_the_scan_deadline_caps_the_timeout(clamd: Clamd, make_clamd: MakeClamd)
     with server.paused():
         started = time.monotonic()
         hits, _ = run_check(av_config(server.unix_spec, timeout=30.0), plain_message(b"x"), deadline=started + 0.6)
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 1.2
     assert re.search(r"did not answer within 0\.\d+s$", only_hit(hits, "AV_ERROR").detail)
     # No time left at all: no connection is tried.
     hits, _ = run_check(av_config(clamd.unix_spec), plain_message(EICAR), deadline=time.monotonic())
