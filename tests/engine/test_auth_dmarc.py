@@ -162,3 +162,12 @@ def test_dmarc_temporary_errors_are_not_failures(uri_parser: UriParser) -> None:
                     dkim_pass=[], dkim_temperror=["example.com"]).result == "temperror"  # fmt: skip
     assert evaluate("example.com", found, org_of=org, spf_result="fail", spf_domain="example.com",
                     dkim_pass=[], dkim_temperror=["example.net"]).result == "fail"  # fmt: skip
+
+
+def test_dmarc_spf_identity_is_the_envelope_sender_not_helo(auth_dns: DnsServer, uri_parser: UriParser) -> None:
+    """Sender unknown (no MAIL FROM, no Return-Path): a passing HELO check does not align."""
+    ctx = ScanContext(client_ip=GOOD_IP, helo="mail.example.com")
+    out = run_auth(auth_config(auth_dns.spec), make_message("alice@example.com"), ctx, uri_parser=uri_parser)
+    assert out.family("SPF_HELO_") == {"SPF_HELO_PASS"} and "spf" not in out.facts
+    assert out.family("DMARC_") == {"DMARC_REJECT"}
+    assert "spf=pass smtp.helo=mail.example.com" in out.auth_results

@@ -141,3 +141,23 @@ def test_genkey_2048_bit_record_spans_two_strings(make_dns_server: MakeDnsServer
     server = make_dns_server({"example.org": [done.stdout.strip()]})
     (answer,) = server.resolver().resolve("big._domainkey.example.org", "TXT")
     assert b"".join(answer.strings).decode() == "".join(strings)
+
+
+def test_auth_keeps_what_finished_when_the_deadline_comes(
+    auth_dns: DnsServer, make_delaying_proxy: MakeDelayingProxy, dkim_keys: Keys, uri_parser: UriParser
+) -> None:
+    """The DKIM key answers after the scan's time is up: SPF still counts, DKIM is a temperror,
+    and so is DMARC (its aligned signature could not be checked)."""
+
+    def delay(query: object) -> float:
+        return 3.0 if "_domainkey" in str(query) else 0.0
+
+    proxy = make_delaying_proxy(auth_dns, delay=delay)
+    raw = sign(make_message("Alice <alice@example.com>"), dkim_keys["example.com"])
+    ctx = dataclasses.replace(CTX, mail_from="a@example.net")  # SPF passes, not aligned with example.com
+    out = run_auth(auth_config(proxy.spec, timeout=5.0), raw, ctx, uri_parser=uri_parser, budget=0.5)
+    assert out.elapsed < 0.8
+    assert {"SPF_PASS", "SPF_HELO_PASS", "DKIM_SIGNED"} <= out.rules
+    assert not out.family("DMARC_") and not {"DKIM_VALID", "DKIM_INVALID"} & out.rules
+    assert out.facts["dkim"] == "temperror" and out.facts["dmarc"] == "temperror"
+    assert "dkim=temperror (out of time) header.d=example.com" in out.auth_results

@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from email.utils import parseaddr
 from typing import Any, ClassVar, TypeVar
 
-from filterd.engine.checks.auth.dkim import DkimResult, verify_message
+from filterd.engine.checks.auth.dkim import DkimResult, Signed, read_signatures, verify_signed
 from filterd.engine.checks.auth.dmarc import DmarcResult, PolicyLookup, evaluate, lookup_policy
 from filterd.engine.checks.auth.results import authentication_results
 from filterd.engine.checks.auth.spf import RESULTS, SpfResult, check_spf
@@ -134,17 +134,10 @@ class AuthCheck:
             if relay.helo and sender != "":  # for the null sender the MAIL FROM check is this one
                 spf_jobs["helo"] = self._spawn(self._spf(relay.ip, "", relay.helo, deadline, cancelled))
         dkim_job = None
+        signed: Signed | None = None
         if cfg.dkim or cfg.arc:
-            dkim_job = self._spawn(
-                verify_message(
-                    msg.raw,
-                    resolver,
-                    max_signatures=cfg.max_signatures if cfg.dkim else 0,
-                    arc=cfg.arc,
-                    deadline=deadline,
-                    executor=self._threads(),
-                )
-            )
+            signed = read_signatures(msg.raw, max_signatures=cfg.max_signatures if cfg.dkim else 0, arc=cfg.arc)
+            dkim_job = self._spawn(verify_signed(signed, resolver, deadline=deadline, executor=self._threads()))
         policy_job = None
         if cfg.dmarc and relay is not None and author:
             limit = max(0.01, min(resolver.config.timeout, deadline - time.monotonic()))
@@ -171,17 +164,16 @@ class AuthCheck:
         for identity, result in spf_results.items():
             prefix = "SPF_HELO_" if identity == "helo" else "SPF_"
             hits.append(Hit(prefix + result.result.upper(), f"{result.result} for {result.sender} from {result.ip}"))
-        mailfrom = spf_results.get("mailfrom")
-        spf_main = mailfrom or spf_results.get("helo")
-        if spf_main is not None:
-            scan.facts["spf"] = spf_main.result
-            scan.facts["spf_domain"] = spf_main.domain
+        mailfrom = spf_results.get("mailfrom")  # DMARC's SPF identity (the HELO one for the null sender)
+        if mailfrom is not None:
+            scan.facts["spf"] = mailfrom.result
+            scan.facts["spf_domain"] = mailfrom.domain
         if "helo" in spf_results:
             scan.facts["spf_helo"] = spf_results["helo"].result
 
         dkim: DkimResult | None = None
-        if dkim_job is not None:
-            dkim = _done(dkim_job) or DkimResult(arc="none", arc_reason="out of time")
+        if dkim_job is not None and signed is not None:
+            dkim = _done(dkim_job) or signed.unfinished()
             hits += self._dkim_hits(dkim, author, sender)
             scan.facts["dkim"] = dkim.summary
             scan.facts["dkim_domains"] = ",".join(dkim.valid_domains)
@@ -198,8 +190,8 @@ class AuthCheck:
                     author,
                     policy or PolicyLookup("temperror", detail="out of time"),
                     org_of=self._org_domain,
-                    spf_result=spf_main.result if spf_main else "none",
-                    spf_domain=spf_main.domain if spf_main else "",
+                    spf_result=mailfrom.result if mailfrom else "none",
+                    spf_domain=mailfrom.domain if mailfrom else "",
                     dkim_pass=dkim.valid_domains if dkim else [],
                     dkim_temperror=[s.domain for s in dkim.signatures if s.result == "temperror"] if dkim else [],
                     message_id=msg.get("message-id"),
@@ -213,9 +205,8 @@ class AuthCheck:
             scan.facts["dmarc_disposition"] = dmarc.disposition
 
         if cfg.add_header and (spf_results or dkim is not None or dmarc is not None):
-            shown = [mailfrom] if mailfrom is not None and mailfrom.identity == "mailfrom" else []
-            if not shown and "helo" in spf_results:
-                shown = [spf_results["helo"]]
+            spf_shown = mailfrom or spf_results.get("helo")  # the HELO result when the sender is unknown
+            shown = [spf_shown] if spf_shown is not None else []
             value = authentication_results(
                 self._authserv_id, spf=shown, dkim=dkim, dmarc=dmarc, signatures=cfg.dkim, arc=cfg.arc
             )

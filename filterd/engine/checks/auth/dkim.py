@@ -28,7 +28,15 @@ import dkim.util
 
 from filterd.net.dns import DnsAnswer, Resolver
 
-__all__ = ["INLINE_LIMIT", "DkimResult", "SignatureResult", "verify_message"]
+__all__ = [
+    "INLINE_LIMIT",
+    "DkimResult",
+    "SignatureResult",
+    "Signed",
+    "read_signatures",
+    "verify_message",
+    "verify_signed",
+]
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +221,54 @@ def _verify_arc(raw: bytes, logger: logging.LoggerAdapter, dnsfunc: Any) -> tupl
     return "fail", str(reason)[:120]  # CV_Fail, or None: an earlier sealer reported a broken chain
 
 
+@dataclass(frozen=True, slots=True)
+class Signed:
+    """A message's DKIM signatures and ARC key names, read from its header (cheap, no DNS)."""
+
+    raw: bytes
+    signatures: tuple[_Signature, ...]
+    arc_keys: tuple[str, ...]
+    check_arc: bool
+
+    def unfinished(self) -> DkimResult:
+        """The result when verification did not finish in time: every signature a temperror."""
+        return DkimResult(
+            tuple(SignatureResult(s.domain, s.selector, s.b, "temperror", "out of time") for s in self.signatures),
+            "fail" if self.check_arc else "none",
+            "out of time" if self.check_arc else "",
+        )
+
+
+def read_signatures(raw: bytes, *, max_signatures: int, arc: bool) -> Signed:
+    """Find the first ``max_signatures`` DKIM signatures and, when ``arc``, the ARC chain's keys."""
+    fields = _header_fields(raw)
+    check_arc = arc and any(n.lower() == b"arc-seal" for n, _ in fields)
+    arc_keys = tuple(_arc_key_names(fields)) if check_arc else ()
+    return Signed(raw, tuple(_signatures(fields, max_signatures)), arc_keys, check_arc)
+
+
+async def verify_signed(
+    signed: Signed, resolver: Resolver, *, deadline: float, executor: Executor | None
+) -> DkimResult:
+    """Fetch every key concurrently (each lookup ends by ``deadline``, time.monotonic()), then
+    verify: inline for small messages, in ``executor`` for bigger ones."""
+    if not signed.signatures and not signed.check_arc:
+        return DkimResult()
+    names = list(dict.fromkeys([*(s.key_name for s in signed.signatures if not s.problem), *signed.arc_keys]))
+    limit = max(0.01, min(resolver.config.timeout, deadline - time.monotonic()))
+    answers = await asyncio.gather(*(resolver.query(n, "TXT", limit=limit) for n in names))
+    keys = dict(zip(names, answers, strict=True))
+    cancelled = threading.Event()
+    args = (signed.raw, signed.signatures, keys, signed.check_arc, cancelled)
+    if len(signed.raw) <= INLINE_LIMIT or executor is None:
+        return _verify(*args)
+    try:
+        return await asyncio.get_running_loop().run_in_executor(executor, _verify, *args)
+    except asyncio.CancelledError:
+        cancelled.set()  # the thread stops before its next signature
+        raise
+
+
 async def verify_message(
     raw: bytes,
     resolver: Resolver,
@@ -222,25 +278,7 @@ async def verify_message(
     deadline: float,
     executor: Executor | None = None,
 ) -> DkimResult:
-    """Verify up to ``max_signatures`` DKIM signatures of ``raw`` and, when ``arc``, its ARC
-    chain. Key lookups are concurrent and end by ``deadline`` (time.monotonic())."""
-    fields = _header_fields(raw)
-    signatures = _signatures(fields, max_signatures)
-    check_arc = arc and any(n.lower() == b"arc-seal" for n, _ in fields)
-    if not signatures and not check_arc:
-        return DkimResult()
-    names = list(dict.fromkeys(s.key_name for s in signatures if not s.problem))
-    if check_arc:
-        names += [n for n in _arc_key_names(fields) if n not in names]
-    limit = max(0.01, min(resolver.config.timeout, deadline - time.monotonic()))
-    answers = await asyncio.gather(*(resolver.query(n, "TXT", limit=limit) for n in names))
-    keys = dict(zip(names, answers, strict=True))
-    cancelled = threading.Event()
-    if len(raw) <= INLINE_LIMIT or executor is None:
-        return _verify(raw, signatures, keys, check_arc, cancelled)
-    loop = asyncio.get_running_loop()
-    try:
-        return await loop.run_in_executor(executor, _verify, raw, signatures, keys, check_arc, cancelled)
-    except asyncio.CancelledError:
-        cancelled.set()  # the thread stops before its next signature
-        raise
+    """`read_signatures` then `verify_signed`: up to ``max_signatures`` DKIM signatures of
+    ``raw`` and, when ``arc``, its ARC chain."""
+    signed = read_signatures(raw, max_signatures=max_signatures, arc=arc)
+    return await verify_signed(signed, resolver, deadline=deadline, executor=executor)
