@@ -28,6 +28,7 @@ __all__ = [
     "FrozenMap",
     "GreylistConfig",
     "ListsConfig",
+    "MilterConfig",
     "Network",
     "NetworkConfig",
     "ReputationConfig",
@@ -648,6 +649,70 @@ class ReputationConfig(Section):
 
 
 @dataclass(frozen=True, slots=True)
+class MilterConfig(Section):
+    """The milter (Postfix smtpd_milters, Sendmail) and the Postfix policy service: where they
+    listen and what a score, a virus or a failure does to the SMTP conversation."""
+
+    listen: tuple[str, ...] = setting(
+        (), doc="Addresses to serve the milter protocol on: HOST:PORT or a Unix socket path (--milter-listen)."
+    )
+    policy_listen: tuple[str, ...] = setting(
+        (), doc="Addresses to serve Postfix policy delegation (greylisting) on (--policy-listen)."
+    )
+    reject_score: float = setting(
+        15.0, min=-1000, max=1000,
+        doc="Score at or above which the milter refuses a message (at least scoring.required_score).",
+    )  # fmt: skip
+    reject_message: str = setting(
+        "Message scored {score:.1f}, rejected as spam",
+        doc="Text of the 550 5.7.1 reply to a rejected message; {score} and {required} are filled in.",
+    )
+    spam_action: Literal["tag", "quarantine", "discard", "tempfail", "reject"] = setting(
+        "tag", doc="What the milter does with spam scoring below reject_score; headers are added in every case."
+    )
+    reject_at_connect: bool = setting(
+        False, doc="Refuse a connection whose CONNECT-stage hits alone reach reject_score (IP block lists)."
+    )
+    dmarc_reject: bool = setting(
+        False, doc="Refuse (550 5.7.1) mail that fails DMARC when the domain's policy says p=reject."
+    )
+    on_error: Literal["tempfail", "accept"] = setting(
+        "tempfail", doc="A scan that fails or runs out of time: ask the sender to retry (451 4.3.0), or accept."
+    )
+    max_size: Size = setting(
+        parse_size("10M"), min=parse_size("1K"), max=parse_size("1G"),
+        doc="Bytes of a message the milter collects; the rest is skipped (see oversize).",
+    )  # fmt: skip
+    oversize: Literal["scan", "accept"] = setting(
+        "scan", doc="Past max_size: scan the part collected, or accept unscanned with an X-Filterd-Skipped header."
+    )
+    user: Literal["local_part", "address", "none"] = setting(
+        "local_part", doc="Whose settings apply (daemon.user_prefs_dir): the first recipient's local part or address."
+    )
+    scan_timeout: Duration = setting(
+        parse_duration("60s"), min=parse_duration("1s"), max=parse_duration("10m"),
+        doc="Longest a scan may hold the MTA at end of message before on_error applies.",
+    )  # fmt: skip
+    idle_timeout: Duration = setting(
+        parse_duration("10m"), min=parse_duration("1s"), max=parse_duration("1h"),
+        doc="A milter or policy connection silent this long is closed (MTAs hold them for a whole SMTP session).",
+    )  # fmt: skip
+    policy_defer: Literal["defer_if_permit", "reply"] = setting(
+        "defer_if_permit",
+        doc="Policy service answer to a greylisted RCPT: DEFER_IF_PERMIT (postgrey's), or greylist.message as is.",
+    )
+
+    def check(self) -> Sequence[tuple[str, str]]:
+        try:
+            text = self.reject_message.format(score=15.0, required=5.0)
+        except (KeyError, IndexError, ValueError) as exc:
+            return [("reject_message", f"expected a template using only {{score}} and {{required}}: {exc}")]
+        if not text.strip() or not text.isascii() or not text.isprintable():
+            return [("reject_message", f"expected one line of printable ASCII, got {self.reject_message!r}")]
+        return ()
+
+
+@dataclass(frozen=True, slots=True)
 class Config(Section):
     """The whole configuration; immutable. A reload builds a new one."""
 
@@ -667,6 +732,16 @@ class Config(Section):
     state: StateConfig = section(StateConfig)
     greylist: GreylistConfig = section(GreylistConfig)
     reputation: ReputationConfig = section(ReputationConfig)
+    milter: MilterConfig = section(MilterConfig)
+
+    def check(self) -> Sequence[tuple[str, str]]:
+        if self.milter.reject_score < self.scoring.required_score:
+            return [(
+                "milter",
+                f"reject_score: expected a number >= scoring.required_score ({self.scoring.required_score}), "
+                f"got {self.milter.reject_score}",
+            )]
+        return ()
 
     @property
     def state_path(self) -> Path:

@@ -809,6 +809,7 @@ def test_public_names() -> None:
         "FrozenMap",
         "GreylistConfig",
         "ListsConfig",
+        "MilterConfig",
         "Network",
         "NetworkConfig",
         "ReputationConfig",
