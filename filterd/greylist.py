@@ -81,6 +81,7 @@ class GreylistDecision:
     reason: str
     delay_left: float = 0.0  # defer: seconds until a retry would pass
     reply: str = ""  # defer: the SMTP reply, "451 4.7.1 ..."
+    delayed: float = 0.0  # pass: seconds the triplet was held back, on its first pass only (X-Greylist)
 
     @property
     def deferred(self) -> bool:
@@ -177,7 +178,7 @@ class Greylist:
                 if cfg.auto_whitelist_after:
                     await self.store.incr_fields(client_key, {"passes": 1}, ttl=cfg.expiry)
                     await self.store.set_fields(client_key, {"last": now})
-                return GreylistDecision("pass", f"retried after {waited:.0f}s")
+                return GreylistDecision("pass", f"retried after {waited:.0f}s", delayed=waited)
         # First sight (or forgotten: not seen within expiry, or no retry within retry_window).
         await self.store.set_fields(key, {"first": now, "last": now, "passed": 0}, ttl=cfg.retry_window)
         return GreylistDecision("defer", "first seen", cfg.delay, cfg.message)
