@@ -375,6 +375,17 @@ class AuthConfig(Section):
         FrozenMap(), doc="Signing keys for outgoing mail: domain -> 'selector:/path/to/key.pem'."
     )
 
+    def check(self) -> Sequence[tuple[str, str]]:
+        problems = []
+        # Written into Authentication-Results as is: a host name, no spaces or ";".
+        if self.authserv_id and not all(c.isalnum() or c in "-._" for c in self.authserv_id):
+            problems.append(("authserv_id", f"expected a host name such as mx.example.org, got {self.authserv_id!r}"))
+        for domain, spec in self.dkim_keys.items():
+            selector, sep, path = spec.partition(":")
+            if not (sep and selector and path.startswith("/")):
+                problems.append(("dkim_keys", f"{domain}: expected 'selector:/absolute/path/key.pem', got {spec!r}"))
+        return problems
+
 
 def clamd_address(spec: str) -> str | tuple[str, int]:
     """`antivirus.clamd` as a socket address: a Unix socket path (has a slash) or (host, port).

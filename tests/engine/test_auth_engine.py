@@ -10,12 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from filterd.config import Config
+import pytest
+
+from filterd.config import Config, load_config
 from filterd.dkimsign import DkimKey, sign_message
 from filterd.engine.engine import Engine
 from filterd.engine.markup import MarkupOptions, process_message
 from filterd.engine.plugin import ScanContext
 from filterd.engine.uris import UriParser
+from filterd.errors import ConfigError
 from tests.dns_fixture import DnsServer, MakeDelayingProxy, MakeDnsServer
 from tests.engine.auth_helpers import BAD_IP, GOOD_IP, auth_config, make_message, run_auth, sign
 
@@ -161,3 +164,17 @@ def test_auth_keeps_what_finished_when_the_deadline_comes(
     assert not out.family("DMARC_") and not {"DKIM_VALID", "DKIM_INVALID"} & out.rules
     assert out.facts["dkim"] == "temperror" and out.facts["dmarc"] == "temperror"
     assert "dkim=temperror (out of time) header.d=example.com" in out.auth_results
+
+
+def test_auth_config_problems_name_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "filterd.yaml"
+    path.write_text('auth:\n  authserv_id: "mx example; x"\n  dkim_keys:\n    example.com: "sel"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    found = [str(p) for p in info.value.problems]
+    assert len(found) == 2
+    assert found[0].endswith("filterd.yaml:2: auth.authserv_id: expected a host name such as mx.example.org, "
+                             "got 'mx example; x'")  # fmt: skip
+    assert "filterd.yaml:3: auth.dkim_keys: example.com: expected 'selector:/absolute/path/key.pem'" in found[1]
+    path.write_text("auth:\n  authserv_id: mx.example.org\n  dkim_keys:\n    example.com: sel:/etc/filterd/k.pem\n")
+    assert load_config(path).auth.dkim_keys["example.com"] == "sel:/etc/filterd/k.pem"
