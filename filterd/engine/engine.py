@@ -22,7 +22,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,11 +145,18 @@ class Engine:
         await self._run_checks(scan, checks)
         return [scan.hits[n] for n in scan.hits if n not in before]
 
-    async def _run_checks(self, scan: Scan, checks: Sequence[Check], during: Awaitable[None] | None = None) -> None:
+    async def _run_checks(
+        self, scan: Scan, checks: Sequence[Check], meanwhile: Callable[[], None] | None = None
+    ) -> None:
+        """Launch the async checks, run ``meanwhile`` and the local checks, then collect."""
         pending: dict[asyncio.Task[Sequence[Hit]], str] = {}
         for check in checks:
             if self._is_async[check.name]:
                 pending[asyncio.ensure_future(check.run(scan))] = check.name  # type: ignore[arg-type]
+        if pending:
+            await asyncio.sleep(0)  # let them send their first queries before the CPU-bound part
+        if meanwhile is not None:
+            meanwhile()
         for check in checks:
             if not self._is_async[check.name]:
                 started = time.perf_counter()
@@ -160,8 +167,6 @@ class Engine:
                 except Exception as exc:
                     self._check_failed(scan, check.name, exc)
                 scan.timings[check.name] = time.perf_counter() - started
-        if during is not None:
-            await during
         if not pending:
             return
         remaining = max(0.0, scan.deadline - time.monotonic())
@@ -206,10 +211,15 @@ class Engine:
                 await self._run_checks(scan, [c for c in self.checks if c.stage == stage])
         scan.stages_done.add(Stage.BODY)
         body_checks = [c for c in self.checks if c.stage == Stage.BODY]
-        t0 = time.perf_counter()
-        self._run_regex_rules(scan, msg)
-        scan.timings["rules"] = time.perf_counter() - t0
-        await self._run_checks(scan, body_checks)
+
+
+        def regex_rules() -> None:
+            t0 = time.perf_counter()
+            self._run_regex_rules(scan, msg)
+            scan.timings["rules"] = time.perf_counter() - t0
+
+        # Network checks (DNS, clamd) wait on peers while the regex rules use the CPU.
+        await self._run_checks(scan, body_checks, meanwhile=regex_rules)
         values = {name: hit.value for name, hit in scan.hits.items()}
         t0 = time.perf_counter()
         for name in self.rules.metas(values):
