@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,13 +53,18 @@ def ping(port: int) -> bool:
         return False
 
 
-def start_filterd(workers: int, tmp: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int]:
-    """Start `filterd daemon` on a free loopback port; its log goes to tmp/filterd.log."""
+def start_filterd(
+    workers: int, tmp: Path, *extra: str, local: bool = True, name: str = "filterd"
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start `filterd daemon` on a free loopback port; its log goes to tmp/NAME.log.
+
+    ``local`` (the default) turns network checks off: corpus runs judge text, not today's DNS.
+    """
     port = free_port()
-    log = (tmp / "filterd.log").open("wb")
+    log = (tmp / f"{name}.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "filterd", "daemon", "--listen", f"127.0.0.1:{port}", "--workers", str(workers),
-         "--state-dir", str(tmp / "state"), "--local", *extra],
+         "--state-dir", str(tmp / f"{name}-state"), *(["--local"] if local else []), *extra],
         stdout=log, stderr=subprocess.STDOUT,
     )
     return proc, port
@@ -82,3 +89,48 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@dataclass
+class Run:
+    concurrency: int
+    seconds: float
+    latencies: list[float]
+    failures: int
+
+    @property
+    def rate(self) -> float:
+        return len(self.latencies) / self.seconds
+
+    def pct(self, p: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] * 1000
+
+
+async def drive(port: int, messages: list[bytes], concurrency: int, method: str) -> Run:
+    latencies: list[float] = []
+    failures = 0
+    queue = iter(messages)
+
+    async def lane() -> None:
+        nonlocal failures
+        for body in queue:
+            request = f"{method} SPAMC/1.5\r\nUser: bench\r\nContent-length: {len(body)}\r\n\r\n".encode() + body
+            started = time.perf_counter()
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(request)
+                writer.write_eof()
+                reply = await asyncio.wait_for(reader.read(), 120)
+                writer.close()
+            except (OSError, TimeoutError):
+                failures += 1
+                continue
+            if not reply.startswith(b"SPAMD/1.1 0 EX_OK"):
+                failures += 1
+                continue
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(lane() for _ in range(concurrency)))
+    return Run(concurrency, time.perf_counter() - started, latencies, failures)
