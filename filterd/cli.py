@@ -50,14 +50,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="files or directories; the label is the ham/spam folder name")
     p.add_argument("--top", type=int, default=3, help="how many top rules to show per message")
 
-    p = sub.add_parser("daemon", help="run the scoring daemon (spamd protocol) in the foreground")
+    p = sub.add_parser("daemon", help="run the scoring daemon (spamd, milter, policy) in the foreground")
     _common(p)
     p.add_argument(
         "--listen",
         action="append",
         default=[],
         metavar="ADDR",
-        help="HOST:PORT or a Unix socket path; repeat for several (default 127.0.0.1:783)",
+        help="serve spamd on HOST:PORT or a Unix socket path; repeatable (default 127.0.0.1:783 if nothing else is)",
+    )
+    p.add_argument(
+        "--milter-listen",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="also serve the milter protocol (Postfix smtpd_milters, Sendmail) here; repeatable",
+    )
+    p.add_argument(
+        "--policy-listen",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="also serve Postfix policy delegation (check_policy_service, greylisting) here; repeatable",
     )
     p.add_argument("--workers", type=int, help="worker processes (default: one per CPU core)")
     p.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve /metrics and /healthz over HTTP here")
@@ -335,7 +349,12 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
             allow_tell=args.allow_tell or d.allow_tell,
             user_prefs_dir=args.user_prefs or d.user_prefs_dir,
         )
-        config = dataclasses.replace(config, daemon=d)
+        m = dataclasses.replace(
+            config.milter,
+            listen=tuple(args.milter_listen) or config.milter.listen,
+            policy_listen=tuple(args.policy_listen) or config.milter.policy_listen,
+        )
+        config = dataclasses.replace(config, daemon=d, milter=m)
         return config, Engine.load(config, state_dir=str(config.state_path))
 
     return Master(load).run()

@@ -56,6 +56,7 @@ def parse_address(text: str, *, default_host: str = "127.0.0.1") -> ListenAddres
 class Listener:
     address: ListenAddress
     sock: socket.socket
+    protocol: str = "spamd"  # what is served on it: spamd, milter or policy
 
     @property
     def bound(self) -> str:
@@ -93,7 +94,13 @@ def _remove_stale_socket(path: str) -> None:
 
 
 def open_listener(
-    address: ListenAddress, *, backlog: int = 1024, mode: str = "0660", owner: str = "", group: str = ""
+    address: ListenAddress,
+    *,
+    backlog: int = 1024,
+    mode: str = "0660",
+    owner: str = "",
+    group: str = "",
+    protocol: str = "spamd",
 ) -> Listener:
     """Bind and listen; raises ConfigError with a clear reason when that is impossible."""
     try:
@@ -122,4 +129,4 @@ def open_listener(
         sock.setblocking(False)
     except (OSError, KeyError, ValueError) as exc:
         raise ConfigError(f"cannot listen on {address}: {exc}") from exc
-    return Listener(address, sock)
+    return Listener(address, sock, protocol)

@@ -65,13 +65,17 @@ class Master:
 
     def open_listeners(self) -> None:
         d = self.config.daemon
-        addresses = list(dict.fromkeys(d.listen)) or ["127.0.0.1:783"]
-        for text in addresses:
-            listener = open_listener(
-                parse_address(text), mode=d.socket_mode, owner=d.socket_owner, group=d.socket_group
-            )
-            self.listeners.append(listener)
-            log.info("listening for spamd on %s", listener.bound)
+        wanted = _listen_addresses(self.config)
+        if not any(wanted.values()):
+            wanted["spamd"] = ["127.0.0.1:783"]  # nothing asked for: spamd on its usual port
+        for protocol, addresses in wanted.items():
+            for text in addresses:
+                listener = open_listener(
+                    parse_address(text), mode=d.socket_mode, owner=d.socket_owner, group=d.socket_group,
+                    protocol=protocol,
+                )  # fmt: skip
+                self.listeners.append(listener)
+                log.info("listening for %s on %s", protocol, listener.bound)
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit status."""
@@ -222,7 +226,8 @@ class Master:
             self.metrics.failed_reloads += 1
             log.error("reload failed, generation %d keeps serving:\n%s", self.generation, exc)
             return
-        if sorted(config.daemon.listen) != sorted(self.config.daemon.listen):
+        before, after = _listen_addresses(self.config), _listen_addresses(config)
+        if any(sorted(before[p]) != sorted(after[p]) for p in before):
             log.warning("reload: listen addresses changed; they take effect at the next restart")
         old = [c for c in self.children.values() if not c.stopping]
         self.config, self.engine = config, engine
@@ -283,6 +288,15 @@ class Master:
             writer.write(head.encode() + body)
             await writer.drain()
         writer.close()
+
+
+def _listen_addresses(config: Config) -> dict[str, list[str]]:
+    """Addresses to listen on, per protocol, each once."""
+    return {
+        "spamd": list(dict.fromkeys(config.daemon.listen)),
+        "milter": list(dict.fromkeys(config.milter.listen)),
+        "policy": list(dict.fromkeys(config.milter.policy_listen)),
+    }
 
 
 def _write_pid_file(path: str) -> None:

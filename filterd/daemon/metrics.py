@@ -37,6 +37,8 @@ class WorkerMetrics:
     scan_seconds_sum: float = 0.0
     bytes_scanned: int = 0
     refused: int = 0
+    # "milter:rejected", "policy:greylisted", ...: what the milter and the policy service answered.
+    verdicts: Counter[str] = field(default_factory=Counter)
     # Per DNS zone (a DNSBL zone, "spf", ...): the resolver's counters, copied at each report.
     dns_queries: Counter[str] = field(default_factory=Counter)
     dns_failures: Counter[str] = field(default_factory=Counter)
@@ -72,6 +74,7 @@ class WorkerMetrics:
             "scan_seconds_sum": self.scan_seconds_sum,
             "bytes_scanned": self.bytes_scanned,
             "refused": self.refused,
+            "verdicts": self.verdicts,
             "dns_queries": self.dns_queries,
             "dns_failures": self.dns_failures,
             "dns_skipped": self.dns_skipped,
@@ -166,6 +169,10 @@ def render_prometheus(agg: Aggregate, *, workers: int, generation: int) -> bytes
     family("filterd_rule_hits_total", "counter", "Messages on which each rule fired.")
     for rule, n in sorted(dict(t.get("rule_hits") or {}).items()):  # type: ignore[call-overload]
         lines.append(f'filterd_rule_hits_total{{rule="{_label(rule)}"}} {n}')
+    family("filterd_verdicts_total", "counter", "Milter and policy service answers, by service and verdict.")
+    for key, n in sorted(dict(t.get("verdicts") or {}).items()):  # type: ignore[call-overload]
+        service, _, verdict = key.partition(":")
+        lines.append(f'filterd_verdicts_total{{service="{_label(service)}",verdict="{_label(verdict)}"}} {n}')
     family("filterd_connections_refused_total", "counter", "Connections refused (not allowed, or too many).")
     lines.append(f"filterd_connections_refused_total {t.get('refused') or 0}")
     dns = (

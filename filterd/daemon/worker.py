@@ -1,4 +1,5 @@
-"""A worker process: one asyncio loop serving many spamd connections with one engine.
+"""A worker process: one asyncio loop serving many spamd, milter and policy connections with one
+engine (the milter and the policy service live in milter_service.py and policy_service.py).
 
 CPU work (parsing, rules) runs inline and is short; network checks are awaited, so one slow
 lookup never holds up other messages. Every read has an idle timeout and the whole request a
@@ -21,9 +22,12 @@ from collections.abc import Sequence
 from filterd.config import Config
 from filterd.daemon.listeners import Listener
 from filterd.daemon.metrics import WorkerMetrics
+from filterd.daemon.milter_service import MilterService
+from filterd.daemon.policy_service import PolicyService
 from filterd.daemon.service import SpamdService
 from filterd.engine.engine import Engine
 from filterd.errors import RemoteProtocolError
+from filterd.greylist import Greylist
 from filterd.protocols.spamd import (
     EX_TEMPFAIL,
     EX_TIMEOUT,
@@ -32,6 +36,7 @@ from filterd.protocols.spamd import (
     SpamdServerConnection,
     render_error,
 )
+from filterd.state import StateStore, open_state_store
 
 __all__ = ["Worker"]
 
@@ -48,6 +53,13 @@ class Worker:
         self.report_fd = report_fd
         self.metrics = WorkerMetrics()
         self.service = SpamdService(engine, config, self.metrics)
+        # The store opens nothing until its first use, in this process.
+        self.store: StateStore | None = open_state_store(config, config.state_path) if config.greylist.enabled else None
+        greylist = Greylist.from_config(config, self.store) if self.store is not None else None
+        self.milter = MilterService(
+            engine, config, self.metrics, greylist=greylist, prefs=self.service.prefs, scans=self.service.scans
+        )
+        self.policy = PolicyService(config, self.metrics, greylist=greylist, prefs=self.service.prefs)
         self.active = 0
         self._allowed = [ipaddress.ip_network(n) for n in config.daemon.allowed_ips]
         self._stopping: asyncio.Event | None = None
@@ -77,6 +89,9 @@ class Worker:
             )
         reporter.cancel()
         self.engine.flush_learning()
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                await self.store.close()
         self._report()
 
     def _accept_one(self, listener: Listener) -> None:
@@ -105,7 +120,7 @@ class Worker:
 
     def _spawn(self, conn: socket.socket, listener: Listener) -> None:
         conn.setblocking(False)
-        task = asyncio.create_task(self._socket(conn, listener.address.is_unix))
+        task = asyncio.create_task(self._socket(conn, listener))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -119,16 +134,16 @@ class Worker:
                     break
                 self._spawn(conn, listener)
 
-    async def _socket(self, conn: socket.socket, unix: bool) -> None:
+    async def _socket(self, conn: socket.socket, listener: Listener) -> None:
         try:
-            if unix:
+            if listener.address.is_unix:
                 reader, writer = await asyncio.open_unix_connection(sock=conn, limit=65536)
             else:
                 reader, writer = await asyncio.open_connection(sock=conn, limit=65536)
         except OSError:
             conn.close()
             return
-        await self._connection(reader, writer)
+        await self._connection(reader, writer, listener.protocol)
 
     async def _report_loop(self) -> None:
         while True:
@@ -159,19 +174,39 @@ class Worker:
             ip = ip.ipv4_mapped
         return any(ip in net for net in self._allowed), str(ip)
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, protocol: str = "spamd"
+    ) -> None:
         allowed, peer = self._allowed_peer(writer)
         if not allowed:
             self.metrics.refused += 1
-            log.warning("refused connection from %s: not in daemon.allowed_ips", peer)
+            log.warning("refused connection from %s (%s): not in daemon.allowed_ips", peer, protocol)
             writer.close()
             return
         if self.active >= self.config.daemon.max_connections:
             self.metrics.refused += 1
-            log.warning("refused connection from %s: %d connections open (daemon.max_connections)", peer, self.active)
-            await self._refuse(reader, writer, render_error(EX_TEMPFAIL, "Temporary failure: too many connections"))
+            log.warning("refused connection from %s (%s): %d connections open (daemon.max_connections)", peer,
+                        protocol, self.active)
+            if protocol == "spamd":
+                await self._refuse(reader, writer, render_error(EX_TEMPFAIL, "Temporary failure: too many connections"))
+            else:  # the MTA applies its default action (milter) or retries (policy)
+                writer.close()
             return
         self.active += 1
+        if protocol != "spamd":
+            try:
+                if protocol == "milter":
+                    await self.milter.serve(reader, writer, peer)
+                else:
+                    assert self._stopping is not None
+                    await self.policy.serve(reader, writer, peer, self._stopping)
+            except (ConnectionError, OSError) as exc:
+                log.info("%s connection from %s lost: %s", protocol, peer, exc)
+            finally:
+                self.active -= 1
+                with contextlib.suppress(OSError, RuntimeError):
+                    writer.close()
+            return
         try:
             reply, whole = await self._exchange(reader)
             if not whole:  # an error before the request was read to its end
