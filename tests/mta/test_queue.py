@@ -202,8 +202,8 @@ def test_sigkill_at_random_moments_never_loses_an_acknowledged_message(tmp_path:
         proc.send_signal(signal.SIGKILL)
         out, _ = proc.communicate()
         for line in out.splitlines():
-            qid, n = line.split()
-            acknowledged[qid] = int(n)
+            qid, count = line.split()
+            acknowledged[qid] = int(count)
         q = Queue(tmp_path)
         q.recover()
         assert not os.listdir(q.corrupt)
