@@ -29,6 +29,7 @@ __all__ = [
     "GreylistConfig",
     "ListsConfig",
     "MilterConfig",
+    "MtaConfig",
     "Network",
     "NetworkConfig",
     "ReputationConfig",
@@ -46,6 +47,7 @@ __all__ = [
 
 import dataclasses
 import ipaddress
+import string
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
@@ -723,6 +725,119 @@ class MilterConfig(Section):
         return ()
 
 
+_DELIVERY_FIELDS = frozenset({"user", "extension", "domain", "recipient", "sender", "home", "queue_id", "state_dir"})
+
+
+def _template_problem(template: str, allowed: frozenset[str]) -> str:
+    """Why ``template`` is not a valid ``str.format`` template over ``allowed`` names; "" if it is."""
+    try:
+        for _, name, spec, _ in string.Formatter().parse(template):
+            if name is not None and (name not in allowed or spec):
+                return f"unknown placeholder {{{name}}} (known: {', '.join(sorted(allowed))})"
+    except ValueError as exc:
+        return str(exc)
+    return ""
+
+
+@dataclass(frozen=True, slots=True)
+class MtaConfig(Section):
+    """The relay MTA (`filterd mta`): queue manager, retries and bounces, local and remote delivery."""
+
+    min_backoff: Duration = setting(
+        parse_duration("5m"), min=parse_duration("1s"), max=parse_duration("1d"),
+        doc="Wait after a recipient's first failed attempt; doubles with each failure (Postfix minimal_backoff_time).",
+    )  # fmt: skip
+    max_backoff: Duration = setting(
+        parse_duration("4000s"), min=parse_duration("1s"), max=parse_duration("7d"),
+        doc="Longest wait between two attempts (Postfix maximal_backoff_time).",
+    )  # fmt: skip
+    max_lifetime: Duration = setting(
+        parse_duration("5d"), min=parse_duration("0s"), max=parse_duration("100d"),
+        doc="A recipient still failing this long after arrival is bounced (Postfix maximal_queue_lifetime).",
+    )  # fmt: skip
+    bounce_lifetime: Duration = setting(
+        parse_duration("5d"), min=parse_duration("0s"), max=parse_duration("100d"),
+        doc="The same for mail from the null sender (bounces), which is then dropped: a bounce is never bounced.",
+    )  # fmt: skip
+    delay_warning: Duration = setting(
+        parse_duration("0s"), min=parse_duration("0s"), max=parse_duration("100d"),
+        doc="Tell the sender once that a message is still undelivered after this long; 0 = never.",
+    )  # fmt: skip
+    max_concurrency: int = setting(
+        100, min=1, max=10000, doc="Delivery attempts in progress at once, local and remote together."
+    )
+    per_destination_concurrency: int = setting(
+        20, min=1, max=1000,
+        doc="Attempts in progress at once per destination (a recipient domain, or all local delivery).",
+    )  # fmt: skip
+    destination_recipient_limit: int = setting(
+        50, min=1, max=1000, doc="Recipients per outgoing SMTP transaction (Postfix smtp_destination_recipient_limit)."
+    )
+    max_hops: int = setting(
+        50, min=1, max=1000, doc="A message with more Received headers than this is bounced as a mail loop."
+    )
+    local_delivery_command: tuple[str, ...] = setting(
+        ("filterd", "deliver", "--user", "{user}", "--maildir", "{mailbox}"),
+        doc="Command (argv, no shell) delivering to a local recipient, message on stdin; placeholders "
+        "{user} {extension} {domain} {recipient} {sender} {home} {mailbox} {queue_id} {state_dir}.",
+    )
+    local_delivery_timeout: Duration = setting(
+        parse_duration("10m"), min=parse_duration("1s"), max=parse_duration("1d"),
+        doc="A local delivery command running longer is killed and the recipient retried later.",
+    )  # fmt: skip
+    mailbox: str = setting(
+        "{home}/Maildir/",
+        doc="A local user's mailbox ({mailbox}); {home} is the user's home directory (unknown user: bounced).",
+    )
+    mailboxes: FrozenMap[str, str] = setting(
+        FrozenMap[str, str](), doc="Local user -> mailbox path, taking precedence over `mailbox`."
+    )
+    recipient_delimiter: str = setting(
+        "+", doc="Separates a local part's user from its extension (user+ext -> {user}, {extension}); empty = none."
+    )
+    smtp_port: int = setting(25, min=1, max=65535, doc="Port of the next hop's SMTP server when relaying.")
+    smtp_bind_address: str = setting(
+        "", doc="Source address of outgoing SMTP connections; empty = chosen by the system."
+    )
+    smtp_helo_name: str = setting("", doc="Name sent in EHLO when relaying; empty = this host's name.")
+    smtp_starttls: bool = setting(
+        True, doc="Use STARTTLS when the next hop offers it, without verifying its certificate (Postfix 'may')."
+    )
+    smtp_connect_timeout: Duration = setting(
+        parse_duration("30s"), min=parse_duration("100ms"), max=parse_duration("10m"),
+        doc="Time to connect to a next hop and read its greeting.",
+    )  # fmt: skip
+    smtp_timeout: Duration = setting(
+        parse_duration("5m"), min=parse_duration("100ms"), max=parse_duration("1h"),
+        doc="Time for each reply of a next hop (RFC 5321 4.5.3.2).",
+    )  # fmt: skip
+    smtp_data_timeout: Duration = setting(
+        parse_duration("10m"), min=parse_duration("100ms"), max=parse_duration("1h"),
+        doc="Time to send the message and read the reply to its final dot.",
+    )  # fmt: skip
+
+    def check(self) -> Sequence[tuple[str, str]]:
+        problems: list[tuple[str, str]] = []
+        if self.max_backoff < self.min_backoff:
+            problems.append(
+                ("max_backoff", f"expected a duration >= min_backoff ({format_duration(self.min_backoff)})")
+            )
+        if not self.local_delivery_command:
+            problems.append(("local_delivery_command", "expected a command (a list of arguments)"))
+        for arg in self.local_delivery_command:
+            if problem := _template_problem(arg, _DELIVERY_FIELDS | {"mailbox"}):
+                problems.append(("local_delivery_command", f"{arg!r}: {problem}"))
+        for name, template in (("mailbox", self.mailbox), *(("mailboxes", v) for v in self.mailboxes.values())):
+            if problem := _template_problem(template, _DELIVERY_FIELDS):
+                problems.append((name, f"{template!r}: {problem}"))
+        if self.smtp_bind_address:
+            try:
+                ipaddress.ip_address(self.smtp_bind_address)
+            except ValueError:
+                problems.append(("smtp_bind_address", f"expected an IP address, got {self.smtp_bind_address!r}"))
+        return problems
+
+
 @dataclass(frozen=True, slots=True)
 class Config(Section):
     """The whole configuration; immutable. A reload builds a new one."""
@@ -744,6 +859,7 @@ class Config(Section):
     greylist: GreylistConfig = section(GreylistConfig)
     reputation: ReputationConfig = section(ReputationConfig)
     milter: MilterConfig = section(MilterConfig)
+    mta: MtaConfig = section(MtaConfig)
 
     def check(self) -> Sequence[tuple[str, str]]:
         if self.milter.reject_score < self.scoring.required_score:

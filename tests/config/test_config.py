@@ -778,7 +778,7 @@ def test_describe_settings_covers_every_setting() -> None:
     def leaves(data: dict[str, object], prefix: str = "") -> list[str]:
         out = []
         for key, value in data.items():
-            if isinstance(value, dict) and key not in ("score_overrides", "zones", "dkim_keys"):
+            if isinstance(value, dict) and key not in ("score_overrides", "zones", "dkim_keys", "mailboxes"):
                 out += leaves(value, f"{prefix}{key}.")
             else:
                 out.append(prefix + key)
@@ -810,6 +810,7 @@ def test_public_names() -> None:
         "GreylistConfig",
         "ListsConfig",
         "MilterConfig",
+        "MtaConfig",
         "Network",
         "NetworkConfig",
         "ReputationConfig",
