@@ -815,9 +815,79 @@ class MtaConfig(Section):
         parse_duration("10m"), min=parse_duration("100ms"), max=parse_duration("1h"),
         doc="Time to send the message and read the reply to its final dot.",
     )  # fmt: skip
+    # -- the SMTP server (filterd.mta.smtpd) --
+    listen: tuple[str, ...] = setting(
+        (), doc="HOST:PORT addresses the SMTP server listens on (--listen adds to these)."
+    )
+    tls_listen: tuple[str, ...] = setting(
+        (), doc="HOST:PORT addresses speaking TLS from the first byte (submissions, port 465); needs tls_cert."
+    )
+    hostname: str = setting(
+        "", doc="Our name in the greeting, EHLO reply and Received headers; empty = this host's FQDN."
+    )
+    local_domains: tuple[str, ...] = setting(
+        ("localhost",),
+        doc="Domains we take mail for from anyone (hostname always is one); others only from mynetworks or "
+        "authenticated clients.",
+    )
+    mynetworks: tuple[Network, ...] = setting(
+        _LOOPBACK, doc="Clients that may relay to any domain without authenticating (Postfix mynetworks)."
+    )
+    max_message_size: Size = setting(
+        parse_size("10M"), min=parse_size("1K"), max=parse_size("1G"),
+        doc="Largest message accepted (EHLO SIZE; larger ones get 552 5.3.4).",
+    )  # fmt: skip
+    max_recipients: int = setting(100, min=1, max=10000, doc="Recipients per message (more get 452 4.5.3).")
+    max_connections: int = setting(
+        200, min=1, max=100000, doc="SMTP connections served at once; more are answered 421 4.7.0 and closed."
+    )
+    smtpd_timeout: Duration = setting(
+        parse_duration("5m"), min=parse_duration("1s"), max=parse_duration("1h"),
+        doc="A client silent this long in the middle of a command or of DATA is dropped with 421 (RFC 5321 4.5.3.2).",
+    )  # fmt: skip
+    tls_cert: str = setting("", doc="PEM certificate chain for STARTTLS and tls_listen; empty = no TLS.")
+    tls_key: str = setting("", doc="PEM private key of tls_cert.")
+    auth_users_file: str = setting(
+        "",
+        doc="Users allowed to AUTH (PLAIN, LOGIN), one 'name:scrypt-hash' a line (filterd mta passwd); "
+        "empty = no AUTH.",
+    )
+    require_tls_for_auth: bool = setting(
+        True, doc="Offer AUTH only over TLS (STARTTLS or tls_listen), so passwords never cross in clear."
+    )
+    milter: str = setting(
+        "", doc="The filter to ask before accepting a message, HOST:PORT or a Unix socket path (--filter)."
+    )
+    milter_connect_timeout: Duration = setting(
+        parse_duration("10s"), min=parse_duration("100ms"), max=parse_duration("10m"),
+        doc="Time to connect to the milter and negotiate.",
+    )  # fmt: skip
+    milter_timeout: Duration = setting(
+        parse_duration("90s"), min=parse_duration("100ms"), max=parse_duration("1h"),
+        doc="Time for each milter reply (longer than the daemon's milter.scan_timeout, so its on_error applies first).",
+    )  # fmt: skip
+    milter_default_action: Literal["tempfail", "accept"] = setting(
+        "tempfail",
+        doc="Milter down, timed out or confused: 451 4.7.1 the message, or accept it unfiltered "
+        "(Postfix milter_default_action).",
+    )
 
     def check(self) -> Sequence[tuple[str, str]]:
         problems: list[tuple[str, str]] = []
+        for name in ("listen", "tls_listen"):
+            for address in getattr(self, name):
+                host, sep, port = address.rpartition(":")
+                if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+                    problems.append((name, f"expected HOST:PORT, got {address!r}"))
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append(("tls_key", "tls_cert and tls_key go together"))
+        if self.tls_listen and not self.tls_cert:
+            problems.append(("tls_listen", "needs tls_cert and tls_key"))
+        if self.milter:
+            try:
+                clamd_address(self.milter)
+            except ValueError as exc:
+                problems.append(("milter", str(exc)))
         if self.max_backoff < self.min_backoff:
             problems.append(
                 ("max_backoff", f"expected a duration >= min_backoff ({format_duration(self.min_backoff)})")
