@@ -49,7 +49,7 @@ import _socket
 import os
 import sys
 
-__all__ = ["main"]
+__all__ = ["SpamdAnswer", "SpamdError", "main", "spamd_request"]
 
 EX_OK = 0
 EX_USAGE = 64
@@ -397,8 +397,8 @@ class _Options:
         self.flags = F_SAFE_FALLBACK
         self.use_exit_code = False
         self.exec_argv: list[str] | None = None
-        self.timeout = 600
-        self.connect_timeout = 0
+        self.timeout: float = 600
+        self.connect_timeout: float = 0
         self.max_size = DEFAULT_MAX_SIZE
         self.username: str | None = None
         self.extratype = 0
@@ -505,7 +505,8 @@ class _Connection:
 class _Client:
     """spamc's main(), libspamc's message_* functions and its transport, for one run."""
 
-    def __init__(self) -> None:
+    def __init__(self, prog: str = "filterc") -> None:
+        self.prog = prog  # the name log lines start with
         self.opts = _Options()
         self.hosts: list[list[_AddrInfo]] = []  # getaddrinfo's answers, one list per -d host
         self.stdio: list[bytes] = []  # what spamc prints with printf: flushed at exit
@@ -518,7 +519,7 @@ class _Client:
     # ---- output
 
     def log(self, text: str) -> None:
-        _stderr("filterc: " + text)
+        _stderr(f"{self.prog}: {text}")
 
     def printf(self, text: str) -> None:
         self.stdio.append(os.fsencode(text))
@@ -1477,6 +1478,76 @@ class _Client:
         if not flags & F_SAFE_FALLBACK and flags & F_UNAVAIL_TEMPFAIL and ret == EX_UNAVAILABLE:
             ret = EX_TEMPFAIL
         return ret
+
+
+# --------------------------------------------------------------------------- for other programs
+
+
+class SpamdError(Exception):
+    """A spamd request failed; ``code`` is the sysexits code spamc would have seen."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class SpamdAnswer:
+    """What the daemon said about a message (PROCESS or HEADERS)."""
+
+    __slots__ = ("message", "score", "threshold", "is_spam")
+
+    def __init__(self, message: bytes, score: float | None, threshold: float | None, is_spam: bool | None) -> None:
+        self.message = message  # the rewritten message (HEADERS: new header block + original body)
+        self.score = score  # None (and so the others) when the answer carried no Spam: header
+        self.threshold = threshold
+        self.is_spam = is_spam
+
+
+def spamd_request(
+    message: bytes,
+    *,
+    address: str | tuple[str, int],
+    user: str | None = None,
+    method: str = "PROCESS",
+    timeout: float = 600,
+    connect_retries: int = 3,
+    max_size: int = DEFAULT_MAX_SIZE,
+    prog: str = "filterc",
+) -> SpamdAnswer:
+    """One PROCESS or HEADERS request, made exactly as filterc (so spamc) makes it.
+
+    ``address`` is a Unix socket path or (host, port); ``timeout`` bounds connecting and each
+    read or write; ``max_size`` sizes the answer buffer as spamc's ``-s`` does (the answer may
+    exceed it by 16 KiB). Connection failures and bad answers raise `SpamdError`; failures are
+    logged to stderr as ``prog: ...``. The caller decides what a failure means (filterc's
+    safe fallback is to pass the message on unchanged).
+    """
+    if method not in ("PROCESS", "HEADERS"):
+        raise ValueError(f"unsupported method {method!r}")
+    client = _Client(prog)
+    o = client.opts
+    o.username = user
+    o.timeout = o.connect_timeout = timeout
+    o.connect_retries = max(1, connect_retries)
+    o.flags |= F_USE_INET4 | F_USE_INET6 | (F_HEADERS if method == "HEADERS" else 0)
+    if isinstance(address, str):
+        o.transport_type, o.socketpath = TRANSPORT_UNIX, address
+    else:
+        o.transport_type, (o.hostname, o.port) = TRANSPORT_TCP, address
+    code = client.transport_setup()
+    if code != EX_OK:
+        raise SpamdError(code)
+    m = _Message(max(max_size, len(message)))
+    m.type = MESSAGE_RAW
+    m.raw = m.msg = m.out = message
+    code = client.message_filter(m)
+    if code != EX_OK:
+        raise SpamdError(code)
+    if m.is_spam == EX_TOOBIG:  # no Spam: header in the answer
+        return SpamdAnswer(m.out, None, None, None)
+    # libspamc keeps C floats (4.9 -> 4.9000001); the daemon writes at most a few decimals
+    score, threshold = round(m.score, 3), round(m.threshold, 3)
+    return SpamdAnswer(m.out, score, threshold, m.is_spam == EX_ISSPAM)
 
 
 def _stderr(text: str) -> None:
