@@ -22,6 +22,7 @@ __all__ = [
     "BayesConfig",
     "Config",
     "DaemonConfig",
+    "DeliverConfig",
     "DnsConfig",
     "DnsblConfig",
     "DnsblZone",
@@ -909,6 +910,76 @@ class MtaConfig(Section):
 
 
 @dataclass(frozen=True, slots=True)
+class DeliverConfig(Section):
+    """`filterd deliver`, the local delivery agent: the daemon it asks, and how it stores mail."""
+
+    filter: bool = setting(True, doc="Ask the daemon about each message before the recipes run (--no-filter: not).")
+    daemon: str = setting(
+        "127.0.0.1:783", doc="The spamd-protocol daemon: a Unix socket path or HOST:PORT (--daemon)."
+    )
+    method: Literal["process", "headers"] = setting(
+        "process", doc="process: store the message as the daemon rewrote it (spamc); headers: its new headers only."
+    )
+    timeout: Duration = setting(
+        parse_duration("30s"), min=parse_duration("100ms"), max=parse_duration("1h"),
+        doc="Longest wait for connecting to the daemon and for each read or write (spamc -t).",
+    )  # fmt: skip
+    max_size: Size = setting(
+        parse_size("500K"), min=parse_size("1K"), max=parse_size("256M"),
+        doc="Larger messages are not sent to the daemon (spamc -s and its default).",
+    )  # fmt: skip
+    on_daemon_error: Literal["deliver", "tempfail"] = setting(
+        "deliver",
+        doc="Daemon down, slow or answering badly: deliver unfiltered (spamc's safe fallback) or exit 75.",
+    )
+    mark_unfiltered: bool = setting(
+        True, doc="Add an X-Filterd-Skipped header to a message the daemon did not see, saying why."
+    )
+    recipes: str = setting(
+        "~/.filterd-recipes.yaml",
+        doc="The user's recipe file when --recipes is not given; ~ is their home; missing = everything to INBOX.",
+    )
+    mbox_folders: str = setting(
+        "~/mail", doc="mbox delivery: where relative folder names of recipes live (~ is the user's home)."
+    )
+    sendmail: tuple[str, ...] = setting(
+        ("/usr/sbin/sendmail", "-i"),
+        doc="Command of the forward action; '-f SENDER -- ADDRESS...' is appended (message on stdin).",
+    )
+    command_timeout: Duration = setting(
+        parse_duration("10m"), min=parse_duration("1s"), max=parse_duration("1d"),
+        doc="Longest a pipe or forward command of a recipe may run; then it is killed and delivery deferred.",
+    )  # fmt: skip
+    lock_timeout: Duration = setting(
+        parse_duration("60s"), min=parse_duration("1s"), max=parse_duration("1h"),
+        doc="Longest wait for an mbox lock before the delivery is deferred (exit 75).",
+    )  # fmt: skip
+    stale_lock: Duration = setting(
+        parse_duration("500s"), min=parse_duration("10s"), max=parse_duration("1d"),
+        doc="An mbox dot-lock file older than this is taken as left over by a crash and removed (Postfix's 500s).",
+    )  # fmt: skip
+    maildir_sizes: bool = setting(
+        True, doc="Put ,S=<size>,W=<CRLF size> in Maildir file names, as Dovecot does, so readers need not stat."
+    )
+    system_users_only: bool = setting(
+        False, doc="Refuse (exit 67) a --user with no passwd entry; false also serves virtual users."
+    )
+    drop_privileges: bool = setting(
+        True, doc="Started as root for a user in passwd: deliver, read recipes and run commands as that user."
+    )
+
+    def check(self) -> Sequence[tuple[str, str]]:
+        problems = []
+        try:
+            clamd_address(self.daemon)
+        except ValueError as exc:
+            problems.append(("daemon", str(exc)))
+        if not self.sendmail:
+            problems.append(("sendmail", "expected a command (a list of arguments)"))
+        return problems
+
+
+@dataclass(frozen=True, slots=True)
 class Config(Section):
     """The whole configuration; immutable. A reload builds a new one."""
 
@@ -930,6 +1001,7 @@ class Config(Section):
     reputation: ReputationConfig = section(ReputationConfig)
     milter: MilterConfig = section(MilterConfig)
     mta: MtaConfig = section(MtaConfig)
+    deliver: DeliverConfig = section(DeliverConfig)
 
     def check(self) -> Sequence[tuple[str, str]]:
         if self.milter.reject_score < self.scoring.required_score:

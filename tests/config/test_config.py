@@ -802,6 +802,7 @@ def test_public_names() -> None:
         "BayesConfig",
         "Config",
         "DaemonConfig",
+        "DeliverConfig",
         "DnsConfig",
         "DnsblConfig",
         "DnsblZone",
