@@ -443,11 +443,12 @@ class _Session:
         edits: list[Reply] = []
         # X-Spam-* headers the message arrived with are forged or another filter's: they go, last
         # occurrence first so that the indexes of the earlier ones stay right.
-        seen: dict[str, int] = {}
+        seen: dict[str, tuple[str, int]] = {}  # lowercased name -> (first spelling, occurrences)
         for name, _ in message.headers:
             if name.lower().startswith("x-spam-"):
-                seen[name.lower()] = seen.get(name.lower(), 0) + 1
-        for name, count in seen.items():
+                spelling, count = seen.get(name.lower(), (name, 0))
+                seen[name.lower()] = (spelling, count + 1)
+        for name, count in seen.values():
             edits += [ChangeHeader(index, name, "") for index in range(count, 0, -1)]
         edits += [AddHeader(name, value) for name, value in header_fields(
             spam_headers(self.service.engine, result, self.service.options))]
