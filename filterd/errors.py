@@ -103,7 +103,11 @@ class StateError(FilterdError):
 
 
 class DeliveryError(FilterdError):
-    """A delivery attempt failed."""
+    """A delivery attempt failed; ``status`` is the RFC 3463 enhanced status code if known ("5.1.2")."""
+
+    def __init__(self, message: str, status: str = "") -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class TemporaryDeliveryError(DeliveryError):

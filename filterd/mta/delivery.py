@@ -1,0 +1,387 @@
+"""Delivery attempts: to a local user through a command, or to a remote domain over SMTP.
+
+    local = LocalDelivery(config.mta, state_dir=..., hostname="mx.example.org")
+    result = await local.deliver(qid, sender, "bob@example.org", data_path)
+    remote = RemoteDelivery(config, resolver, hostname="mx.example.org")
+    results = await remote.deliver(qid, sender, "example.net", ["b@example.net"], data_path, ...)
+
+Each attempt ends in one `DeliveryResult` per recipient: delivered, deferred (try again later)
+or bounced (give up, tell the sender). `outcome_of` is the one place where a status becomes an
+outcome: 2.x.x delivered, 4.x.x deferred, 5.x.x bounced.
+
+Local delivery runs ``mta.local_delivery_command`` (an argv, no shell, like Postfix's
+mailbox_command) with the message on stdin, LF line ends (the Unix convention procmail,
+maildrop and ``filterd deliver`` expect), and this MTA puts two header fields on top, as
+Postfix's local(8) does: ``Return-Path: <sender>`` and ``Delivered-To: recipient``. The command
+need not add them. A message that already carries ``Delivered-To:`` for the same recipient is
+bounced as a mail loop (5.4.6). The environment is the MTA's plus SENDER, RECIPIENT, USER,
+LOGNAME, LOCAL, EXTENSION, DOMAIN, HOME, MAILBOX and QUEUE_ID. Exit status: 0 delivered;
+75 (EX_TEMPFAIL) deferred; killed by a signal or by ``local_delivery_timeout``, deferred; a
+command that cannot be started, deferred (a configuration error must not bounce mail); any other
+status bounced, with the status's meaning (sysexits) and the tail of the command's stderr as
+the DSN's diagnostic.
+
+Remote delivery looks up the domain's MX hosts (`filterd.mta.mx`), DKIM-signs the message when
+its From: domain has a key in ``auth.dkim_keys``, and tries the addresses in order until one
+holds a transaction (`filterd.mta.smtp_client`): a refused connection, a 4xx or 5xx greeting or
+EHLO, or a lost session before MAIL FROM moves on to the next address; once a server takes the
+transaction its replies decide, per recipient.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DeliveryResult",
+    "LocalDelivery",
+    "Outcome",
+    "RemoteDelivery",
+    "outcome_of",
+    "sysexit_status",
+]
+
+import asyncio
+import contextlib
+import logging
+import os
+import pwd
+import random
+import re
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from filterd.config import Config, MtaConfig
+from filterd.dkimsign import sign_message
+from filterd.errors import DeliveryError, PermanentDeliveryError
+from filterd.mta.mx import NextHop, next_hops
+from filterd.mta.smtp_client import Reply, SessionError, SmtpOptions, TlsError, send
+from filterd.net.dns import Resolver
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["delivered", "deferred", "bounced"]
+
+EX_TEMPFAIL = 75
+_STDERR_TAIL = 1024
+
+# sysexits.h: status -> (enhanced status, meaning), as Postfix's sys_exits table has it.
+_SYSEXITS = {
+    64: ("5.3.0", "command line usage error"),
+    65: ("5.6.0", "data format error"),
+    66: ("5.3.0", "cannot open input"),
+    67: ("5.1.1", "user unknown"),
+    68: ("5.1.2", "host name unknown"),
+    69: ("5.3.0", "service unavailable"),
+    70: ("5.3.0", "internal software error"),
+    71: ("5.3.0", "system resource problem"),
+    72: ("5.3.0", "critical OS file missing"),
+    73: ("5.2.0", "can't create user output file"),
+    74: ("5.3.0", "input/output error"),
+    75: ("4.3.0", "temporary failure"),
+    76: ("5.5.0", "remote error in protocol"),
+    77: ("5.7.0", "permission denied"),
+    78: ("5.3.5", "local configuration error"),
+}
+
+
+def sysexit_status(code: int) -> tuple[str, str]:
+    """A command's exit status as (enhanced status, meaning); unknown ones are 5.3.0."""
+    return _SYSEXITS.get(code, ("5.3.0", f"unknown mail system error {code}"))
+
+
+def outcome_of(status: str) -> Outcome:
+    """2.x.x delivered, 4.x.x deferred (retry), 5.x.x bounced: decided here and nowhere else."""
+    return {"2": "delivered", "4": "deferred"}.get(status[:1], "bounced")  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryResult:
+    """One recipient's result of one attempt."""
+
+    recipient: str
+    status: str  # RFC 3463 enhanced status: "2.0.0", "4.4.1", "5.1.1"
+    detail: str  # for people and logs: "host mx.example.net[192.0.2.7] said: 550 5.1.1 ..."
+    diagnostic: str = ""  # the DSN's Diagnostic-Code: "smtp; 550 5.1.1 ...", "x-unix; ..."
+    remote_mta: str = ""  # the host that answered, for the DSN's Remote-MTA
+    relay: str = ""  # where it went: "local", "mx.example.net[192.0.2.7]:25"
+
+    @property
+    def outcome(self) -> Outcome:
+        return outcome_of(self.status)
+
+
+def _split_address(address: str) -> tuple[str, str]:
+    local, at, domain = address.rpartition("@")
+    return (local, domain) if at else (address, "")
+
+
+def _header_end(data: bytes) -> int:
+    end = data.find(b"\r\n\r\n")
+    return len(data) if end < 0 else end + 2
+
+
+def _header_fields(data: bytes, name: bytes) -> list[bytes]:
+    """The unfolded values of every header field called ``name`` (lower case, no colon)."""
+    block = data[: _header_end(data)].replace(b"\r\n ", b" ").replace(b"\r\n\t", b" ")
+    prefix = name + b":"
+    return [line[len(prefix) :].strip() for line in block.split(b"\r\n") if line.lower().startswith(prefix)]
+
+
+def _from_domain(data: bytes) -> str:
+    """The domain of the (first) From: header's address, lower case; "" if none."""
+    for value in _header_fields(data, b"from"):
+        addresses: list[bytes] = re.findall(rb"[^\s<>\",;:@]+@([A-Za-z0-9.-]+)", value)
+        if addresses:
+            return addresses[-1].decode("ascii").lower().rstrip(".")
+    return ""
+
+
+class LocalDelivery:
+    """Delivers to local users by running the configured command."""
+
+    def __init__(
+        self,
+        config: MtaConfig,
+        *,
+        state_dir: str,
+        hostname: str,
+        lookup_user: Callable[[str], str | None] | None = None,
+    ) -> None:
+        self.config = config
+        self.state_dir = state_dir
+        self.hostname = hostname
+        self._home_of = lookup_user or _home_directory
+
+    def _fields(self, queue_id: str, sender: str, recipient: str) -> dict[str, str] | DeliveryResult:
+        local, domain = _split_address(recipient)
+        local = local.lower()
+        user, extension = local, ""
+        if self.config.recipient_delimiter:
+            user, _, extension = local.partition(self.config.recipient_delimiter)
+        if not user or user.startswith(".") or any(c in user for c in "/\0") or not user.isprintable():
+            return self._bounce(recipient, "5.1.1", f"unknown user: {user!r}")
+        fields = {
+            "user": user, "extension": extension, "domain": domain.lower(), "recipient": recipient,
+            "sender": sender, "home": "", "queue_id": queue_id, "state_dir": self.state_dir,
+        }  # fmt: skip
+        template = self.config.mailboxes.get(user, self.config.mailbox)
+        home = self._home_of(user)
+        if home is None and "{home}" in template:
+            return self._bounce(recipient, "5.1.1", f"unknown user: {user!r}")
+        fields["home"] = home or ""
+        fields["mailbox"] = template.format(**fields)
+        return fields
+
+    def _bounce(self, recipient: str, status: str, text: str) -> DeliveryResult:
+        return DeliveryResult(recipient, status, text, f"x-unix; {text}", relay="local")
+
+    async def deliver(self, queue_id: str, sender: str, recipient: str, data_path: Path) -> DeliveryResult:
+        fields = self._fields(queue_id, sender, recipient)
+        if isinstance(fields, DeliveryResult):
+            return fields
+        data = await asyncio.to_thread(data_path.read_bytes)
+        lowered = recipient.lower().encode("utf-8", "replace")
+        if any(v.lower() == lowered for v in _header_fields(data, b"delivered-to")):
+            return self._bounce(recipient, "5.4.6", f"mail forwarding loop for {recipient}")
+        top = f"Return-Path: <{sender}>\r\nDelivered-To: {recipient}\r\n".encode()
+        message = (top + data).replace(b"\r\n", b"\n")
+        argv = [arg.format(**fields) for arg in self.config.local_delivery_command]
+        env = dict(os.environ)
+        env.update(
+            SENDER=sender, RECIPIENT=recipient, USER=fields["user"], LOGNAME=fields["user"],
+            LOCAL=_split_address(recipient)[0].lower(), EXTENSION=fields["extension"], DOMAIN=fields["domain"],
+            HOME=fields["home"], MAILBOX=fields["mailbox"], QUEUE_ID=queue_id,
+        )  # fmt: skip
+        return await self._run(argv, env, message, recipient)
+
+    async def _run(self, argv: list[str], env: dict[str, str], message: bytes, recipient: str) -> DeliveryResult:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                start_new_session=True,  # its own process group: a timeout kills its children too
+            )
+        except OSError as exc:
+            text = f"cannot run {argv[0]}: {exc.strerror or exc}"
+            log.error("local delivery: %s", text)
+            return DeliveryResult(recipient, "4.3.5", text, f"x-unix; {text}", relay="local")
+        assert proc.stdin is not None and proc.stderr is not None
+
+        async def feed() -> None:
+            assert proc.stdin is not None
+            # A command may exit without reading everything (a recipe that discards): not an error.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                proc.stdin.write(message)
+                await proc.stdin.drain()
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                proc.stdin.close()
+
+        async def tail() -> bytes:
+            assert proc.stderr is not None
+            kept = b""
+            while chunk := await proc.stderr.read(65536):
+                kept = (kept + chunk)[-_STDERR_TAIL:]
+            return kept
+
+        try:
+            async with asyncio.timeout(self.config.local_delivery_timeout):
+                _, stderr, code = await asyncio.gather(feed(), tail(), proc.wait())
+        except TimeoutError:
+            _kill(proc.pid)
+            await proc.wait()
+            text = f"command timed out after {self.config.local_delivery_timeout:g}s: {argv[0]}"
+            return DeliveryResult(recipient, "4.3.0", text, f"x-unix; {text}", relay="local")
+        except BaseException:  # cancelled (shutdown): the child must not outlive the attempt
+            _kill(proc.pid)
+            raise
+        error = " ".join(stderr.decode("utf-8", "replace").split())
+        if code == 0:
+            return DeliveryResult(recipient, "2.0.0", "delivered via command", relay="local")
+        if code < 0:
+            text = f"command killed by signal {-code}: {argv[0]}"
+            return DeliveryResult(recipient, "4.3.0", text, f"x-unix; {text}", relay="local")
+        status, meaning = sysexit_status(code)
+        text = f"command exited {code} ({meaning})" + (f": {error}" if error else "")
+        return DeliveryResult(recipient, status, text, f"x-unix; {error or meaning}", relay="local")
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _home_directory(user: str) -> str | None:
+    try:
+        return pwd.getpwnam(user).pw_dir
+    except KeyError:
+        return None
+
+
+class RemoteDelivery:
+    """Relays to a domain's MX hosts over SMTP."""
+
+    def __init__(
+        self,
+        config: Config,
+        resolver: Resolver,
+        *,
+        hostname: str,
+        rng: random.Random | None = None,
+    ) -> None:
+        mta = config.mta
+        self.config = config
+        self.resolver = resolver
+        self.rng = rng or random.Random()
+        self.options = SmtpOptions(
+            helo_name=mta.smtp_helo_name or hostname,
+            port=mta.smtp_port,
+            bind_address=mta.smtp_bind_address,
+            starttls=mta.smtp_starttls,
+            connect_timeout=mta.smtp_connect_timeout,
+            timeout=mta.smtp_timeout,
+            data_timeout=mta.smtp_data_timeout,
+        )
+        self._keys: dict[str, tuple[float, bytes]] = {}  # key path -> (mtime, PEM)
+
+    async def _signed(self, data: bytes) -> bytes:
+        """``data`` DKIM-signed if its From: domain has a key; raises DeliveryError (4.7.0)
+        when signing fails: unsigned mail from a domain that signs may be refused by DMARC."""
+        domain = _from_domain(data)
+        spec = self.config.auth.dkim_keys.get(domain)
+        if not spec:
+            return data
+        selector, _, path = spec.partition(":")
+        try:
+            pem = await asyncio.to_thread(self._key, path)
+            return await asyncio.to_thread(sign_message, data, domain, selector, pem)
+        except (OSError, ValueError) as exc:
+            log.error("DKIM signing for %s failed: %s", domain, exc)
+            raise DeliveryError(f"DKIM signing for {domain} failed: {exc}", "4.7.0") from None
+
+    def _key(self, path: str) -> bytes:
+        mtime = os.stat(path).st_mtime
+        cached = self._keys.get(path)
+        if cached is None or cached[0] != mtime:
+            cached = (mtime, Path(path).read_bytes())
+            self._keys[path] = cached
+        return cached[1]
+
+    async def deliver(
+        self,
+        queue_id: str,
+        sender: str,
+        domain: str,
+        recipients: Sequence[str],
+        data_path: Path,
+        *,
+        eight_bit: bool = False,
+        smtputf8: bool = False,
+    ) -> list[DeliveryResult]:
+        """One attempt for ``recipients`` (all at ``domain``); a result for each."""
+
+        def everyone(status: str, detail: str, diagnostic: str = "") -> list[DeliveryResult]:
+            diag = diagnostic or f"x-filterd; {detail}"
+            return [DeliveryResult(r, status, detail, diag, relay=domain) for r in recipients]
+
+        try:
+            hops = await next_hops(self.resolver, domain, rng=self.rng)
+            data = await self._signed(await asyncio.to_thread(data_path.read_bytes))
+        except DeliveryError as exc:
+            status = exc.status or ("5.0.0" if isinstance(exc, PermanentDeliveryError) else "4.0.0")
+            return everyone(status, str(exc))
+        failures: list[str] = []
+        refusals: list[Reply] = []
+        for hop in hops:
+            result = await self._try(hop, sender, recipients, data, eight_bit, smtputf8, failures, refusals)
+            if result is not None:
+                return result
+        detail = "; ".join(failures[-3:])
+        if refusals and len(refusals) == len(hops) and all(r.permanent for r in refusals):
+            last = refusals[-1]
+            return everyone(last.status, detail, f"smtp; {last}")
+        return everyone("4.4.1", detail)
+
+    async def _try(
+        self,
+        hop: NextHop,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        eight_bit: bool,
+        smtputf8: bool,
+        failures: list[str],
+        refusals: list[Reply],
+    ) -> list[DeliveryResult] | None:
+        started = time.monotonic()
+        use_tls: bool | None = None
+        for _ in range(2):  # the second round only after a failed STARTTLS, in the clear
+            try:
+                result = await send(
+                    hop.address, self.options, sender=sender, recipients=recipients, data=data,
+                    eight_bit=eight_bit, smtputf8=smtputf8, server_name=hop.host, use_tls=use_tls,
+                )  # fmt: skip
+            except TlsError as exc:
+                log.warning("%s; trying again without TLS", exc)
+                use_tls = False
+                continue
+            except SessionError as exc:
+                failures.append(str(exc))
+                if exc.reply is not None:
+                    refusals.append(exc.reply)
+                log.info("%s (%.1fs)", exc, time.monotonic() - started)
+                return None
+            relay = f"{hop}:{self.options.port}"
+            out = []
+            for rcpt in recipients:
+                reply = result.replies[rcpt]
+                said = f"host {result.server} said: {reply}" if not reply.local else str(reply)
+                diag = f"smtp; {reply}" if not reply.local else f"x-filterd; {reply}"
+                out.append(DeliveryResult(rcpt, reply.status, said, diag, hop.host, relay))
+            return out
+        return None
