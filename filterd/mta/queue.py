@@ -26,13 +26,14 @@ does not parse and is treated as corrupt)::
                 "last_error": "", "next_attempt": 0.0}],
      "received_at": 1700000000.123, "client_ip": "192.0.2.1", "client_name": "mx.example.org",
      "client_helo": "mx.example.org", "auth_user": "", "hops": 1, "size": 1234,
-     "body_type": "8BITMIME", "smtputf8": false, "hold_reason": ""}
+     "body_type": "8BITMIME", "smtputf8": false, "hold_reason": "", "delay_warned": false}
 
 ``mail_from`` is "" for the null sender. ``size`` is the data file's length in bytes and is
 checked on load. ``status`` is "pending" (not delivered yet, maybe after failed attempts),
 "delivered" or "bounced" (given up; a DSN was or will be sent). ``next_attempt`` is a Unix
 time, 0 for "now". ``hops`` counts the Received headers, ours included. ``hold_reason`` says
-why a message is in hold/. A reader ignores keys it does not know; a ``version`` newer than
+why a message is in hold/. ``delay_warned`` is set once the sender was sent a "delayed"
+DSN (``mta.delay_warning``). A reader ignores keys it does not know; a ``version`` newer than
 `ENVELOPE_VERSION` is treated as unreadable.
 
 Ids: ``<microseconds since the epoch, 14 hex digits>-<6 random hex digits>``: sortable by
@@ -139,6 +140,7 @@ class Envelope:
     body_type: Literal["7BIT", "8BITMIME"] = "7BIT"
     smtputf8: bool = False
     hold_reason: str = ""
+    delay_warned: bool = False  # the queue manager told the sender once that delivery is late
 
     @property
     def pending(self) -> list[Recipient]:
@@ -194,6 +196,7 @@ class Envelope:
             body_type=cast(Literal["7BIT", "8BITMIME"], body_type),
             smtputf8=_typed(obj, "smtputf8", bool, False),
             hold_reason=_typed(obj, "hold_reason", str, ""),
+            delay_warned=_typed(obj, "delay_warned", bool, False),
         )
 
 
