@@ -8,6 +8,9 @@ checks what the filter answered; a failed check prints ``FAIL: ...`` and exits 1
 
 from __future__ import annotations
 
+import signal
+import socket
+import struct
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,3 +131,42 @@ def test_reject_score_below_required_score_is_refused(tmp_path: Path) -> None:
     cfg.write_text("milter:\n  reject_message: 'scored {points}'\n")
     with pytest.raises(ConfigError, match=r"milter.reject_message: expected a template"):
         load_config(str(cfg))
+
+
+def test_reload_lets_an_open_milter_conversation_finish(tmp_path: Path) -> None:
+    def packet(command: bytes, data: bytes = b"") -> bytes:
+        return struct.pack(">I", 1 + len(data)) + command + data
+
+    def reply(sock: socket.socket) -> bytes:
+        head = b""
+        while len(head) < 4:
+            head += sock.recv(4 - len(head))
+        (length,) = struct.unpack(">I", head)
+        data = b""
+        while len(data) < length:
+            data += sock.recv(length - len(data))
+        return data
+
+    d = start_daemon(tmp_path, "--milter-listen", "127.0.0.1:0", workers=1, metrics=False)
+    try:
+        port = int(d.wait_for_log(r"listening for milter on 127\.0\.0\.1:(\d+)").group(1))
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(packet(b"O", struct.pack(">III", 6, 0x1FF, 0x1FFFFF)))
+            assert reply(sock)[:1] == b"O"
+            sock.sendall(packet(b"C", b"mx.example.net\x004" + struct.pack(">H", 4321) + b"192.0.2.10\x00")
+                         + packet(b"M", b"<alice@example.net>\x00") + packet(b"R", b"<bob@example.org>\x00"))
+            d.signal(signal.SIGHUP)
+            d.wait_for_log(r"reload done: generation 2 serving")
+            # The old worker drains: this conversation still gets its verdict.
+            sock.sendall(packet(b"L", b"Subject\x00test\x00") + packet(b"N") + packet(b"B", f"{GTUBE}\r\n".encode()))
+            assert reply(sock) == b"c"
+            sock.sendall(packet(b"E"))
+            final = reply(sock)
+            assert final.startswith(b"y550 5.7.1 Message scored ") and final.endswith(b", rejected as spam\x00")
+            sock.sendall(packet(b"Q"))
+        d.wait_for_log(r"worker \d+ \(generation 1\) exited")
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:  # the new generation serves
+            sock.sendall(packet(b"O", struct.pack(">III", 6, 0x1FF, 0x1FFFFF)))
+            assert reply(sock)[:1] == b"O"
+    finally:
+        assert d.stop() == 0, d.log()
