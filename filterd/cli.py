@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_state_commands(sub, _common)
 
+    from filterd.mda.main import add_deliver_command
+
+    add_deliver_command(sub)
+
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION")
     c = csub.add_parser("check", help="validate and print the configuration in force")
@@ -152,6 +156,11 @@ def _setup_logging(verbose: int, *, default: int = logging.WARNING) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["deliver"]:  # once per message: skip the imports of the other commands
+        from filterd.mda.main import main as deliver_main
+
+        return deliver_main(words[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
