@@ -1,0 +1,531 @@
+"""The queue manager: takes messages from the queue, delivers them, retries, bounces.
+
+    qmgr = QueueManager(config, queue, resolver)
+    task = asyncio.create_task(qmgr.run())
+    ...
+    queue.enqueue(envelope, data); qmgr.wake()     # the SMTP server, after each 250
+    ...
+    qmgr.stop(); await task                         # waits for attempts in progress (grace)
+
+It runs inside ``filterd mta`` on the server's event loop; queue file operations (each ends in
+an fsync) run in worker threads so that SMTP sessions never wait for the disk.
+
+What it does, per message (the queue's states are directories, see `filterd.mta.queue`):
+
+- A message in incoming/ (new, or put back there by recovery after a crash) is moved to active/
+  and every pending recipient is tried at once. A message in deferred/ is taken when its
+  earliest pending recipient is due (each recipient has its own ``next_attempt``).
+- Recipients are grouped by destination: all local ones ("local", one command per recipient)
+  or one remote domain (one SMTP transaction for up to ``destination_recipient_limit``). An
+  attempt holds one of ``max_concurrency`` slots and one of ``per_destination_concurrency``
+  slots of its destination; the destination's slot is taken first, so a slow domain never
+  holds global slots while it waits.
+- After each attempt the recipients' status, attempt count, last error and next attempt are
+  written to the envelope (atomic replace + fsync) before anything else happens, so a crash
+  never re-delivers a recipient marked delivered and never forgets one. A crash between a
+  delivery and that write delivers it again after recovery: duplicates are the accepted price.
+- Delivered: done. Bounced (5.x.x, or still failing ``max_lifetime`` after arrival): a DSN
+  (`filterd.mta.bounce`) is enqueued in the same queue *before* the recipient is marked
+  bounced, so a crash can duplicate a DSN but not lose one. Mail from the null sender is never
+  bounced: a failed bounce is dropped with a log line (after ``bounce_lifetime`` if temporary).
+  Deferred (4.x.x): next attempt after `backoff` (``min_backoff`` doubling per failed attempt up
+  to ``max_backoff``, stretched by up to 10% at random), never later than the expiry time.
+- When no recipient is pending the message is removed; otherwise it goes to deferred/.
+- A message with more than ``max_hops`` Received headers is bounced without an attempt (a loop).
+- ``delay_warning``: once a message has waited that long, its sender is told (a "delayed" DSN).
+
+Control while running: `wake` (the SMTP server, after an enqueue), `flush` (everything deferred
+is due now, and tried at once), `delete` (a message or "ALL", without a bounce) and `stop`.
+Other processes (``filterd mta queue flush|delete``) use `request_flush` / `request_delete`,
+which drop a file in the queue's control/ directory; the manager looks there at least every
+``poll_interval`` (1 s). It also rescans incoming/ then, so mail enqueued by another process is
+picked up without a wake.
+"""
+
+from __future__ import annotations
+
+__all__ = ["CONTROL_DIR", "QueueManager", "QueueStats", "backoff", "request_delete", "request_flush"]
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from filterd.config import Config
+from filterd.errors import QueueError
+from filterd.mta.bounce import DsnRecipient, build_dsn
+from filterd.mta.delivery import DeliveryResult, LocalDelivery, RemoteDelivery
+from filterd.mta.queue import Envelope, Queue, QueueState, Recipient
+from filterd.net.dns import Resolver
+
+log = logging.getLogger(__name__)
+
+CONTROL_DIR = "control"
+JITTER = 0.1  # retries of messages deferred together spread over 10% of their backoff
+
+
+def backoff(
+    attempts: int, min_backoff: float, max_backoff: float, *, rng: random.Random | None = None, jitter: float = JITTER
+) -> float:
+    """Seconds to wait after a recipient's ``attempts``-th failed attempt.
+
+    ``min_backoff * 2**(attempts - 1)``, stretched by a random factor in [1, 1 + jitter) when
+    ``rng`` is given, then kept within [min_backoff, max_backoff]."""
+    base = min_backoff * 2.0 ** min(max(attempts, 1) - 1, 64)
+    if rng is not None and jitter > 0:
+        base *= 1.0 + rng.uniform(0.0, jitter)
+    return max(min_backoff, min(max_backoff, base))
+
+
+def request_flush(root: Path) -> None:
+    """Ask the running queue manager of the queue at ``root`` to try every deferred message now."""
+    _request(root, "flush")
+
+
+def request_delete(root: Path, qid: str) -> None:
+    """Ask the running queue manager to delete message ``qid`` ("ALL": every message)."""
+    _request(root, f"delete-{qid}")
+
+
+def _request(root: Path, name: str) -> None:
+    control = root / CONTROL_DIR
+    control.mkdir(mode=0o700, exist_ok=True)
+    (control / name).touch()
+
+
+@dataclass(slots=True)
+class QueueStats:
+    """Counters since start, for logs, tests and benchmarks."""
+
+    delivered: int = 0
+    deferred: int = 0
+    bounced: int = 0
+    dsns: int = 0  # DSNs enqueued (bounces and delay warnings)
+    dropped: int = 0  # undeliverable bounces dropped
+    removed: int = 0  # messages finished and removed
+    attempts: int = 0
+    by_outcome: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Destination:
+    slots: asyncio.Semaphore
+    users: int = 0
+
+
+class QueueManager:
+    """Delivers what is in ``queue``; see the module docstring."""
+
+    def __init__(
+        self,
+        config: Config,
+        queue: Queue,
+        resolver: Resolver,
+        *,
+        local: LocalDelivery | None = None,
+        remote: RemoteDelivery | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        poll_interval: float = 1.0,
+        grace: float = 30.0,
+        active_limit: int = 0,
+    ) -> None:
+        mta = config.mta
+        self.config = config
+        self.queue = queue
+        self.hostname = mta.hostname or socket.getfqdn()
+        self.local_domains = frozenset(d.lower().rstrip(".") for d in (*mta.local_domains, self.hostname))
+        self.local = local or LocalDelivery(mta, state_dir=str(config.state_path), hostname=self.hostname)
+        self.remote = remote or RemoteDelivery(config, resolver, hostname=self.hostname, rng=rng)
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.poll_interval = poll_interval
+        self.grace = grace
+        # Messages held in memory at once; the rest wait in their directory.
+        self.active_limit = active_limit or 10 * mta.max_concurrency
+        self.stats = QueueStats()
+        self._control = queue.root / CONTROL_DIR
+        self._control.mkdir(mode=0o700, exist_ok=True)
+        self._busy: dict[str, asyncio.Task[None]] = {}
+        self._due: dict[str, float] = {}  # deferred message -> when its first recipient is due
+        self._schedule: list[tuple[float, str]] = []  # heap over _due, with stale entries
+        self._forced: set[str] = set()  # flushed: every pending recipient is due
+        self._doomed: set[str] = set()  # deleted while an attempt was running
+        self._destinations: dict[str, _Destination] = {}
+        self._total = asyncio.Semaphore(mta.max_concurrency)
+        self._event: asyncio.Event | None = None
+        self._stopping = False
+
+    # -- control --------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Look at incoming/ now (call from the event loop, after an enqueue)."""
+        if self._event is not None:
+            self._event.set()
+
+    def stop(self) -> None:
+        """Stop taking messages; `run` returns once attempts in progress end (or ``grace`` passes)."""
+        self._stopping = True
+        self.wake()
+
+    def flush(self) -> None:
+        """Make every deferred message due now (postqueue -f)."""
+        now = self.clock()
+        for qid in self._due:
+            self._due[qid] = now
+            self._forced.add(qid)
+        self._schedule = [(now, qid) for qid in self._due]
+        heapq.heapify(self._schedule)
+        log.info("queue flush: %d deferred messages due now", len(self._due))
+        self.wake()
+
+    async def delete(self, qid: str) -> int:
+        """Delete message ``qid`` ("ALL": all) without a bounce; how many were deleted."""
+        if qid == "ALL":
+            states: tuple[QueueState, ...] = ("incoming", "deferred", "hold")
+            found = await asyncio.to_thread(lambda: {i for s in states for i in self.queue.ids(s)})
+            ids = sorted(found | set(self._busy))
+        else:
+            ids = [qid]
+        count = 0
+        for one in ids:
+            if one in self._busy:
+                self._doomed.add(one)  # removed when its attempt ends
+                count += 1
+                continue
+            self._due.pop(one, None)
+            try:
+                if await asyncio.to_thread(self.queue.state_of, one) is None:
+                    continue
+                await asyncio.to_thread(self.queue.remove, one)
+            except QueueError as exc:
+                log.warning("queue delete %s: %s", one, exc)
+                continue
+            log.info("%s: deleted by request", one)
+            count += 1
+        return count
+
+    # -- main loop ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Deliver until `stop`; call once, after `Queue.recover`."""
+        self._event = asyncio.Event()
+        self._stopping = False
+        await asyncio.to_thread(self._load_schedule)
+        try:
+            while not self._stopping:
+                self._event.clear()
+                await self._read_control()
+                await self._start_incoming()
+                self._start_due()
+                wait = self.poll_interval
+                if self._schedule:
+                    wait = max(0.0, min(wait, self._schedule[0][0] - self.clock()))
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._event.wait()
+        finally:
+            await self._drain()
+
+    async def _drain(self) -> None:
+        tasks = list(self._busy.values())
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=self.grace)
+        for task in pending:  # their messages stay in active/; recovery puts them back
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    def _load_schedule(self) -> None:
+        for qid in self.queue.ids("deferred"):
+            try:
+                envelope, _ = self.queue.load(qid)
+            except QueueError as exc:
+                log.warning("queue: %s", exc)
+                continue
+            self._set_due(qid, envelope)
+
+    def _set_due(self, qid: str, envelope: Envelope) -> None:
+        due = min((r.next_attempt for r in envelope.pending), default=0.0)
+        self._due[qid] = due
+        heapq.heappush(self._schedule, (due, qid))
+
+    async def _read_control(self) -> None:
+        try:
+            names = os.listdir(self._control)
+        except FileNotFoundError:
+            return
+        for name in sorted(names):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._control / name)
+            if name == "flush":
+                self.flush()
+            elif name.startswith("delete-"):
+                await self.delete(name.removeprefix("delete-"))
+
+    async def _start_incoming(self) -> None:
+        if len(self._busy) >= self.active_limit:
+            return
+        for qid in await asyncio.to_thread(self.queue.ids, "incoming"):
+            if len(self._busy) >= self.active_limit:
+                return
+            if qid not in self._busy:
+                self._start(qid, "incoming")
+
+    def _start_due(self) -> None:
+        now = self.clock()
+        while self._schedule and self._schedule[0][0] <= now and len(self._busy) < self.active_limit:
+            due, qid = heapq.heappop(self._schedule)
+            if self._due.get(qid) != due or qid in self._busy:
+                continue  # stale: rescheduled, flushed or deleted since
+            del self._due[qid]
+            self._start(qid, "deferred")
+
+    def _start(self, qid: str, state: QueueState) -> None:
+        task = asyncio.get_running_loop().create_task(self._process(qid, state), name=f"qmgr-{qid}")
+        self._busy[qid] = task
+
+    # -- one message ----------------------------------------------------------------------
+
+    def _claim(self, qid: str, state: QueueState) -> tuple[Envelope, Path] | None:
+        if self.queue.state_of(qid) != state:
+            return None  # deleted, or moved by someone else
+        try:
+            self.queue.move(qid, "active")
+        except (QueueError, FileNotFoundError):
+            return None
+        try:
+            return self.queue.load(qid)
+        except QueueError as exc:
+            if self.queue.state_of(qid) is not None:
+                self.queue.quarantine(qid, str(exc))
+            return None
+
+    async def _process(self, qid: str, state: QueueState) -> None:
+        try:
+            claimed = await asyncio.to_thread(self._claim, qid, state)
+            if claimed is not None:
+                await self._deliver(qid, state, *claimed)
+        except Exception:
+            # A bug or a failing disk: leave the message where it is (active/ is recovered at
+            # the next start) and keep serving the others.
+            log.exception("%s: queue manager failed on this message", qid)
+        finally:
+            self._busy.pop(qid, None)
+            self._forced.discard(qid)
+            self.wake()
+
+    async def _deliver(self, qid: str, state: QueueState, envelope: Envelope, data_path: Path) -> None:
+        now = self.clock()
+        everything = state == "incoming" or qid in self._forced
+        due = [r for r in envelope.pending if everything or r.next_attempt <= now]
+        lock = asyncio.Lock()  # one envelope write at a time
+        if envelope.hops > self.config.mta.max_hops:
+            limit = self.config.mta.max_hops
+            text = f"mail loop: too many hops ({envelope.hops} Received headers, the limit is {limit})"
+            results = [DeliveryResult(r.address, "5.4.6", text, f"x-filterd; {text}") for r in due]
+            await self._record(qid, envelope, data_path, results, lock)
+        else:
+            await asyncio.gather(*(self._attempt(qid, envelope, data_path, rcpts, lock) for rcpts in self._groups(due)))
+        if qid in self._doomed:
+            self._doomed.discard(qid)
+            await asyncio.to_thread(self.queue.remove, qid)
+            log.info("%s: deleted by request", qid)
+            return
+        if not envelope.pending:
+            await asyncio.to_thread(self.queue.remove, qid)
+            self.stats.removed += 1
+            log.info("%s: removed", qid)
+            return
+        await self._maybe_warn(qid, envelope, data_path)
+        await asyncio.to_thread(self.queue.move, qid, "deferred")
+        self._set_due(qid, envelope)
+
+    def _destination(self, address: str) -> str:
+        domain = address.rpartition("@")[2].lower().rstrip(".")
+        return "local:" if not domain or domain in self.local_domains else f"smtp:{domain}"
+
+    def _groups(self, recipients: Iterable[Recipient]) -> list[list[Recipient]]:
+        by_destination: dict[str, list[Recipient]] = {}
+        for r in recipients:
+            by_destination.setdefault(self._destination(r.address), []).append(r)
+        groups: list[list[Recipient]] = []
+        limit = self.config.mta.destination_recipient_limit
+        for destination, rcpts in by_destination.items():
+            if destination == "local:":
+                groups += [[r] for r in rcpts]
+            else:
+                groups += [rcpts[i : i + limit] for i in range(0, len(rcpts), limit)]
+        return groups
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, destination: str) -> AsyncIterator[None]:
+        entry = self._destinations.get(destination)
+        if entry is None:
+            entry = self._destinations[destination] = _Destination(
+                asyncio.Semaphore(self.config.mta.per_destination_concurrency)
+            )
+        entry.users += 1
+        try:
+            async with entry.slots, self._total:
+                yield
+        finally:
+            entry.users -= 1
+            if not entry.users:
+                del self._destinations[destination]
+
+    async def _attempt(
+        self, qid: str, envelope: Envelope, data_path: Path, rcpts: list[Recipient], lock: asyncio.Lock
+    ) -> None:
+        destination = self._destination(rcpts[0].address)
+        async with self._slot(destination):
+            if qid in self._doomed:
+                return
+            self.stats.attempts += 1
+            if destination == "local:":
+                results = [await self.local.deliver(qid, envelope.mail_from, rcpts[0].address, data_path)]
+            else:
+                results = await self.remote.deliver(
+                    qid, envelope.mail_from, destination.removeprefix("smtp:"), [r.address for r in rcpts], data_path,
+                    eight_bit=envelope.body_type == "8BITMIME", smtputf8=envelope.smtputf8,
+                )  # fmt: skip
+        await self._record(qid, envelope, data_path, results, lock)
+
+    async def _record(
+        self, qid: str, envelope: Envelope, data_path: Path, results: list[DeliveryResult], lock: asyncio.Lock
+    ) -> None:
+        """Apply one attempt's results to the envelope and write it (bounces first)."""
+        async with lock:
+            now = self.clock()
+            null_sender = envelope.mail_from == ""
+            lifetime = self.config.mta.bounce_lifetime if null_sender else self.config.mta.max_lifetime
+            expires = envelope.received_at + lifetime
+            by_address = {r.address: r for r in envelope.rcpts if r.status == "pending"}
+            failed: list[tuple[Recipient, DeliveryResult, str]] = []
+            for result in results:
+                rcpt = by_address.get(result.recipient)
+                if rcpt is None:
+                    continue
+                rcpt.attempts += 1
+                # The status first: `filterd mta queue list` shows it, a delay warning reuses it.
+                rcpt.last_error = "" if result.outcome == "delivered" else f"{result.status} {result.detail}"
+                outcome = result.outcome
+                self._log(qid, envelope, result, now)
+                if outcome == "delivered":
+                    rcpt.status = "delivered"
+                    self.stats.delivered += 1
+                elif outcome == "deferred" and now < expires:
+                    delay = backoff(
+                        rcpt.attempts, self.config.mta.min_backoff, self.config.mta.max_backoff, rng=self.rng
+                    )
+                    rcpt.next_attempt = min(now + delay, expires)
+                    self.stats.deferred += 1
+                else:
+                    why = result.detail
+                    if outcome == "deferred":
+                        days = lifetime / 86400
+                        why = f"{result.detail} (gave up: still failing after {days:g} days in the queue)"
+                    failed.append((rcpt, result, why))
+            if failed:
+                await self._bounce(qid, envelope, data_path, failed, now)
+                for rcpt, _, _ in failed:
+                    rcpt.status = "bounced"
+                    self.stats.bounced += 1
+            await asyncio.to_thread(self.queue.save_envelope, qid, envelope)
+
+    def _log(self, qid: str, envelope: Envelope, result: DeliveryResult, now: float) -> None:
+        outcome = {"delivered": "sent", "deferred": "deferred", "bounced": "bounced"}[result.outcome]
+        self.stats.by_outcome[outcome] = self.stats.by_outcome.get(outcome, 0) + 1
+        log.info(
+            "%s: to=<%s>, relay=%s, delay=%.1f, dsn=%s, status=%s (%s)",
+            qid, result.recipient, result.relay or "none", now - envelope.received_at, result.status, outcome,
+            result.detail,
+        )  # fmt: skip
+
+    async def _bounce(
+        self,
+        qid: str,
+        envelope: Envelope,
+        data_path: Path,
+        failed: list[tuple[Recipient, DeliveryResult, str]],
+        now: float,
+    ) -> None:
+        if envelope.mail_from == "":
+            for rcpt, _, why in failed:
+                self.stats.dropped += 1
+                log.warning("%s: bounce to <%s> undeliverable, dropped (a bounce is never bounced): %s",
+                            qid, rcpt.address, why)  # fmt: skip
+            return
+        recipients = [
+            DsnRecipient(
+                rcpt.address, "failed", result.status, result.diagnostic, result.remote_mta, last_attempt=now, text=why
+            )
+            for rcpt, result, why in failed
+        ]
+        await self._send_dsn(qid, envelope, data_path, recipients, now)
+
+    async def _send_dsn(
+        self, qid: str, envelope: Envelope, data_path: Path, recipients: list[DsnRecipient], now: float
+    ) -> None:
+        original = await asyncio.to_thread(_read_head, data_path)
+        dsn = build_dsn(
+            reporting_mta=self.hostname, sender=envelope.mail_from, queue_id=qid, arrival=envelope.received_at,
+            original=original, recipients=recipients, now=now,
+        )  # fmt: skip
+        bounce = Envelope(
+            mail_from="",
+            rcpts=[Recipient(envelope.mail_from)],
+            received_at=now,
+            client_name=self.hostname,
+            body_type="8BITMIME" if any(b > 127 for b in dsn) else "7BIT",
+            smtputf8=not envelope.mail_from.isascii(),
+        )
+        dsn_id = await asyncio.to_thread(self.queue.enqueue, bounce, dsn)
+        self.stats.dsns += 1
+        action = recipients[0].action
+        log.info("%s: sender %s notification: %s (to <%s>)", qid, action, dsn_id, envelope.mail_from)
+        self.wake()
+
+    async def _maybe_warn(self, qid: str, envelope: Envelope, data_path: Path) -> None:
+        warn_after = self.config.mta.delay_warning
+        now = self.clock()
+        if not warn_after or envelope.delay_warned or envelope.mail_from == "":
+            return
+        if now - envelope.received_at < warn_after:
+            return
+        until = envelope.received_at + self.config.mta.max_lifetime
+        recipients = [
+            DsnRecipient(
+                r.address,
+                "delayed",
+                _status_of(r.last_error),
+                f"x-filterd; {r.last_error.partition(' ')[2]}",
+                last_attempt=now,
+                will_retry_until=until,
+                text=r.last_error.partition(" ")[2],
+            )  # fmt: skip
+            for r in envelope.pending
+        ]
+        await self._send_dsn(qid, envelope, data_path, recipients, now)
+        envelope.delay_warned = True
+        await asyncio.to_thread(self.queue.save_envelope, qid, envelope)
+
+
+def _status_of(last_error: str) -> str:
+    """The 4.x.x status a deferral's ``last_error`` starts with, else 4.0.0."""
+    word = last_error.partition(" ")[0]
+    parts = word.split(".")
+    return word if len(parts) == 3 and parts[0] == "4" and all(p.isdigit() for p in parts) else "4.0.0"
+
+
+def _read_head(path: Path, limit: int = 256 * 1024) -> bytes:
+    """The start of a message: enough for its header block (the DSN returns only that)."""
+    with open(path, "rb") as f:
+        return f.read(limit)
