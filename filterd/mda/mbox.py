@@ -108,11 +108,13 @@ class MboxLock:
                     return
                 raise
             else:
+                self.dotlock = lock  # ours from here on, even if the pid cannot be written
                 try:
                     write_all(fd, b"%d\n" % os.getpid())  # who holds it, for humans
+                except OSError:
+                    pass  # an empty lock file locks as well
                 finally:
                     os.close(fd)
-                self.dotlock = lock
                 return
             delay = _wait(deadline, delay, f"{lock} is held by another program")
 
