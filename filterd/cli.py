@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_deliver_command(sub)
 
+    from filterd.mta.main import add_mta_command
+
+    add_mta_command(sub, _common)  # returns its action subparsers: `filterd mta queue ...` goes there
+
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION")
     c = csub.add_parser("check", help="validate and print the configuration in force")
@@ -166,7 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help(sys.stderr)
         return EX_USAGE
-    _setup_logging(getattr(args, "verbose", 0), default=logging.INFO if args.command == "daemon" else logging.WARNING)
+    servers = ("daemon", "mta")
+    _setup_logging(getattr(args, "verbose", 0), default=logging.INFO if args.command in servers else logging.WARNING)
     try:
         if args.command == "check":
             return _cmd_check(args)
@@ -174,6 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_mass_check(args)
         if args.command == "daemon":
             return _cmd_daemon(args)
+        if args.command == "mta":
+            from filterd.mta.main import run_mta_command
+
+            return run_mta_command(args)
         if args.command == "eval":
             from filterd.evaluate import EvalArgs, run_eval
 

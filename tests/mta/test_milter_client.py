@@ -76,8 +76,8 @@ class Pair:
             if isinstance(event, OptionNegotiation):
                 out += self.server.send(self.wanted)
             elif self.server.pending is not None:
-                for reply in self.filter(event):
-                    out += self.server.send(reply)
+                for answer in self.filter(event):
+                    out += self.server.send(answer)
         if out:  # b"" would mean the filter closed
             self.client.receive_data(out)
         replies: list[ReplyEvent] = []
