@@ -32,7 +32,7 @@ class Deliver:
         *args: str,
         data: bytes,
         preexec_fn: Callable[[], None] | None = None,
-        timeout: float = 60,
+        run_timeout: float = 60,
         **settings: object,
     ) -> subprocess.CompletedProcess[bytes]:
         cmd = [sys.executable, "-m", "filterd", "deliver", "--config", str(self.config_file(settings)), *args]
@@ -40,7 +40,7 @@ class Deliver:
             cmd,
             input=data,
             capture_output=True,
-            timeout=timeout,
+            timeout=run_timeout,
             preexec_fn=preexec_fn,
             env={**os.environ, "PYTHONWARNINGS": "error"},
         )
