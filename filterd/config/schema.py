@@ -878,7 +878,7 @@ class MtaConfig(Section):
         for name in ("listen", "tls_listen"):
             for address in getattr(self, name):
                 host, sep, port = address.rpartition(":")
-                if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+                if not (sep and host and port.isdigit() and int(port) < 65536):  # port 0: any free one
                     problems.append((name, f"expected HOST:PORT, got {address!r}"))
         if bool(self.tls_cert) != bool(self.tls_key):
             problems.append(("tls_key", "tls_cert and tls_key go together"))
