@@ -98,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_deliver_command(sub)
 
     from filterd.mta.main import add_mta_command
+    from filterd.mta.queuecmd import add_queue_command
 
-    add_mta_command(sub, _common)  # returns its action subparsers: `filterd mta queue ...` goes there
+    add_queue_command(add_mta_command(sub, _common), _common)  # `filterd mta queue ...`
 
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION")
