@@ -57,8 +57,11 @@ class Mta:
         raise AssertionError(f"no {pattern!r} in the mta log after {timeout}s:\n{self.log()}")
 
 
-def start_mta(tmp_path: Path, *args: str, config: str = "", deliver: bool = False) -> Mta:
-    """`filterd mta` on an ephemeral loopback port (queue only unless ``deliver``); waits until ready."""
+def start_mta(
+    tmp_path: Path, *args: str, config: str = "", deliver: bool = False, state_dir: Path | None = None
+) -> Mta:
+    """`filterd mta` on an ephemeral loopback port (queue only unless ``deliver``); waits until ready.
+    ``state_dir``: reuse one (a restart after a crash)."""
     run = tmp_path / f"mta{len(list(tmp_path.glob('mta*')))}"
     run.mkdir()
     cfg = run / "filterd.yaml"
@@ -72,7 +75,7 @@ def start_mta(tmp_path: Path, *args: str, config: str = "", deliver: bool = Fals
         "--config",
         str(cfg),
         "--state-dir",
-        str(run / "state"),
+        str(state_dir or run / "state"),
         "--listen",
         "127.0.0.1:0",
         "--hostname",
@@ -82,7 +85,7 @@ def start_mta(tmp_path: Path, *args: str, config: str = "", deliver: bool = Fals
     ]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    mta = Mta(proc, log_path, run / "state")
+    mta = Mta(proc, log_path, state_dir or run / "state")
     mta.port = int(mta.wait_for_log(r"listening on 127\.0\.0\.1:(\d+)\n").group(1))
     mta.wait_for_log(r"filterd mta: ready")
     return mta

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import base64
 import re
+import signal
 import socket
 import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from filterd.mta.auth import hash_password
+from filterd.errors import ConfigError
+from filterd.mta.auth import hash_password, load_users, verify_password
 from tests.daemon_fixture import need_binary
 from tests.mta.mta_fixture import Mta, make_cert, start_mta
 
@@ -38,7 +43,7 @@ def mta(tmp_path_factory: pytest.TempPathFactory, tls_files: tuple[Path, Path, P
         "  max_hops: 20\n"
         f"  tls_cert: {cert}\n  tls_key: {key}\n  auth_users_file: {users}\n"
     )
-    m = start_mta(tmp_path_factory.mktemp("smtpd"), config=config)
+    m = start_mta(tmp_path_factory.mktemp("smtpd"), "--tls-listen", "127.0.0.1:0", config=config)
     yield m
     assert m.stop() == 0, m.log()
 
@@ -61,7 +66,11 @@ class Raw:
     def __init__(self, mta: Mta, source: str = "127.0.0.1") -> None:
         self.sock = socket.create_connection((mta.host, mta.port), timeout=30, source_address=(source, 0))
         self.file = self.sock.makefile("rb")
-        self.reply()
+        try:
+            self.reply()
+        except BaseException:
+            self.close()
+            raise
 
     def reply(self) -> str:
         lines = []
@@ -153,6 +162,33 @@ def test_auth_is_refused_without_tls(mta: Mta) -> None:
     raw.close()
 
 
+def test_implicit_tls_port_offers_auth_at_once(mta: Mta) -> None:
+    tls_port = mta.wait_for_log(r"listening on 127\.0\.0\.1:(\d+) \(TLS\)")[1]
+    rc, out = swaks(
+        mta, "--server", f"127.0.0.1:{tls_port}", "--tlsc", "--auth", "PLAIN", "--auth-user", "alice",
+        "--auth-password", "s3cret pass", "--from", "alice@example.org", "--to", "x@elsewhere.example",
+    )  # fmt: skip
+    assert rc == 0, out
+    assert "STARTTLS" not in out and "235 2.7.0" in out
+    envelope, path = mta.queue.load(queued_id(out))
+    assert envelope.auth_user == "alice" and b" with ESMTPSA id " in path.read_bytes()[:400]
+
+
+def test_passwd_prints_a_line_the_server_accepts(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "filterd", "mta", "passwd", "bob"], input="pa55 word\n", capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    users = tmp_path / "users"
+    users.write_text(proc.stdout)
+    users.chmod(0o600)
+    stored = load_users(users)["bob"]
+    assert verify_password("pa55 word", stored) and not verify_password("pa55 wor", stored)
+    users.chmod(0o644)
+    with pytest.raises(ConfigError, match="readable by others"):
+        load_users(users)
+
+
 def test_relay_is_denied_to_clients_outside_mynetworks(mta: Mta) -> None:
     # mynetworks is 127.0.0.1/32: a client on 127.0.0.2 is a stranger
     stranger = ("--local-interface", "127.0.0.2", "--from", "a@example.org")
@@ -216,3 +252,54 @@ def test_too_many_received_headers_is_a_loop(mta: Mta) -> None:
     rc, out = swaks(mta, "--from", "a@example.org", "--to", "bob@example.net", *args[2:])
     assert rc == 0, out[-500:]
     assert mta.queue.load(queued_id(out))[0].hops == 20
+
+
+def _flood(mta: Mta, acknowledged: list[tuple[str, bytes]], stop: threading.Event) -> None:
+    """Send messages one session after another until the server dies; note each 250."""
+    n = 0
+    while not stop.is_set():
+        n += 1
+        body = f"Subject: {threading.get_ident()}-{n}\r\n\r\n".encode() + b"x" * 2000 + b"\r\n"
+        try:
+            raw = Raw(mta)
+        except (OSError, AssertionError):
+            return
+        try:
+            raw.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
+            for _ in range(4):
+                raw.reply()
+            raw.send(body + b".\r\n")
+            reply = raw.reply()
+        except (OSError, AssertionError):
+            return
+        finally:
+            raw.close()
+        if m := re.match(r"250 2\.0\.0 Ok: queued as (\S+)", reply):
+            acknowledged.append((m[1], body))
+
+
+def test_sigkill_never_loses_an_acknowledged_message(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    acknowledged: list[tuple[str, bytes]] = []
+    for round_ in range(4):
+        mta = start_mta(tmp_path, state_dir=state)
+        stop = threading.Event()
+        threads = [threading.Thread(target=_flood, args=(mta, acknowledged, stop)) for _ in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(0.7 + 0.3 * round_)
+        mta.proc.send_signal(signal.SIGKILL)
+        mta.proc.wait()
+        stop.set()
+        for t in threads:
+            t.join(30)
+    mta = start_mta(tmp_path, state_dir=state)  # its start-up runs the recovery
+    try:
+        queue = mta.queue
+        assert len(acknowledged) > 20
+        for qid, body in acknowledged:
+            envelope, path = queue.load(qid)
+            assert path.read_bytes().endswith(body), qid
+        assert not list(queue.corrupt.iterdir()) and not list(queue.tmp.iterdir())
+    finally:
+        assert mta.stop() == 0, mta.log()
