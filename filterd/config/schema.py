@@ -778,7 +778,7 @@ class MtaConfig(Section):
         50, min=1, max=1000, doc="A message with more Received headers than this is bounced as a mail loop."
     )
     local_delivery_command: tuple[str, ...] = setting(
-        ("filterd", "deliver", "--user", "{user}", "--maildir", "{mailbox}"),
+        ("filterd", "deliver", "--user", "{user}", "--recipient", "{recipient}", "--maildir", "{mailbox}"),
         doc="Command (argv, no shell) delivering to a local recipient, message on stdin; placeholders "
         "{user} {extension} {domain} {recipient} {sender} {home} {mailbox} {queue_id} {state_dir}.",
     )
