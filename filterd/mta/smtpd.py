@@ -110,6 +110,7 @@ class _Transaction:
     rcpts: list[str] = field(default_factory=list)
     milter_done: bool = False  # the filter accepted the message: no more steps to it
     discard: bool = False
+    refusal: Reply | None = None  # the filter refused DATA: so is any retry in this transaction
 
 
 class SmtpServer:
@@ -231,6 +232,7 @@ class _Session:
         self.milter: MilterSession | None = None
         self.milter_tempfail = False  # default action tempfail is in force for this session
         self.refusal: Reply | None = None  # the filter refused the client at connect or HELO
+        self.closing = False  # a 421 went out: close after it
         self.mynetworks = any(self._in(net) for net in self.config.mynetworks)
 
     def _in(self, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
@@ -309,7 +311,7 @@ class _Session:
                 if isinstance(event, MessageRefused):
                     log.info("%s%s: %s", self.prefix, self.txn.queue_id if self.txn else "-", event.reply.text)
                 await self._end_transaction()
-            if smtp.closed:  # a 421 from the filter
+            if self.closing:  # a 421 from the filter
                 return True
         return False
 
@@ -365,6 +367,7 @@ class _Session:
         elif verdict.kind in ("reject", "tempfail"):
             return _smtp_reply(verdict)
         elif verdict.kind == "shutdown":
+            self.closing = True
             return Reply(421, f"{self.server.hostname} Service not available", "4.7.0")
         return None
 
@@ -443,6 +446,9 @@ class _Session:
         if self.milter_tempfail:
             self.smtp.send(_TEMPFAIL)
             return
+        if txn.refusal is not None:
+            self.smtp.send(txn.refusal)
+            return
         if len(txn.rcpts) >= self.config.max_recipients:
             self.smtp.send(Reply(452, "Error: too many recipients", "4.5.3"))
             return
@@ -465,13 +471,19 @@ class _Session:
         self.smtp.send(Reply(250, "Ok", "2.1.5"))
 
     async def _on_data(self) -> None:
+        txn = self.txn
+        assert txn is not None
         if self.milter_tempfail:
             self.smtp.send(_TEMPFAIL)
+            return
+        if txn.refusal is not None:
+            self.smtp.send(txn.refusal)
             return
         if self._milter_wanted():
             assert self.milter is not None
             reply = self._filter_reply(await self.milter.data(self._macros()), "data")
             if reply is not None:
+                txn.refusal = reply  # the filter has ended this message on its side
                 self.smtp.send(reply)
                 return
         self.smtp.send(Reply(354, "End data with <CR><LF>.<CR><LF>"))

@@ -2,14 +2,48 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import re
+import smtplib
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from filterd.config import default_config
+from filterd.mta.queue import STATES, Queue
+from filterd.mta.smtpd import SmtpServer
+from filterd.protocols import NeedData
+from filterd.protocols.milter import (
+    ALL_ACTIONS,
+    Accept,
+    AddHeader,
+    AddRecipient,
+    ChangeFrom,
+    ChangeHeader,
+    Continue,
+    DeleteRecipient,
+    Discard,
+    EndOfMessage,
+    Event,
+    Header,
+    InsertHeader,
+    MilterServerConnection,
+    Negotiate,
+    OptionNegotiation,
+    ProtocolFlag,
+    Quarantine,
+    Reply,
+    ReplyCode,
+    Shutdown,
+    Tempfail,
+)
+from filterd.protocols.milter import Data as MilterData
+from filterd.protocols.milter import MailFrom as MilterMailFrom
+from filterd.protocols.milter import RcptTo as MilterRcptTo
 from tests.daemon_fixture import Daemon, need_binary, start_daemon
 from tests.mta.mta_fixture import Mta, start_mta
 
@@ -91,3 +125,146 @@ def test_filter_down_applies_milter_default_action(tmp_path: Path, action: str) 
         assert f"milter_default_action={action}" in mta.log()
     finally:
         assert mta.stop() == 0, mta.log()
+
+
+# -- each verdict, against a scripted filter (the sans-IO filter side) and an in-process server ----
+
+Script = Callable[[Event], list[Reply]]
+
+
+async def _scripted_filter(script: Script, wanted: Negotiate) -> tuple[asyncio.Server, str]:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = MilterServerConnection()
+        try:
+            while data := await reader.read(65536):
+                conn.receive_data(data)
+                while not isinstance(event := conn.next_event(), NeedData):
+                    if isinstance(event, OptionNegotiation):
+                        writer.write(conn.send(wanted))
+                    elif conn.pending is not None:
+                        for reply in script(event):
+                            writer.write(conn.send(reply))
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+def run_scripted(
+    tmp_path: Path, script: Script, client: Callable[[smtplib.SMTP], object], *, leadspc: bool = False
+) -> tuple[object, Queue]:
+    wanted = Negotiate(
+        actions=ALL_ACTIONS,
+        protocol=ProtocolFlag.NOUNKNOWN | (ProtocolFlag.HDR_LEADSPC if leadspc else ProtocolFlag(0)),
+    )
+    queue = Queue(tmp_path / "queue")
+    config = dataclasses.replace(default_config().mta, local_domains=("example.net",), hostname="mx.test")
+
+    def session(port: int) -> object:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+            smtp.ehlo("client.example")
+            return client(smtp)
+
+    async def main() -> object:
+        milter, address = await _scripted_filter(script, wanted)
+        async with milter:
+            server = SmtpServer(dataclasses.replace(config, milter=address), queue)
+            [(_, port)] = await server.start(["127.0.0.1:0"])
+            try:
+                return await asyncio.to_thread(session, port)
+            finally:
+                await server.close()
+
+    return asyncio.run(main()), queue
+
+
+def _send(smtp: smtplib.SMTP, rcpts: list[str], body: str = "Subject: hi\r\n\r\nhello\r\n") -> object:
+    try:
+        return smtp.sendmail("alice@example.org", rcpts, body)
+    except smtplib.SMTPException as exc:
+        return exc
+
+
+def test_reject_at_rcpt_refuses_that_recipient_only(tmp_path: Path) -> None:
+    def script(event: Event) -> list[Reply]:
+        if isinstance(event, MilterRcptTo) and "nobody" in event.recipient:
+            return [ReplyCode(550, "No such user", "5.1.1")]
+        return [Continue()]
+
+    refused, queue = run_scripted(tmp_path, script, lambda s: _send(s, ["bob@example.net", "nobody@example.net"]))
+    assert refused == {"nobody@example.net": (550, b"5.1.1 No such user")}
+    [qid] = queue.ids("incoming")
+    assert [r.address for r in queue.load(qid)[0].rcpts] == ["bob@example.net"]
+
+
+def test_discard_answers_250_and_queues_nothing(tmp_path: Path) -> None:
+    def script(event: Event) -> list[Reply]:
+        return [Discard()] if isinstance(event, EndOfMessage) else [Continue()]
+
+    result, queue = run_scripted(tmp_path, script, lambda s: _send(s, ["bob@example.net"]))
+    assert result == {} and all(queue.ids(state) == [] for state in STATES)
+
+
+def test_quarantine_queues_in_hold(tmp_path: Path) -> None:
+    def script(event: Event) -> list[Reply]:
+        return [Quarantine("looks like phishing"), Continue()] if isinstance(event, EndOfMessage) else [Continue()]
+
+    _, queue = run_scripted(tmp_path, script, lambda s: _send(s, ["bob@example.net"]))
+    [qid] = queue.ids("hold")
+    assert queue.load(qid)[0].hold_reason == "looks like phishing" and queue.ids("incoming") == []
+
+
+def test_tempfail_at_data_holds_for_a_retry_of_data(tmp_path: Path) -> None:
+    def script(event: Event) -> list[Reply]:
+        return [Tempfail()] if isinstance(event, MilterData) else [Continue()]
+
+    def client(smtp: smtplib.SMTP) -> object:
+        smtp.mail("alice@example.org")
+        smtp.rcpt("bob@example.net")
+        first = smtp.docmd("DATA")
+        second = smtp.docmd("DATA")
+        return first, second, smtp.docmd("RSET"), smtp.docmd("NOOP")
+
+    result, queue = run_scripted(tmp_path, script, client)
+    tempfail = (451, b"4.7.1 Service unavailable - try again later")
+    assert result == (tempfail, tempfail, (250, b"2.0.0 Ok"), (250, b"2.0.0 Ok"))
+
+
+def test_shutdown_closes_with_421(tmp_path: Path) -> None:
+    def script(event: Event) -> list[Reply]:
+        return [Shutdown()] if isinstance(event, MilterMailFrom) else [Continue()]
+
+    result, _ = run_scripted(tmp_path, script, lambda s: _send(s, ["bob@example.net"]))
+    assert isinstance(result, smtplib.SMTPSenderRefused) and result.smtp_code == 421
+
+
+@pytest.mark.parametrize("leadspc", [False, True])
+def test_edits_to_headers_and_envelope_are_applied(tmp_path: Path, leadspc: bool) -> None:
+    space = " " if leadspc else ""
+
+    def script(event: Event) -> list[Reply]:
+        if isinstance(event, Header) and event.name == "Subject":
+            assert event.value == f"{space}hi"
+        if not isinstance(event, EndOfMessage):
+            return [Continue()]
+        return [
+            InsertHeader(0, "X-First", f"{space}top"),
+            ChangeHeader(1, "Subject", f"{space}[SPAM] hi"),
+            AddHeader("X-Spam-Status", f"{space}Yes, score=9.0\n\ttests=A,B"),
+            AddRecipient("<quarantine@example.net>"),
+            DeleteRecipient("<bob@example.net>"),
+            ChangeFrom("<bounces@example.org>"),
+            Accept(),
+        ]
+
+    _, queue = run_scripted(
+        tmp_path, script, lambda s: _send(s, ["bob@example.net", "carol@example.net"]), leadspc=leadspc
+    )
+    [qid] = queue.ids("incoming")
+    envelope, path = queue.load(qid)
+    assert envelope.mail_from == "bounces@example.org"
+    assert [r.address for r in envelope.rcpts] == ["carol@example.net", "quarantine@example.net"]
+    data = path.read_bytes()
+    assert data.startswith(b"X-First: top\r\nReceived: from client.example")
+    assert b"\r\nSubject: [SPAM] hi\r\nX-Spam-Status: Yes, score=9.0\r\n\ttests=A,B\r\n\r\nhello\r\n" in data
