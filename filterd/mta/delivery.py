@@ -11,9 +11,10 @@ outcome: 2.x.x delivered, 4.x.x deferred, 5.x.x bounced.
 
 Local delivery runs ``mta.local_delivery_command`` (an argv, no shell, like Postfix's
 mailbox_command) with the message on stdin, LF line ends (the Unix convention procmail,
-maildrop and ``filterd deliver`` expect), and this MTA puts two header fields on top, as
-Postfix's local(8) does: ``Return-Path: <sender>`` and ``Delivered-To: recipient``. The command
-need not add them. A message that already carries ``Delivered-To:`` for the same recipient is
+maildrop and ``filterd deliver`` expect), read from an unlinked temporary file rather than a
+pipe so that a crash of the MTA never hands the command a truncated message. This MTA puts two
+header fields on top, as Postfix's local(8) does: ``Return-Path: <sender>`` and
+``Delivered-To: recipient``; the command need not add them. A message that already carries ``Delivered-To:`` for the same recipient is
 bounced as a mail loop (5.4.6). The environment is the MTA's plus SENDER, RECIPIENT, USER,
 LOGNAME, LOCAL, EXTENSION, DOMAIN, HOME, MAILBOX and QUEUE_ID. Exit status: 0 delivered;
 75 (EX_TEMPFAIL) deferred; killed by a signal or by ``local_delivery_timeout``, deferred; a
@@ -47,11 +48,12 @@ import pwd
 import random
 import re
 import signal
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from filterd.config import Config, MtaConfig
 from filterd.dkimsign import sign_message
@@ -149,10 +151,12 @@ class LocalDelivery:
         state_dir: str,
         hostname: str,
         lookup_user: Callable[[str], str | None] | None = None,
+        tmp_dir: str | None = None,
     ) -> None:
         self.config = config
         self.state_dir = state_dir
         self.hostname = hostname
+        self.tmp_dir = tmp_dir
         self._home_of = lookup_user or _home_directory
 
     def _fields(self, queue_id: str, sender: str, recipient: str) -> dict[str, str] | DeliveryResult:
@@ -187,7 +191,7 @@ class LocalDelivery:
         if any(v.lower() == lowered for v in _header_fields(data, b"delivered-to")):
             return self._bounce(recipient, "5.4.6", f"mail forwarding loop for {recipient}")
         top = f"Return-Path: <{sender}>\r\nDelivered-To: {recipient}\r\n".encode()
-        message = (top + data).replace(b"\r\n", b"\n")
+        message = await asyncio.to_thread(self._spool, (top + data).replace(b"\r\n", b"\n"))
         argv = [arg.format(**fields) for arg in self.config.local_delivery_command]
         env = dict(os.environ)
         env.update(
@@ -195,13 +199,28 @@ class LocalDelivery:
             LOCAL=_split_address(recipient)[0].lower(), EXTENSION=fields["extension"], DOMAIN=fields["domain"],
             HOME=fields["home"], MAILBOX=fields["mailbox"], QUEUE_ID=queue_id,
         )  # fmt: skip
-        return await self._run(argv, env, message, recipient)
+        with message:
+            return await self._run(argv, env, message, recipient)
 
-    async def _run(self, argv: list[str], env: dict[str, str], message: bytes, recipient: str) -> DeliveryResult:
+    def _spool(self, message: bytes) -> BinaryIO:
+        """The message in an unlinked temporary file, read from the start. The command reads it
+        as its stdin: if this process dies meanwhile, the command still sees the whole message
+        (a pipe would end early, and a delivery agent would store a truncated message)."""
+        f = tempfile.TemporaryFile(dir=self.tmp_dir)  # noqa: SIM115 (returned open; the caller closes it)
+        try:
+            f.write(message)
+            f.flush()
+            f.seek(0)
+        except BaseException:
+            f.close()
+            raise
+        return f
+
+    async def _run(self, argv: list[str], env: dict[str, str], message: BinaryIO, recipient: str) -> DeliveryResult:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
-                stdin=asyncio.subprocess.PIPE,
+                stdin=message,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
@@ -211,16 +230,7 @@ class LocalDelivery:
             text = f"cannot run {argv[0]}: {exc.strerror or exc}"
             log.error("local delivery: %s", text)
             return DeliveryResult(recipient, "4.3.5", text, f"x-unix; {text}", relay="local")
-        assert proc.stdin is not None and proc.stderr is not None
-
-        async def feed() -> None:
-            assert proc.stdin is not None
-            # A command may exit without reading everything (a recipe that discards): not an error.
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                proc.stdin.write(message)
-                await proc.stdin.drain()
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                proc.stdin.close()
+        assert proc.stderr is not None
 
         async def tail() -> bytes:
             assert proc.stderr is not None
@@ -231,7 +241,7 @@ class LocalDelivery:
 
         try:
             async with asyncio.timeout(self.config.local_delivery_timeout):
-                _, stderr, code = await asyncio.gather(feed(), tail(), proc.wait())
+                stderr, code = await asyncio.gather(tail(), proc.wait())
         except TimeoutError:
             _kill(proc.pid)
             await proc.wait()
