@@ -387,9 +387,11 @@ def _carry_out(
             log.info("discarded by %s", step.where)
             return EX_OK
         if action.kind == "forward" and loop:
-            log.warning("not forwarding (%s): Delivered-To %s already in the message, a mail loop; "
-                        "delivering to INBOX", step.where, request.recipient or request.user)  # fmt: skip
-            return _store(message, "INBOX", request, config, sender=sender, where="loop fallback")
+            log.warning("not forwarding (%s): Delivered-To %s is already in the message, a mail loop",
+                        step.where, request.recipient or request.user)  # fmt: skip
+            if action.stop:
+                return _store(message, "INBOX", request, config, sender=sender, where="loop fallback")
+            continue
         if action.kind in ("forward", "pipe"):
             code = _run_command(action, message, request, config, sender=sender, where=step.where)
             if code != EX_OK:
@@ -424,6 +426,8 @@ def _store(
         else:
             assert request.mbox is not None
             path = _mbox_path(folder, request, config)
+            if path != request.mbox:
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # e.g. ~/mail on first use
             for warning in deliver_mbox(
                 path, message, sender=sender, lock_timeout=config.lock_timeout, stale_lock=config.stale_lock
             ):

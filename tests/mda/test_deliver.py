@@ -236,12 +236,11 @@ def test_pipe_killed_or_too_slow_defers(tmp_path: Path, deliver: Deliver) -> Non
 
 
 def test_mbox_folders(tmp_path: Path, deliver: Deliver) -> None:
-    (tmp_path / "mail").mkdir()
-    (tmp_path / "mail" / "Broken").mkdir()  # a directory where an mbox file should be
+    (tmp_path / "mail" / "Broken").mkdir(parents=True)  # a directory where an mbox file should be
     path = recipes(
         tmp_path,
         f"""
-- {{header: {{Subject: '/hello/'}}, copy: Lists}}
+- {{header: {{Subject: '/hello/'}}, copy: lists/dev}}
 - {{header: {{Subject: '/hello/'}}, copy: {tmp_path / "abs-box"}}}
 - {{header: {{Subject: '/hello/'}}, copy: Broken}}
 - {{header: {{Subject: '/hello/'}}, folder: Broken}}
@@ -252,7 +251,7 @@ def test_mbox_folders(tmp_path: Path, deliver: Deliver) -> None:
     proc = deliver(*args, data=MSG, mbox_folders=str(tmp_path / "mail"))
     assert proc.returncode == 0, proc
     assert b"copy to Broken (rule 3" in proc.stderr and b"delivering to INBOX instead of Broken" in proc.stderr
-    for where in (tmp_path / "mail" / "Lists", tmp_path / "abs-box", box):
+    for where in (tmp_path / "mail" / "lists" / "dev", tmp_path / "abs-box", box):  # lists/ made on demand
         (item,) = iter_messages(where)
         assert item.data.endswith(MSG + b"\n")
     # ~ in mbox_folders needs a home: alice has none, so relative folders fail and INBOX gets it
@@ -372,3 +371,12 @@ def test_mode_of_stored_files(tmp_path: Path, deliver: Deliver) -> None:
     (path,) = maildir_files(tmp_path / "Maildir")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "Maildir").stat().st_mode) == 0o700
+
+
+def test_a_forward_loop_skips_only_the_forward(tmp_path: Path, deliver: Deliver) -> None:
+    sendmail = fake_command(tmp_path, "sendmail")
+    path = recipes(tmp_path, "- {forward: me@phone.example, stop: false}\n- {folder: Kept}\n")
+    looped = b"Received: from elsewhere\nDelivered-To: Alice\n" + MSG
+    proc = deliver(*md_args(tmp_path, "--no-filter", "--recipes", path), data=looped, sendmail=[str(sendmail)])
+    assert proc.returncode == 0 and b"a mail loop" in proc.stderr, proc
+    assert calls(tmp_path, "sendmail") == [] and only(tmp_path / "Maildir", ".Kept").endswith(looped)
