@@ -494,6 +494,15 @@ class ListsConfig(Section):
     blocklist_from: tuple[str, ...] = setting(
         (), doc="Sender address globs whose mail is spam: USER_IN_BLOCKLIST."
     )
+    welcomelist_auth: tuple[str, ...] = setting(
+        (), doc="Sender address globs welcome only when SPF or DKIM authenticates the sender's domain."
+    )
+    welcomelist_ip: tuple[Network, ...] = setting(
+        (), doc="Client networks whose mail is welcome: CLIENT_IN_WELCOMELIST (the connecting or last external relay)."
+    )
+    blocklist_ip: tuple[Network, ...] = setting(
+        (), doc="Client networks whose mail is spam: CLIENT_IN_BLOCKLIST (a milter can refuse them at connect)."
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from filterd.config import Section, load_section_file, setting
+from filterd.config import Network, Section, load_section_file, setting
 from filterd.errors import ConfigError
 
 __all__ = ["BadUserName", "UserPrefs", "UserPrefsStore", "check_user_name"]
@@ -43,6 +43,11 @@ class UserPrefs(Section):
     report_safe: int | None = setting(None, min=0, max=2, doc="How spam is marked up for this user.")
     welcomelist_from: tuple[str, ...] = setting((), doc="Sender globs this user always accepts.")
     blocklist_from: tuple[str, ...] = setting((), doc="Sender globs this user always refuses.")
+    welcomelist_auth: tuple[str, ...] = setting(
+        (), doc="Sender globs this user accepts when SPF or DKIM authenticates their domain."
+    )
+    welcomelist_ip: tuple[Network, ...] = setting((), doc="Client networks this user always accepts.")
+    blocklist_ip: tuple[Network, ...] = setting((), doc="Client networks this user always refuses.")
 
 
 class UserPrefsStore:

@@ -39,14 +39,15 @@ from typing import ClassVar
 
 from filterd.config import DnsblConfig, DnsblZone
 from filterd.engine.plugin import CheckSetup, Hit, Scan, Stage
-from filterd.engine.trust import trust_path_of
+from filterd.engine.trust import build_trust_path, trust_path_of
 from filterd.net.dns import DnsAnswer
 
-__all__ = ["DnsblCheck", "answer_rules", "reversed_ip", "zone_rules"]
+__all__ = ["CONNECT_DONE", "DnsblCheck", "DnsblConnectCheck", "answer_rules", "reversed_ip", "zone_rules"]
 
 log = logging.getLogger(__name__)
 
 BLOCKED_RULE = "DNSBL_BLOCKED"
+CONNECT_DONE = "dnsbl_connect_ip"  # scan.facts key: the client looked up at connect
 _MAX_RELAYS = 16  # all_untrusted: a forged chain of 100 Received headers asks 16 at most
 _MARGIN = 0.02  # seconds kept before the scan deadline so the engine never cancels us first
 _LISTING_RANGE = ipaddress.ip_network("127.0.0.0/8")
@@ -137,7 +138,11 @@ class DnsblCheck:
         resolver = self._resolver
         if resolver is None or not self._zones or scan.ctx.local_only:
             return ()
-        lookups = self._plan(scan)
+        return await self._lookup(scan, self._plan(scan))
+
+    async def _lookup(self, scan: Scan, lookups: list[_Lookup]) -> Sequence[Hit]:
+        resolver = self._resolver
+        assert resolver is not None
         if not lookups:
             return ()
         now = time.monotonic()
@@ -166,10 +171,13 @@ class DnsblCheck:
         trust = trust_path_of(scan, self._network)
         lookups: list[_Lookup] = []
         domains: dict[str, list[str]] | None = None
+        asked_at_connect = scan.facts.get(CONNECT_DONE)
         for zone in self._zones:
             if zone.type == "ip":
                 if zone.relays == "last_external":
                     ips = [trust.last_external.ip] if trust.last_external is not None else []
+                    if asked_at_connect in ips:
+                        continue  # DnsblConnectCheck looked this client up already
                 else:
                     ips = [r.ip for r in trust.untrusted]
                 labels = _unique((ip, label) for ip in ips if (label := reversed_ip(ip)) is not None)
@@ -280,3 +288,32 @@ def _is_ip(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+class DnsblConnectCheck(DnsblCheck):
+    """The IP lists of the last external relay, at connect, when a milter or MTA names the client.
+
+    That lets a milter refuse a listed client before MAIL FROM (milter.reject_at_connect). With
+    the message already known (spamd, `filterd check`) it does nothing and DnsblCheck asks
+    everything at once, so the lookups overlap.
+    """
+
+    name: ClassVar[str] = "dnsbl_connect"
+    stage: ClassVar[Stage] = Stage.CONNECT
+
+    async def run(self, scan: Scan) -> Sequence[Hit]:
+        ctx = scan.ctx
+        if self._resolver is None or scan.msg is not None or not ctx.client_ip or ctx.local_only:
+            return ()
+        path = build_trust_path(
+            (), trusted_networks=self._network.trusted_networks, internal_networks=self._network.internal_networks,
+            client_ip=ctx.client_ip, authenticated=ctx.authenticated,
+        )  # fmt: skip
+        if path.last_external is None:
+            return ()  # an internal client: the Received headers will say who is behind it
+        label = reversed_ip(ctx.client_ip)
+        zones = [z for z in self._zones if z.type == "ip" and z.relays == "last_external"]
+        if label is None or not zones:
+            return ()
+        scan.facts[CONNECT_DONE] = ctx.client_ip
+        return await self._lookup(scan, [_Lookup(z, ctx.client_ip, f"{label}.{z.zone}") for z in zones])
