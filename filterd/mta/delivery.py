@@ -14,13 +14,13 @@ mailbox_command) with the message on stdin, LF line ends (the Unix convention pr
 maildrop and ``filterd deliver`` expect), read from an unlinked temporary file rather than a
 pipe so that a crash of the MTA never hands the command a truncated message. This MTA puts two
 header fields on top, as Postfix's local(8) does: ``Return-Path: <sender>`` and
-``Delivered-To: recipient``; the command need not add them. A message that already carries ``Delivered-To:`` for the same recipient is
-bounced as a mail loop (5.4.6). The environment is the MTA's plus SENDER, RECIPIENT, USER,
-LOGNAME, LOCAL, EXTENSION, DOMAIN, HOME, MAILBOX and QUEUE_ID. Exit status: 0 delivered;
-75 (EX_TEMPFAIL) deferred; killed by a signal or by ``local_delivery_timeout``, deferred; a
-command that cannot be started, deferred (a configuration error must not bounce mail); any other
-status bounced, with the status's meaning (sysexits) and the tail of the command's stderr as
-the DSN's diagnostic.
+``Delivered-To: recipient``; the command need not add them. A message that already carries
+``Delivered-To:`` for the same recipient is bounced as a mail loop (5.4.6). The environment is
+the MTA's plus SENDER, RECIPIENT, USER, LOGNAME, LOCAL, EXTENSION, DOMAIN, HOME, MAILBOX and
+QUEUE_ID. Exit status: 0 delivered; 75 (EX_TEMPFAIL) deferred; killed by a signal or by
+``local_delivery_timeout``, deferred; a command that cannot be started, deferred (a
+configuration error must not bounce mail); any other status bounced, with the status's meaning
+(sysexits) and the tail of the command's stderr as the DSN's diagnostic.
 
 Remote delivery looks up the domain's MX hosts (`filterd.mta.mx`), DKIM-signs the message when
 its From: domain has a key in ``auth.dkim_keys``, and tries the addresses in order until one
@@ -224,7 +224,7 @@ class LocalDelivery:
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
-                start_new_session=True,  # its own process group: a timeout kills its children too
+                process_group=0,  # its own process group, so that a timeout kills its children too (keeps vfork)
             )
         except OSError as exc:
             text = f"cannot run {argv[0]}: {exc.strerror or exc}"

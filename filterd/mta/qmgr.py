@@ -300,7 +300,8 @@ class QueueManager:
         if self.queue.state_of(qid) != state:
             return None  # deleted, or moved by someone else
         try:
-            self.queue.move(qid, "active")
+            # Not synced: if a crash undoes it, the message is where recovery would put it anyway.
+            self.queue.move(qid, "active", sync=False)
         except (QueueError, FileNotFoundError):
             return None
         try:
@@ -440,7 +441,10 @@ class QueueManager:
                 for rcpt, _, _ in failed:
                     rcpt.status = "bounced"
                     self.stats.bounced += 1
-            await asyncio.to_thread(self.queue.save_envelope, qid, envelope)
+            if envelope.pending:
+                await asyncio.to_thread(self.queue.save_envelope, qid, envelope)
+            # else: nothing left to do; the removal that follows is the durable record (a crash
+            # before it delivers again, exactly as a crash before this save would)
 
     def _log(self, qid: str, envelope: Envelope, result: DeliveryResult, now: float) -> None:
         outcome = {"delivered": "sent", "deferred": "deferred", "bounced": "bounced"}[result.outcome]

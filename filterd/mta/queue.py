@@ -50,7 +50,7 @@ API (synchronous, blocking file I/O; call it from a thread or accept the short s
     q.load(qid) -> (Envelope, data_path)   # QueueError if unknown or unreadable
     q.state_of(qid) -> state | None
     q.save_envelope(qid, envelope)         # atomic replace, in whatever state it is
-    q.move(qid, state)                     # one rename + directory fsync
+    q.move(qid, state, sync=True)          # one rename + directory fsyncs (sync=False: none)
     q.remove(qid)                          # envelope first, then data
     q.ids(state) -> sorted list of ids
     q.quarantine(qid, reason)              # envelope and data to corrupt/, logged
@@ -365,7 +365,9 @@ class Queue:
         os.rename(tmp, found[1])
         fsync_dir(found[1].parent)
 
-    def move(self, qid: str, state: QueueState) -> None:
+    def move(self, qid: str, state: QueueState, *, sync: bool = True) -> None:
+        """Change a message's state. ``sync=False`` skips the directory fsyncs, for moves a crash
+        may undo harmlessly (incoming/deferred -> active: recovery moves active/ back anyway)."""
         self._check_id(qid)
         found = self._envelope_path(qid)
         if found is None:
@@ -373,8 +375,9 @@ class Queue:
         if found[0] == state:
             return
         os.rename(found[1], self.root / state / qid)
-        fsync_dir(self.root / state)
-        fsync_dir(found[1].parent)
+        if sync:
+            fsync_dir(self.root / state)
+            fsync_dir(found[1].parent)
 
     def remove(self, qid: str) -> None:
         """Delete a message: envelope first, so a crash leaves an orphan data file, not a half message."""
