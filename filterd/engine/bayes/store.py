@@ -32,40 +32,44 @@ Token atime: learning sets it; scanning marks the buckets it read in memory, and
 are written out at most every 10 minutes (and on close), so expiry drops what is neither
 learnt nor seen any more.
 
-Backup format (`backup`/`restore`), UTF-8 text, tab-separated, one record per line::
-
-    filterd-bayes-backup	1
-    n_features	4194304
-    tokenizer	1
-    counts	<nspam>	<nham>
-    b	<bucket>	<spam>	<ham>	<atime>        (one per non-empty bucket)
-    m	<s|h>	<digest>	<learnt>	<base64 of uint32 little-endian token hashes>
-    end	<number of b lines>	<number of m lines>
-
-A restore into a store with another n_features rebuilds the bucket counts from the messages'
-token hashes (the b lines only fit the n_features they were written with).
+The backup format and what both backends share are described in `filterd.engine.bayes.base`;
+`filterd.engine.bayes.redis_store` keeps the same data in Redis.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import enum
 import logging
 import os
 import sqlite3
 import time
-from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from filterd.config import BayesConfig
-from filterd.engine.bayes.classifier import ClassifierParams, complement_nb_norms, spam_probability
-from filterd.engine.bayes.tokenizer import TOKENIZER_VERSION, Tokenizer, message_digest
+from filterd.engine.bayes.base import (
+    EMPTY_IDS,
+    EMPTY_TRIPLES,
+    BayesStoreBase,
+    Hashed,
+    Ids,
+    LearnResult,
+    StoreError,
+    Triples,
+    aggregate,
+    buckets_from_messages,
+    decode_counts,
+    decode_delta,
+    encode_counts,
+    encode_delta,
+    read_backup,
+    write_backup,
+)
+from filterd.engine.bayes.tokenizer import TOKENIZER_VERSION, message_digest
 from filterd.engine.message import ParsedMessage
 
 __all__ = ["SCHEMA_VERSION", "BayesStore", "LearnResult", "StoreError"]
@@ -73,12 +77,9 @@ __all__ = ["SCHEMA_VERSION", "BayesStore", "LearnResult", "StoreError"]
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-_BACKUP_MAGIC = "filterd-bayes-backup"
-_BATCH = 500  # messages per transaction in learn_many
 _CHANGE_LOG_KEEP = 600  # seconds of changes kept past a snapshot, for readers nearly up to date
 _SNAPSHOT_AFTER_CHANGES = 2000
 _SNAPSHOT_AFTER_BYTES = 8 << 20
-_TOUCH_FLUSH_INTERVAL = 600.0  # seconds between writes of scanned buckets' atime
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -117,106 +118,25 @@ CREATE TABLE IF NOT EXISTS snapshot (
 );
 """
 
-Ids = npt.NDArray[np.int64]
-Triples = npt.NDArray[np.int64]  # shape (k, 3): bucket, spam count, ham count
 
-
-class StoreError(Exception):
-    """The store file is not a filterd Bayes store, or a backup cannot be read."""
-
-
-class LearnResult(enum.Enum):
-    """What learning or forgetting one message did."""
-
-    LEARNED = "learned"
-    ALREADY = "already"  # learnt before as the same class: nothing changed
-    MOVED = "moved"  # learnt before as the other class: its counts moved over
-    FORGOTTEN = "forgotten"
-    NOT_KNOWN = "not_known"  # forget() of a message never learnt
-
-
-_EMPTY3: Triples = np.zeros((0, 3), dtype=np.int64)
-_EMPTY: Ids = np.zeros(0, dtype=np.int64)
-
-
-def _encode_delta(inc: Triples, dec: Triples, zero: Ids) -> bytes:
-    head = np.array([len(inc), len(dec), len(zero)], dtype=np.int64)
-    return np.concatenate([head, inc.ravel(), dec.ravel(), zero]).astype("<i4").tobytes()
-
-
-def _decode_delta(blob: bytes) -> tuple[Triples, Triples, Ids]:
-    data = np.frombuffer(blob, dtype="<i4").astype(np.int64)
-    n_inc, n_dec, n_zero = (int(x) for x in data[:3])
-    at = 3
-    inc = data[at : at + 3 * n_inc].reshape(n_inc, 3)
-    at += 3 * n_inc
-    dec = data[at : at + 3 * n_dec].reshape(n_dec, 3)
-    at += 3 * n_dec
-    return inc, dec, data[at : at + n_zero]
-
-
-def _encode_counts(spam: npt.NDArray[np.int32], ham: npt.NDArray[np.int32]) -> bytes:
-    """The non-empty buckets as three little-endian int32 columns: ids, spam, ham."""
-    ids = np.flatnonzero(spam | ham)
-    return np.concatenate([ids.astype("<i4"), spam[ids].astype("<i4"), ham[ids].astype("<i4")]).tobytes()
-
-
-def _decode_counts(blob: bytes, n_features: int) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]:
-    data = np.frombuffer(blob, dtype="<i4").reshape(3, -1)
-    spam = np.zeros(n_features, dtype=np.int32)
-    ham = np.zeros(n_features, dtype=np.int32)
-    spam[data[0]] = data[1]
-    ham[data[0]] = data[2]
-    return spam, ham
-
-
-def _aggregate(parts: list[tuple[Ids, int, int]]) -> Triples:
-    """Sum (bucket ids, d_spam, d_ham) pieces into distinct-bucket triples."""
-    if not parts:
-        return _EMPTY3
-    ids = np.concatenate([p[0] for p in parts])
-    spam = np.concatenate([np.full(len(p[0]), p[1], dtype=np.int64) for p in parts])
-    ham = np.concatenate([np.full(len(p[0]), p[2], dtype=np.int64) for p in parts])
-    uniq, inverse = np.unique(ids, return_inverse=True)
-    out = np.zeros((len(uniq), 3), dtype=np.int64)
-    out[:, 0] = uniq
-    np.add.at(out[:, 1], inverse, spam)
-    np.add.at(out[:, 2], inverse, ham)
-    return out
-
-
-class BayesStore:
-    """One process's handle on the shared store. Not thread-safe; open one per process."""
+class BayesStore(BayesStoreBase):
+    """One process's handle on the shared SQLite store. Not thread-safe; open one per process."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path, config: BayesConfig, n_features: int) -> None:
+        super().__init__(config, n_features)
         self._conn = conn
         self.path = path
-        self.config = config
-        self.n_features = n_features
-        self._mask = np.uint32(n_features - 1)
-        self._params = ClassifierParams(
-            combiner=config.combiner,
-            robinson_s=config.robinson_s,
-            robinson_x=config.robinson_x,
-            min_prob_strength=config.min_prob_strength,
-            max_interesting=config.max_interesting,
-            alpha=config.alpha,
-        )
-        self._spam = np.zeros(n_features, dtype=np.int32)
-        self._ham = np.zeros(n_features, dtype=np.int32)
-        self._spam_total = 0
-        self._ham_total = 0
-        self._nspam = 0
-        self._nham = 0
         self._seq = -1
         self._epoch = -1
-        self._norms: tuple[float, float] | None = None  # complement_nb, recomputed after changes
-        self._touched = np.zeros(n_features, dtype=np.bool_)
-        self._touched_since = time.monotonic()
-        self._tokenizer = Tokenizer()
-        self._last_msg: tuple[ParsedMessage, npt.NDArray[np.uint32]] | None = None
-        self._pid = os.getpid()
         self._snapshot_due = False
+
+    @property
+    def backend(self) -> Literal["sqlite"]:
+        return "sqlite"
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -294,12 +214,6 @@ class BayesStore:
                 self._flush_touches()
         self._conn.close()
 
-    def __enter__(self) -> BayesStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -- reading -----------------------------------------------------------------------------
 
     def counts(self) -> tuple[int, int]:
@@ -323,12 +237,12 @@ class BayesStore:
                     self._reload(seq, epoch)  # the log was pruned past our position
                 else:
                     for _, blob in rows:
-                        self._apply(*_decode_delta(blob))
+                        self._apply(*decode_delta(blob))
                     self._seq = seq
             self._nspam, self._nham = int(nspam), int(nham)
         finally:
             conn.execute("COMMIT")
-        if time.monotonic() - self._touched_since >= _TOUCH_FLUSH_INTERVAL:
+        if self._touch_flush_due():
             self._flush_touches()
         if self._snapshot_due:
             self._maybe_snapshot()
@@ -341,10 +255,10 @@ class BayesStore:
         if snap is not None and snap[1] == epoch and snap[0] <= seq:
             rows = conn.execute("SELECT seq, delta FROM changes WHERE seq > ? ORDER BY seq", (snap[0],)).fetchall()
             if len(rows) == seq - snap[0] and (not rows or rows[0][0] == snap[0] + 1):
-                self._spam, self._ham = _decode_counts(bytes(snap[2]), self.n_features)
+                self._spam, self._ham = decode_counts(bytes(snap[2]), self.n_features)
                 self._totals()
                 for _, blob in rows:
-                    self._apply(*_decode_delta(blob))
+                    self._apply(*decode_delta(blob))
                 self._seq, self._epoch = seq, epoch
                 self._snapshot_due = len(rows) >= _SNAPSHOT_AFTER_CHANGES
                 return
@@ -359,87 +273,12 @@ class BayesStore:
         self._seq, self._epoch = seq, epoch
         self._snapshot_due = True
 
-    def _totals(self) -> None:
-        self._spam_total = int(self._spam.sum(dtype=np.int64))
-        self._ham_total = int(self._ham.sum(dtype=np.int64))
-        self._norms = None
-
-    def _apply(self, inc: Triples, dec: Triples, zero: Ids) -> None:
-        """Apply one delta to the in-memory counts, exactly as the SQL did."""
-        spam, ham = self._spam, self._ham
-        if len(inc):
-            ids = inc[:, 0]
-            spam[ids] += inc[:, 1].astype(np.int32)
-            ham[ids] += inc[:, 2].astype(np.int32)
-            self._spam_total += int(inc[:, 1].sum())
-            self._ham_total += int(inc[:, 2].sum())
-        if len(dec):
-            ids = dec[:, 0]
-            for counts, column in ((spam, 1), (ham, 2)):
-                old = counts[ids]
-                new = np.maximum(old - dec[:, column], 0).astype(np.int32)
-                counts[ids] = new
-                delta = int(new.sum(dtype=np.int64) - old.sum(dtype=np.int64))
-                if column == 1:
-                    self._spam_total += delta
-                else:
-                    self._ham_total += delta
-        if len(zero):
-            self._spam_total -= int(spam[zero].sum(dtype=np.int64))
-            self._ham_total -= int(ham[zero].sum(dtype=np.int64))
-            spam[zero] = 0
-            ham[zero] = 0
-        self._norms = None
-
-    def _hashes(self, msg: ParsedMessage) -> npt.NDArray[np.uint32]:
-        """Token hashes, remembered for the last message (scored, then often autolearnt)."""
-        last = self._last_msg
-        if last is not None and last[0] is msg:
-            return last[1]
-        hashes = self._tokenizer.hashes(msg)
-        self._last_msg = (msg, hashes)
-        return hashes
-
-    def _ids(self, hashes: npt.NDArray[np.uint32]) -> Ids:
-        ids = np.sort((hashes & self._mask).astype(np.int64))
-        if ids.size > 1:
-            keep = np.empty(ids.size, dtype=np.bool_)
-            keep[0] = True
-            np.not_equal(ids[1:], ids[:-1], out=keep[1:])
-            ids = ids[keep]
-        return ids
-
-    def spam_probability(self, msg: ParsedMessage) -> float | None:
-        """The message's spam probability from the in-memory counts (call `refresh` to see
-        others' learning). None until min_spam and min_ham messages are learnt, or when no
-        token of the message says anything."""
-        if self._nspam < self.config.min_spam or self._nham < self.config.min_ham:
-            return None
-        ids = self._ids(self._hashes(msg))
-        if ids.size == 0:
-            return None
-        self._touched[ids] = True
-        if self._params.combiner == "complement_nb" and self._norms is None:
-            self._norms = complement_nb_norms(self._spam, self._ham, self._params.alpha)
-        return spam_probability(
-            self._params,
-            self._spam[ids],
-            self._ham[ids],
-            self._nspam,
-            self._nham,
-            self._spam_total,
-            self._ham_total,
-            self.n_features,
-            self._norms,
-        )
-
     # -- writing -----------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction; taken at once (IMMEDIATE) so it cannot deadlock on upgrade."""
-        if self._pid != os.getpid():
-            raise RuntimeError("a BayesStore cannot be used across fork(); open one per process")
+        self._check_pid()
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -472,7 +311,7 @@ class BayesStore:
             conn.executemany("DELETE FROM buckets WHERE id = ?", [(b,) for b in zero.tolist()])
         conn.execute("UPDATE state SET nspam = nspam + ?, nham = nham + ?, seq = seq + 1", (d_spam, d_ham))
         (seq,) = conn.execute("SELECT seq FROM state").fetchone()
-        delta = _encode_delta(inc, dec, zero)
+        delta = encode_delta(inc, dec, zero)
         conn.execute("INSERT INTO changes (seq, at, size, delta) VALUES (?, ?, ?, ?)", (seq, now, len(delta), delta))
 
     def _maybe_snapshot(self) -> None:
@@ -497,34 +336,10 @@ class BayesStore:
     def _write_snapshot(
         conn: sqlite3.Connection, seq: int, epoch: int, spam: npt.NDArray[np.int32], ham: npt.NDArray[np.int32]
     ) -> None:
-        conn.execute("INSERT OR REPLACE INTO snapshot VALUES (1, ?, ?, ?)", (seq, epoch, _encode_counts(spam, ham)))
+        conn.execute("INSERT OR REPLACE INTO snapshot VALUES (1, ?, ?, ?)", (seq, epoch, encode_counts(spam, ham)))
         conn.execute("DELETE FROM changes WHERE seq <= ? AND at < ?", (seq, int(time.time()) - _CHANGE_LOG_KEEP))
 
-    def learn(self, msg: ParsedMessage, is_spam: bool) -> LearnResult:
-        """Learn one message as spam or ham, in one transaction."""
-        return self._learn_batch([(message_digest(msg), self._hashes(msg), is_spam)])[0]
-
-    def learn_many(self, items: Iterable[tuple[ParsedMessage, bool]]) -> Counter[LearnResult]:
-        """Learn many messages, one transaction per batch of 500 (tokenised before the lock)."""
-        return self.learn_hashed(
-            (message_digest(msg), self._tokenizer.hashes(msg), bool(is_spam)) for msg, is_spam in items
-        )
-
-    def learn_hashed(self, items: Iterable[tuple[str, npt.NDArray[np.uint32], bool]]) -> Counter[LearnResult]:
-        """`learn_many` for messages already reduced to (digest, token hashes, is_spam): lets
-        `filterd learn` parse and tokenise in several processes and write from one."""
-        results: Counter[LearnResult] = Counter()
-        batch: list[tuple[str, npt.NDArray[np.uint32], bool]] = []
-        for item in items:
-            batch.append(item)
-            if len(batch) >= _BATCH:
-                results.update(self._learn_batch(batch))
-                batch = []
-        if batch:
-            results.update(self._learn_batch(batch))
-        return results
-
-    def _learn_batch(self, batch: list[tuple[str, npt.NDArray[np.uint32], bool]]) -> list[LearnResult]:
+    def _learn_batch(self, batch: list[Hashed]) -> list[LearnResult]:
         out: list[LearnResult] = []
         now = int(time.time())
         inc: list[tuple[Ids, int, int]] = []
@@ -564,7 +379,7 @@ class BayesStore:
                 d_ham += int(not is_spam)
                 known[digest] = (is_spam, blob)
             if inc or dec:
-                self._commit_delta(conn, _aggregate(inc), _aggregate(dec), _EMPTY, d_spam, d_ham)
+                self._commit_delta(conn, aggregate(inc), aggregate(dec), EMPTY_IDS, d_spam, d_ham)
         if inc or dec:
             self.refresh()
             self._maybe_snapshot()
@@ -580,8 +395,8 @@ class BayesStore:
             was_spam = bool(row[0])
             ids = self._ids(np.frombuffer(bytes(row[1]), dtype="<u4"))
             conn.execute("DELETE FROM messages WHERE digest = ?", (digest,))
-            dec = _aggregate([(ids, 1, 0) if was_spam else (ids, 0, 1)])
-            self._commit_delta(conn, _EMPTY3, dec, _EMPTY, -int(was_spam), -int(not was_spam))
+            dec = aggregate([(ids, 1, 0) if was_spam else (ids, 0, 1)])
+            self._commit_delta(conn, EMPTY_TRIPLES, dec, EMPTY_IDS, -int(was_spam), -int(not was_spam))
         self.refresh()
         self._maybe_snapshot()
         return LearnResult.FORGOTTEN
@@ -618,7 +433,7 @@ class BayesStore:
                 return 0
             rows = conn.execute("SELECT id FROM buckets ORDER BY atime, id LIMIT ?", (excess,)).fetchall()
             zero = np.array([r[0] for r in rows], dtype=np.int64)
-            self._commit_delta(conn, _EMPTY3, _EMPTY3, zero, 0, 0)
+            self._commit_delta(conn, EMPTY_TRIPLES, EMPTY_TRIPLES, zero, 0, 0)
             conn.execute("UPDATE state SET last_expiry = ?, expired_total = expired_total + ?", (now, len(zero)))
         self.refresh()
         self._snapshot_due = True  # a good moment: expiry runs rarely and just rewrote many buckets
@@ -666,80 +481,36 @@ class BayesStore:
         }
 
     def backup(self, out: IO[str]) -> None:
-        """Write the whole store in the portable text format (module docstring)."""
+        """Write the whole store in the portable text format (`filterd.engine.bayes.base`)."""
         conn = self._conn
         conn.execute("BEGIN")
         try:
             nspam, nham = conn.execute("SELECT nspam, nham FROM state").fetchone()
-            out.write(f"{_BACKUP_MAGIC}\t{SCHEMA_VERSION}\nn_features\t{self.n_features}\n")
-            out.write(f"tokenizer\t{TOKENIZER_VERSION}\ncounts\t{nspam}\t{nham}\n")
-            n_b = n_m = 0
-            for bucket, spam, ham, atime in conn.execute("SELECT id, spam, ham, atime FROM buckets ORDER BY id"):
-                out.write(f"b\t{bucket}\t{spam}\t{ham}\t{atime}\n")
-                n_b += 1
-            for digest, spam, learnt, blob in conn.execute(
-                "SELECT digest, spam, learnt, hashes FROM messages ORDER BY digest"
-            ):
-                out.write(f"m\t{'s' if spam else 'h'}\t{digest}\t{learnt}\t{base64.b64encode(blob).decode()}\n")
-                n_m += 1
-            out.write(f"end\t{n_b}\t{n_m}\n")
+            write_backup(
+                out,
+                self.n_features,
+                (nspam, nham),
+                conn.execute("SELECT id, spam, ham, atime FROM buckets ORDER BY id"),
+                conn.execute("SELECT digest, spam, learnt, hashes FROM messages ORDER BY digest"),
+            )
         finally:
             conn.execute("COMMIT")
 
     def restore(self, inp: IO[str]) -> None:
         """Replace the store's contents with a backup, all or nothing. Raises StoreError."""
-        buckets: list[tuple[int, int, int, int]] = []
-        messages: list[tuple[str, int, int, bytes]] = []
-        n_features = counts = None
-        ended = False
-        first = inp.readline().rstrip("\n").split("\t")
-        if first[0] != _BACKUP_MAGIC or len(first) != 2 or first[1] != str(SCHEMA_VERSION):
-            raise StoreError("not a filterd Bayes backup (or another version)")
-        for number, line in enumerate(inp, start=2):
-            if ended:
-                raise StoreError(f"line {number}: data after the end marker")
-            fields = line.rstrip("\n").split("\t")
-            try:
-                kind = fields[0]
-                if kind == "b":
-                    bucket, spam, ham, atime = (int(x) for x in fields[1:5])
-                    buckets.append((bucket, spam, ham, atime))
-                elif kind == "m":
-                    if fields[1] not in ("s", "h"):
-                        raise ValueError(f"class {fields[1]!r}")
-                    blob = base64.b64decode(fields[4], validate=True)
-                    if len(blob) % 4:
-                        raise ValueError("token hashes of a length not a multiple of 4")
-                    messages.append((fields[2], int(fields[1] == "s"), int(fields[3]), blob))
-                elif kind == "n_features":
-                    n_features = int(fields[1])
-                elif kind == "tokenizer":
-                    pass
-                elif kind == "counts":
-                    counts = (int(fields[1]), int(fields[2]))
-                elif kind == "end":
-                    if (int(fields[1]), int(fields[2])) != (len(buckets), len(messages)):
-                        raise ValueError("record counts do not match the end marker")
-                    ended = True
-                else:
-                    raise ValueError(f"unknown record {kind!r}")
-            except (ValueError, IndexError) as exc:
-                raise StoreError(f"line {number}: {exc}") from exc
-        if not ended:
-            raise StoreError("the backup is truncated (no end marker)")
-        nspam = sum(m[1] for m in messages)
-        nham = len(messages) - nspam
-        if counts is None or n_features is None or counts != (nspam, nham):
-            raise StoreError("the backup's counts do not match its messages")
-        if n_features != self.n_features:
-            buckets = self._buckets_from_messages(messages)
+        backup = read_backup(inp)
+        buckets, messages = backup.buckets, backup.messages
+        if backup.n_features != self.n_features:
+            buckets = buckets_from_messages(messages, self.n_features)
         with self._write() as conn:
             conn.execute("DELETE FROM buckets")
             conn.execute("DELETE FROM messages")
             conn.execute("DELETE FROM changes")
             conn.executemany("INSERT INTO buckets VALUES (?, ?, ?, ?)", buckets)
             conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?)", messages)
-            conn.execute("UPDATE state SET nspam = ?, nham = ?, seq = seq + 1, epoch = epoch + 1", (nspam, nham))
+            conn.execute(
+                "UPDATE state SET nspam = ?, nham = ?, seq = seq + 1, epoch = epoch + 1", (backup.nspam, backup.nham)
+            )
             seq, epoch = conn.execute("SELECT seq, epoch FROM state").fetchone()
             spam_counts = np.zeros(self.n_features, dtype=np.int32)
             ham_counts = np.zeros(self.n_features, dtype=np.int32)
@@ -749,16 +520,6 @@ class BayesStore:
                 ham_counts[table[:, 0]] = table[:, 2]
             self._write_snapshot(conn, seq, epoch, spam_counts, ham_counts)
         self.refresh()
-
-    def _buckets_from_messages(self, messages: list[tuple[str, int, int, bytes]]) -> list[tuple[int, int, int, int]]:
-        spam = np.zeros(self.n_features, dtype=np.int64)
-        ham = np.zeros(self.n_features, dtype=np.int64)
-        for _, is_spam, _, blob in messages:
-            ids = self._ids(np.frombuffer(blob, dtype="<u4"))
-            (spam if is_spam else ham)[ids] += 1
-        now = int(time.time())
-        nonzero = np.flatnonzero(spam + ham)
-        return [(int(b), int(spam[b]), int(ham[b]), now) for b in nonzero]
 
     def clear(self) -> None:
         """Forget everything (messages, counts, the change log)."""

@@ -1,0 +1,471 @@
+"""What every Bayes store backend shares: the in-memory counts that scoring reads, the change-log
+delta format, batched learning, and the backup format.
+
+Both backends (`filterd.engine.bayes.store.BayesStore` on SQLite, `RedisBayesStore` on Redis)
+keep the same durable data and give the same guarantees:
+
+* per learnt message (keyed by `message_digest`): its class, when it was learnt and its token
+  hashes, so that learning it again changes nothing, learning it as the other class moves its
+  counts over, and forgetting it undoes exactly what learning did;
+* per hashed bucket: how many spam and ham messages contained it, and when it was last learnt or
+  seen (expiry drops the least recently seen buckets beyond ``bayes.max_tokens``);
+* the number of spam and ham messages learnt;
+* a change log: every learn/forget/expire is one atomic change with a sequence number and a
+  *delta* (increments, clamped decrements, buckets zeroed), and a snapshot of all counts, so
+  that each process mirrors the counts in memory (`BayesStoreBase`) and catches up with what
+  others learnt by applying the deltas after its position (`refresh`).
+
+Scoring reads only the mirror: two int32 arrays of ``n_features`` counts, gathered with numpy.
+
+Backup format (`backup`/`restore`), UTF-8 text, tab-separated, one record per line, the same
+for both backends::
+
+    filterd-bayes-backup	1
+    n_features	4194304
+    tokenizer	1
+    counts	<nspam>	<nham>
+    b	<bucket>	<spam>	<ham>	<atime>        (one per non-empty bucket, by bucket)
+    m	<s|h>	<digest>	<learnt>	<base64 of uint32 little-endian token hashes>   (by digest)
+    end	<number of b lines>	<number of m lines>
+
+A restore into a store with another n_features rebuilds the bucket counts from the messages'
+token hashes (the b lines only fit the n_features they were written with).
+"""
+
+from __future__ import annotations
+
+import abc
+import base64
+import enum
+import os
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import IO, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from filterd.config import BayesConfig
+from filterd.engine.bayes.classifier import ClassifierParams, complement_nb_norms, spam_probability
+from filterd.engine.bayes.tokenizer import TOKENIZER_VERSION, Tokenizer, message_digest
+from filterd.engine.message import ParsedMessage
+
+__all__ = [
+    "BACKUP_VERSION",
+    "EMPTY_IDS",
+    "EMPTY_TRIPLES",
+    "Backup",
+    "BayesStoreBase",
+    "BucketRow",
+    "Hashed",
+    "Ids",
+    "LearnResult",
+    "MessageRow",
+    "StoreError",
+    "Triples",
+    "aggregate",
+    "apply_delta",
+    "buckets_from_messages",
+    "decode_counts",
+    "decode_delta",
+    "encode_counts",
+    "encode_delta",
+    "read_backup",
+    "write_backup",
+]
+
+BACKUP_VERSION = 1
+_BACKUP_MAGIC = "filterd-bayes-backup"
+_TOUCH_FLUSH_INTERVAL = 600.0  # seconds between writes of scanned buckets' atime
+
+Ids = npt.NDArray[np.int64]
+Triples = npt.NDArray[np.int64]  # shape (k, 3): bucket, spam count, ham count
+Counts = npt.NDArray[np.int32]
+Hashed = tuple[str, npt.NDArray[np.uint32], bool]  # digest, token hashes, is_spam
+BucketRow = tuple[int, int, int, int]  # bucket, spam, ham, atime
+MessageRow = tuple[str, int, int, bytes]  # digest, 1 = spam / 0 = ham, learnt, token hashes (uint32 LE)
+
+EMPTY_TRIPLES: Triples = np.zeros((0, 3), dtype=np.int64)
+EMPTY_IDS: Ids = np.zeros(0, dtype=np.int64)
+
+
+class StoreError(Exception):
+    """The store is not a filterd Bayes store, or a backup cannot be read."""
+
+
+class LearnResult(enum.Enum):
+    """What learning or forgetting one message did."""
+
+    LEARNED = "learned"
+    ALREADY = "already"  # learnt before as the same class: nothing changed
+    MOVED = "moved"  # learnt before as the other class: its counts moved over
+    FORGOTTEN = "forgotten"
+    NOT_KNOWN = "not_known"  # forget() of a message never learnt
+
+
+# -- deltas and snapshots ----------------------------------------------------------------------
+
+
+def encode_delta(inc: Triples, dec: Triples, zero: Ids) -> bytes:
+    """One change as little-endian int32: counts of each part, then inc and dec triples, zeroed ids."""
+    head = np.array([len(inc), len(dec), len(zero)], dtype=np.int64)
+    return np.concatenate([head, inc.ravel(), dec.ravel(), zero]).astype("<i4").tobytes()
+
+
+def decode_delta(blob: bytes) -> tuple[Triples, Triples, Ids]:
+    data = np.frombuffer(blob, dtype="<i4").astype(np.int64)
+    n_inc, n_dec, n_zero = (int(x) for x in data[:3])
+    at = 3
+    inc = data[at : at + 3 * n_inc].reshape(n_inc, 3)
+    at += 3 * n_inc
+    dec = data[at : at + 3 * n_dec].reshape(n_dec, 3)
+    at += 3 * n_dec
+    return inc, dec, data[at : at + n_zero]
+
+
+def encode_counts(spam: Counts, ham: Counts) -> bytes:
+    """The non-empty buckets as three little-endian int32 columns: ids, spam, ham."""
+    ids = np.flatnonzero(spam | ham)
+    return np.concatenate([ids.astype("<i4"), spam[ids].astype("<i4"), ham[ids].astype("<i4")]).tobytes()
+
+
+def decode_counts(blob: bytes, n_features: int) -> tuple[Counts, Counts]:
+    data = np.frombuffer(blob, dtype="<i4").reshape(3, -1)
+    spam = np.zeros(n_features, dtype=np.int32)
+    ham = np.zeros(n_features, dtype=np.int32)
+    spam[data[0]] = data[1]
+    ham[data[0]] = data[2]
+    return spam, ham
+
+
+def aggregate(parts: list[tuple[Ids, int, int]]) -> Triples:
+    """Sum (bucket ids, d_spam, d_ham) pieces into distinct-bucket triples."""
+    if not parts:
+        return EMPTY_TRIPLES
+    ids = np.concatenate([p[0] for p in parts])
+    spam = np.concatenate([np.full(len(p[0]), p[1], dtype=np.int64) for p in parts])
+    ham = np.concatenate([np.full(len(p[0]), p[2], dtype=np.int64) for p in parts])
+    uniq, inverse = np.unique(ids, return_inverse=True)
+    out = np.zeros((len(uniq), 3), dtype=np.int64)
+    out[:, 0] = uniq
+    np.add.at(out[:, 1], inverse, spam)
+    np.add.at(out[:, 2], inverse, ham)
+    return out
+
+
+def apply_delta(spam: Counts, ham: Counts, inc: Triples, dec: Triples, zero: Ids) -> tuple[int, int]:
+    """Apply one delta to count arrays as every backend applies it to its durable counts:
+    increments, then decrements clamped at 0, then zeroing. Returns the change of the sums."""
+    d_spam = d_ham = 0
+    if len(inc):
+        ids = inc[:, 0]
+        spam[ids] += inc[:, 1].astype(np.int32)
+        ham[ids] += inc[:, 2].astype(np.int32)
+        d_spam += int(inc[:, 1].sum())
+        d_ham += int(inc[:, 2].sum())
+    if len(dec):
+        ids = dec[:, 0]
+        for counts, column in ((spam, 1), (ham, 2)):
+            old = counts[ids]
+            new = np.maximum(old - dec[:, column], 0).astype(np.int32)
+            counts[ids] = new
+            change = int(new.sum(dtype=np.int64) - old.sum(dtype=np.int64))
+            if column == 1:
+                d_spam += change
+            else:
+                d_ham += change
+    if len(zero):
+        d_spam -= int(spam[zero].sum(dtype=np.int64))
+        d_ham -= int(ham[zero].sum(dtype=np.int64))
+        spam[zero] = 0
+        ham[zero] = 0
+    return d_spam, d_ham
+
+
+def bucket_ids(hashes: npt.NDArray[np.uint32], n_features: int) -> Ids:
+    """The distinct bucket ids of token hashes, sorted."""
+    ids = np.sort((hashes & np.uint32(n_features - 1)).astype(np.int64))
+    if ids.size > 1:
+        keep = np.empty(ids.size, dtype=np.bool_)
+        keep[0] = True
+        np.not_equal(ids[1:], ids[:-1], out=keep[1:])
+        ids = ids[keep]
+    return ids
+
+
+# -- backups -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Backup:
+    """A backup read and checked by `read_backup`."""
+
+    n_features: int
+    nspam: int
+    nham: int
+    buckets: list[BucketRow]
+    messages: list[MessageRow]
+
+
+def write_backup(
+    out: IO[str],
+    n_features: int,
+    counts: tuple[int, int],
+    buckets: Iterable[BucketRow],
+    messages: Iterable[MessageRow],
+) -> None:
+    """Write a backup (module docstring) from rows in the order they should appear."""
+    out.write(f"{_BACKUP_MAGIC}\t{BACKUP_VERSION}\nn_features\t{n_features}\n")
+    out.write(f"tokenizer\t{TOKENIZER_VERSION}\ncounts\t{counts[0]}\t{counts[1]}\n")
+    n_b = n_m = 0
+    for bucket, spam, ham, atime in buckets:
+        out.write(f"b\t{bucket}\t{spam}\t{ham}\t{atime}\n")
+        n_b += 1
+    for digest, is_spam, learnt, blob in messages:
+        out.write(f"m\t{'s' if is_spam else 'h'}\t{digest}\t{learnt}\t{base64.b64encode(blob).decode()}\n")
+        n_m += 1
+    out.write(f"end\t{n_b}\t{n_m}\n")
+
+
+def read_backup(inp: IO[str]) -> Backup:
+    """Read and check a whole backup. Raises StoreError naming the first bad line."""
+    buckets: list[BucketRow] = []
+    messages: list[MessageRow] = []
+    n_features = counts = None
+    ended = False
+    first = inp.readline().rstrip("\n").split("\t")
+    if first[0] != _BACKUP_MAGIC or len(first) != 2 or first[1] != str(BACKUP_VERSION):
+        raise StoreError("not a filterd Bayes backup (or another version)")
+    for number, line in enumerate(inp, start=2):
+        if ended:
+            raise StoreError(f"line {number}: data after the end marker")
+        fields = line.rstrip("\n").split("\t")
+        try:
+            kind = fields[0]
+            if kind == "b":
+                bucket, spam, ham, atime = (int(x) for x in fields[1:5])
+                buckets.append((bucket, spam, ham, atime))
+            elif kind == "m":
+                if fields[1] not in ("s", "h"):
+                    raise ValueError(f"class {fields[1]!r}")
+                blob = base64.b64decode(fields[4], validate=True)
+                if len(blob) % 4:
+                    raise ValueError("token hashes of a length not a multiple of 4")
+                messages.append((fields[2], int(fields[1] == "s"), int(fields[3]), blob))
+            elif kind == "n_features":
+                n_features = int(fields[1])
+            elif kind == "tokenizer":
+                pass
+            elif kind == "counts":
+                counts = (int(fields[1]), int(fields[2]))
+            elif kind == "end":
+                if (int(fields[1]), int(fields[2])) != (len(buckets), len(messages)):
+                    raise ValueError("record counts do not match the end marker")
+                ended = True
+            else:
+                raise ValueError(f"unknown record {kind!r}")
+        except (ValueError, IndexError) as exc:
+            raise StoreError(f"line {number}: {exc}") from exc
+    if not ended:
+        raise StoreError("the backup is truncated (no end marker)")
+    nspam = sum(m[1] for m in messages)
+    nham = len(messages) - nspam
+    if counts is None or n_features is None or counts != (nspam, nham):
+        raise StoreError("the backup's counts do not match its messages")
+    return Backup(n_features, nspam, nham, buckets, messages)
+
+
+def buckets_from_messages(messages: list[MessageRow], n_features: int) -> list[BucketRow]:
+    """Bucket rows rebuilt from the messages' token hashes (a restore into another n_features)."""
+    spam = np.zeros(n_features, dtype=np.int64)
+    ham = np.zeros(n_features, dtype=np.int64)
+    for _, is_spam, _, blob in messages:
+        ids = bucket_ids(np.frombuffer(blob, dtype="<u4"), n_features)
+        (spam if is_spam else ham)[ids] += 1
+    now = int(time.time())
+    nonzero = np.flatnonzero(spam + ham)
+    return [(int(b), int(spam[b]), int(ham[b]), now) for b in nonzero]
+
+
+# -- the mirror every backend keeps --------------------------------------------------------------
+
+
+class BayesStoreBase(abc.ABC):
+    """One process's handle on a shared Bayes store: the in-memory counts scoring reads, and
+    the operations every backend offers. Not thread-safe; open one per process (never use one
+    across fork())."""
+
+    _batch_size = 500  # messages per atomic write in learn_many / learn_hashed
+
+    def __init__(self, config: BayesConfig, n_features: int) -> None:
+        self.config = config
+        self.n_features = n_features
+        self._params = ClassifierParams(
+            combiner=config.combiner,
+            robinson_s=config.robinson_s,
+            robinson_x=config.robinson_x,
+            min_prob_strength=config.min_prob_strength,
+            max_interesting=config.max_interesting,
+            alpha=config.alpha,
+        )
+        self._spam = np.zeros(n_features, dtype=np.int32)
+        self._ham = np.zeros(n_features, dtype=np.int32)
+        self._spam_total = 0
+        self._ham_total = 0
+        self._nspam = 0
+        self._nham = 0
+        self._norms: tuple[float, float] | None = None  # complement_nb, recomputed after changes
+        self._touched = np.zeros(n_features, dtype=np.bool_)
+        self._touched_since = time.monotonic()
+        self._tokenizer = Tokenizer()
+        self._last_msg: tuple[ParsedMessage, npt.NDArray[np.uint32]] | None = None
+        self._pid = os.getpid()
+
+    @property
+    @abc.abstractmethod
+    def backend(self) -> Literal["sqlite", "redis"]:
+        """Which kind of store this is."""
+
+    @property
+    @abc.abstractmethod
+    def where(self) -> str:
+        """The file or server (without password) and key prefix, for messages."""
+
+    # -- what each backend implements ------------------------------------------------------------
+
+    @abc.abstractmethod
+    def counts(self) -> tuple[int, int]:
+        """(spam, ham) messages learnt, as the shared store says now."""
+
+    @abc.abstractmethod
+    def refresh(self) -> None:
+        """Catch up with what other processes (or this one) committed; cheap when nothing did."""
+
+    @abc.abstractmethod
+    def _learn_batch(self, batch: list[Hashed]) -> list[LearnResult]:
+        """Learn a batch atomically per message; one result per item, in order."""
+
+    @abc.abstractmethod
+    def forget(self, msg: ParsedMessage) -> LearnResult:
+        """Undo what learning ``msg`` did: FORGOTTEN, or NOT_KNOWN if it was never learnt."""
+
+    @abc.abstractmethod
+    def expire(self, max_tokens: int | None = None) -> int:
+        """Drop the least recently seen buckets beyond ``max_tokens`` (default: the configured
+        maximum); returns how many were dropped. Message counts stay as they are, as in
+        SpamAssassin: expiry forgets rare old clues, not messages."""
+
+    @abc.abstractmethod
+    def expire_if_due(self) -> int | None:
+        """`expire` if expiry_period has passed since the last one; None if it was not due."""
+
+    @abc.abstractmethod
+    def dump(self) -> dict[str, object]:
+        """What ``sa-learn --dump magic`` shows, and a little more."""
+
+    @abc.abstractmethod
+    def backup(self, out: IO[str]) -> None:
+        """Write the whole store in the portable text format (module docstring)."""
+
+    @abc.abstractmethod
+    def restore(self, inp: IO[str]) -> None:
+        """Replace the store's contents with a backup, all or nothing. Raises StoreError."""
+
+    @abc.abstractmethod
+    def clear(self) -> None:
+        """Forget everything (messages, counts, the change log)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Write pending atimes and release the connection."""
+
+    def __enter__(self) -> BayesStoreBase:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the mirror ------------------------------------------------------------------------------
+
+    def _totals(self) -> None:
+        self._spam_total = int(self._spam.sum(dtype=np.int64))
+        self._ham_total = int(self._ham.sum(dtype=np.int64))
+        self._norms = None
+
+    def _apply(self, inc: Triples, dec: Triples, zero: Ids) -> None:
+        """Apply one delta to the in-memory counts, exactly as the store did."""
+        d_spam, d_ham = apply_delta(self._spam, self._ham, inc, dec, zero)
+        self._spam_total += d_spam
+        self._ham_total += d_ham
+        self._norms = None
+
+    def _hashes(self, msg: ParsedMessage) -> npt.NDArray[np.uint32]:
+        """Token hashes, remembered for the last message (scored, then often autolearnt)."""
+        last = self._last_msg
+        if last is not None and last[0] is msg:
+            return last[1]
+        hashes = self._tokenizer.hashes(msg)
+        self._last_msg = (msg, hashes)
+        return hashes
+
+    def _ids(self, hashes: npt.NDArray[np.uint32]) -> Ids:
+        return bucket_ids(hashes, self.n_features)
+
+    def _touch_flush_due(self) -> bool:
+        return time.monotonic() - self._touched_since >= _TOUCH_FLUSH_INTERVAL
+
+    def _check_pid(self) -> None:
+        if self._pid != os.getpid():
+            raise RuntimeError(f"a {type(self).__name__} cannot be used across fork(); open one per process")
+
+    def spam_probability(self, msg: ParsedMessage) -> float | None:
+        """The message's spam probability from the in-memory counts (call `refresh` to see
+        others' learning). None until min_spam and min_ham messages are learnt, or when no
+        token of the message says anything."""
+        if self._nspam < self.config.min_spam or self._nham < self.config.min_ham:
+            return None
+        ids = self._ids(self._hashes(msg))
+        if ids.size == 0:
+            return None
+        self._touched[ids] = True
+        if self._params.combiner == "complement_nb" and self._norms is None:
+            self._norms = complement_nb_norms(self._spam, self._ham, self._params.alpha)
+        return spam_probability(
+            self._params,
+            self._spam[ids],
+            self._ham[ids],
+            self._nspam,
+            self._nham,
+            self._spam_total,
+            self._ham_total,
+            self.n_features,
+            self._norms,
+        )
+
+    # -- learning --------------------------------------------------------------------------------
+
+    def learn(self, msg: ParsedMessage, is_spam: bool) -> LearnResult:
+        """Learn one message as spam or ham, atomically."""
+        return self._learn_batch([(message_digest(msg), self._hashes(msg), is_spam)])[0]
+
+    def learn_many(self, items: Iterable[tuple[ParsedMessage, bool]]) -> Counter[LearnResult]:
+        """Learn many messages in batches (tokenised before each batch is written)."""
+        return self.learn_hashed(
+            (message_digest(msg), self._tokenizer.hashes(msg), bool(is_spam)) for msg, is_spam in items
+        )
+
+    def learn_hashed(self, items: Iterable[Hashed]) -> Counter[LearnResult]:
+        """`learn_many` for messages already reduced to (digest, token hashes, is_spam): lets
+        `filterd learn` parse and tokenise in several processes and write from one."""
+        results: Counter[LearnResult] = Counter()
+        batch: list[Hashed] = []
+        for item in items:
+            batch.append(item)
+            if len(batch) >= self._batch_size:
+                results.update(self._learn_batch(batch))
+                batch = []
+        if batch:
+            results.update(self._learn_batch(batch))
+        return results
