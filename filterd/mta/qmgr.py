@@ -62,7 +62,7 @@ from filterd.config import Config
 from filterd.errors import QueueError
 from filterd.mta.bounce import DsnRecipient, build_dsn
 from filterd.mta.delivery import DeliveryResult, LocalDelivery, RemoteDelivery
-from filterd.mta.queue import Envelope, Queue, QueueState, Recipient
+from filterd.mta.queue import Envelope, Queue, QueueState, Recipient, fsync_dir
 from filterd.net.dns import Resolver
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,7 @@ class QueueManager:
         self._schedule: list[tuple[float, str]] = []  # heap over _due, with stale entries
         self._forced: set[str] = set()  # flushed: every pending recipient is due
         self._doomed: set[str] = set()  # deleted while an attempt was running
+        self._unsynced: dict[str, Path] = {}  # claimed message -> directory its move left, not fsync'd
         self._destinations: dict[str, _Destination] = {}
         self._total = asyncio.Semaphore(mta.max_concurrency)
         self._event: asyncio.Event | None = None
@@ -300,7 +301,8 @@ class QueueManager:
         if self.queue.state_of(qid) != state:
             return None  # deleted, or moved by someone else
         try:
-            # Not synced: if a crash undoes it, the message is where recovery would put it anyway.
+            # Not synced yet (see _sync_claim): until something else is written for the message,
+            # a crash that undoes the move leaves it where recovery would put it anyway.
             self.queue.move(qid, "active", sync=False)
         except (QueueError, FileNotFoundError):
             return None
@@ -315,6 +317,7 @@ class QueueManager:
         try:
             claimed = await asyncio.to_thread(self._claim, qid, state)
             if claimed is not None:
+                self._unsynced[qid] = self.queue.root / state
                 await self._deliver(qid, state, *claimed)
         except Exception:
             # A bug or a failing disk: leave the message where it is (active/ is recovered at
@@ -323,7 +326,16 @@ class QueueManager:
         finally:
             self._busy.pop(qid, None)
             self._forced.discard(qid)
+            self._unsynced.pop(qid, None)
             self.wake()
+
+    async def _sync_claim(self, qid: str) -> None:
+        """Make the move into active/ durable before anything else is written for the message:
+        else a crash could bring its old envelope back beside the new one. One directory fsync
+        (the source), and only for messages that get that far."""
+        source = self._unsynced.pop(qid, None)
+        if source is not None:
+            await asyncio.to_thread(fsync_dir, source)
 
     async def _deliver(self, qid: str, state: QueueState, envelope: Envelope, data_path: Path) -> None:
         now = self.clock()
@@ -337,6 +349,7 @@ class QueueManager:
             await self._record(qid, envelope, data_path, results, lock)
         else:
             await asyncio.gather(*(self._attempt(qid, envelope, data_path, rcpts, lock) for rcpts in self._groups(due)))
+        await self._sync_claim(qid)
         if qid in self._doomed:
             self._doomed.discard(qid)
             await asyncio.to_thread(self.queue.remove, qid)
@@ -406,6 +419,7 @@ class QueueManager:
     ) -> None:
         """Apply one attempt's results to the envelope and write it (bounces first)."""
         async with lock:
+            await self._sync_claim(qid)
             now = self.clock()
             null_sender = envelope.mail_from == ""
             lifetime = self.config.mta.bounce_lifetime if null_sender else self.config.mta.max_lifetime
