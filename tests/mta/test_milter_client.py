@@ -7,6 +7,8 @@ import struct
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from filterd.errors import RemoteProtocolError
 from filterd.mta.milter_client import MessageEdits, MilterSession, apply_edits, split_headers
@@ -321,3 +323,22 @@ def test_session_failures_give_a_failed_verdict() -> None:
             assert verdict.kind == "failed" and "Timeout" in verdict.reason
 
     asyncio.run(main())
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.binary(max_size=40), max_size=8), st.sampled_from(["negotiating", "helo", "eom", "body"]))
+def test_arbitrary_filter_bytes_give_replies_or_remote_errors(chunks: list[bytes], stage: str) -> None:
+    if stage == "negotiating":
+        client = MilterClientConnection()
+        client.negotiate()
+    else:
+        client = _negotiated_client(protocol=int(ProtocolFlag.SKIP))
+        command = {"helo": Helo("x", {}), "eom": EndOfMessage({}), "body": BodyChunk(b"x")}[stage]
+        client.send(command)
+    try:
+        for chunk in [*chunks, b""]:
+            client.receive_data(chunk)
+            while not isinstance(client.next_event(), NeedData):
+                pass
+    except RemoteProtocolError:
+        pass
