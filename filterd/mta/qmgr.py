@@ -320,14 +320,26 @@ class QueueManager:
                 self._unsynced[qid] = self.queue.root / state
                 await self._deliver(qid, state, *claimed)
         except Exception:
-            # A bug or a failing disk: leave the message where it is (active/ is recovered at
-            # the next start) and keep serving the others.
+            # A bug or a failing disk: keep serving the others, and try this one again later.
             log.exception("%s: queue manager failed on this message", qid)
+            await self._park(qid)
         finally:
             self._busy.pop(qid, None)
             self._forced.discard(qid)
             self._unsynced.pop(qid, None)
             self.wake()
+
+    async def _park(self, qid: str) -> None:
+        """After a failure outside delivery: back to deferred/, due after max_backoff (if even
+        that fails the message stays in active/, which recovery puts back at the next start)."""
+        try:
+            if await asyncio.to_thread(self.queue.state_of, qid) == "active":
+                await asyncio.to_thread(self.queue.move, qid, "deferred")
+                due = self.clock() + self.config.mta.max_backoff
+                self._due[qid] = due
+                heapq.heappush(self._schedule, (due, qid))
+        except (OSError, QueueError):
+            log.exception("%s: cannot put the message back in deferred/", qid)
 
     async def _sync_claim(self, qid: str) -> None:
         """Make the move into active/ durable before anything else is written for the message:
@@ -405,13 +417,18 @@ class QueueManager:
             if qid in self._doomed:
                 return
             self.stats.attempts += 1
-            if destination == "local:":
-                results = [await self.local.deliver(qid, envelope.mail_from, rcpts[0].address, data_path)]
-            else:
-                results = await self.remote.deliver(
-                    qid, envelope.mail_from, destination.removeprefix("smtp:"), [r.address for r in rcpts], data_path,
-                    eight_bit=envelope.body_type == "8BITMIME", smtputf8=envelope.smtputf8,
-                )  # fmt: skip
+            try:
+                if destination == "local:":
+                    results = [await self.local.deliver(qid, envelope.mail_from, rcpts[0].address, data_path)]
+                else:
+                    results = await self.remote.deliver(
+                        qid, envelope.mail_from, destination.removeprefix("smtp:"), [r.address for r in rcpts],
+                        data_path, eight_bit=envelope.body_type == "8BITMIME", smtputf8=envelope.smtputf8,
+                    )  # fmt: skip
+            except Exception as exc:  # a bug or an unreadable data file: retry later, never bounce for it
+                log.exception("%s: delivery to %s failed", qid, destination)
+                text = f"internal error: {type(exc).__name__}: {exc}"
+                results = [DeliveryResult(r.address, "4.3.0", text, f"x-filterd; {text}") for r in rcpts]
         await self._record(qid, envelope, data_path, results, lock)
 
     async def _record(

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from filterd.config import FrozenMap
+from filterd.mta.delivery import DeliveryResult, LocalDelivery
 from filterd.mta.qmgr import backoff, request_delete, request_flush
 from filterd.mta.queue import Envelope, Queue, Recipient
 from tests.mta.qmgr_helpers import (
@@ -361,3 +362,23 @@ def test_per_destination_concurrency_is_respected(tmp_path: Path) -> None:
     asyncio.run(run_until(qmgr, lambda: not all_ids(queue)))
     assert (out / "max").read_text() == "3"
     assert qmgr.stats.delivered == 12
+
+
+def test_a_delivery_that_raises_is_deferred_and_the_rest_goes_on(tmp_path: Path) -> None:
+    config = mta_config(tmp_path, min_backoff=60.0, max_backoff=60.0)
+
+    class Broken(LocalDelivery):
+        async def deliver(self, queue_id: str, sender: str, recipient: str, data_path: Path) -> DeliveryResult:
+            if recipient.startswith("bug"):
+                raise RuntimeError("a bug")
+            return await super().deliver(queue_id, sender, recipient, data_path)
+
+    local = Broken(config.mta, state_dir=str(config.state_path), hostname="mx.example.org")
+    queue = Queue(tmp_path / "q")
+    bad = enqueue(queue, "bug@example.org")
+    good = enqueue(queue, "bob@example.org")
+    qmgr = make_qmgr(config, queue, local=local)
+    asyncio.run(run_until(qmgr, lambda: queue.ids("deferred") == [bad] and queue.state_of(good) is None))
+    rcpt = queue.load(bad)[0].rcpts[0]
+    assert rcpt.status == "pending" and "internal error: RuntimeError: a bug" in rcpt.last_error
+    assert not bounces(queue)
