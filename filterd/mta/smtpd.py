@@ -195,6 +195,10 @@ class SmtpServer:
             await _Session(self, reader, writer, implicit_tls).run()
         except (ConnectionError, ssl.SSLError, TimeoutError) as exc:
             log.info("smtpd: connection lost: %s", exc or type(exc).__name__)
+        except Exception:  # a bug must cost one session, not the server
+            log.exception("smtpd: session failed")
+            with contextlib.suppress(Exception):
+                writer.write(Reply(421, f"{self.hostname} Error: internal error", "4.3.0").render())
         finally:
             self._connections -= 1
             self._tasks.discard(task)
