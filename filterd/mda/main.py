@@ -12,7 +12,8 @@ Steps:
    files. ``Return-Path: <sender>`` and ``Delivered-To: recipient`` are prepended, as local
    delivery agents do, unless the lines the MTA prepended already carry them.
 3. Ask the daemon (``--daemon``, else ``deliver.daemon``) with spamc's own request code
-   (`filterd.client.spamd_request`), PROCESS or HEADERS as the ``spamd`` user NAME. Messages
+   (`filterd.client.spamd_request`), PROCESS or HEADERS as the ``spamd`` user NAME, with
+   spamc's connection retries (a refused TCP connection is tried 3 times, 1 s apart). Messages
    over ``deliver.max_size`` are not sent (spamc's ``-s``). When the daemon is down, slow or
    answers badly, the message is delivered as it came, like spamc's safe fallback, with an
    ``X-Filterd-Skipped`` header saying why (``deliver.mark_unfiltered``), or, with
@@ -21,7 +22,8 @@ Steps:
    recipe file with problems is ignored as a whole: each problem goes to stderr with its
    file:line and the message goes to INBOX.
 5. Carry out the actions. Exit 0 only once the message is fsync'd where it belongs or a recipe
-   discarded it on purpose.
+   discarded it on purpose. A forward is skipped when ``Delivered-To: recipient`` already sits
+   below the lines the MTA prepended (the message came round again: a loop).
 
 Exit codes (sysexits; an MTA retries on 75 and bounces on the others):
 
@@ -32,8 +34,10 @@ Exit codes (sysexits; an MTA retries on 75 and bounces on the others):
   73 EX_CANTCREAT   the mailbox cannot be created: not a directory/file, bad path
   77 EX_NOPERM      permission denied on the mailbox
   75 EX_TEMPFAIL    everything that may pass: disk full or quota (ENOSPC, EDQUOT, EFBIG), I/O
-                    errors, lock timeout, a configuration that does not load, the daemon failing
-                    when so configured, a command killed or timed out, and any internal error
+                    errors, lock timeout, the daemon failing when so configured, a command
+                    killed or timed out; and what an admin must fix but that should not bounce
+                    mail meanwhile: a configuration that does not load, a bad command line, an
+                    internal error
   64-78             a pipe/forward command's own sysexits status is passed on as is
 
 A folder action that fails for a permanent reason delivers to INBOX instead (with a warning),
