@@ -34,7 +34,7 @@ from filterd.config import Config
 from filterd.mailbox import iter_messages
 
 if TYPE_CHECKING:
-    from filterd.engine.bayes import BayesStore
+    from filterd.engine.bayes import BayesStoreBase
     from filterd.engine.engine import Engine
     from filterd.engine.message import ParsedMessage
 
@@ -358,7 +358,11 @@ class FoldStats:
 
 
 def _train(
-    store: BayesStore, train: Sequence[Sample], config: Config, stats: FoldStats, parsed: dict[str, ParsedMessage | str]
+    store: BayesStoreBase,
+    train: Sequence[Sample],
+    config: Config,
+    stats: FoldStats,
+    parsed: dict[str, ParsedMessage | str],
 ) -> None:
     """Parse (once per message over all folds: ``parsed`` caches it) and learn the training part.
 
@@ -396,7 +400,7 @@ def _train(
 
 
 async def _score(
-    engine: Engine, store: BayesStore, test: Sequence[Sample], stats: FoldStats, progress: _Progress
+    engine: Engine, store: BayesStoreBase, test: Sequence[Sample], stats: FoldStats, progress: _Progress
 ) -> list[Scored]:
     """Scan each message with the full engine and ask the store for its probability."""
     out: list[Scored] = []
@@ -443,20 +447,22 @@ def _run_round(
     parsed: dict[str, ParsedMessage | str],
 ) -> tuple[list[Scored], FoldStats]:
     """Train a fresh store in a temporary state directory, then score the test part against it."""
-    from filterd.engine.bayes import BayesCheck, BayesStore
+    from filterd.engine.bayes import BayesCheck, open_bayes_store
     from filterd.engine.engine import Engine
 
     stats = FoldStats()
     with tempfile.TemporaryDirectory(prefix="filterd-eval-") as tmp:
         # Autolearn would teach the store the very test messages it is being judged on; and
-        # network checks would judge an archived corpus by today's blocklists and DNS.
+        # network checks would judge an archived corpus by today's blocklists and DNS. State
+        # (Bayes, reputation) is always a temporary SQLite file, never a shared Redis.
         cfg = dataclasses.replace(
             config,
             state_dir=tmp,
+            state=dataclasses.replace(config.state, backend="sqlite", sqlite_path=""),
             bayes=dataclasses.replace(config.bayes, autolearn=False),
             network=dataclasses.replace(config.network, enabled=False),
         )
-        store = BayesStore.open(cfg.state_path / "bayes.sqlite", cfg.bayes)
+        store = open_bayes_store(cfg, tmp)
         try:
             _train(store, train, cfg, stats, parsed)
             engine = Engine.load(cfg, state_dir=tmp)

@@ -1,7 +1,9 @@
 """`filterd learn`: train Bayes from spam and ham folders, like sa-learn.
 
-Messages are parsed and learnt in batches (one SQLite transaction per batch), so a large
-folder learns at hundreds of messages per second and a kill loses at most one batch. A
+Messages are parsed and learnt in batches (one SQLite transaction, or one Redis script per 50
+messages, per batch), so a large folder learns at hundreds of messages per second and a kill
+loses at most one batch. The store is the one the configuration names (`open_bayes_store`):
+with ``state.backend: redis`` every daemon sharing that Redis sees what was learnt. A
 progress bar with rate and ETA is drawn on a terminal; elsewhere a plain line is logged every
 few seconds. The summary says what was learnt, what was already known, what moved class,
 and what was skipped (with a warning naming each skipped file).
@@ -25,16 +27,19 @@ import numpy as np
 import numpy.typing as npt
 
 from filterd.config import Config
-from filterd.engine.bayes import BayesStore, LearnResult, message_digest
+from filterd.engine.bayes import BayesStoreBase, LearnResult, StoreError, message_digest, open_bayes_store
 from filterd.engine.bayes.tokenizer import Tokenizer
 from filterd.engine.message import ParsedMessage, parse_message
 from filterd.engine.uris import UriParser
+from filterd.errors import StateError
 from filterd.mailbox import count_sources, iter_messages
 
 __all__ = ["run_learn"]
 
 log = logging.getLogger("filterd.learn")
 _BATCH = 200
+_TIMEOUT = 120.0  # seconds a Redis reply may take: backups, restores and expiry move whole stores
+EX_DATAERR, EX_UNAVAILABLE = 65, 69
 
 
 class _Progress:
@@ -120,23 +125,33 @@ def _chunks(items: Iterator[bytes], size: int) -> Iterator[list[bytes]]:
 
 
 def _write(
-    store: BayesStore, reduced: list[tuple[str, npt.NDArray[np.uint32]]], is_spam: bool, totals: Counter[LearnResult]
+    store: BayesStoreBase,
+    reduced: list[tuple[str, npt.NDArray[np.uint32]]],
+    is_spam: bool,
+    totals: Counter[LearnResult],
 ) -> int:
     totals.update(store.learn_hashed((digest, hashes, is_spam) for digest, hashes in reduced))
     return len(reduced)
 
 
 def run_learn(args: argparse.Namespace, config: Config) -> int:
-    store_path = config.state_path / "bayes.sqlite"
-    config.state_path.mkdir(parents=True, exist_ok=True)
-    store = BayesStore.open(store_path, config.bayes)
     try:
-        return _run(args, config, store)
-    finally:
-        store.close()
+        if config.state.backend == "sqlite":
+            config.state_path.mkdir(parents=True, exist_ok=True)
+        store = open_bayes_store(config, config.state_path, timeout=_TIMEOUT)
+        try:
+            return _run(args, config, store)
+        finally:
+            store.close()
+    except StoreError as exc:  # not a store, or not a backup
+        print(f"filterd learn: {exc}", file=sys.stderr)
+        return EX_DATAERR
+    except StateError as exc:  # Redis unreachable
+        print(f"filterd learn: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
 
 
-def _run(args: argparse.Namespace, config: Config, store: BayesStore) -> int:
+def _run(args: argparse.Namespace, config: Config, store: BayesStoreBase) -> int:
     if args.dump:
         print(json.dumps(store.dump(), indent=2, default=str))
         return 0

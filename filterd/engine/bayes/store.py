@@ -478,6 +478,7 @@ class BayesStore(BayesStoreBase):
             "epoch": epoch,
             "size": size,
             "path": str(self.path),
+            "backend": self.backend,
         }
 
     def backup(self, out: IO[str]) -> None:

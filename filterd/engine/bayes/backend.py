@@ -1,0 +1,48 @@
+"""Which Bayes store a configuration names; the one place that decides, for the Bayes check (so
+scanning, spamd TELL and autolearn) and `filterd learn`.
+
+``state.backend: redis``: `RedisBayesStore` at ``state.redis_url``, its keys under
+``state.redis_key_prefix`` + ``bayes:`` (next to greylisting's and reputation's); otherwise
+`BayesStore` in ``bayes.sqlite`` of the state directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from filterd.config import Config
+from filterd.engine.bayes.base import BayesStoreBase
+from filterd.engine.bayes.redis_store import RedisBayesStore
+from filterd.engine.bayes.store import BayesStore
+
+__all__ = ["REDIS_NAMESPACE", "STORE_FILE", "open_bayes_store", "open_existing_bayes_store", "sqlite_store_path"]
+
+STORE_FILE = "bayes.sqlite"
+REDIS_NAMESPACE = "bayes:"
+
+
+def sqlite_store_path(config: Config, state_dir: str | Path = "") -> Path:
+    """Where the SQLite store lives: ``state_dir``, else the configuration's state directory."""
+    return Path(state_dir or config.state_path) / STORE_FILE
+
+
+def open_bayes_store(config: Config, state_dir: str | Path = "", *, timeout: float | None = None) -> BayesStoreBase:
+    """Open the store ``config`` names, creating it if missing. ``timeout`` (seconds) bounds each
+    Redis reply (default ``state.timeout``); tools moving whole stores want more."""
+    state = config.state
+    if state.backend == "redis":
+        return RedisBayesStore.open(
+            state.redis_url, state.redis_key_prefix + REDIS_NAMESPACE, config.bayes, timeout=timeout or state.timeout
+        )
+    return BayesStore.open(sqlite_store_path(config, state_dir), config.bayes)
+
+
+def open_existing_bayes_store(config: Config, state_dir: str | Path = "") -> BayesStoreBase | None:
+    """The store if something created it already (learning did), else None; creates nothing."""
+    state = config.state
+    if state.backend == "redis":
+        return RedisBayesStore.open_existing(
+            state.redis_url, state.redis_key_prefix + REDIS_NAMESPACE, config.bayes, timeout=state.timeout
+        )
+    path = sqlite_store_path(config, state_dir)
+    return BayesStore.open(path, config.bayes) if path.exists() else None
