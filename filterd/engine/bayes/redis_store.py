@@ -239,7 +239,8 @@ if state[1] ~= ARGV[1] or state[2] ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[2], 'seq', ARGV[2], 'id', state[3], 'counts', ARGV[3])
 redis.call('HSET', KEYS[1], 'log_n', 0, 'log_bytes', 0)
 local snap_ms = tonumber(string.match(state[3], '^(%d+)'))
-local keep_ms = tonumber(redis.call('TIME')[1]) * 1000 - @KEEP_MS@
+local now = redis.call('TIME')
+local keep_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - @KEEP_MS@
 redis.call('XTRIM', KEYS[3], 'MINID', '~', string.format('%.0f', math.min(snap_ms, keep_ms)))
 return 1
 """
