@@ -8,8 +8,10 @@ flags so rules can score them.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import ipaddress
+import itertools
 import re
 from dataclasses import dataclass
 from urllib.parse import unquote
@@ -191,6 +193,30 @@ class UriParser:
         return Uri(url, scheme, host, domain, source, ip_literal, obfuscated, userinfo, port)
 
 
+class _Spans:
+    """Spans of text already taken by a URI: ``covers(x)`` is ``any(a <= x < b)`` over them, by
+    bisection instead of a scan (a scan made finding URIs quadratic in their number: 4.7M
+    comparisons over the 3,010 training messages). Spans added with `add_behind` must start at
+    or before every position asked about later, as the matches of one finditer do."""
+
+    __slots__ = ("_behind", "_max_ends", "_starts")
+
+    def __init__(self, spans: list[tuple[int, int]]) -> None:
+        ordered = sorted(spans)
+        self._starts = [a for a, _ in ordered]
+        self._max_ends = list(itertools.accumulate((b for _, b in ordered), max))
+        self._behind = -1  # the furthest end of the spans added behind the scan
+
+    def add_behind(self, end: int) -> None:
+        self._behind = max(self._behind, end)
+
+    def covers(self, x: int) -> bool:
+        if self._behind > x:
+            return True
+        i = bisect.bisect_right(self._starts, x) - 1
+        return i >= 0 and self._max_ends[i] > x
+
+
 def extract_text_uris(text: str) -> list[tuple[str, str]]:
     """Find URI-looking strings in plain text, returned as (string, "text")."""
     found: list[tuple[str, str]] = []
@@ -203,16 +229,19 @@ def extract_text_uris(text: str) -> list[tuple[str, str]]:
             found.append((f"{scheme.group(1)}://{m.group(1)}".rstrip(_TRAILING_JUNK), "text"))
             taken.append((scheme.start(1), m.end()))
     if "www" in text or "WWW" in text or "Www" in text:
+        spans = _Spans(taken)
         for m in _WWW_URI.finditer(text):
             before = text[m.start() - 1 : m.start()]
             if before and (before.isalnum() or before in "_/.@-"):
                 continue
-            if not any(a <= m.start() < b for a, b in taken):
+            if not spans.covers(m.start()):
                 found.append((m.group(0).rstrip(_TRAILING_JUNK), "text"))
                 taken.append(m.span())
+                spans.add_behind(m.end())
+    spans = _Spans(taken)
     for m in _BARE_TLD_PATH.finditer(text):
         start = m.start()
-        if any(a <= start < b for a, b in taken):
+        if spans.covers(start):
             continue
         head = _HOST_TAIL.search(text, max(0, start - 253), start)
         if head is None or (head.start() > 0 and text[head.start() - 1] in "@/.-_"):
@@ -221,4 +250,5 @@ def extract_text_uris(text: str) -> list[tuple[str, str]]:
         end = tail.end() if tail else m.end()
         found.append((text[head.start() : end].rstrip(_TRAILING_JUNK), "text"))
         taken.append((head.start(), end))
+        spans.add_behind(end)
     return found
