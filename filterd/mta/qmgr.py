@@ -111,6 +111,7 @@ class QueueStats:
     dropped: int = 0  # undeliverable bounces dropped
     removed: int = 0  # messages finished and removed
     attempts: int = 0
+    wakeups: int = 0  # turns of the main loop (a busy loop shows here)
     by_outcome: dict[str, int] = field(default_factory=dict)
 
 
@@ -224,12 +225,13 @@ class QueueManager:
         await asyncio.to_thread(self._load_schedule)
         try:
             while not self._stopping:
+                self.stats.wakeups += 1
                 self._event.clear()
                 await self._read_control()
                 await self._start_incoming()
                 self._start_due()
                 wait = self.poll_interval
-                if self._schedule:
+                if self._schedule and len(self._busy) < self.active_limit:  # at the limit, an ending task wakes us
                     wait = max(0.0, min(wait, self._schedule[0][0] - self.clock()))
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):

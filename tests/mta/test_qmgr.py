@@ -382,3 +382,20 @@ def test_a_delivery_that_raises_is_deferred_and_the_rest_goes_on(tmp_path: Path)
     rcpt = queue.load(bad)[0].rcpts[0]
     assert rcpt.status == "pending" and "internal error: RuntimeError: a bug" in rcpt.last_error
     assert not bounces(queue)
+
+
+def test_active_limit_holds_the_rest_back_without_spinning(tmp_path: Path) -> None:
+    config = mta_config(tmp_path)
+    queue = Queue(tmp_path / "q")
+    for i in range(4):
+        enqueue(queue, f"new{i}@example.org")
+        queue.enqueue(
+            Envelope("a@example.org", [Recipient(f"old{i}@example.org", attempts=1)]), MESSAGE, state="deferred"
+        )
+    qmgr = make_qmgr(config, queue, active_limit=1)
+    started = time.monotonic()
+    asyncio.run(run_until(qmgr, lambda: not all_ids(queue)))
+    assert qmgr.stats.delivered == 8
+    # One message at a time, the others waiting: the loop sleeps meanwhile (it does not spin):
+    # a turn per poll interval (50 ms) and a few per message at most.
+    assert qmgr.stats.wakeups <= (time.monotonic() - started) / 0.05 + 8 * 4
