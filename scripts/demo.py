@@ -5,8 +5,9 @@
 2. `filterd daemon` starts with its milter on a Unix socket (network checks off: the demo
    runs offline);
 3. `filterd mta` starts on a loopback port, asks the daemon before accepting each message,
-   and delivers local mail with `filterd deliver` into a Maildir, where a one-line recipe files
-   messages the milter tagged as spam into .Junk;
+   and delivers local mail into a Maildir the way `filterd deliver` does, in its own process
+   (``mta.local_delivery: maildir``), where a one-line recipe files messages the milter tagged
+   as spam into .Junk;
 4. every sample is sent over SMTP to demo@demo.test, and once the queue is empty a table says
    where each one landed (Inbox, Junk, or refused at SMTP) beside its true label.
 
@@ -41,10 +42,10 @@ mta:
   hostname: mx.demo.test
   local_domains: [demo.test]
   mailboxes: {{demo: "{maildir}"}}
-  # The milter has already scored the message: deliver files it by the headers it added.
-  local_delivery_command: ["{filterd}", deliver, --config, "{config}", --user, "{{user}}",
-                           --recipient, "{{recipient}}", --sender, "{{sender}}", --maildir, "{{mailbox}}",
-                           --no-filter, --recipes, "{recipes}"]
+  # What `filterd deliver` does, inside the MTA (auto would run it as a command when root).
+  local_delivery: maildir
+# The milter has already scored the message: the recipes file it by the headers it added.
+deliver: {{filter: false, recipes: "{recipes}"}}
 """
 RECIPES = """\
 - {header: {X-Spam-Flag: '/^YES/'}, folder: Junk}
@@ -131,7 +132,7 @@ def main() -> int:
     state, maildir = tmp / "state", tmp / "mail" / "demo" / "Maildir"
     config, recipes = tmp / "demo.yaml", tmp / "recipes.yaml"
     recipes.write_text(RECIPES)
-    config.write_text(CONFIG.format(maildir=maildir, filterd=FILTERD, config=config, recipes=recipes))
+    config.write_text(CONFIG.format(maildir=maildir, recipes=recipes))
     milter_sock, port = tmp / "milter.sock", free_port()
     common = ["--config", str(config), "--state-dir", str(state)]
     samples = sorted((ROOT / "corpora" / "spam").glob("*.eml")) + sorted((ROOT / "corpora" / "ham").glob("*.eml"))

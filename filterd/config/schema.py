@@ -786,6 +786,14 @@ class MtaConfig(Section):
     max_hops: int = setting(
         50, min=1, max=1000, doc="A message with more Received headers than this is bounced as a mail loop."
     )
+    local_delivery: Literal["auto", "maildir", "command"] = setting(
+        "auto",
+        doc="maildir: deliver in the MTA's process, into the recipient's mailbox (a Maildir) with the user's "
+        "recipes and the deliver.* settings, as `filterd deliver` would but without starting a process per "
+        "message, and as the MTA's own user; command: run local_delivery_command per recipient, which drops to each "
+        "user's privileges when started as root; auto: command when filterd mta runs as root or "
+        "local_delivery_command is not the default, else maildir.",
+    )
     local_delivery_command: tuple[str, ...] = setting(
         ("filterd", "deliver", "--user", "{user}", "--recipient", "{recipient}", "--maildir", "{mailbox}"),
         doc="Command (argv, no shell) delivering to a local recipient, message on stdin; placeholders "

@@ -22,6 +22,16 @@ QUEUE_ID. Exit status: 0 delivered; 75 (EX_TEMPFAIL) deferred; killed by a signa
 configuration error must not bounce mail); any other status bounced, with the status's meaning
 (sysexits) and the tail of the command's stderr as the DSN's diagnostic.
 
+With ``mta.local_delivery: maildir`` there is no command: the message, with the same two header
+fields on top, goes through `filterd.mda.main.deliver_message` in a worker thread of this
+process, which is what ``filterd deliver --maildir {mailbox}`` runs after its start-up (the
+user's recipes, ``deliver.*``, `filterd.mda.maildir`'s tmp/ -> fsync -> link into new/ -> fsync
+of new/), without a Python interpreter to start for each recipient. Its exit code is read as the
+command's would be (ENOSPC, EDQUOT -> 75, deferred; a mailbox path that cannot be a Maildir -> 73,
+bounced) and the warnings it logged stand in for stderr. It cannot change user: files are the
+MTA's, and recipe commands (pipe, forward) run as the MTA's user. ``auto`` (the default) picks
+this unless the MTA runs as root or ``local_delivery_command`` was changed; see `delivery_mode`.
+
 Remote delivery looks up the domain's MX hosts (`filterd.mta.mx`), DKIM-signs the message when
 its From: domain has a key in ``auth.dkim_keys``, and tries the addresses in order until one
 holds a transaction (`filterd.mta.smtp_client`): a refused connection, a 4xx or 5xx greeting or
@@ -36,6 +46,7 @@ __all__ = [
     "LocalDelivery",
     "Outcome",
     "RemoteDelivery",
+    "delivery_mode",
     "outcome_of",
     "sysexit_status",
 ]
@@ -49,15 +60,18 @@ import random
 import re
 import signal
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from filterd.config import Config, MtaConfig
+from filterd.config import Config, DeliverConfig, MtaConfig
 from filterd.dkimsign import sign_message
 from filterd.errors import DeliveryError, PermanentDeliveryError
+from filterd.mda.main import DeliveryRequest, deliver_message
 from filterd.mta.mx import NextHop, next_hops
 from filterd.mta.smtp_client import Reply, SessionError, SmtpOptions, TlsError, send
 from filterd.net.dns import Resolver
@@ -141,8 +155,19 @@ def _from_domain(data: bytes) -> str:
     return ""
 
 
+def delivery_mode(config: MtaConfig, euid: int) -> Literal["maildir", "command"]:
+    """How local mail is delivered: ``mta.local_delivery``, with ``auto`` decided here. A
+    command someone configured (procmail, maildrop) is run, and so is the default `filterd
+    deliver` when we are root: it becomes each user before it touches their files or runs
+    their recipes. Otherwise in-process Maildir delivery does the same work without a process."""
+    if config.local_delivery != "auto":
+        return config.local_delivery
+    default = MtaConfig().local_delivery_command
+    return "command" if euid == 0 or config.local_delivery_command != default else "maildir"
+
+
 class LocalDelivery:
-    """Delivers to local users by running the configured command."""
+    """Delivers to local users by running the configured command, or in-process (`delivery_mode`)."""
 
     def __init__(
         self,
@@ -152,12 +177,24 @@ class LocalDelivery:
         hostname: str,
         lookup_user: Callable[[str], str | None] | None = None,
         tmp_dir: str | None = None,
+        deliver: DeliverConfig | None = None,
+        euid: int | None = None,
     ) -> None:
         self.config = config
         self.state_dir = state_dir
         self.hostname = hostname
         self.tmp_dir = tmp_dir
+        self.deliver_config = deliver or DeliverConfig()
         self._home_of = lookup_user or _home_directory
+        euid = os.geteuid() if euid is None else euid
+        self.mode = delivery_mode(config, euid)
+        # Worker threads of their own, so that mailbox fsyncs never queue up before the
+        # enqueue fsyncs an SMTP client waits for (those use the loop's default executor).
+        self._threads: ThreadPoolExecutor | None = None
+        if self.mode == "maildir":
+            self._threads = ThreadPoolExecutor(config.per_destination_concurrency, thread_name_prefix="deliver")
+            if euid == 0:
+                log.warning("local delivery in-process as root: mailboxes are written and recipe commands run as root")
 
     def _fields(self, queue_id: str, sender: str, recipient: str) -> dict[str, str] | DeliveryResult:
         local, domain = _split_address(recipient)
@@ -191,6 +228,13 @@ class LocalDelivery:
         if any(v.lower() == lowered for v in _header_fields(data, b"delivered-to")):
             return self._bounce(recipient, "5.4.6", f"mail forwarding loop for {recipient}")
         top = f"Return-Path: <{sender}>\r\nDelivered-To: {recipient}\r\n".encode()
+        if self._threads is not None:
+            request = DeliveryRequest(
+                user=fields["user"], maildir=Path(fields["mailbox"]), sender=sender, recipient=recipient,
+                home=Path(fields["home"]) if fields["home"] else None,
+            )  # fmt: skip
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._threads, self._deliver_here, top + data, request)
         message = await asyncio.to_thread(self._spool, (top + data).replace(b"\r\n", b"\n"))
         argv = [arg.format(**fields) for arg in self.config.local_delivery_command]
         env = dict(os.environ)
@@ -201,6 +245,26 @@ class LocalDelivery:
         )  # fmt: skip
         with message:
             return await self._run(argv, env, message, recipient)
+
+    def _deliver_here(self, message: bytes, request: DeliveryRequest) -> DeliveryResult:
+        """`filterd deliver`'s work for one recipient, in this thread; its exit code as a result."""
+        recipient = request.recipient or request.user
+        if self.deliver_config.system_users_only and self._home_of(request.user) is None:
+            code, problems = 67, [f"no such user: {request.user}"]
+        else:
+            with _problems_logged() as problems:
+                try:
+                    code = deliver_message(message, request, self.deliver_config)
+                except Exception as exc:  # a bug must not bounce mail, as in `filterd deliver`
+                    log.exception("in-process delivery to %s failed", recipient)
+                    code = EX_TEMPFAIL
+                    problems.append(f"internal error: {type(exc).__name__}: {exc}")
+        if code == 0:
+            return DeliveryResult(recipient, "2.0.0", f"delivered to maildir {request.maildir}", relay="local")
+        error = " ".join(" ".join(problems).split())[-_STDERR_TAIL:]
+        status, meaning = sysexit_status(code)
+        text = f"maildir delivery failed: {meaning}" + (f": {error}" if error else "")
+        return DeliveryResult(recipient, status, text, f"x-unix; {error or meaning}", relay="local")
 
     def _spool(self, message: bytes) -> BinaryIO:
         """The message in an unlinked temporary file, read from the start. The command reads it
@@ -259,6 +323,30 @@ class LocalDelivery:
         status, meaning = sysexit_status(code)
         text = f"command exited {code} ({meaning})" + (f": {error}" if error else "")
         return DeliveryResult(recipient, status, text, f"x-unix; {error or meaning}", relay="local")
+
+
+class _ThreadProblems(logging.Handler):
+    """Warnings and errors logged by this thread: what `filterd deliver` would print on stderr."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.thread = threading.get_ident()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.lines.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _problems_logged() -> Iterator[list[str]]:
+    handler = _ThreadProblems()
+    logger = logging.getLogger("filterd.mda")
+    logger.addHandler(handler)
+    try:
+        yield handler.lines
+    finally:
+        logger.removeHandler(handler)
 
 
 def _kill(pid: int) -> None:

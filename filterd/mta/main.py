@@ -151,7 +151,7 @@ async def _serve(config: Config, users: dict[str, str], tls: ssl.SSLContext | No
             "filterd mta: ready as %s; milter %s; delivery %s",
             server.hostname,
             config.mta.milter or "none",
-            "on" if qmgr else "off",
+            f"on (local: {qmgr.local.mode})" if qmgr else "off",
         )
         await stop.wait()
         log.info("filterd mta: stopping")

@@ -144,8 +144,9 @@ class QueueManager:
         self.hostname = mta.hostname or socket.getfqdn()
         self.local_domains = frozenset(d.lower().rstrip(".") for d in (*mta.local_domains, self.hostname))
         self.local = local or LocalDelivery(
-            mta, state_dir=str(config.state_path), hostname=self.hostname, tmp_dir=str(queue.tmp)
-        )
+            mta, state_dir=str(config.state_path), hostname=self.hostname, tmp_dir=str(queue.tmp),
+            deliver=config.deliver,
+        )  # fmt: skip
         self.remote = remote or RemoteDelivery(config, resolver, hostname=self.hostname, rng=rng)
         self.clock = clock
         self.rng = rng or random.Random()
