@@ -56,12 +56,11 @@ from filterd.protocols.milter import (
     Skip,
     Tempfail,
 )
-from filterd.protocols.milter_client import Command, MilterClientConnection, ReplyEvent
+from filterd.protocols.milter_client import BODY_CHUNK, Command, MilterClientConnection, ReplyEvent
 
 log = logging.getLogger(__name__)
 
 VerdictKind = Literal["continue", "accept", "reject", "tempfail", "discard", "shutdown", "failed"]
-_CHUNK = 65535
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,8 +233,8 @@ class MilterSession:
         if verdict.kind != "continue":
             return verdict, edits
         body = data[body_start:]
-        for i in range(0, len(body), _CHUNK):
-            verdict = await self._step(BodyChunk(body[i : i + _CHUNK]))
+        for i in range(0, len(body), BODY_CHUNK):
+            verdict = await self._step(BodyChunk(body[i : i + BODY_CHUNK]))
             if verdict.kind != "continue":
                 return verdict, edits
         verdict = await self._step(EndOfMessage(macros), edits)

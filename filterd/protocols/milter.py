@@ -120,20 +120,21 @@ from typing import Final, TypeAlias
 
 from filterd.errors import LocalProtocolError, RemoteProtocolError
 from filterd.protocols import NEED_DATA, ConnectionClosed, NeedData
-from filterd.protocols._buffer import ReceiveBuffer
+from filterd.protocols._milter_wire import (
+    CHUNK,
+    OPTIONS,
+    U32,
+    PacketReader,
+    cstring,
+    exactly,
+    packet,
+    split_strings,
+    text,
+)
 
 MILTER_VERSION: Final = 6
-# Postfix fills body chunks to 65535 bytes, and libmilter splits replacement bodies the same way.
-_CHUNK: Final = 65535
-_U32: Final = struct.Struct(">I")
 
-
-def _packet(command: bytes, data: bytes = b"") -> bytes:
-    """One packet: u32 length of what follows (command byte included), command, data."""
-    return _U32.pack(1 + len(data)) + command + data
-
-
-TEMPFAIL_PACKET: Final = _packet(b"t")
+TEMPFAIL_PACKET: Final = packet(b"t")
 """The reply carried by every RemoteProtocolError: tempfail whatever the MTA was asking about."""
 
 
@@ -419,17 +420,6 @@ _MAX_REPLY_LINES: Final = 32  # libmilter's smfi_setmlreply limit
 _MAX_REPLY_LINE: Final = 510  # RFC 5321: 512 with the CRLF
 
 
-def _text(raw: bytes) -> str:
-    return raw.decode("utf-8", "surrogateescape")
-
-
-def _wire(value: str, what: str) -> bytes:
-    """A string for the MTA: no NUL inside, NUL-terminated on the wire."""
-    if "\0" in value:
-        raise LocalProtocolError(f"{what} contains a NUL byte")
-    return value.encode("utf-8", "surrogateescape") + b"\0"
-
-
 def _check_header(name: str, value: str) -> None:
     if not _HEADER_NAME.fullmatch(name):
         raise LocalProtocolError(f"header name must be printable ASCII without ':' or spaces, got {name!r}")
@@ -668,6 +658,22 @@ Reply: TypeAlias = (
 )
 
 _FINAL: Final = (Continue, Accept, Reject, Tempfail, Discard, Shutdown, ReplyCode, Skip)
+# The replies without data, by their command byte (the MTA side decodes with this table too).
+_SimpleReply: TypeAlias = Continue | Accept | Reject | Tempfail | Discard | Shutdown | Progress | Skip
+_SIMPLE_REPLIES: Final[Mapping[bytes, type[_SimpleReply]]] = {
+    b"c": Continue,
+    b"a": Accept,
+    b"r": Reject,
+    b"t": Tempfail,
+    b"d": Discard,
+    b"4": Shutdown,
+    b"p": Progress,
+    b"s": Skip,
+}
+_SIMPLE_CODES: Final[Mapping[type, bytes]] = {kind: code for code, kind in _SIMPLE_REPLIES.items()}
+_Edit: TypeAlias = (
+    AddHeader | InsertHeader | ChangeHeader | Quarantine | AddRecipient | DeleteRecipient | ChangeFrom | ReplaceBody
+)
 _EDITS: Final = (
     AddHeader,
     InsertHeader,
@@ -682,7 +688,7 @@ _EDITS: Final = (
 _MESSAGE_ENDING: Final = (Accept, Reject, Tempfail, Discard, Shutdown, ReplyCode)
 
 
-def _needed_action(reply: Reply) -> Action:
+def _needed_action(reply: _Edit) -> Action:
     if isinstance(reply, AddHeader | InsertHeader):
         return Action.ADDHDRS
     if isinstance(reply, ChangeHeader):
@@ -700,44 +706,31 @@ def _needed_action(reply: Reply) -> Action:
 
 def _encode(reply: Reply) -> bytes:
     """The packet(s) for a reply that passed every check."""
-    if isinstance(reply, Continue):
-        return _packet(b"c")
-    if isinstance(reply, Accept):
-        return _packet(b"a")
-    if isinstance(reply, Reject):
-        return _packet(b"r")
-    if isinstance(reply, Tempfail):
-        return _packet(b"t")
-    if isinstance(reply, Discard):
-        return _packet(b"d")
-    if isinstance(reply, Shutdown):
-        return _packet(b"4")
-    if isinstance(reply, Progress):
-        return _packet(b"p")
-    if isinstance(reply, Skip):
-        return _packet(b"s")
+    code = _SIMPLE_CODES.get(type(reply))
+    if code is not None:
+        return packet(code)
     if isinstance(reply, ReplyCode):
-        return _packet(b"y", _wire(reply.render(), "reply"))
+        return packet(b"y", cstring(reply.render(), "reply"))
     if isinstance(reply, AddHeader):
-        return _packet(b"h", _wire(reply.name, "header name") + _wire(reply.value, "header value"))
+        return packet(b"h", cstring(reply.name, "header name") + cstring(reply.value, "header value"))
     if isinstance(reply, InsertHeader | ChangeHeader):
         command = b"i" if isinstance(reply, InsertHeader) else b"m"
-        data = _U32.pack(reply.index) + _wire(reply.name, "header name") + _wire(reply.value, "header value")
-        return _packet(command, data)
+        data = U32.pack(reply.index) + cstring(reply.name, "header name") + cstring(reply.value, "header value")
+        return packet(command, data)
     if isinstance(reply, Quarantine):
-        return _packet(b"q", _wire(reply.reason, "reason"))
+        return packet(b"q", cstring(reply.reason, "reason"))
     if isinstance(reply, AddRecipient):
         if reply.args is None:
-            return _packet(b"+", _wire(reply.recipient, "recipient"))
-        return _packet(b"2", _wire(reply.recipient, "recipient") + _wire(reply.args, "args"))
+            return packet(b"+", cstring(reply.recipient, "recipient"))
+        return packet(b"2", cstring(reply.recipient, "recipient") + cstring(reply.args, "args"))
     if isinstance(reply, DeleteRecipient):
-        return _packet(b"-", _wire(reply.recipient, "recipient"))
+        return packet(b"-", cstring(reply.recipient, "recipient"))
     if isinstance(reply, ChangeFrom):
-        args = b"" if reply.args is None else _wire(reply.args, "args")
-        return _packet(b"e", _wire(reply.sender, "sender") + args)
+        args = b"" if reply.args is None else cstring(reply.args, "args")
+        return packet(b"e", cstring(reply.sender, "sender") + args)
     assert isinstance(reply, ReplaceBody)
     data = reply.data
-    return b"".join(_packet(b"b", data[i : i + _CHUNK]) for i in range(0, max(len(data), 1), _CHUNK))
+    return b"".join(packet(b"b", data[i : i + CHUNK]) for i in range(0, max(len(data), 1), CHUNK))
 
 
 # -- the state machine -------------------------------------------------------------------
@@ -862,27 +855,13 @@ def _remote(message: str) -> RemoteProtocolError:
     return RemoteProtocolError(message, reply=TEMPFAIL_PACKET)
 
 
-def _strings(data: bytes, what: str) -> list[bytes]:
-    """NUL-terminated strings back to back; the last one must be terminated too."""
-    if not data.endswith(b"\0"):
-        raise _remote(f"{what}: string without its terminating NUL")
-    return data[:-1].split(b"\0")
-
-
-def _exactly(data: bytes, count: int, what: str) -> list[bytes]:
-    strings = _strings(data, what)
-    if len(strings) != count:
-        raise _remote(f"{what}: expected {count} NUL-terminated string(s), got {len(strings)}")
-    return strings
-
-
 def _no_data(data: bytes, what: str) -> None:
     if data:
         raise _remote(f"{what} carries {len(data)} unexpected data bytes")
 
 
 def _macro_name(raw: bytes) -> str:
-    name = _text(raw)
+    name = text(raw)
     return name[1:-1] if len(name) > 2 and name[0] == "{" and name[-1] == "}" else name
 
 
@@ -896,11 +875,9 @@ class MilterServerConnection:
     def __init__(self, *, max_packet_size: int = 1024 * 1024) -> None:
         if max_packet_size < 13:
             raise ValueError("max_packet_size must be at least 13 (the size of an option negotiation)")
-        self._max_packet_size = max_packet_size
         self._state = MilterState.NEGOTIATING
         self._table: Mapping[MilterState, Mapping[Command | _Step, MilterState]] = _TRANSITIONS
-        self._buffer = ReceiveBuffer()
-        self._length: int | None = None  # length of the packet being read, once known
+        self._packets = PacketReader(max_packet_size, _remote)
         self._eof = False
         self._closed_reported = False
         self._error: RemoteProtocolError | None = None
@@ -972,7 +949,7 @@ class MilterServerConnection:
             raise LocalProtocolError("received data after the peer closed")
         if self._state in (MilterState.CLOSED, MilterState.ERROR):
             return  # after QUIT nothing more is read
-        self._buffer.append(data)
+        self._packets.buffer.append(data)
 
     def next_event(self) -> Event | NeedData:
         """The next event, or NEED_DATA. Raises RemoteProtocolError (sticky) on a bad packet."""
@@ -987,7 +964,7 @@ class MilterServerConnection:
         except RemoteProtocolError as exc:
             self._error = exc
             self._state = MilterState.ERROR
-            self._buffer.clear()
+            self._packets.clear()
             self._events.clear()
             raise
         event, answered = self._events.popleft()
@@ -999,7 +976,7 @@ class MilterServerConnection:
         """No whole packet buffered: NEED_DATA, or at EOF a clean close or a truncated packet."""
         if not self._eof:
             return NEED_DATA
-        if self._buffer or self._length is not None:
+        if self._packets.mid_packet:
             raise _remote("connection closed in the middle of a packet")
         if self._closed_reported:
             return NEED_DATA
@@ -1010,23 +987,13 @@ class MilterServerConnection:
     def _read_packet(self) -> bool:
         """Decode one packet into events; False when no whole packet is buffered."""
         if self._state is MilterState.CLOSED:
-            self._buffer.clear()
+            self._packets.clear()
             return False
-        if self._length is None:
-            header = self._buffer.take(4)
-            if header is None:
-                return False
-            (length,) = _U32.unpack(header)
-            if length == 0:
-                raise _remote("zero-length packet")
-            if length > self._max_packet_size:
-                raise _remote(f"packet of {length} bytes is over the {self._max_packet_size} byte limit")
-            self._length = length
-        packet = self._buffer.take(self._length)
-        if packet is None:
+        received = self._packets.next_packet()
+        if received is None:
             return False
-        self._length = None
-        self._dispatch(packet[0], packet[1:])
+        code, data = received
+        self._dispatch(code[0], data)
         return True
 
     def _dispatch(self, code: int, data: bytes) -> None:
@@ -1071,11 +1038,11 @@ class MilterServerConnection:
         assert stage is not None
         macros: dict[str, str] = {}
         if len(data) > 1:
-            strings = _strings(data[1:], "MACRO")
+            strings = split_strings(data[1:], "MACRO", _remote)
             if len(strings) % 2:
                 raise _remote(f"MACRO: {len(strings)} strings do not make name/value pairs")
             for name, value in zip(strings[::2], strings[1::2], strict=True):
-                macros[_macro_name(name)] = _text(value)
+                macros[_macro_name(name)] = text(value)
         self._macros[stage] = macros
         self._events.append((Macros(stage, dict(macros)), False))
 
@@ -1087,21 +1054,21 @@ class MilterServerConnection:
         if command is Command.CONNECT:
             return _connect(data)
         if command is Command.HELO:
-            return Helo(_text(_exactly(data, 1, name)[0]))
+            return Helo(text(exactly(data, 1, name, _remote)[0]))
         if command in (Command.MAIL, Command.RCPT):
             if not data:
                 raise _remote(f"{name} without an address")
-            first, *args = (_text(s) for s in _strings(data, name))
+            first, *args = (text(s) for s in split_strings(data, name, _remote))
             return MailFrom(first, tuple(args)) if command is Command.MAIL else RcptTo(first, tuple(args))
         if command is Command.HEADER:
-            header, value = _exactly(data, 2, name)
+            header, value = exactly(data, 2, name, _remote)
             if not header:
                 raise _remote("HEADER with an empty name")
-            return Header(_text(header), _text(value))
+            return Header(text(header), text(value))
         if command is Command.BODY:
             return BodyChunk(data)
         if command is Command.UNKNOWN:
-            return Unknown(_text(_exactly(data, 1, name)[0]))
+            return Unknown(text(exactly(data, 1, name, _remote)[0]))
         if command is Command.BODYEOB:
             return EndOfMessage()
         _no_data(data, name)
@@ -1118,7 +1085,7 @@ class MilterServerConnection:
         if len(data) < 12:
             raise _remote(f"OPTNEG needs 12 data bytes, got {len(data)}")
         # libmilter ignores anything past the three numbers; so do we.
-        version, actions, protocol = struct.unpack(">III", data[:12])
+        version, actions, protocol = OPTIONS.unpack(data[:12])
         if version < 2:
             raise _remote(f"MTA speaks milter version {version}; at least 2 is needed")
         return OptionNegotiation(
@@ -1200,9 +1167,9 @@ class MilterServerConnection:
                 names = tuple(_braced(name) for name in wanted.macros[stage])
                 if names:
                     requests[stage] = names
-        data = struct.pack(">III", version, actions, protocol)
+        data = OPTIONS.pack(version, actions, protocol)
         for stage, names in requests.items():
-            data += _U32.pack(stage) + " ".join(names).encode("ascii", "surrogateescape") + b"\0"
+            data += U32.pack(stage) + " ".join(names).encode("ascii", "surrogateescape") + b"\0"
         self._version, self._actions, self._protocol = version, actions, protocol
         self._macro_requests = requests
         disabled = {command for command, flag in _DISABLING_FLAG.items() if protocol & flag}
@@ -1210,7 +1177,7 @@ class MilterServerConnection:
             disabled.add(Command.DATA)  # older MTAs may not report DATA at all
         self._table = _skip_disabled(_TRANSITIONS, disabled)
         self._pending = None
-        return _packet(b"O", data)
+        return packet(b"O", data)
 
 
 def _braced(name: str) -> str:
@@ -1248,7 +1215,7 @@ def _connect(data: bytes) -> Connect:
     end = data.find(b"\0")
     if end < 0:
         raise _remote("CONNECT: hostname without its terminating NUL")
-    hostname, rest = _text(data[:end]), data[end + 1 :]
+    hostname, rest = text(data[:end]), data[end + 1 :]
     if not rest:
         raise _remote("CONNECT without an address family")
     try:
@@ -1261,5 +1228,5 @@ def _connect(data: bytes) -> Connect:
     if len(rest) < 3:
         raise _remote("CONNECT without a port")
     (port,) = struct.unpack(">H", rest[1:3])
-    (address,) = _exactly(rest[3:], 1, "CONNECT address")
-    return Connect(hostname, family, port, _text(address))
+    (address,) = exactly(rest[3:], 1, "CONNECT address", _remote)
+    return Connect(hostname, family, port, text(address))

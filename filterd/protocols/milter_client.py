@@ -28,12 +28,13 @@ RemoteProtocolError, sticky; the caller then applies its default action):
 ``awaiting`` None for one it will not answer (NR_* flags). Macros are sent as a MACRO packet
 ahead of their command; when the filter asked for a list for that stage (SETSYMLIST), only
 those are sent, as Postfix does. Header values lose one leading space unless HDR_LEADSPC was
-negotiated. Body chunks are at most 65535 bytes (split them before sending).
+negotiated. Body chunks are at most ``BODY_CHUNK`` (65535) bytes: split them before sending.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "BODY_CHUNK",
     "OFFERED_ACTIONS",
     "OFFERED_PROTOCOL",
     "Command",
@@ -52,8 +53,22 @@ from typing import Final, TypeAlias
 
 from filterd.errors import LocalProtocolError, RemoteProtocolError
 from filterd.protocols import NEED_DATA, ConnectionClosed, NeedData
-from filterd.protocols._buffer import ReceiveBuffer
+from filterd.protocols._milter_wire import (
+    CHUNK,
+    OPTIONS,
+    U32,
+    PacketReader,
+    cstring,
+    exactly,
+    packet,
+    split_strings,
+    text,
+)
 from filterd.protocols.milter import (
+    _EDITS,
+    _FINAL,
+    _SIMPLE_REPLIES,
+    _STEP_FLAGS,
     ALL_ACTIONS,
     MILTER_VERSION,
     Abort,
@@ -89,11 +104,12 @@ from filterd.protocols.milter import (
     Shutdown,
     Skip,
     Tempfail,
+    _needed_action,
 )
+from filterd.protocols.milter import Command as _Code
 
-_U32: Final = struct.Struct(">I")
-_CHUNK: Final = 65535
-
+# The largest BodyChunk send() takes (Postfix's size): split bodies into pieces of this size.
+BODY_CHUNK: Final = CHUNK
 # Everything this MTA can apply (filterd.mta.milter_client), as Postfix offers it.
 OFFERED_ACTIONS: Final = ALL_ACTIONS
 # All steps may be skipped or left unanswered; we never report rejected recipients (RCPT_REJ).
@@ -146,31 +162,30 @@ ReplyEvent: TypeAlias = (
     | ReplaceBody
     | ConnectionClosed
 )
-_FINAL: Final = (Continue, Accept, Reject, Tempfail, Discard, Shutdown, ReplyCode, Skip)
 
-# command -> (packet byte, macro list stage, NO* flag, NR_* flag); macros go out with the packet byte as stage
-_STEPS: Final[Mapping[type, tuple[bytes, MacroStage | None, ProtocolFlag, ProtocolFlag]]] = {
-    Connect: (b"C", MacroStage.CONNECT, ProtocolFlag.NOCONNECT, ProtocolFlag.NR_CONN),
-    Helo: (b"H", MacroStage.HELO, ProtocolFlag.NOHELO, ProtocolFlag.NR_HELO),
-    MailFrom: (b"M", MacroStage.MAIL, ProtocolFlag.NOMAIL, ProtocolFlag.NR_MAIL),
-    RcptTo: (b"R", MacroStage.RCPT, ProtocolFlag.NORCPT, ProtocolFlag.NR_RCPT),
-    Data: (b"T", MacroStage.DATA, ProtocolFlag.NODATA, ProtocolFlag.NR_DATA),
-    Header: (b"L", None, ProtocolFlag.NOHDRS, ProtocolFlag.NR_HDR),
-    EndOfHeaders: (b"N", MacroStage.EOH, ProtocolFlag.NOEOH, ProtocolFlag.NR_EOH),
-    BodyChunk: (b"B", None, ProtocolFlag.NOBODY, ProtocolFlag.NR_BODY),
-    EndOfMessage: (b"E", MacroStage.EOM, ProtocolFlag(0), ProtocolFlag(0)),
+# command -> (its command byte, the stage its macro list is asked for); the macros go out with the
+# command byte as their stage. Which NO*/NR_* flags apply to it: the filter side's _STEP_FLAGS.
+_STEPS: Final[Mapping[type, tuple[_Code, MacroStage | None]]] = {
+    Connect: (_Code.CONNECT, MacroStage.CONNECT),
+    Helo: (_Code.HELO, MacroStage.HELO),
+    MailFrom: (_Code.MAIL, MacroStage.MAIL),
+    RcptTo: (_Code.RCPT, MacroStage.RCPT),
+    Data: (_Code.DATA, MacroStage.DATA),
+    Header: (_Code.HEADER, None),
+    EndOfHeaders: (_Code.EOH, MacroStage.EOH),
+    BodyChunk: (_Code.BODY, None),
+    EndOfMessage: (_Code.BODYEOB, MacroStage.EOM),
 }
+_ALWAYS: Final = (ProtocolFlag(0), ProtocolFlag(0))  # sent and answered whatever was negotiated
 _STATUS: Final = re.compile(r"([245]\.\d{1,3}\.\d{1,3}) ?")
 
 
-def _packet(command: bytes, data: bytes = b"") -> bytes:
-    return _U32.pack(1 + len(data)) + command + data
+def _command(code: _Code, data: bytes = b"") -> bytes:
+    return packet(code.value.encode("ascii"), data)
 
 
 def _z(value: str) -> bytes:
-    if "\0" in value:
-        raise LocalProtocolError(f"milter string contains NUL: {value!r}")
-    return value.encode("utf-8", "surrogateescape") + b"\0"
+    return cstring(value, f"milter string {value!r}")
 
 
 def _remote(message: str) -> RemoteProtocolError:
@@ -178,12 +193,7 @@ def _remote(message: str) -> RemoteProtocolError:
 
 
 def _strings(data: bytes, count: int, what: str) -> list[str]:
-    if not data.endswith(b"\0"):
-        raise _remote(f"{what}: string without its NUL")
-    parts = data[:-1].split(b"\0")
-    if len(parts) != count:
-        raise _remote(f"{what}: expected {count} strings, got {len(parts)}")
-    return [p.decode("utf-8", "surrogateescape") for p in parts]
+    return [text(s) for s in exactly(data, count, what, _remote)]
 
 
 def parse_reply_code(text: str) -> ReplyCode:
@@ -219,9 +229,7 @@ class MilterClientConnection:
     ) -> None:
         self.offered_actions = actions
         self.offered_protocol = protocol
-        self._max_packet_size = max_packet_size
-        self._buffer = ReceiveBuffer()
-        self._length: int | None = None
+        self._packets = PacketReader(max_packet_size, _remote)
         self._events: deque[ReplyEvent] = deque()
         self._awaiting: Command | None = None
         self._negotiating = False
@@ -249,14 +257,13 @@ class MilterClientConnection:
         if self._negotiating or self._negotiated is not None:
             raise LocalProtocolError("negotiation happens once per connection")
         self._negotiating = True
-        return _packet(b"O", struct.pack(">III", MILTER_VERSION, self.offered_actions, self.offered_protocol))
+        return _command(_Code.OPTNEG, OPTIONS.pack(MILTER_VERSION, self.offered_actions, self.offered_protocol))
 
     def sends(self, command_type: type) -> bool:
         """Whether the filter wants this step at all (not negotiated away with a NO* flag)."""
         if self._negotiated is None:
             return False
-        step = _STEPS.get(command_type)
-        return step is None or not self._negotiated.protocol & step[2]
+        return not self._negotiated.protocol & _STEP_FLAGS.get(command_type, _ALWAYS)[0]
 
     def send(self, command: Command) -> bytes:
         """The bytes for ``command`` (and its macros); ``b""`` if the filter does not want it."""
@@ -268,15 +275,16 @@ class MilterClientConnection:
         if self._awaiting is not None:
             raise LocalProtocolError(f"{type(self._awaiting).__name__} still awaits its reply")
         if isinstance(command, Abort):
-            return _packet(b"A")
+            return _command(_Code.ABORT)
         if isinstance(command, Quit):
-            return _packet(b"Q")
+            return _command(_Code.QUIT)
         if isinstance(command, QuitNewConnection):
-            return _packet(b"K")
-        byte, stage, disabled, no_reply = _STEPS[type(command)]
+            return _command(_Code.QUIT_NC)
+        code, stage = _STEPS[type(command)]
+        disabled, no_reply = _STEP_FLAGS.get(type(command), _ALWAYS)
         if negotiated.protocol & disabled:
             return b""
-        out = self._macros(byte, stage, command.macros)
+        out = self._macros(code, stage, command.macros)
         if isinstance(command, Connect):
             data = _z(command.hostname) + command.family.value.encode()
             if command.family is not AddressFamily.UNKNOWN:
@@ -293,26 +301,26 @@ class MilterClientConnection:
                 value = value[1:]
             data = _z(command.name) + _z(value)
         elif isinstance(command, BodyChunk):
-            if len(command.data) > _CHUNK:
-                raise LocalProtocolError(f"body chunks are at most {_CHUNK} bytes")
+            if len(command.data) > BODY_CHUNK:
+                raise LocalProtocolError(f"body chunks are at most {BODY_CHUNK} bytes")
             data = command.data
         else:
             data = b""
         if not negotiated.protocol & no_reply:
             self._awaiting = command
-        return out + _packet(byte, data)
+        return out + _command(code, data)
 
-    def _macros(self, byte: bytes, stage: MacroStage | None, macros: dict[str, str]) -> bytes:
+    def _macros(self, code: _Code, stage: MacroStage | None, macros: dict[str, str]) -> bytes:
         if not macros:
             return b""
         assert self._negotiated is not None
         wanted = self._negotiated.macros.get(stage) if stage is not None else None
         names = {n.strip("{}") for n in wanted} if wanted is not None else None
-        data = byte
+        data = code.value.encode("ascii")
         for name, value in macros.items():
             if names is None or name in names:
                 data += _z(name if len(name) == 1 else f"{{{name}}}") + _z(value)
-        return _packet(b"D", data) if len(data) > 1 else b""
+        return _command(_Code.MACRO, data) if len(data) > 1 else b""
 
     # -- receiving --------------------------------------------------------------------------
 
@@ -320,7 +328,7 @@ class MilterClientConnection:
         if not data:
             self._eof = True
         else:
-            self._buffer.append(data)
+            self._packets.buffer.append(data)
 
     def next_event(self) -> ReplyEvent | NeedData:
         if self._error is not None:
@@ -329,7 +337,7 @@ class MilterClientConnection:
             while not self._events:
                 if not self._read_packet():
                     if self._eof and not self._closed_reported:
-                        if self._buffer or self._length is not None:
+                        if self._packets.mid_packet:
                             raise _remote("connection closed in the middle of a packet")
                         self._closed_reported = True
                         return ConnectionClosed()
@@ -340,19 +348,10 @@ class MilterClientConnection:
         return self._events.popleft()
 
     def _read_packet(self) -> bool:
-        if self._length is None:
-            header = self._buffer.take(4)
-            if header is None:
-                return False
-            (length,) = _U32.unpack(header)
-            if not 1 <= length <= self._max_packet_size:
-                raise _remote(f"packet length {length} out of range")
-            self._length = length
-        packet = self._buffer.take(self._length)
-        if packet is None:
+        received = self._packets.next_packet()
+        if received is None:
             return False
-        self._length = None
-        self._events.append(self._parse(packet[:1], packet[1:]))
+        self._events.append(self._parse(*received))
         return True
 
     def _parse(self, code: bytes, data: bytes) -> ReplyEvent:
@@ -370,10 +369,10 @@ class MilterClientConnection:
             isinstance(command, BodyChunk) and self.offered_protocol & ProtocolFlag.SKIP
         ):
             raise _remote("Skip is allowed for body chunks only, and only when SKIP was offered")
-        if not isinstance(reply, (*_FINAL, Progress)):
+        if isinstance(reply, _EDITS):
             if not isinstance(command, EndOfMessage):
                 raise _remote(f"{type(reply).__name__} is allowed only at end of message")
-            needed = _needed(reply)
+            needed = _needed_action(reply)
             if not negotiated.actions & needed:
                 raise _remote(f"{type(reply).__name__} was not negotiated ({needed!r})")
         if isinstance(reply, _FINAL):
@@ -383,7 +382,7 @@ class MilterClientConnection:
     def _negotiation(self, data: bytes) -> Negotiated:
         if len(data) < 12:
             raise _remote("short negotiation reply")
-        version, actions, protocol = struct.unpack(">III", data[:12])
+        version, actions, protocol = OPTIONS.unpack(data[:12])
         if version < 2:
             raise _remote(f"filter speaks milter version {version}")
         if actions & ~int(self.offered_actions) or protocol & ~int(self.offered_protocol):
@@ -393,7 +392,7 @@ class MilterClientConnection:
         while rest:
             if len(rest) < 5 or b"\0" not in rest[4:]:
                 raise _remote("malformed macro list in the negotiation reply")
-            (stage_number,) = _U32.unpack(rest[:4])
+            (stage_number,) = U32.unpack(rest[:4])
             end = rest.index(b"\0", 4)
             try:
                 stage = MacroStage(stage_number)
@@ -406,19 +405,9 @@ class MilterClientConnection:
         return self._negotiated
 
     def _reply(self, code: bytes, data: bytes) -> ReplyEvent:
-        simple: dict[bytes, type[Continue | Accept | Reject | Tempfail | Discard | Shutdown | Progress | Skip]] = {
-            b"c": Continue,
-            b"a": Accept,
-            b"r": Reject,
-            b"t": Tempfail,
-            b"d": Discard,
-            b"4": Shutdown,
-            b"p": Progress,
-            b"s": Skip,
-        }
         try:
-            if code in simple:
-                return simple[code]()
+            if code in _SIMPLE_REPLIES:
+                return _SIMPLE_REPLIES[code]()
             if code == b"y":
                 return parse_reply_code(_strings(data, 1, "reply code")[0])
             if code == b"h":
@@ -427,7 +416,7 @@ class MilterClientConnection:
             if code in (b"i", b"m"):
                 if len(data) < 4:
                     raise _remote("header edit without its index")
-                (index,) = _U32.unpack(data[:4])
+                (index,) = U32.unpack(data[:4])
                 name, value = _strings(data[4:], 2, "header edit")
                 return InsertHeader(index, name, value) if code == b"i" else ChangeHeader(index, name, value)
             if code == b"q":
@@ -440,29 +429,12 @@ class MilterClientConnection:
             if code == b"-":
                 return DeleteRecipient(_strings(data, 1, "delete recipient")[0])
             if code == b"e":
-                parts = data[:-1].split(b"\0") if data.endswith(b"\0") else []
+                parts = split_strings(data, "change-from", _remote)
                 if len(parts) not in (1, 2):
                     raise _remote("malformed change-from")
-                texts = [p.decode("utf-8", "surrogateescape") for p in parts]
-                return ChangeFrom(texts[0], texts[1] if len(texts) == 2 else None)
+                return ChangeFrom(text(parts[0]), text(parts[1]) if len(parts) == 2 else None)
             if code == b"b":
                 return ReplaceBody(data)
         except LocalProtocolError as exc:  # the reply classes validate what they hold
             raise _remote(str(exc)) from None
         raise _remote(f"unknown reply {code!r}")
-
-
-def _needed(reply: ReplyEvent) -> Action:
-    if isinstance(reply, AddHeader | InsertHeader):
-        return Action.ADDHDRS
-    if isinstance(reply, ChangeHeader):
-        return Action.CHGHDRS
-    if isinstance(reply, Quarantine):
-        return Action.QUARANTINE
-    if isinstance(reply, AddRecipient):
-        return Action.ADDRCPT_PAR if reply.args is not None else Action.ADDRCPT
-    if isinstance(reply, DeleteRecipient):
-        return Action.DELRCPT
-    if isinstance(reply, ChangeFrom):
-        return Action.CHGFROM
-    return Action.CHGBODY
