@@ -11,7 +11,7 @@ from __future__ import annotations
 
 __all__ = ["ReceiveBuffer", "strip_line_ending"]
 
-from filterd.errors import RemoteProtocolError
+from filterd.errors import LocalProtocolError, RemoteProtocolError
 
 _LF = 0x0A
 _CR = 0x0D
@@ -29,12 +29,13 @@ def strip_line_ending(line: bytes) -> bytes:
 class ReceiveBuffer:
     """Received bytes not yet parsed. Lines end at LF; a CR just before it is part of the ending."""
 
-    __slots__ = ("_data", "_searched")
+    __slots__ = ("_data", "_searched", "closed")
 
     def __init__(self) -> None:
         self._data = bytearray()
         # Bytes at the front already known to contain no LF: the next search starts here.
         self._searched = 0
+        self.closed = False  # the peer closed its side: what is buffered is all there will be
 
     def __len__(self) -> int:
         return len(self._data)
@@ -48,6 +49,20 @@ class ReceiveBuffer:
     def append(self, data: bytes) -> None:
         """Add bytes received from the peer."""
         self._data += data
+
+    def receive(self, data: bytes, *, keep: bool = True) -> None:
+        """A protocol's ``receive_data``: ``b""`` means the peer closed its side (`closed`).
+
+        Bytes after that are the caller's bug (LocalProtocolError). With ``keep`` False (the
+        protocol reads nothing more: it is done or failed) they are dropped.
+        """
+        if not data:
+            self.closed = True
+            return
+        if self.closed:
+            raise LocalProtocolError("received data after the peer closed")
+        if keep:
+            self._data += data
 
     def find_line(self, max_length: int) -> int | None:
         """Return the offset just past the first line's LF, or None if no full line is here yet.

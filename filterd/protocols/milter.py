@@ -878,7 +878,6 @@ class MilterServerConnection:
         self._state = MilterState.NEGOTIATING
         self._table: Mapping[MilterState, Mapping[Command | _Step, MilterState]] = _TRANSITIONS
         self._packets = PacketReader(max_packet_size, _remote)
-        self._eof = False
         self._closed_reported = False
         self._error: RemoteProtocolError | None = None
         self._events: deque[tuple[Event, bool]] = deque()
@@ -942,14 +941,8 @@ class MilterServerConnection:
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes from the MTA; ``b""`` means it closed its side."""
-        if not data:
-            self._eof = True
-            return
-        if self._eof:
-            raise LocalProtocolError("received data after the peer closed")
-        if self._state in (MilterState.CLOSED, MilterState.ERROR):
-            return  # after QUIT nothing more is read
-        self._packets.buffer.append(data)
+        # After QUIT (or an error) nothing more is read.
+        self._packets.buffer.receive(data, keep=self._state not in (MilterState.CLOSED, MilterState.ERROR))
 
     def next_event(self) -> Event | NeedData:
         """The next event, or NEED_DATA. Raises RemoteProtocolError (sticky) on a bad packet."""
@@ -974,7 +967,7 @@ class MilterServerConnection:
 
     def _at_end(self) -> ConnectionClosed | NeedData:
         """No whole packet buffered: NEED_DATA, or at EOF a clean close or a truncated packet."""
-        if not self._eof:
+        if not self._packets.buffer.closed:
             return NEED_DATA
         if self._packets.mid_packet:
             raise _remote("connection closed in the middle of a packet")

@@ -301,7 +301,6 @@ class PolicyServerConnection:
         self._max_request_size = max_request_size
         self._state = PolicyState.READING
         self._buffer = ReceiveBuffer()
-        self._eof = False
         self._error: RemoteProtocolError | None = None
         self._attributes: dict[str, str] = {}
         self._lines = 0
@@ -313,14 +312,7 @@ class PolicyServerConnection:
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes from Postfix; ``b""`` means it closed its side."""
-        if not data:
-            self._eof = True
-            return
-        if self._eof:
-            raise LocalProtocolError("received data after the peer closed")
-        if self._state in (PolicyState.CLOSED, PolicyState.ERROR):
-            return
-        self._buffer.append(data)
+        self._buffer.receive(data, keep=self._state not in (PolicyState.CLOSED, PolicyState.ERROR))
 
     def next_event(self) -> PolicyRequest | ConnectionClosed | NeedData:
         """The next whole request, ConnectionClosed once at a clean EOF, else NEED_DATA."""
@@ -365,7 +357,7 @@ class PolicyServerConnection:
                     raise self._too_big() from None
                 raise RemoteProtocolError(f"policy request line longer than {self._max_line} bytes") from None
             if line is None:
-                if not self._eof:
+                if not self._buffer.closed:
                     return NEED_DATA
                 if self._buffer or self._size:
                     raise RemoteProtocolError("connection closed in the middle of a policy request")

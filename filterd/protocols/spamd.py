@@ -217,7 +217,6 @@ class SpamdServerConnection:
         self._max_line = max_line
         self._state = SpamdState.REQUEST_LINE
         self._buffer = ReceiveBuffer()
-        self._eof = False
         self._error: RemoteProtocolError | None = None
         self._method = ""
         self._version = ""
@@ -237,14 +236,8 @@ class SpamdServerConnection:
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes from the peer; ``b""`` means it closed (or half-closed) its side."""
-        if not data:
-            self._eof = True
-            return
-        if self._eof:
-            raise LocalProtocolError("received data after the peer closed")
-        if self._state in (SpamdState.DONE, SpamdState.ERROR):
-            return  # one request per connection: spamd never reads what follows
-        self._buffer.append(data)
+        # One request per connection: spamd never reads what follows.
+        self._buffer.receive(data, keep=self._state not in (SpamdState.DONE, SpamdState.ERROR))
 
     def next_event(self) -> SpamdRequest | NeedData:
         """Return the request once it is complete, NEED_DATA before that (and after DONE)."""
@@ -273,7 +266,7 @@ class SpamdServerConnection:
             if self._state is SpamdState.REQUEST_LINE:
                 line = self._next_line()
                 if line is None:
-                    if self._eof:
+                    if self._buffer.closed:
                         raise _protocol_error("(closed before headers)")
                     return NEED_DATA
                 if self._request_line(line):
@@ -281,7 +274,7 @@ class SpamdServerConnection:
             elif self._state is SpamdState.HEADERS:
                 line = self._next_line()
                 if line is None:
-                    if self._eof:
+                    if self._buffer.closed:
                         raise _protocol_error("(EOF during headers)")
                     return NEED_DATA
                 if line:
@@ -304,7 +297,7 @@ class SpamdServerConnection:
         except RemoteProtocolError:
             raise _protocol_error(f"(line longer than {self._max_line} bytes)") from None
         if line is None:
-            if self._eof and self._buffer:
+            if self._buffer.closed and self._buffer:
                 return self._buffer.take_all()
             return None
         return strip_line_ending(line)
@@ -388,12 +381,12 @@ class SpamdServerConnection:
         length = self._content_length
         if length is not None:
             body = self._buffer.take(length)
-            if body is None and self._eof:
+            if body is None and self._buffer.closed:
                 raise self._mismatch(len(self._buffer))
             return body
         if len(self._buffer) > self._max_body_size:
             raise self._too_big("")
-        return self._buffer.take_all() if self._eof else None
+        return self._buffer.take_all() if self._buffer.closed else None
 
     def _read_compressed(self) -> bytes | None:
         """Inflate as bytes arrive (so bombs and garbage are refused early), finish at EOF."""
@@ -404,7 +397,7 @@ class SpamdServerConnection:
         self._compressed_seen += len(chunk)
         if chunk:
             self._inflate(chunk)
-        if not self._eof:
+        if not self._buffer.closed:
             return None
         if self._compressed_seen < self._content_length:
             raise self._mismatch(self._compressed_seen)

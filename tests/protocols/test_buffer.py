@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from filterd.errors import RemoteProtocolError
+from filterd.errors import LocalProtocolError, RemoteProtocolError
 from filterd.protocols._buffer import ReceiveBuffer, strip_line_ending
 
 
@@ -85,6 +85,21 @@ def test_take_counts() -> None:
     buf.clear()
     assert not buf
     assert "0 bytes" in repr(buf)
+
+
+def test_receive_marks_the_close_and_refuses_data_after_it() -> None:
+    buf = ReceiveBuffer()
+    buf.receive(b"a\n")
+    buf.receive(b"dropped", keep=False)
+    assert not buf.closed and buf.take_all() == b"a\n"
+    buf.receive(b"")
+    assert buf.closed
+    with pytest.raises(LocalProtocolError, match="after the peer closed"):
+        buf.receive(b"x")
+    with pytest.raises(LocalProtocolError):
+        buf.receive(b"x", keep=False)
+    buf.clear()
+    assert buf.closed and not buf
 
 
 @given(data=st.binary(max_size=300), cuts=st.lists(st.integers(min_value=0, max_value=300), max_size=20))
