@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from filterd.config import NetworkConfig
     from filterd.engine.plugin import Scan
 
-__all__ = ["TrustPath", "build_trust_path", "in_networks", "trust_path_of"]
+__all__ = ["TrustPath", "build_trust_path", "client_is_external", "in_networks", "trust_path_of"]
 
 _LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
@@ -138,3 +138,18 @@ def trust_path_of(scan: Scan, network: NetworkConfig) -> TrustPath:
             authenticated=ctx.authenticated,
         )
     return scan.trust
+
+
+def client_is_external(scan: Scan, network: NetworkConfig) -> bool:
+    """Whether the connecting client, with no Received header known yet (CONNECT stage), is the
+    last external relay. False for an internal or authenticated client: the headers will say
+    who is behind it."""
+    ctx = scan.ctx
+    path = build_trust_path(
+        (),
+        trusted_networks=network.trusted_networks,
+        internal_networks=network.internal_networks,
+        client_ip=ctx.client_ip,
+        authenticated=ctx.authenticated,
+    )
+    return path.last_external is not None

@@ -39,7 +39,7 @@ from typing import ClassVar
 
 from filterd.config import DnsblConfig, DnsblZone
 from filterd.engine.plugin import CheckSetup, Hit, Scan, Stage
-from filterd.engine.trust import build_trust_path, trust_path_of
+from filterd.engine.trust import client_is_external, trust_path_of
 from filterd.net.dns import DnsAnswer
 
 __all__ = ["CONNECT_DONE", "DnsblCheck", "DnsblConnectCheck", "answer_rules", "reversed_ip", "zone_rules"]
@@ -305,11 +305,7 @@ class DnsblConnectCheck(DnsblCheck):
         ctx = scan.ctx
         if self._resolver is None or scan.msg is not None or not ctx.client_ip or ctx.local_only:
             return ()
-        path = build_trust_path(
-            (), trusted_networks=self._network.trusted_networks, internal_networks=self._network.internal_networks,
-            client_ip=ctx.client_ip, authenticated=ctx.authenticated,
-        )  # fmt: skip
-        if path.last_external is None:
+        if not client_is_external(scan, self._network):
             return ()  # an internal client: the Received headers will say who is behind it
         label = reversed_ip(ctx.client_ip)
         zones = [z for z in self._zones if z.type == "ip" and z.relays == "last_external"]
