@@ -444,14 +444,17 @@ class _Session:
                 return
         self.smtp.send(Reply(250, "Ok", "2.1.0"))
 
+    def _standing_refusal(self) -> Reply | None:
+        """What refuses every further step of this transaction: the filter's default action
+        tempfail, or a refusal the filter gave earlier (None: go on)."""
+        assert self.txn is not None
+        return _TEMPFAIL if self.milter_tempfail else self.txn.refusal
+
     async def _on_rcpt(self, event: RcptTo) -> None:
         txn = self.txn
         assert txn is not None
-        if self.milter_tempfail:
-            self.smtp.send(_TEMPFAIL)
-            return
-        if txn.refusal is not None:
-            self.smtp.send(txn.refusal)
+        if (refusal := self._standing_refusal()) is not None:
+            self.smtp.send(refusal)
             return
         if len(txn.rcpts) >= self.config.max_recipients:
             self.smtp.send(Reply(452, "Error: too many recipients", "4.5.3"))
@@ -477,11 +480,8 @@ class _Session:
     async def _on_data(self) -> None:
         txn = self.txn
         assert txn is not None
-        if self.milter_tempfail:
-            self.smtp.send(_TEMPFAIL)
-            return
-        if txn.refusal is not None:
-            self.smtp.send(txn.refusal)
+        if (refusal := self._standing_refusal()) is not None:
+            self.smtp.send(refusal)
             return
         if self._milter_wanted():
             assert self.milter is not None
