@@ -38,7 +38,8 @@ from tests.daemon_fixture import need_binary
 __all__ = ["Postfix", "free_port", "start_postfix"]
 
 # The services Postfix needs besides smtpd: the queue manager and its helpers, the smtp
-# client towards the sink, error/discard for refused transports, postlog for maillog_file.
+# client towards the sink, error/discard for refused transports, postlog for maillog_file;
+# virtual for callers that deliver into Maildirs (virtual_mailbox_domains, scripts/bench-mta).
 _MASTER_CF = """\
 pickup     unix  n       -       n       60      1       pickup
 cleanup    unix  n       -       n       -       0       cleanup
@@ -53,6 +54,7 @@ proxymap   unix  -       -       n       -       -       proxymap
 smtp       unix  -       -       n       -       -       smtp
 showq      unix  n       -       n       -       -       showq
 error      unix  -       -       n       -       -       error
+virtual    unix  -       n       n       -       -       virtual
 retry      unix  -       -       n       -       -       error
 discard    unix  -       -       n       -       -       discard
 anvil      unix  -       -       n       -       1       anvil
