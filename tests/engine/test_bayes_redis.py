@@ -83,10 +83,13 @@ class Backend:
             conn.close()
             return
         with self.client() as r:
-            epoch = int(r.hget(self.prefix + "state", "epoch"))
-            for key in r.scan_iter(match=f"{self.prefix}g{epoch}:b:*"):
-                fields = r.hgetall(key)
-                r.hset(key, mapping={k: change(int(v)) for k, v in fields.items() if k.startswith(b"a")})
+            epoch = int(r.hget(self.prefix + "state", "epoch"))  # type: ignore[arg-type]
+            chunk = redis_store_module._CHUNK
+            for n in range(-(-self.config().bayes.n_features // chunk)):
+                keys = [f"{self.prefix}g{epoch}:{kind}:{n}" for kind in "sha"]
+                s, h, a = (np.frombuffer((r.get(key) or b"").ljust(4 * chunk, b"\0"), ">u4") for key in keys)
+                if s.any() or h.any():
+                    r.set(keys[2], np.where((s | h) != 0, [change(int(x)) for x in a], a).astype(">u4").tobytes())
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -498,12 +501,17 @@ def test_redis_two_clients_changing_one_message_at_once_count_it_once(
     b.close()
 
 
-def test_redis_bucket_hashes_stay_compact(redis_backend: Backend) -> None:
+def test_redis_counts_are_fixed_size_strings_updated_in_place(redis_backend: Backend) -> None:
     store = trained(redis_backend, n=30)
     with redis_backend.client() as r:
-        keys = list(r.scan_iter(match=redis_backend.prefix + "g1:b:*"))
-        assert keys and {r.object("encoding", k) for k in keys} == {b"listpack"}
-        assert all(r.hlen(k) <= 3 * 64 for k in keys)
+        keys = sorted(r.scan_iter(match=redis_backend.prefix + "g1:*"))
+        kinds = Counter(k.decode()[len(redis_backend.prefix) + 3 :].split(":")[0] for k in keys)
+        assert set(kinds) == {"s", "h", "a", "msgs", "log"} and kinds["msgs"] == kinds["log"] == 1
+        assert 10 < kinds["a"] <= 17  # 2**16 buckets in strings of 4094
+        for key in keys:
+            if b":msgs" not in key and b":log" not in key:
+                assert r.strlen(key) == 4 * 4094  # made at full size, updated in place
+                assert r.memory_usage(key) <= 16384 + 100  # one 16 KB allocation and the key
     store.close()
 
 
@@ -520,44 +528,23 @@ def test_redis_refresh_after_the_log_was_trimmed_away_reloads(redis_backend: Bac
     writer.close()
 
 
-def test_redis_without_a_snapshot_rebuilds_from_buckets_and_writes_one(redis_backend: Backend) -> None:
-    writer = trained(redis_backend)
-    probes = [make_msg(900 + i, i % 2 == 0) for i in range(6)]
-    with redis_backend.client() as r:
-        r.delete(redis_backend.prefix + "g1:snap")
-        with redis_backend.open() as fresh:
-            assert [fresh.spam_probability(m) for m in probes] == [writer.spam_probability(m) for m in probes]
-        assert int(r.hget(redis_backend.prefix + "g1:snap", "seq")) == int(
-            r.hget(redis_backend.prefix + "state", "seq")
-        )
-    writer.close()
-
-
-def test_redis_snapshot_after_many_changes_trims_the_log_behind_it(
-    make_redis_server: MakeRedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_redis_log_stays_bounded_and_a_reader_far_behind_reloads(
+    redis_backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    server = make_redis_server()
-    with redis.Redis.from_url(server.url) as r:
-        r.config_set("stream-node-max-entries", 2)  # so that approximate trimming shows on a small log
-    backend = Backend(
-        "redis", {"backend": "redis", "redis_url": server.url, "redis_key_prefix": "x:"}, tmp_path, server.url
-    )
-    monkeypatch.setattr(redis_store_module, "_SNAPSHOT_AFTER_CHANGES", 5)
-    monkeypatch.setattr(redis_store_module, "_KEEP_LOG_MS", 0)  # read when a store builds its scripts
-    store = backend.open()
-    for i in range(12):
-        store.learn(make_msg(i, i % 2 == 0), i % 2 == 0)
-    with backend.client() as r:
-        snap_seq = int(r.hget("x:bayes:g1:snap", "seq"))
-        assert snap_seq == 10
-        log_seqs = [int(fields[b"seq"]) for _, fields in r.xrange("x:bayes:g1:log")]
-        assert log_seqs == list(range(log_seqs[0], 13))  # no gap
-        assert 1 < log_seqs[0] <= snap_seq + 1  # trimmed, but only behind the snapshot
+    monkeypatch.setattr(redis_store_module, "_LOG_MAX", 5)  # read when a store builds its scripts
+    reader = redis_backend.open()
+    writer = redis_backend.open()
+    for i in range(300):
+        writer.learn(make_msg(i, i % 2 == 0), i % 2 == 0)
+    with redis_backend.client() as r:
+        log_seqs = [int(fields[b"seq"]) for _, fields in r.xrange(redis_backend.prefix + "g1:log")]
+    assert log_seqs == list(range(log_seqs[0], 301)) and len(log_seqs) < 250  # the newest, no gap
+    reader.refresh()  # its position was trimmed away: it reloads the counts
     probes = [make_msg(900 + i, i % 2 == 0) for i in range(6)]
-    with backend.open(min_spam=1, min_ham=1) as fresh:  # from the snapshot and the log after it
-        store.config = fresh.config
-        assert [fresh.spam_probability(m) for m in probes] == [store.spam_probability(m) for m in probes]
-    store.close()
+    assert [reader.spam_probability(m) for m in probes] == [writer.spam_probability(m) for m in probes]
+    check_consistent(reader)
+    reader.close()
+    writer.close()
 
 
 def test_redis_clear_deletes_the_old_generation_and_stale_writers_follow(redis_backend: Backend) -> None:
@@ -566,8 +553,10 @@ def test_redis_clear_deletes_the_old_generation_and_stale_writers_follow(redis_b
     other.clear()
     with redis_backend.client() as r:
         names = {k.decode()[len(redis_backend.prefix) :].split(":")[0] for k in r.scan_iter(redis_backend.prefix + "*")}
-    assert names == {"meta", "state", "g2"}
+    assert names == {"meta", "state"}  # generation 1 is gone; 2 is empty, so has no keys yet
     assert stale.learn(make_msg(1, True), True) is LearnResult.LEARNED  # into generation 2
+    with redis_backend.client() as r:
+        assert r.exists(redis_backend.prefix + "g2:msgs") and not r.keys(redis_backend.prefix + "g1:*")
     other.refresh()
     assert other.counts() == (1, 0)
     check_consistent(other)
