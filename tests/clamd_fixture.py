@@ -27,7 +27,6 @@ clamd accepts). A missing clamd fails the test (scripts/run-tests installs it), 
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import hashlib
 import io
@@ -45,6 +44,7 @@ from typing import Protocol
 
 import pytest
 
+from tests._servers import bind_retrying, read_log, spawn, stop_process, wait_until
 from tests.dns_fixture import sbin_program
 
 # Written in two pieces so that this file is not itself the EICAR test file to a scanner.
@@ -102,13 +102,6 @@ def clamd_config(
     )
 
 
-def free_tcp_port(address: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((address, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def send_command(address: str | tuple[str, int], command: bytes, *, timeout: float = 1.0) -> bytes:
     """One raw clamd exchange (``b"zPING\\0"``...): send, read to clamd's close."""
     family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
@@ -120,17 +113,6 @@ def send_command(address: str | tuple[str, int], command: bytes, *, timeout: flo
         while chunk := sock.recv(4096):
             chunks.append(chunk)
     return b"".join(chunks)
-
-
-_running: set[subprocess.Popen[bytes]] = set()
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    for proc in list(_running):
-        with contextlib.suppress(OSError):
-            os.kill(proc.pid, signal.SIGCONT)
-        proc.kill()
 
 
 class Clamd:
@@ -175,61 +157,40 @@ class Clamd:
 
     def log(self) -> str:
         """clamd's log file and whatever it printed."""
-        parts = [p.read_text(errors="replace") for p in (self.log_path, self.output_path) if p.exists()]
-        return "\n".join(parts)
+        return read_log(self.log_path, self.output_path)
 
     def start(self) -> None:
         """Start clamd (on the same port after a `stop`) and wait until both sockets answer PING."""
-        if self.running:
-            return
-        for _ in range(5 if self.port == 0 else 1):
-            chosen = self.port == 0
-            if chosen:
-                self.port = free_tcp_port(self.host)
-            self.config_path.write_text(
-                clamd_config(
-                    database=self.database,
-                    socket_path=self.socket_path,
-                    port=self.port,
-                    log_file=self.log_path,
-                    temp_dir=self.temp_dir,
-                    stream_max_length=self.stream_max_length,
-                )
-            )
-            mark = len(self.log())
-            started = time.monotonic()
-            with self.output_path.open("ab") as out:
-                self.proc = subprocess.Popen(
-                    [self.clamd, "-c", str(self.config_path)], stdin=subprocess.DEVNULL, stdout=out, stderr=out
-                )
-            _running.add(self.proc)
-            try:
-                self._wait_until_ready()
-                self.start_time = time.monotonic() - started
-                return
-            except RuntimeError:
-                self.stop()
-                if not (chosen and "already in use" in self.log()[mark:]):
-                    raise
-                self.port = 0  # someone took the port between choosing and binding: choose again
-        raise RuntimeError(f"clamd could not bind a port on {self.host}:\n{self.log()}")
+        if not self.running:
+            self.port = bind_retrying(self.port, self._launch, self.stop, self.log, name="clamd", address=self.host)
 
-    def _wait_until_ready(self, timeout: float = READY_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        waiting: list[str | tuple[str, int]] = [str(self.socket_path), (self.host, self.port)]
-        while waiting:
-            if self.proc is None or self.proc.poll() is not None:
-                code = None if self.proc is None else self.proc.returncode
-                raise RuntimeError(f"clamd exited ({code}):\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"clamd did not answer PING on {waiting} within {timeout}s:\n{self.log()}")
-            try:
-                if send_command(waiting[0], b"zPING\0", timeout=0.5) == b"PONG\0":
-                    waiting.pop(0)
-                    continue
-            except OSError:
-                pass
-            time.sleep(0.02)
+    def _launch(self, port: int) -> None:
+        self.port = port
+        self.config_path.write_text(
+            clamd_config(
+                database=self.database,
+                socket_path=self.socket_path,
+                port=port,
+                log_file=self.log_path,
+                temp_dir=self.temp_dir,
+                stream_max_length=self.stream_max_length,
+            )
+        )
+        started = time.monotonic()
+        self.proc = spawn([self.clamd, "-c", str(self.config_path)], self.output_path, append=True)
+        waiting: list[str | tuple[str, int]] = [str(self.socket_path), (self.host, port)]
+
+        def answered() -> bool:
+            while waiting and send_command(waiting[0], b"zPING\0", timeout=0.5) == b"PONG\0":
+                waiting.pop(0)
+            return not waiting
+
+        where = f"{self.socket_path} and {self.host}:{port}"
+        wait_until(
+            answered, self.proc, name="clamd", waiting_for=f"answer PING on {where}", log=self.log,
+            timeout=READY_TIMEOUT, interval=0.02,
+        )  # fmt: skip
+        self.start_time = time.monotonic() - started
 
     def ping(self, *, tcp: bool = False, timeout: float = 1.0) -> bool:
         try:
@@ -254,13 +215,7 @@ class Clamd:
             return
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)  # a paused clamd cannot act on SIGTERM
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        _running.discard(self.proc)
+        stop_process(self.proc)
         self.proc = None
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests._servers import spawn, stop_process, wait_for_log, wait_until
 
 
 def need_binary(name: str) -> str:
@@ -41,14 +41,7 @@ class Daemon:
         self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, timeout)
 
     def request(self, data: bytes, *, unix: bool = True, timeout: float = 30) -> bytes:
         """One raw spamd exchange: send, half-close, read to EOF."""
@@ -69,15 +62,7 @@ class Daemon:
         return b"".join(chunks)
 
     def wait_for_log(self, pattern: str, timeout: float = 30, count: int = 1) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            matches = list(re.finditer(pattern, self.log()))
-            if len(matches) >= count:
-                return matches[count - 1]
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited ({self.proc.returncode}):\n{self.log()}")
-            time.sleep(0.05)
-        raise AssertionError(f"no {pattern!r} in the daemon log after {timeout}s:\n{self.log()}")
+        return wait_for_log(self.proc, self.log, pattern, name="daemon", timeout=timeout, count=count)
 
 
 def start_daemon(tmp_path: Path, *args: str, config: str = "", workers: int = 2, metrics: bool = True) -> Daemon:
@@ -109,21 +94,18 @@ def start_daemon(tmp_path: Path, *args: str, config: str = "", workers: int = 2,
     ]
     if metrics:
         cmd += ["--metrics-listen", "127.0.0.1:0"]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    daemon = Daemon(proc, log_path, unix_path)
-    m = daemon.wait_for_log(r"listening for spamd on 127\.0\.0\.1:(\d+)")
-    daemon.host, daemon.port = "127.0.0.1", int(m.group(1))
-    if metrics:
-        daemon.metrics_port = int(daemon.wait_for_log(r"metrics on http://127\.0\.0\.1:(\d+)/").group(1))
-    daemon.wait_for_log(r"filterd daemon ready")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # the workers accept once their loops run
-        try:
-            if daemon.request(b"PING SPAMC/1.5\r\n\r\n", timeout=5).startswith(b"SPAMD/1.5 0 PONG"):
-                return daemon
-        except OSError:
-            pass
-        time.sleep(0.05)
-    daemon.stop()
-    raise AssertionError(f"daemon never answered PING:\n{daemon.log()}")
+    daemon = Daemon(spawn(cmd, log_path), log_path, unix_path)
+    try:
+        m = daemon.wait_for_log(r"listening for spamd on 127\.0\.0\.1:(\d+)")
+        daemon.host, daemon.port = "127.0.0.1", int(m.group(1))
+        if metrics:
+            daemon.metrics_port = int(daemon.wait_for_log(r"metrics on http://127\.0\.0\.1:(\d+)/").group(1))
+        daemon.wait_for_log(r"filterd daemon ready")
+        wait_until(  # the workers accept once their loops run
+            lambda: daemon.request(b"PING SPAMC/1.5\r\n\r\n", timeout=5).startswith(b"SPAMD/1.5 0 PONG"),
+            daemon.proc, name="daemon", waiting_for="answer PING", log=daemon.log,
+        )  # fmt: skip
+    except BaseException:
+        daemon.stop()
+        raise
+    return daemon

@@ -16,17 +16,14 @@ rewrite this module's asserts, PYTEST_DONT_REWRITE, so importing names from it t
 from __future__ import annotations
 
 import asyncio
-import atexit
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import textwrap
 import threading
-import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
@@ -41,6 +38,7 @@ import dns.resolver
 import dns.zone
 import pytest
 
+from tests._servers import bind_retrying, read_log, spawn, stop_process, wait_until
 from tests.daemon_fixture import need_binary
 
 Records = str | Sequence[str]
@@ -229,14 +227,6 @@ class Nameserver:
 
 # --- knotd ----------------------------------------------------------------------------------------
 
-_running: set[subprocess.Popen[bytes]] = set()
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    for proc in list(_running):
-        proc.kill()
-
 
 class DnsServer(Nameserver):
     """Knot DNS serving the given zones on `address`:`port`, authoritative and unsigned.
@@ -318,47 +308,27 @@ class DnsServer(Nameserver):
 
     def log(self) -> str:
         """Everything knotd wrote to stderr, across restarts."""
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return read_log(self.log_path)
 
     def start(self) -> None:
         """Start knotd (on the same port after a `stop`) and wait until every zone answers."""
-        if self.running:
-            return
-        for _ in range(5 if self.port == 0 else 1):
-            chosen = self.port == 0
-            if chosen:
-                self.port = free_port(self.address)
-            self._write_config()
-            mark = len(self.log())
-            with self.log_path.open("ab") as log:
-                self.proc = subprocess.Popen(
-                    [self.knotd, "-c", str(self.config_path)], stdin=subprocess.DEVNULL, stdout=log, stderr=log
-                )
-            _running.add(self.proc)
-            try:
-                for zone, serial in self.zones.items():
-                    self._wait_for_zone(zone, serial)
-                return
-            except RuntimeError:
-                self.stop()
-                if not (chosen and "address already in use" in self.log()[mark:]):
-                    raise
-                self.port = 0  # someone took the port between choosing and binding: choose again
-        raise RuntimeError(f"knotd could not bind a port on {self.address}:\n{self.log()}")
+        if not self.running:
+            self.port = bind_retrying(
+                self.port, self._launch, self.stop, self.log, name="knotd", address=self.address, pick=free_port
+            )
+
+    def _launch(self, port: int) -> None:
+        self.port = port
+        self._write_config()
+        self.proc = spawn([self.knotd, "-c", str(self.config_path)], self.log_path, append=True)
+        for zone, serial in self.zones.items():
+            self._wait_for_zone(zone, serial)
 
     def stop(self) -> None:
         """Stop knotd; `start` brings it back on the same port with the same zones."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        _running.discard(self.proc)
-        self.proc = None
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
 
     def close(self) -> None:
         """Stop knotd for good."""
@@ -381,23 +351,23 @@ class DnsServer(Nameserver):
 
     def _wait_for_zone(self, zone: str, serial: int | None, timeout: float = READY_TIMEOUT) -> None:
         """Poll the zone's SOA over UDP until it has `serial` (None: until the zone is gone)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                code = None if self.proc is None else self.proc.returncode
-                raise RuntimeError(f"knotd exited ({code}):\n{self.log()}")
+        assert self.proc is not None
+
+        def served() -> bool:
             try:
                 response = self.query(zone, "SOA", timeout=0.2)
-            except (dns.exception.Timeout, OSError):
-                continue
+            except dns.exception.Timeout:
+                return False
             soa = [rr.serial for rrset in response.answer for rr in rrset if rrset.rdtype == dns.rdatatype.SOA]
-            if serial is None and response.rcode() != dns.rcode.NOERROR:
-                return
-            if serial is not None and response.rcode() == dns.rcode.NOERROR and soa == [serial]:
-                return
-            time.sleep(0.01)
+            if serial is None:
+                return response.rcode() != dns.rcode.NOERROR
+            return response.rcode() == dns.rcode.NOERROR and soa == [serial]
+
         want = "gone" if serial is None else f"serial {serial}"
-        raise RuntimeError(f"knotd on {self.spec} never served zone {zone} ({want}) in {timeout}s:\n{self.log()}")
+        wait_until(
+            served, self.proc, name=f"knotd on {self.spec}", waiting_for=f"serve zone {zone} ({want})", log=self.log,
+            timeout=timeout, interval=0.01,
+        )  # fmt: skip
 
 
 def start_dns_server(

@@ -17,14 +17,12 @@ import imaplib
 import os
 import pwd
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests._servers import free_port, greeting, read_log, spawn, stop_process, wait_until
 from tests.daemon_fixture import need_binary
 
 __all__ = ["Dovecot", "start_dovecot"]
@@ -51,25 +49,13 @@ class Dovecot:
         return conn
 
     def log(self) -> str:
-        path = self.root / "dovecot.log"
-        return path.read_text(errors="replace") if path.exists() else ""
+        """Dovecot's log and what it printed."""
+        return read_log(self.root / "dovecot.log", self.root / "dovecot.out")
 
     def stop(self, timeout: float = 30) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout)
         if self.mail_root != self.root:
             shutil.rmtree(self.mail_root, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _config(root: Path, mail_root: Path, uid: int, gid: int, port: int) -> str:
@@ -143,25 +129,16 @@ def start_dovecot(tmp_path: Path, users: dict[str, str] | None = None, *, timeou
     os.chown(mail_root / "mail", uid, gid)
     (root / "passwd").write_text("".join(f"{user}:{{PLAIN}}{password}::::::\n" for user, password in users.items()))
     conf = root / "dovecot.conf"
-    port = _free_port()
+    port = free_port()
     conf.write_text(_config(root, mail_root, uid, gid, port))
-    proc = subprocess.Popen(
-        [binary, "-F", "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    proc = spawn([binary, "-F", "-c", str(conf)], root / "dovecot.out")
     server = Dovecot(proc, root, mail_root, pwd.getpwuid(uid).pw_name, "127.0.0.1", port, dict(users))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            assert proc.stderr is not None
-            raise AssertionError(f"dovecot exited ({proc.returncode}): {proc.stderr.read().decode()}\n{server.log()}")
-        try:
-            with socket.create_connection((server.host, port), timeout=2) as s:
-                if s.recv(200).startswith(b"* OK"):
-                    assert proc.stderr is not None
-                    proc.stderr.close()
-                    return server
-        except OSError:
-            pass
-        time.sleep(0.05)
-    server.stop()
-    raise AssertionError(f"dovecot did not answer on port {port} within {timeout}s:\n{server.log()}")
+    try:
+        wait_until(
+            lambda: greeting(server.host, port, timeout=2).startswith(b"* OK"), proc, name="dovecot",
+            waiting_for=f"answer on port {port}", log=server.log, timeout=timeout,
+        )  # fmt: skip
+    except BaseException:
+        server.stop()
+        raise
+    return server

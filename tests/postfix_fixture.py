@@ -24,8 +24,6 @@ import grp
 import os
 import pwd
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -33,6 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests._servers import free_port, greeting, spawn, stop_process, wait_until
 from tests.daemon_fixture import need_binary
 
 __all__ = ["Postfix", "free_port", "start_postfix"]
@@ -63,27 +62,11 @@ postlog    unix-dgram n  -       n       -       1       postlogd
 """
 
 
-def free_port() -> int:
-    """A loopback TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.settimeout(5)
-                if s.recv(100).startswith(b"220"):
-                    return
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            raise AssertionError(f"{what} exited ({proc.returncode}):\n{_tail(log)}")
-        time.sleep(0.05)
-    raise AssertionError(f"{what} never answered on port {port}:\n{_tail(log)}")
+    wait_until(
+        lambda: greeting("127.0.0.1", port, timeout=5).startswith(b"220"), proc, name=what,
+        waiting_for=f"answer on port {port}", log=lambda: _tail(log), timeout=timeout,
+    )  # fmt: skip
 
 
 def _tail(path: Path, lines: int = 60) -> str:
@@ -139,13 +122,7 @@ class Postfix:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.master.wait(20)
         for proc in (self.master, self.sink):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc, 20)
         if self.root.exists():
             for name in ("maillog", "sink.log", "master.out"):
                 with contextlib.suppress(OSError):
@@ -256,16 +233,8 @@ def start_postfix(
     env = {**os.environ, "MAIL_CONFIG": str(confdir)}
     _make_queue(queue, owner.pw_uid, owner.pw_gid)
     sink_log = root / "sink.log"
-    with sink_log.open("wb") as out:
-        sink = subprocess.Popen(
-            [sink_binary, "-u", "postfix", "-d", f"{sink_dir}/%H%M%S.", f"127.0.0.1:{sink_port}", "64"],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-    with (root / "master.out").open("wb") as out:
-        master = subprocess.Popen(
-            [postfix, "-c", str(confdir), "start-fg"], env=env, stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+    sink = spawn([sink_binary, "-u", "postfix", "-d", f"{sink_dir}/%H%M%S.", f"127.0.0.1:{sink_port}", "64"], sink_log)
+    master = spawn([postfix, "-c", str(confdir), "start-fg"], root / "master.out", env=env)
     pf = Postfix(root, confdir, maillog, sink_dir, ports, sink_port, master, sink, tmp)
     try:
         _wait_port(sink_port, sink, "smtp-sink", sink_log)

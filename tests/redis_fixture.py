@@ -15,44 +15,22 @@ A missing redis-server binary fails the test (`need_binary`): scripts/run-tests 
 
 from __future__ import annotations
 
-import atexit
 import itertools
-import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests._servers import free_port, greeting, read_log, spawn, stop_process, wait_until
 from tests.daemon_fixture import need_binary
 
 READY_TIMEOUT = 10.0
 
-_running: set[subprocess.Popen[bytes]] = set()
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    for proc in list(_running):
-        proc.kill()
-
-
-def free_tcp_port(address: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((address, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
 
 def ping(host: str, port: int, timeout: float = 1.0) -> bool:
     """True when a Redis server answers PING at host:port (inline command, no client library)."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
+    return greeting(host, port, send=b"PING\r\n", timeout=timeout, size=64).startswith(b"+PONG")
 
 
 class RedisServer:
@@ -65,6 +43,7 @@ class RedisServer:
         self.directory = directory
         self.port = 0
         self.log_path = directory / "redis.log"
+        self.output_path = directory / "redis.out"  # what it printed before its log was open
         self.proc: subprocess.Popen[bytes] | None = None
         self._prefixes = itertools.count(1)
         self.start()
@@ -78,47 +57,36 @@ class RedisServer:
         return f"test{next(self._prefixes)}:"
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return read_log(self.log_path, self.output_path)
 
     def start(self) -> None:
         """Start (or restart after `stop`, on a new port) and wait until it answers PING."""
         self.directory.mkdir(parents=True, exist_ok=True)
         for _attempt in range(5):  # a port found free may be taken before the server binds it
-            self.port = free_tcp_port(self.host)
+            self.port = free_port(self.host)
             # fmt: off
             argv = [
                 self.binary, "--port", str(self.port), "--bind", self.host, "--save", "",
                 "--appendonly", "no", "--dir", str(self.directory), "--logfile", str(self.log_path),
                 "--daemonize", "no", "--protected-mode", "no",
             ]  # fmt: on
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            _running.add(proc)
-            deadline = time.monotonic() + READY_TIMEOUT
-            while time.monotonic() < deadline and proc.poll() is None:
-                if ping(self.host, self.port, timeout=0.5):
-                    self.proc = proc
-                    return
-                time.sleep(0.02)
-            self._end(proc)
+            proc = spawn(argv, self.output_path, append=True)
+            try:
+                wait_until(
+                    lambda: ping(self.host, self.port, timeout=0.5), proc, name="redis-server",
+                    waiting_for="answer PING", log=self.log, timeout=READY_TIMEOUT, interval=0.02,
+                )  # fmt: skip
+            except AssertionError:
+                stop_process(proc)
+                continue
+            self.proc = proc
+            return
         raise AssertionError(f"redis-server did not start:\n{self.log()}")
 
     def stop(self) -> None:
         if self.proc is not None:
-            self._end(self.proc)
+            stop_process(self.proc)
             self.proc = None
-
-    @staticmethod
-    def _end(proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
-        _running.discard(proc)
 
 
 MakeRedisServer = Callable[[], RedisServer]

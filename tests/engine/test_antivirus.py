@@ -21,6 +21,7 @@ from filterd.engine.message import parse_message
 from filterd.engine.plugin import CheckSetup, Hit, Scan, ScanContext
 from filterd.engine.uris import UriParser
 from filterd.errors import ConfigError
+from tests._servers import free_port
 from tests.clamd_fixture import (
     EICAR,
     EICAR_HASH_NAME,
@@ -29,7 +30,6 @@ from tests.clamd_fixture import (
     ZIP_NAME,
     Clamd,
     MakeClamd,
-    free_tcp_port,
     marker_zip,
     zip_with,
 )
@@ -225,7 +225,7 @@ def test_missing_unix_socket(tmp_path: Path, on_error: str) -> None:
 
 @pytest.mark.parametrize("on_error", ["tempfail", "continue"])
 def test_closed_tcp_port(on_error: str) -> None:
-    spec = f"127.0.0.1:{free_tcp_port()}"
+    spec = f"127.0.0.1:{free_port()}"
     hits, found = run_check(av_config(spec, on_error=on_error), plain_message(b"hello"))
     detail = only_hit(hits, "AV_ERROR").detail
     assert spec in detail and "refused" in detail

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import re
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from filterd.mta.queue import Envelope, Queue
+from tests._servers import spawn, stop_process, wait_for_log
 
 
 @dataclass
@@ -37,24 +36,10 @@ class Mta:
         return out
 
     def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, timeout)
 
     def wait_for_log(self, pattern: str, timeout: float = 30) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if m := re.search(pattern, self.log()):
-                return m
-            if self.proc.poll() is not None:
-                raise AssertionError(f"filterd mta exited ({self.proc.returncode}):\n{self.log()}")
-            time.sleep(0.05)
-        raise AssertionError(f"no {pattern!r} in the mta log after {timeout}s:\n{self.log()}")
+        return wait_for_log(self.proc, self.log, pattern, name="filterd mta", timeout=timeout)
 
 
 def start_mta(
@@ -83,11 +68,13 @@ def start_mta(
         *(() if deliver else ("--no-deliver",)),
         *args,
     ]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    mta = Mta(proc, log_path, state_dir or run / "state")
-    mta.port = int(mta.wait_for_log(r"listening on 127\.0\.0\.1:(\d+)\n").group(1))
-    mta.wait_for_log(r"filterd mta: ready")
+    mta = Mta(spawn(cmd, log_path), log_path, state_dir or run / "state")
+    try:
+        mta.port = int(mta.wait_for_log(r"listening on 127\.0\.0\.1:(\d+)\n").group(1))
+        mta.wait_for_log(r"filterd mta: ready")
+    except BaseException:
+        mta.stop()
+        raise
     return mta
 
 

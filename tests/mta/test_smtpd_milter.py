@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import re
 import smtplib
-import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,6 +43,7 @@ from filterd.protocols.milter import (
 from filterd.protocols.milter import Data as MilterData
 from filterd.protocols.milter import MailFrom as MilterMailFrom
 from filterd.protocols.milter import RcptTo as MilterRcptTo
+from tests._servers import free_port
 from tests.daemon_fixture import Daemon, need_binary, start_daemon
 from tests.mta.mta_fixture import Mta, start_mta
 
@@ -72,12 +72,6 @@ def swaks(mta: Mta, *args: str) -> tuple[int, str]:
            "--from", "alice@example.org", "--to", "bob@localhost", *args]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     return proc.returncode, proc.stdout + proc.stderr
-
-
-def _dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_gtube_is_rejected_before_the_queue(mta: Mta) -> None:
@@ -110,7 +104,7 @@ def test_filter_down_applies_milter_default_action(tmp_path: Path, action: str) 
     mta = start_mta(
         tmp_path,
         "--filter",
-        f"127.0.0.1:{_dead_port()}",
+        f"127.0.0.1:{free_port()}",
         config=f"mta: {{milter_default_action: {action}, milter_connect_timeout: 2s}}\n",
     )
     try:
