@@ -364,10 +364,9 @@ class Unknown:
     macros: dict[str, str] = field(default_factory=dict)
 
 
-Event: TypeAlias = (
-    OptionNegotiation
-    | Macros
-    | Connect
+# The commands an MTA reports a session with (what the MTA side sends: milter_client.Command).
+_SessionCommand: TypeAlias = (
+    Connect
     | Helo
     | MailFrom
     | RcptTo
@@ -379,9 +378,8 @@ Event: TypeAlias = (
     | Abort
     | Quit
     | QuitNewConnection
-    | Unknown
-    | ConnectionClosed
 )
+Event: TypeAlias = OptionNegotiation | Macros | _SessionCommand | Unknown | ConnectionClosed
 
 # Which step each event is, for the NO* (not sent) and NR_* (not answered) flags.
 _STEP_FLAGS: Final[Mapping[type[Event], tuple[ProtocolFlag, ProtocolFlag]]] = {
@@ -636,30 +634,16 @@ class ReplaceBody:
     data: bytes = field(repr=False)
 
 
-Reply: TypeAlias = (
-    Negotiate
-    | Continue
-    | Accept
-    | Reject
-    | Tempfail
-    | Discard
-    | Shutdown
-    | Progress
-    | Skip
-    | ReplyCode
-    | AddHeader
-    | InsertHeader
-    | ChangeHeader
-    | Quarantine
-    | AddRecipient
-    | DeleteRecipient
-    | ChangeFrom
-    | ReplaceBody
+_SimpleReply: TypeAlias = Continue | Accept | Reject | Tempfail | Discard | Shutdown | Progress | Skip
+_Edit: TypeAlias = (
+    AddHeader | InsertHeader | ChangeHeader | Quarantine | AddRecipient | DeleteRecipient | ChangeFrom | ReplaceBody
 )
+# What answers a step (what the MTA side receives: milter_client.ReplyEvent).
+_StepReply: TypeAlias = _SimpleReply | ReplyCode | _Edit
+Reply: TypeAlias = Negotiate | _StepReply
 
 _FINAL: Final = (Continue, Accept, Reject, Tempfail, Discard, Shutdown, ReplyCode, Skip)
 # The replies without data, by their command byte (the MTA side decodes with this table too).
-_SimpleReply: TypeAlias = Continue | Accept | Reject | Tempfail | Discard | Shutdown | Progress | Skip
 _SIMPLE_REPLIES: Final[Mapping[bytes, type[_SimpleReply]]] = {
     b"c": Continue,
     b"a": Accept,
@@ -671,9 +655,6 @@ _SIMPLE_REPLIES: Final[Mapping[bytes, type[_SimpleReply]]] = {
     b"s": Skip,
 }
 _SIMPLE_CODES: Final[Mapping[type, bytes]] = {kind: code for code, kind in _SIMPLE_REPLIES.items()}
-_Edit: TypeAlias = (
-    AddHeader | InsertHeader | ChangeHeader | Quarantine | AddRecipient | DeleteRecipient | ChangeFrom | ReplaceBody
-)
 _EDITS: Final = (
     AddHeader,
     InsertHeader,

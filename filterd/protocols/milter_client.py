@@ -72,7 +72,6 @@ from filterd.protocols.milter import (
     ALL_ACTIONS,
     MILTER_VERSION,
     Abort,
-    Accept,
     Action,
     AddHeader,
     AddRecipient,
@@ -81,10 +80,8 @@ from filterd.protocols.milter import (
     ChangeFrom,
     ChangeHeader,
     Connect,
-    Continue,
     Data,
     DeleteRecipient,
-    Discard,
     EndOfHeaders,
     EndOfMessage,
     Header,
@@ -92,19 +89,17 @@ from filterd.protocols.milter import (
     InsertHeader,
     MacroStage,
     MailFrom,
-    Progress,
     ProtocolFlag,
     Quarantine,
     Quit,
     QuitNewConnection,
     RcptTo,
-    Reject,
     ReplaceBody,
     ReplyCode,
-    Shutdown,
     Skip,
-    Tempfail,
     _needed_action,
+    _SessionCommand,
+    _StepReply,
 )
 from filterd.protocols.milter import Command as _Code
 
@@ -115,20 +110,7 @@ OFFERED_ACTIONS: Final = ALL_ACTIONS
 # All steps may be skipped or left unanswered; we never report rejected recipients (RCPT_REJ).
 OFFERED_PROTOCOL: Final = ProtocolFlag(0x1FFFFF & ~ProtocolFlag.RCPT_REJ)
 
-Command: TypeAlias = (
-    Connect
-    | Helo
-    | MailFrom
-    | RcptTo
-    | Data
-    | Header
-    | EndOfHeaders
-    | BodyChunk
-    | EndOfMessage
-    | Abort
-    | Quit
-    | QuitNewConnection
-)
+Command: TypeAlias = _SessionCommand
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,27 +123,7 @@ class Negotiated:
     macros: dict[MacroStage, tuple[str, ...]] = field(default_factory=dict)
 
 
-ReplyEvent: TypeAlias = (
-    Negotiated
-    | Continue
-    | Accept
-    | Reject
-    | Tempfail
-    | Discard
-    | Shutdown
-    | Progress
-    | Skip
-    | ReplyCode
-    | AddHeader
-    | InsertHeader
-    | ChangeHeader
-    | Quarantine
-    | AddRecipient
-    | DeleteRecipient
-    | ChangeFrom
-    | ReplaceBody
-    | ConnectionClosed
-)
+ReplyEvent: TypeAlias = Negotiated | _StepReply | ConnectionClosed
 
 # command -> (its command byte, the stage its macro list is asked for); the macros go out with the
 # command byte as their stage. Which NO*/NR_* flags apply to it: the filter side's _STEP_FLAGS.
