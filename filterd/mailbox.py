@@ -23,8 +23,6 @@ __all__ = ["MailItem", "count_sources", "iter_messages", "looks_like_mail"]
 
 _HEADER_LINE = re.compile(rb"^[!-9;-~]+[ \t]*:")
 _QUOTED_FROM = re.compile(rb"^>(>*From )", re.M)
-# A message starts at "From " at the start of the file or right after an empty line.
-_FROM_LINE = re.compile(rb"(?:\A|(?<=\n\n)|(?<=\n\r\n))From ")
 _MAX_MESSAGE = 256 * 1024 * 1024
 
 
@@ -51,14 +49,30 @@ def _is_maildir(path: Path) -> bool:
     return (path / "cur").is_dir() and (path / "new").is_dir()
 
 
+def _message_starts(data: bytes) -> list[int]:
+    """Where messages start: "From " at the start of the file or right after an empty line.
+
+    bytes.find jumps from one "\nFrom " to the next at C speed; a regular expression made of
+    look-behinds tries every position (0.2 ms on a 5 KB message, most of reading a folder)."""
+    starts = [0] if data.startswith(b"From ") else []
+    pos = data.find(b"\nFrom ")
+    while pos >= 0:
+        if data[pos - 1 : pos] == b"\n" or data[pos - 2 : pos] == b"\n\r":
+            starts.append(pos + 1)
+        pos = data.find(b"\nFrom ", pos + 6)
+    return starts
+
+
 def _split_mbox(data: bytes, name: str) -> Iterator[MailItem]:
-    starts = [m.start() for m in _FROM_LINE.finditer(data)]
+    starts = _message_starts(data)
     if not starts:
         yield _single(data, name)
         return
     for i, start in enumerate(starts):
         end = starts[i + 1] if i + 1 < len(starts) else len(data)
-        message = _QUOTED_FROM.sub(rb"\1", data[start:end])
+        message = data[start:end]
+        if b">From " in message:
+            message = _QUOTED_FROM.sub(rb"\1", message)
         yield _single(message, f"{name}#{i + 1}" if len(starts) > 1 else name)
 
 
