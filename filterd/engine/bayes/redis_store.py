@@ -257,8 +257,11 @@ for _ = 1, #pairs / 8 do
     local n, slot = math.floor(b / @CHUNK@), '#' .. (b % @CHUNK@)
     local atime = redis.call('BITFIELD', gen .. 'a:' .. n, 'GET', 'u32', slot)[1]
     if atime <= seen then  -- else learnt or seen since it was read: kept
-        local s = redis.call('BITFIELD', gen .. 's:' .. n, 'GET', 'u32', slot, 'SET', 'u32', slot, 0)[1]
-        local h = redis.call('BITFIELD', gen .. 'h:' .. n, 'GET', 'u32', slot, 'SET', 'u32', slot, 0)[1]
+        local s = redis.call('BITFIELD', gen .. 's:' .. n, 'GET', 'u32', slot)[1]
+        local h = redis.call('BITFIELD', gen .. 'h:' .. n, 'GET', 'u32', slot)[1]
+        -- (a GET of a missing string reads 0 and makes nothing; a SET would make it)
+        if s > 0 then redis.call('BITFIELD', gen .. 's:' .. n, 'SET', 'u32', slot, 0) end
+        if h > 0 then redis.call('BITFIELD', gen .. 'h:' .. n, 'SET', 'u32', slot, 0) end
         if s > 0 or h > 0 then zero[#zero + 1] = struct.pack('<i4', b) end
     end
 end
