@@ -72,6 +72,18 @@ _REJECT = Reply(550, "Command rejected", "5.7.1")
 _RECEIVED = re.compile(rb"received[ \t]*:", re.IGNORECASE)
 
 
+def _mailbox_line_to_header(data: bytes) -> bytes:
+    """A leading mbox ``From sender date`` line (a client piping a mailbox file) as a header.
+
+    Left in place it would end the header block before it starts, so the filter and the reader
+    would see a message without headers. Postfix's cleanup keeps it as X-Mailbox-Line; so do we.
+    """
+    if not data.startswith(b"From "):  # a From: header has no space before its colon
+        return data
+    line, sep, rest = data.partition(b"\r\n")
+    return b"X-Mailbox-Line: " + line + sep + rest
+
+
 def received_header(
     *,
     helo: str,
@@ -500,6 +512,7 @@ class _Session:
         self.smtp.send(reply)
 
     async def _message(self, txn: _Transaction, data: bytes) -> Reply:
+        data = _mailbox_line_to_header(data)
         headers, _, _ = split_headers(data)
         hops = 1 + sum(1 for _, _, raw in headers if _RECEIVED.match(raw))
         if hops > self.config.max_hops:
