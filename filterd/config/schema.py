@@ -574,7 +574,7 @@ class BayesConfig(Section):
 
 @dataclass(frozen=True, slots=True)
 class StateConfig(Section):
-    """Where learnt state shared by the workers lives: greylist triplets and sender reputation."""
+    """Where learnt state shared by the workers lives: greylist triplets, sender reputation, Bayes."""
 
     backend: Literal["sqlite", "redis"] = setting(
         "sqlite", doc="sqlite: one file in the state directory (one machine); redis: shared by several machines."
