@@ -86,7 +86,7 @@ def _reduce(raws: list[bytes], body_scan_size: int) -> list[tuple[str, npt.NDArr
     uri_parser, tokenizer = _worker_tools()
     out = []
     for raw in raws:
-        msg = parse_message(raw, uri_parser=uri_parser, body_scan_size=body_scan_size)
+        msg = parse_message(raw, uri_parser=uri_parser, body_scan_size=body_scan_size, rule_texts=False)
         out.append((message_digest(msg), tokenizer.hashes(msg)))
     return out
 
@@ -190,7 +190,6 @@ def _run(args: argparse.Namespace, config: Config, store: BayesStoreBase) -> int
     totals: Counter[LearnResult] = Counter()
     done = 0
     batch: list[ParsedMessage] = []
-    uri_parser = UriParser()
 
     def flush() -> None:
         nonlocal done
@@ -202,7 +201,7 @@ def _run(args: argparse.Namespace, config: Config, store: BayesStoreBase) -> int
 
     started = time.monotonic()
     if args.forget:
-        for msg in _messages(args.paths, skipped, uri_parser, config, files_done):
+        for msg in _messages(args.paths, skipped, UriParser(), config, files_done):
             batch.append(msg)
             if len(batch) >= _BATCH:
                 flush()

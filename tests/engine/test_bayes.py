@@ -47,8 +47,10 @@ from filterd.engine.bayes.classifier import (
 )
 from filterd.engine.bayes.tokenizer import IGNORED_HEADERS, Tokenizer, hash_tokens
 from filterd.engine.engine import Engine
+from filterd.engine.message import parse_message
 from filterd.engine.plugin import Hit
 from filterd.engine.ruleset import RuleInfo
+from filterd.engine.uris import UriParser
 from filterd.errors import ConfigError
 from tests.conftest import offline_config
 from tests.engine.bayes_helpers import bayes_config, check_consistent, make_msg, make_raw, parse
@@ -190,6 +192,19 @@ def test_tokenizer_cached_hashes_equal_the_spelled_out_tokens() -> None:
     for raw in raws * 2:
         msg = parse(raw)
         assert np.array_equal(tokenizer.hashes(msg), hash_tokens(tokenize(msg)))
+
+
+def test_parse_without_rule_texts_tokenises_and_digests_the_same() -> None:
+    """filterd learn's workers parse with rule_texts=False: only what rules read is left out."""
+    raws = [make_raw(i, i % 2 == 0) for i in range(10)] + [BASE + BODY]
+    raws += [p.read_bytes() for p in sorted((ROOT / "corpora").rglob("*.eml"))]
+    uri_parser = UriParser()
+    for raw in raws:
+        full = parse(raw)
+        lite = parse_message(raw, uri_parser=uri_parser, rule_texts=False)
+        assert lite.body_text == lite.rawbody_text == lite.normalized_body == ""
+        assert np.array_equal(Tokenizer().hashes(lite), Tokenizer().hashes(full))
+        assert message_digest(lite) == message_digest(full)
 
 
 def test_message_digest_ignores_what_transport_and_filters_add() -> None:
