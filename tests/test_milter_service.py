@@ -156,7 +156,7 @@ def test_reload_lets_an_open_milter_conversation_finish(tmp_path: Path) -> None:
             sock.sendall(packet(b"C", b"mx.example.net\x004" + struct.pack(">H", 4321) + b"192.0.2.10\x00")
                          + packet(b"M", b"<alice@example.net>\x00") + packet(b"R", b"<bob@example.org>\x00"))
             d.signal(signal.SIGHUP)
-            d.wait_for_log(r"reload done: generation 2 serving")
+            d.wait_for_log(r"reload done: generation 2 serving", timeout=120)
             # The old worker drains: this conversation still gets its verdict.
             sock.sendall(packet(b"L", b"Subject\x00test\x00") + packet(b"N") + packet(b"B", f"{GTUBE}\r\n".encode()))
             assert reply(sock) == b"c"
@@ -164,7 +164,7 @@ def test_reload_lets_an_open_milter_conversation_finish(tmp_path: Path) -> None:
             final = reply(sock)
             assert final.startswith(b"y550 5.7.1 Message scored ") and final.endswith(b", rejected as spam\x00")
             sock.sendall(packet(b"Q"))
-        d.wait_for_log(r"worker \d+ \(generation 1\) exited")
+        d.wait_for_log(r"worker \d+ \(generation 1\) exited", timeout=120)
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:  # the new generation serves
             sock.sendall(packet(b"O", struct.pack(">III", 6, 0x1FF, 0x1FFFFF)))
             assert reply(sock)[:1] == b"O"
