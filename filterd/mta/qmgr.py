@@ -48,6 +48,7 @@ __all__ = ["CONTROL_DIR", "QueueManager", "QueueStats", "backoff", "request_dele
 
 import asyncio
 import contextlib
+import dataclasses
 import heapq
 import logging
 import os
@@ -143,9 +144,12 @@ class QueueManager:
         self.queue = queue
         self.hostname = mta.hostname or socket.getfqdn()
         self.local_domains = frozenset(d.lower().rstrip(".") for d in (*mta.local_domains, self.hostname))
+        deliver = config.deliver
+        if mta.milter:  # scored before it was accepted: delivery must not ask the daemon again
+            deliver = dataclasses.replace(deliver, filter=False)
         self.local = local or LocalDelivery(
             mta, state_dir=str(config.state_path), hostname=self.hostname, tmp_dir=str(queue.tmp),
-            deliver=config.deliver,
+            deliver=deliver,
         )  # fmt: skip
         self.remote = remote or RemoteDelivery(config, resolver, hostname=self.hostname, rng=rng)
         self.clock = clock
