@@ -13,13 +13,17 @@ chi-square by default) was chosen by ``scripts/bayes-experiment``; see `classifi
 alternatives.
 """
 
+from typing import TYPE_CHECKING
+
 from filterd.engine.bayes.autolearn import autolearn_decision
 from filterd.engine.bayes.backend import open_bayes_store, open_existing_bayes_store
 from filterd.engine.bayes.base import BayesStoreBase, LearnResult, StoreError
 from filterd.engine.bayes.check import BayesCheck, bayes_rules
-from filterd.engine.bayes.redis_store import RedisBayesStore
 from filterd.engine.bayes.store import BayesStore
 from filterd.engine.bayes.tokenizer import message_digest, token_hashes, token_ids, tokenize
+
+if TYPE_CHECKING:
+    from filterd.engine.bayes.redis_store import RedisBayesStore
 
 __all__ = [
     "BayesCheck",
@@ -37,3 +41,12 @@ __all__ = [
     "token_ids",
     "tokenize",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The redis client costs ~0.1 s to import; only sites with state.backend redis pay it.
+    if name == "RedisBayesStore":
+        from filterd.engine.bayes.redis_store import RedisBayesStore
+
+        return RedisBayesStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

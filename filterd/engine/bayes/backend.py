@@ -12,7 +12,6 @@ from pathlib import Path
 
 from filterd.config import Config
 from filterd.engine.bayes.base import BayesStoreBase
-from filterd.engine.bayes.redis_store import RedisBayesStore
 from filterd.engine.bayes.store import BayesStore
 
 __all__ = ["REDIS_NAMESPACE", "STORE_FILE", "open_bayes_store", "open_existing_bayes_store", "sqlite_store_path"]
@@ -31,6 +30,8 @@ def open_bayes_store(config: Config, state_dir: str | Path = "", *, timeout: flo
     Redis reply (default ``state.timeout``); tools moving whole stores want more."""
     state = config.state
     if state.backend == "redis":
+        from filterd.engine.bayes.redis_store import RedisBayesStore  # redis only for sites that use it
+
         return RedisBayesStore.open(
             state.redis_url, state.redis_key_prefix + REDIS_NAMESPACE, config.bayes, timeout=timeout or state.timeout
         )
@@ -41,6 +42,8 @@ def open_existing_bayes_store(config: Config, state_dir: str | Path = "") -> Bay
     """The store if something created it already (learning did), else None; creates nothing."""
     state = config.state
     if state.backend == "redis":
+        from filterd.engine.bayes.redis_store import RedisBayesStore
+
         return RedisBayesStore.open_existing(
             state.redis_url, state.redis_key_prefix + REDIS_NAMESPACE, config.bayes, timeout=state.timeout
         )
