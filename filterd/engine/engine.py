@@ -374,8 +374,10 @@ class Engine:
     def flush_learning(self) -> bool:
         """Write what autolearn has queued (the daemon calls this when a worker stops)."""
         batch, self._pending_learn = self._pending_learn, []
+        if not batch:
+            return True  # before touching the store: reading it opens (creates) it
         store = getattr(self.check("bayes"), "store", None)
-        if not batch or store is None:
+        if store is None:
             return True
         try:
             store.learn_many(batch)
