@@ -522,7 +522,7 @@ class BayesConfig(Section):
     )  # fmt: skip
     expiry_period: Duration = setting(
         parse_duration("12h"), min=parse_duration("1m"), max=parse_duration("30d"),
-        doc="How often the daemon may expire old tokens.",
+        doc="Time between expiries of old tokens, which the daemon and `filterd learn` run by themselves.",
     )  # fmt: skip
     n_features: int = setting(
         1 << 22, min=1 << 12, max=1 << 26,
@@ -531,6 +531,11 @@ class BayesConfig(Section):
     combiner: Literal["robinson_fisher", "naive_bayes", "complement_nb"] = setting(
         "robinson_fisher",
         doc="How token counts become a probability; robinson_fisher measured best (scripts/bayes-experiment).",
+    )
+    views: Literal["pooled", "single"] = setting(
+        "pooled",
+        doc="pooled: score the text, links and headers tokens apart and pool the three (measured better, "
+        "scripts/tune-bayes); single: one classifier over all tokens, as SpamAssassin.",
     )
     robinson_s: float = setting(
         0.03, min=0.0001, max=100.0, doc="Robinson's s: weight of the prior x against a token's own counts."

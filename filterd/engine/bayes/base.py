@@ -48,8 +48,8 @@ import numpy as np
 import numpy.typing as npt
 
 from filterd.config import BayesConfig
-from filterd.engine.bayes.classifier import ClassifierParams, complement_nb_norms, spam_probability
-from filterd.engine.bayes.tokenizer import TOKENIZER_VERSION, Tokenizer, message_digest
+from filterd.engine.bayes.classifier import ClassifierParams, complement_nb_norms, pooled_probability, spam_probability
+from filterd.engine.bayes.tokenizer import TOKENIZER_VERSION, Tokenizer, TokenViews, message_digest
 from filterd.engine.message import ParsedMessage
 
 __all__ = [
@@ -309,6 +309,7 @@ class BayesStoreBase(abc.ABC):
             min_prob_strength=config.min_prob_strength,
             max_interesting=config.max_interesting,
             alpha=config.alpha,
+            pooled=config.views == "pooled",
         )
         self._spam = np.zeros(n_features, dtype=np.int32)
         self._ham = np.zeros(n_features, dtype=np.int32)
@@ -320,7 +321,9 @@ class BayesStoreBase(abc.ABC):
         self._touched = np.zeros(n_features, dtype=np.bool_)
         self._touched_since = time.monotonic()
         self._tokenizer = Tokenizer()
+        # The last message tokenised: scored, then often learnt (autolearn, TELL)
         self._last_msg: tuple[ParsedMessage, npt.NDArray[np.uint32]] | None = None
+        self._last_views: tuple[ParsedMessage, TokenViews[npt.NDArray[np.uint32]]] | None = None
         self._pid = os.getpid()
 
     @property
@@ -406,9 +409,21 @@ class BayesStoreBase(abc.ABC):
         last = self._last_msg
         if last is not None and last[0] is msg:
             return last[1]
-        hashes = self._tokenizer.hashes(msg)
+        views = self._last_views
+        if views is not None and views[0] is msg:
+            hashes = np.unique(np.concatenate(views[1]))
+        else:
+            hashes = self._tokenizer.hashes(msg)
         self._last_msg = (msg, hashes)
         return hashes
+
+    def _view_hashes(self, msg: ParsedMessage) -> TokenViews[npt.NDArray[np.uint32]]:
+        last = self._last_views
+        if last is not None and last[0] is msg:
+            return last[1]
+        views = self._tokenizer.view_hashes(msg)
+        self._last_views = (msg, views)
+        return views
 
     def _ids(self, hashes: npt.NDArray[np.uint32]) -> Ids:
         return bucket_ids(hashes, self.n_features)
@@ -426,23 +441,22 @@ class BayesStoreBase(abc.ABC):
         token of the message says anything."""
         if self._nspam < self.config.min_spam or self._nham < self.config.min_ham:
             return None
-        ids = self._ids(self._hashes(msg))
-        if ids.size == 0:
-            return None
-        self._touched[ids] = True
         if self._params.combiner == "complement_nb" and self._norms is None:
             self._norms = complement_nb_norms(self._spam, self._ham, self._params.alpha)
-        return spam_probability(
-            self._params,
-            self._spam[ids],
-            self._ham[ids],
-            self._nspam,
-            self._nham,
-            self._spam_total,
-            self._ham_total,
-            self.n_features,
-            self._norms,
-        )
+        counts = self._spam_total, self._ham_total, self.n_features, self._norms
+        if not self._params.pooled:
+            ids = self._ids(self._hashes(msg))
+            if ids.size == 0:
+                return None
+            self._touched[ids] = True
+            return spam_probability(self._params, self._spam[ids], self._ham[ids], self._nspam, self._nham, *counts)
+        views = [self._ids(h) for h in self._view_hashes(msg)]
+        if not any(v.size for v in views):
+            return None
+        for ids in views:
+            self._touched[ids] = True
+        pairs = [(self._spam[ids], self._ham[ids]) for ids in views]
+        return pooled_probability(self._params, pairs, self._nspam, self._nham, *counts)
 
     # -- learning --------------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -46,8 +46,10 @@ __all__ = [
     "complement_nb_log_odds",
     "complement_nb_norms",
     "naive_bayes_log_odds",
+    "pooled_probability",
     "robinson_fisher",
     "spam_probability",
+    "VIEW_WEIGHTS",
 ]
 
 Combiner = Literal["robinson_fisher", "naive_bayes", "complement_nb"]
@@ -66,6 +68,7 @@ class ClassifierParams:
     min_prob_strength: float = 0.346
     max_interesting: int = 150
     alpha: float = 0.1  # Lidstone smoothing of the naive Bayes combiners
+    pooled: bool = True  # score the text, links and headers views apart and pool them
 
 
 @functools.cache
@@ -228,3 +231,47 @@ def _sigmoid(z: float) -> float:
         return 1.0 / (1.0 + math.exp(-z))
     e = math.exp(z)
     return e / (1.0 + e)
+
+
+VIEW_WEIGHTS = (0.5, 0.25, 0.25)
+"""Weights of the text, links and headers views (`TokenViews`) in `pooled_probability`."""
+
+_UNDECIDED = 1e-6  # a view this close to 0.5 abstains (chi-square: strong clues both ways)
+_MAX_LOG_ODDS = 20.0  # a view's p of exactly 0 or 1 (float saturation) counts as ±20, not ±inf
+
+
+def pooled_probability(
+    params: ClassifierParams,
+    views: Sequence[tuple[Counts, Counts]],
+    nspam: int,
+    nham: int,
+    spam_total: int,
+    ham_total: int,
+    n_features: int,
+    norms: tuple[float, float] | None = None,
+) -> float | None:
+    """A logarithmic opinion pool of the views' probabilities: each view (its buckets' counts)
+    is scored alone by the combiner, and the result is the sigmoid of the weighted mean of their
+    log-odds (`VIEW_WEIGHTS`, renormalised over the views that have an opinion; None if none has).
+
+    Why: one chi-square over all tokens says "unsure" (exactly 0.5) whenever a message holds
+    strong ham and strong spam clues at once, and those are mostly spam that came through a
+    mailing list (list headers are ham clues) or spam padded with ham-like text; scored apart,
+    the text and links views still tell. Measured by ``scripts/tune-bayes`` (10-fold CV inside
+    the train half, 3 seeds): Bayes alone (1-AUC)% 0.047 -> 0.030, recall at ham FPR 0.1%
+    94.1% -> 96.0%; with the rules, recall at 5.0 92.6% -> 95.9% at the same ham FPR.
+    """
+    total = weight_sum = 0.0
+    for weight, (s, h) in zip(VIEW_WEIGHTS, views, strict=True):
+        p = spam_probability(params, s, h, nspam, nham, spam_total, ham_total, n_features, norms)
+        if p is None or abs(p - 0.5) < _UNDECIDED:
+            continue
+        if p <= 0.0 or p >= 1.0:
+            z = math.copysign(_MAX_LOG_ODDS, p - 0.5)
+        else:
+            z = max(-_MAX_LOG_ODDS, min(_MAX_LOG_ODDS, math.log(p / (1.0 - p))))
+        total += weight * z
+        weight_sum += weight
+    if weight_sum == 0.0:
+        return None
+    return _sigmoid(total / weight_sum)

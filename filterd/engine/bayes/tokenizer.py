@@ -38,7 +38,7 @@ import itertools
 import re
 import zlib
 from collections.abc import Iterable
-from typing import TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -51,6 +51,7 @@ __all__ = [
     "IGNORED_PREFIXES",
     "PRESENCE_ONLY_HEADERS",
     "TOKENIZER_VERSION",
+    "TokenViews",
     "Tokenizer",
     "hash_tokens",
     "message_digest",
@@ -61,6 +62,22 @@ __all__ = [
 
 _T = TypeVar("_T", bound=np.generic)
 _K = TypeVar("_K")
+_V = TypeVar("_V")
+_S = TypeVar("_S")
+
+
+class TokenViews(NamedTuple, Generic[_S]):
+    """A message's tokens (or their hashes) in three views, each scored on its own and pooled
+    (`filterd.engine.bayes.classifier.pooled_probability`): what the message says, where it
+    points, and how it was made and travelled."""
+
+    text: _S
+    """Body and Subject words, their shapes (``num:``, ``skip:``), CJK bigrams, hidden text."""
+    links: _S
+    """URI pieces (``url:``) and addresses and domains written in the text (``email:``, ``ud:``)."""
+    headers: _S
+    """Header fields, addresses, Message-ID, relays, MIME structure."""
+
 
 TOKENIZER_VERSION = 1
 """Changes whenever the same message would give other tokens; a store records it."""
@@ -366,13 +383,25 @@ def _uri_tokens(msg: ParsedMessage) -> list[str]:
         for piece in _SPLIT_PATH.split(path.lower())[:12]:
             if 2 < len(piece) <= 20:
                 out.append("url:p:" + piece.translate(_DIGITS))
-    html = msg.html
-    if html is not None and html.hidden_text:
-        for word in set(_words(html.hidden_text[:10_000].lower())):
-            word = word.strip(_STRIP)
-            if len(word) > 2:
-                out.append("hidden:" + word)
     return out
+
+
+def _hidden_tokens(msg: ParsedMessage) -> list[str]:
+    """``hidden:`` words: text an HTML part hides from the reader (a classic poisoning trick)."""
+    html = msg.html
+    if html is None or not html.hidden_text:
+        return []
+    out = []
+    for word in set(_words(html.hidden_text[:10_000].lower())):
+        word = word.strip(_STRIP)
+        if len(word) > 2:
+            out.append("hidden:" + word)
+    return out
+
+
+def _is_link_token(token: str) -> bool:
+    """Body-word tokens that name a place (an address, a domain) belong to the links view."""
+    return token.startswith(("email:", "ud:"))
 
 
 def _crc(token: str) -> int:
@@ -394,56 +423,75 @@ class Tokenizer:
 
     def __init__(self, cache_size: int = 100_000) -> None:
         self._cache_size = cache_size
-        self._words: dict[str, tuple[int, ...]] = {}
+        self._words: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # word -> (text, links)
         self._fields: dict[tuple[str, str], tuple[int, ...]] = {}
         self._kinds: dict[str, int] = {}
 
     def tokens(self, msg: ParsedMessage) -> list[str]:
         """The message's distinct tokens, in a stable order (headers, MIME, URIs, body)."""
-        out: list[str] = []
+        text, links, headers = self.view_tokens(msg)
+        return list(dict.fromkeys(headers + links + text))
+
+    def view_tokens(self, msg: ParsedMessage) -> TokenViews[list[str]]:
+        """`tokens` sorted into the three views (`TokenViews`), each in a stable order, distinct."""
+        headers: list[str] = []
         addresses: dict[str, list[str]] = {}
         for field in msg.headers[:_MAX_HEADERS]:
             name = field.name.lower()
             kind = _header_kind(name)
             if kind in (_OTHER, _PRESENCE):
-                out.extend(_field_tokens(name, field.value))
+                headers.extend(_field_tokens(name, field.value))
             elif kind == _ADDRESSES:
                 addresses.setdefault(name, []).append(field.value)
             elif kind == _MESSAGE_ID:
-                out.extend(_message_id_tokens(name, field.value))
+                headers.extend(_message_id_tokens(name, field.value))
         for name in _ADDRESS_HEADERS:
             if name in addresses:
-                out.extend(_address_tokens(name, " ".join(addresses[name])))
+                headers.extend(_address_tokens(name, " ".join(addresses[name])))
             elif name == "from" or name == "to":
-                out.append(f"{name}:none")
-        out.extend(_subject_tokens(msg))
+                headers.append(f"{name}:none")
         for relay in msg.relays[:_MAX_RELAYS]:
-            out.extend(_relay_tokens(relay.ip, relay.rdns, relay.helo, relay.with_, relay.auth))
-        out.extend(_mime_tokens(msg))
-        out.extend(_uri_tokens(msg))
+            headers.extend(_relay_tokens(relay.ip, relay.rdns, relay.helo, relay.with_, relay.auth))
+        headers.extend(_mime_tokens(msg))
+        links = _uri_tokens(msg)
+        text = _subject_tokens(msg) + _hidden_tokens(msg)
         lowered = _body_text(msg)
         for word in sorted(set(_words(lowered))):
-            out.extend(_word_tokens(word))
-        out.extend(_text_extras(lowered))
-        return list(dict.fromkeys(out))
+            for token in _word_tokens(word):
+                (links if _is_link_token(token) else text).append(token)
+        text.extend(_text_extras(lowered))
+        return TokenViews(*(list(dict.fromkeys(v)) for v in (text, links, headers)))
 
     def _remember(self, cache: dict[_K, tuple[int, ...]], key: _K, size: int, tokens: list[str]) -> tuple[int, ...]:
-        """Hash ``tokens`` and keep them under ``key``, unless the key is long (``size``
-        characters): long keys rarely repeat, and would let one message fill memory."""
+        """Hash ``tokens`` and keep them under ``key`` (see `_keep`)."""
         hashes = tuple(_crc(t) for t in tokens)
+        self._keep(cache, key, size, hashes)
+        return hashes
+
+    def _keep(self, cache: dict[_K, _V], key: _K, size: int, value: _V) -> None:
+        """Remember ``value`` under ``key``, unless the key is long (``size`` characters): long
+        keys rarely repeat, and would let one message fill memory."""
         if size <= _MAX_CACHED_KEY:
             if len(cache) >= self._cache_size:
                 # Drop the older half (dicts keep insertion order): what is still common comes
                 # back at once, and the cost is paid once per cache_size/2 new entries.
                 for old in list(itertools.islice(cache, len(cache) // 2)):
                     del cache[old]
-            cache[key] = hashes
-        return hashes
+            cache[key] = value
 
     def hashes(self, msg: ParsedMessage) -> npt.NDArray[np.uint32]:
         """CRC-32 of each of `tokens`' tokens, distinct and sorted; the same set, faster."""
-        out: list[int] = []
-        extend = out.extend
+        text, links, headers = self._collect(msg)
+        return _distinct(np.frombuffer(array.array("I", text + links + headers), dtype=np.uint32))
+
+    def view_hashes(self, msg: ParsedMessage) -> TokenViews[npt.NDArray[np.uint32]]:
+        """`hashes` per view (`view_tokens`' tokens hashed), each distinct and sorted."""
+        return TokenViews(*(_distinct(np.frombuffer(array.array("I", v), dtype=np.uint32)) for v in self._collect(msg)))
+
+    def _collect(self, msg: ParsedMessage) -> tuple[list[int], list[int], list[int]]:
+        """The token hashes of the text, links and headers views (repeats not removed)."""
+        headers: list[int] = []
+        extend = headers.extend
         fields, kinds = self._fields, self._kinds
         addresses: dict[str, list[str]] = {}
         for field in msg.headers[:_MAX_HEADERS]:
@@ -469,7 +517,7 @@ class Tokenizer:
                 hit = fields.get(key)
                 extend(hit if hit is not None else self._remember(fields, key, len(key[1]), _address_tokens(*key)))
             elif name == "from" or name == "to":
-                out.append(_crc(f"{name}:none"))
+                headers.append(_crc(f"{name}:none"))
         for relay in msg.relays[:_MAX_RELAYS]:
             key = ("\x00rcvd", f"{relay.ip}|{relay.rdns}|{relay.helo}|{relay.with_}|{relay.auth}")
             hit = fields.get(key)
@@ -477,17 +525,28 @@ class Tokenizer:
                 tokens = _relay_tokens(relay.ip, relay.rdns, relay.helo, relay.with_, relay.auth)
                 hit = self._remember(fields, key, len(key[1]), tokens)
             extend(hit)
-        extend(_crc(t) for t in _subject_tokens(msg))
         extend(_crc(t) for t in _mime_tokens(msg))
-        extend(_crc(t) for t in _uri_tokens(msg))
+        links = [_crc(t) for t in _uri_tokens(msg)]
+        text = [_crc(t) for t in _subject_tokens(msg)]
+        text.extend(_crc(t) for t in _hidden_tokens(msg))
         lowered = _body_text(msg)
         words = self._words
         get = words.get
+        add_text, add_links = text.extend, links.extend
         for word in set(_words(lowered)):
-            hit = get(word)
-            extend(hit if hit is not None else self._remember(words, word, len(word), _word_tokens(word)))
-        extend(_crc(t) for t in _text_extras(lowered))
-        return _distinct(np.frombuffer(array.array("I", out), dtype=np.uint32))
+            known = get(word)
+            if known is None:
+                tokens = _word_tokens(word)
+                known = (
+                    tuple(_crc(t) for t in tokens if not _is_link_token(t)),
+                    tuple(_crc(t) for t in tokens if _is_link_token(t)),
+                )
+                self._keep(words, word, len(word), known)
+            add_text(known[0])
+            if known[1]:
+                add_links(known[1])
+        text.extend(_crc(t) for t in _text_extras(lowered))
+        return text, links, headers
 
 
 def hash_tokens(tokens: Iterable[str]) -> npt.NDArray[np.uint32]:

@@ -1,0 +1,124 @@
+"""Bayes views: the tokenizer's text / links / headers split and the pooled probability.
+
+Real SQLite stores in tmp_path; the probability maths is checked against hand computation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from filterd.engine.bayes import BayesStore
+from filterd.engine.bayes.classifier import ClassifierParams, pooled_probability, robinson_fisher
+from filterd.engine.bayes.tokenizer import Tokenizer, hash_tokens, tokenize
+from tests.engine.bayes_helpers import bayes_config, make_raw, parse
+
+ROOT = Path(__file__).resolve().parents[2]
+
+HTML_MESSAGE = (
+    b"From: Shop <offers@shop.example>\n"
+    b"To: dana@example.net\n"
+    b"Subject: Weekly bargains inside\n"
+    b"Message-ID: <m1@shop.example>\n"
+    b"MIME-Version: 1.0\n"
+    b"Content-Type: text/html; charset=us-ascii\n\n"
+    b"<html><body><p>Visit https://deals.shop.example/week/bargains or write to sales@shop.example,"
+    b" see catalog.shop.example today</p>"
+    b'<div style="display:none">granola sprocket</div></body></html>\n'
+)
+
+
+def test_views_partition_the_tokens_by_what_they_describe() -> None:
+    msg = parse(HTML_MESSAGE)
+    text, links, headers = Tokenizer().view_tokens(msg)
+    assert {"bargains", "subject:weekly", "today", "hidden:granola"} <= set(text)
+    assert {"url:host:deals.shop.example", "url:p:bargains", "email:sales", "email:dom:shop.example"} <= set(links)
+    assert "ud:catalog.shop.example" in links
+    assert {"hdr:message-id", "from:dom:shop.example", "ct:text/html"} <= set(headers)
+    assert not any(t.startswith(("url:", "email:", "ud:")) for t in text + headers)
+    assert not any(t.startswith(("hdr:", "subject:", "rcvd:")) for t in links)
+    # Together they are exactly the tokens a store learns.
+    assert sorted(set(text + links + headers)) == sorted(tokenize(msg))
+
+
+def test_cached_view_hashes_equal_the_spelled_out_view_tokens() -> None:
+    tokenizer = Tokenizer(cache_size=64)  # small: the caches fill and empty along the way
+    raws = [make_raw(i, i % 2 == 0) for i in range(20)] + [HTML_MESSAGE]
+    raws += [p.read_bytes() for p in sorted((ROOT / "corpora").rglob("*.eml"))]
+    assert len(raws) > 60
+    for raw in raws * 2:
+        msg = parse(raw)
+        views = tokenizer.view_hashes(msg)
+        for tokens, hashes in zip(tokenizer.view_tokens(msg), views, strict=True):
+            assert np.array_equal(hashes, hash_tokens(tokens))
+        assert np.array_equal(tokenizer.hashes(msg), np.unique(np.concatenate(views)))
+
+
+def _counts(*pairs: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    return np.array([s for s, _ in pairs], dtype=np.int32), np.array([h for _, h in pairs], dtype=np.int32)
+
+
+def test_pooled_probability_is_the_weighted_mean_of_the_views_log_odds() -> None:
+    params = ClassifierParams()
+    views = [_counts((40, 1), (30, 2)), _counts((1, 50)), _counts((10, 10), (25, 1))]
+    alone = [robinson_fisher(s, h, 100, 200) for s, h in views]
+    assert all(p is not None and 0 < p < 1 for p in alone)
+    z = [math.log(p / (1 - p)) for p in alone if p is not None]
+    expected = 1 / (1 + math.exp(-(0.5 * z[0] + 0.25 * z[1] + 0.25 * z[2])))
+    got = pooled_probability(params, views, 100, 200, 0, 0, 1 << 16)
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_pooled_probability_ignores_views_without_an_opinion() -> None:
+    params = ClassifierParams()
+    spammy = _counts((40, 1), (30, 2))
+    unknown = _counts((0, 0))  # never seen: robinson_fisher has nothing to say (None)
+    alone = robinson_fisher(*spammy, 100, 200)
+    assert alone is not None
+    # A silent view does not pull the others towards 0.5.
+    got = pooled_probability(params, [spammy, unknown, unknown], 100, 200, 0, 0, 1 << 16)
+    assert got == pytest.approx(alone, rel=1e-9)
+    # Strong clues both ways make a chi-square view say exactly 0.5: undecided, it abstains too.
+    torn = _counts(*([(500, 0)] * 40 + [(0, 500)] * 40))
+    assert robinson_fisher(*torn, 1000, 1000) == pytest.approx(0.5, abs=1e-9)
+    got = pooled_probability(params, [torn, spammy, unknown], 100, 200, 0, 0, 1 << 16)
+    assert got == pytest.approx(alone, rel=1e-6)
+    assert pooled_probability(params, [unknown, unknown, unknown], 100, 200, 0, 0, 1 << 16) is None
+
+
+def test_pooled_probability_bounds_a_saturated_view() -> None:
+    params = ClassifierParams()
+    certain = _counts(*([(900, 0)] * 150))  # p rounds to exactly 1.0 in floating point
+    assert robinson_fisher(*certain, 1000, 1000) == 1.0
+    hammy = _counts((0, 40))
+    p = pooled_probability(params, [certain, hammy, _counts((0, 0))], 1000, 1000, 0, 0, 1 << 16)
+    assert p is not None and 0.5 < p < 1.0  # finite: the ham view still counts
+
+
+LIST_HEADERS = (
+    "Sender: owner-chat@lists.example\nErrors-To: chat-admin@lists.example\n"
+    "Received: from lists.example (lists.example [192.0.2.7]) by mx.example.net\n"
+)
+
+
+def test_pooling_decides_spam_that_came_through_a_ham_mailing_list(tmp_path: Path) -> None:
+    """The case the views are for: list headers are strong ham clues, the text strong spam."""
+    config = bayes_config(min_spam=20, min_ham=20)
+    with BayesStore.open(tmp_path / "bayes.sqlite", config) as store:
+        ham = [parse(make_raw(i, False, headers=LIST_HEADERS)) for i in range(60)]
+        spam = [parse(make_raw(i, True)) for i in range(60)]
+        store.learn_many([(m, False) for m in ham] + [(m, True) for m in spam])
+        probe = parse(make_raw(999, True, headers=LIST_HEADERS))
+        pooled = store.spam_probability(probe)
+    single_config = dataclasses.replace(config, views="single")
+    with BayesStore.open(tmp_path / "bayes.sqlite", single_config) as store:
+        single = store.spam_probability(probe)
+        ordinary_ham = store.spam_probability(parse(make_raw(998, False, headers=LIST_HEADERS)))
+    assert pooled is not None and single is not None and ordinary_ham is not None
+    assert abs(single - 0.5) < 0.01  # one chi-square over everything: "unsure"
+    assert pooled > 0.9
+    assert ordinary_ham < 0.1
