@@ -6,7 +6,8 @@ loses at most one batch. The store is the one the configuration names (`open_bay
 with ``state.backend: redis`` every daemon sharing that Redis sees what was learnt. A
 progress bar with rate and ETA is drawn on a terminal; elsewhere a plain line is logged every
 few seconds. The summary says what was learnt, what was already known, what moved class,
-and what was skipped (with a warning naming each skipped file).
+and what was skipped (with a warning naming each skipped file). Like sa-learn, it then expires
+the store if ``bayes.expiry_period`` has passed since the last expiry.
 """
 
 from __future__ import annotations
@@ -247,4 +248,8 @@ def _run(args: argparse.Namespace, config: Config, store: BayesStoreBase) -> int
     )
     if nspam < config.bayes.min_spam or nham < config.bayes.min_ham:
         print(f"Bayes stays silent until it has learnt {config.bayes.min_spam} spam and {config.bayes.min_ham} ham.")
+    # As sa-learn: training is when a store grows, so it is expired here too once expiry_period has passed.
+    expired = store.expire_if_due()
+    if expired:
+        print(f"expired {expired} tokens")
     return 0 if not skipped or done else 65

@@ -42,6 +42,8 @@ __all__ = ["Worker"]
 
 log = logging.getLogger("filterd.daemon")
 
+_MAINTAIN_INTERVAL = 60.0  # seconds between a worker's looks at whether Bayes expiry is due
+
 
 class Worker:
     """Serves spamd on inherited listening sockets until told to stop."""
@@ -146,9 +148,15 @@ class Worker:
         await self._connection(reader, writer, listener.protocol)
 
     async def _report_loop(self) -> None:
+        maintain_at = 0.0  # the first look comes with the first tick: a store may be overdue
         while True:
             await asyncio.sleep(1.0)
             self._report()
+            if time.monotonic() >= maintain_at:
+                # Cheap unless due (one row or one key read); several workers may find it due at
+                # once, and whoever comes second finds nothing left beyond bayes.max_tokens.
+                self.engine.maintain_bayes()
+                maintain_at = time.monotonic() + _MAINTAIN_INTERVAL
             if os.getppid() != self._parent:  # the master died: nobody supervises us any more
                 log.error("worker %d: master is gone, exiting", os.getpid())
                 assert self._stopping is not None

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from filterd.config import Config, default_config
-from filterd.engine.bayes import autolearn_decision
+from filterd.engine.bayes import BayesCheck, autolearn_decision
 from filterd.engine.checks import builtin_checks
 from filterd.engine.message import ParsedMessage, parse_message
 from filterd.engine.plugin import Check, CheckSetup, Hit, Scan, ScanContext, Stage
@@ -385,6 +385,29 @@ class Engine:
             log.warning("autolearn of %d messages failed: %s", len(batch), exc)
             return False
         return True
+
+    def maintain_bayes(self) -> int | None:
+        """Expire the Bayes store if `bayes.expiry_period` has passed since its last expiry (as
+        SpamAssassin's bayes_auto_expire); the daemon's workers call this now and then. Returns
+        the buckets dropped, or None when nothing ran. Never raises: upkeep must not stop a worker.
+
+        Only a store that exists is opened: `BayesCheck.store` would create one, and a filter
+        that has learnt nothing has nothing to expire.
+        """
+        check = self.check("bayes")
+        if not self.config.bayes.enabled or not isinstance(check, BayesCheck):
+            return None
+        try:
+            store = check._store_for_scan(time.monotonic())  # opens an existing store, creates none
+            if store is None:
+                return None
+            dropped = store.expire_if_due()
+        except Exception as exc:
+            log.warning("Bayes expiry failed: %s", exc)
+            return None
+        if dropped:
+            log.info("Bayes expiry dropped %d tokens beyond bayes.max_tokens", dropped)
+        return dropped
 
     def check(self, name: str) -> Check | None:
         """The loaded check plugin called ``name`` (e.g. "bayes"), if any."""
