@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from filterd.engine.bayes import BayesStore
-from filterd.engine.bayes.classifier import ClassifierParams, pooled_probability, robinson_fisher
+from filterd.engine.bayes.base import view_bucket_ids
+from filterd.engine.bayes.classifier import ClassifierParams, pooled_probability, robinson_fisher, robinson_fisher_views
 from filterd.engine.bayes.tokenizer import Tokenizer, hash_tokens, tokenize
 from tests.engine.bayes_helpers import bayes_config, make_raw, parse
 
@@ -62,6 +63,15 @@ def _counts(*pairs: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     return np.array([s for s, _ in pairs], dtype=np.int32), np.array([h for _, h in pairs], dtype=np.int32)
 
 
+def _pooled(
+    params: ClassifierParams, views: list[tuple[np.ndarray, np.ndarray]], nspam: int, nham: int
+) -> float | None:
+    s = np.concatenate([v[0] for v in views])
+    h = np.concatenate([v[1] for v in views])
+    label = np.concatenate([np.full(v[0].size, j, dtype=np.int64) for j, v in enumerate(views)])
+    return pooled_probability(params, s, h, label, nspam, nham, 0, 0, 1 << 16)
+
+
 def test_pooled_probability_is_the_weighted_mean_of_the_views_log_odds() -> None:
     params = ClassifierParams()
     views = [_counts((40, 1), (30, 2)), _counts((1, 50)), _counts((10, 10), (25, 1))]
@@ -69,7 +79,7 @@ def test_pooled_probability_is_the_weighted_mean_of_the_views_log_odds() -> None
     assert all(p is not None and 0 < p < 1 for p in alone)
     z = [math.log(p / (1 - p)) for p in alone if p is not None]
     expected = 1 / (1 + math.exp(-(0.5 * z[0] + 0.25 * z[1] + 0.25 * z[2])))
-    got = pooled_probability(params, views, 100, 200, 0, 0, 1 << 16)
+    got = _pooled(params, views, 100, 200)
     assert got == pytest.approx(expected, rel=1e-9)
 
 
@@ -80,14 +90,14 @@ def test_pooled_probability_ignores_views_without_an_opinion() -> None:
     alone = robinson_fisher(*spammy, 100, 200)
     assert alone is not None
     # A silent view does not pull the others towards 0.5.
-    got = pooled_probability(params, [spammy, unknown, unknown], 100, 200, 0, 0, 1 << 16)
+    got = _pooled(params, [spammy, unknown, unknown], 100, 200)
     assert got == pytest.approx(alone, rel=1e-9)
     # Strong clues both ways make a chi-square view say exactly 0.5: undecided, it abstains too.
     torn = _counts(*([(500, 0)] * 40 + [(0, 500)] * 40))
     assert robinson_fisher(*torn, 1000, 1000) == pytest.approx(0.5, abs=1e-9)
-    got = pooled_probability(params, [torn, spammy, unknown], 100, 200, 0, 0, 1 << 16)
+    got = _pooled(params, [torn, spammy, unknown], 100, 200)
     assert got == pytest.approx(alone, rel=1e-6)
-    assert pooled_probability(params, [unknown, unknown, unknown], 100, 200, 0, 0, 1 << 16) is None
+    assert _pooled(params, [unknown, unknown, unknown], 100, 200) is None
 
 
 def test_pooled_probability_bounds_a_saturated_view() -> None:
@@ -95,7 +105,7 @@ def test_pooled_probability_bounds_a_saturated_view() -> None:
     certain = _counts(*([(900, 0)] * 150))  # p rounds to exactly 1.0 in floating point
     assert robinson_fisher(*certain, 1000, 1000) == 1.0
     hammy = _counts((0, 40))
-    p = pooled_probability(params, [certain, hammy, _counts((0, 0))], 1000, 1000, 0, 0, 1 << 16)
+    p = _pooled(params, [certain, hammy, _counts((0, 0))], 1000, 1000)
     assert p is not None and 0.5 < p < 1.0  # finite: the ham view still counts
 
 
@@ -122,3 +132,24 @@ def test_pooling_decides_spam_that_came_through_a_ham_mailing_list(tmp_path: Pat
     assert abs(single - 0.5) < 0.01  # one chi-square over everything: "unsure"
     assert pooled > 0.9
     assert ordinary_ham < 0.1
+
+
+def test_vectorised_views_equal_robinson_fisher_per_view() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        sizes = rng.integers(0, 400, size=3)  # some views over max_interesting, some empty
+        s = rng.integers(0, 60, size=int(sizes.sum())).astype(np.int32)
+        h = rng.integers(0, 60, size=int(sizes.sum())).astype(np.int32)
+        s[rng.random(s.size) < 0.1] = 0
+        h[rng.random(h.size) < 0.1] = 0
+        label = np.repeat(np.arange(3), sizes)
+        got = robinson_fisher_views(s, h, label, 3, 300, 700)
+        want = [robinson_fisher(s[label == j], h[label == j], 300, 700) for j in range(3)]
+        for g, w in zip(got, want, strict=True):
+            assert (g is None and w is None) or (g is not None and w is not None and g == pytest.approx(w, abs=1e-12))
+
+
+def test_view_bucket_ids_keep_a_bucket_once_per_view() -> None:
+    views = [np.array([5, 70_000, 5 + 65_536], np.uint32), np.array([5], np.uint32), np.array([], np.uint32)]
+    ids, label = view_bucket_ids(views, 1 << 16)
+    assert sorted(zip(label.tolist(), ids.tolist(), strict=True)) == [(0, 5), (0, 70_000 - 65_536), (1, 5)]

@@ -40,7 +40,7 @@ import enum
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import IO, Literal
 
@@ -193,6 +193,22 @@ def bucket_ids(hashes: npt.NDArray[np.uint32], n_features: int) -> Ids:
         np.not_equal(ids[1:], ids[:-1], out=keep[1:])
         ids = ids[keep]
     return ids
+
+
+def view_bucket_ids(views: Sequence[npt.NDArray[np.uint32]], n_features: int) -> tuple[Ids, Ids]:
+    """Bucket ids of each view's token hashes (distinct within a view; a bucket may be in
+    several views), with the view index of each: one sort for all views."""
+    keys = np.concatenate(
+        [(h & np.uint32(n_features - 1)).astype(np.int64) + j * n_features for j, h in enumerate(views)]
+    )
+    keys = np.sort(keys)
+    if keys.size > 1:
+        keep = np.empty(keys.size, dtype=np.bool_)
+        keep[0] = True
+        np.not_equal(keys[1:], keys[:-1], out=keep[1:])
+        keys = keys[keep]
+    view, ids = np.divmod(keys, n_features)
+    return ids, view
 
 
 # -- backups -----------------------------------------------------------------------------------
@@ -450,13 +466,11 @@ class BayesStoreBase(abc.ABC):
                 return None
             self._touched[ids] = True
             return spam_probability(self._params, self._spam[ids], self._ham[ids], self._nspam, self._nham, *counts)
-        views = [self._ids(h) for h in self._view_hashes(msg)]
-        if not any(v.size for v in views):
+        ids, view = view_bucket_ids(self._view_hashes(msg), self.n_features)
+        if ids.size == 0:
             return None
-        for ids in views:
-            self._touched[ids] = True
-        pairs = [(self._spam[ids], self._ham[ids]) for ids in views]
-        return pooled_probability(self._params, pairs, self._nspam, self._nham, *counts)
+        self._touched[ids] = True
+        return pooled_probability(self._params, self._spam[ids], self._ham[ids], view, self._nspam, self._nham, *counts)
 
     # -- learning --------------------------------------------------------------------------------
 
