@@ -397,17 +397,7 @@ class Engine:
         check = self.check("bayes")
         if not self.config.bayes.enabled or not isinstance(check, BayesCheck):
             return None
-        try:
-            store = check._store_for_scan(time.monotonic())  # opens an existing store, creates none
-            if store is None:
-                return None
-            dropped = store.expire_if_due()
-        except Exception as exc:
-            log.warning("Bayes expiry failed: %s", exc)
-            return None
-        if dropped:
-            log.info("Bayes expiry dropped %d tokens beyond bayes.max_tokens", dropped)
-        return dropped
+        return check.expire_if_due()
 
     def check(self, name: str) -> Check | None:
         """The loaded check plugin called ``name`` (e.g. "bayes"), if any."""

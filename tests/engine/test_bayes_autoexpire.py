@@ -121,7 +121,7 @@ def test_maintain_bayes_expires_only_when_due_and_logs_it(backend: Backend, capl
         assert engine.maintain_bayes() is None  # the store was created just now: not due
         assert facts(backend)["ntokens"] == ntokens
         backend.make_overdue()
-        with caplog.at_level(logging.INFO, logger="filterd.engine.engine"):
+        with caplog.at_level(logging.INFO, logger="filterd.engine.bayes.check"):
             assert engine.maintain_bayes() == ntokens - MAX_TOKENS
         assert f"Bayes expiry dropped {ntokens - MAX_TOKENS} tokens" in caplog.text
         after = facts(backend)
@@ -144,7 +144,7 @@ def test_maintain_bayes_logs_a_broken_store_and_never_raises(tmp_path: Path, cap
     state.mkdir()
     (state / "bayes.sqlite").write_bytes(b"not a database, just bytes " * 100)
     engine = Engine.load(Backend("sqlite", state).config(), state_dir=str(state))
-    with caplog.at_level(logging.WARNING, logger="filterd.engine.engine"):
+    with caplog.at_level(logging.WARNING, logger="filterd.engine.bayes.check"):
         assert engine.maintain_bayes() is None
     assert "Bayes expiry failed" in caplog.text
 

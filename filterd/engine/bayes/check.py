@@ -135,6 +135,30 @@ class BayesCheck:
         detail = f"score: {probability:.4f}"
         return [Hit(rule, detail) for rule in bayes_rules(probability)]
 
+    def expire_if_due(self) -> int | None:
+        """Expire the store if `bayes.expiry_period` has passed since its last expiry; the buckets
+        dropped, or None when nothing ran. Only a store that exists is opened (as for a scan),
+        an unreachable one is not tried again before the scans' back-off ends, and nothing is
+        raised: upkeep must not stop a worker."""
+        now = time.monotonic()
+        if now < self._retry_at:
+            return None
+        try:
+            store = self._store_for_scan(now)
+            if store is None:
+                return None
+            dropped = store.expire_if_due()
+        except StateError as exc:
+            self._retry_at = now + _RETRY_AFTER
+            log.warning("Bayes expiry failed: %s", exc)
+            return None
+        except Exception as exc:  # a broken file: say so, keep serving
+            log.warning("Bayes expiry failed: %s", exc)
+            return None
+        if dropped:
+            log.info("Bayes expiry dropped %d tokens beyond bayes.max_tokens", dropped)
+        return dropped
+
     def close(self) -> None:
         """Close the store (workers on their way out; tests)."""
         if self._store is not None and self._pid == os.getpid():
