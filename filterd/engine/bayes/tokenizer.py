@@ -19,6 +19,11 @@ and `PRESENCE_ONLY_HEADERS` for those that only count as present. Received heade
 read as text: the parsed relays give ``rcvd:`` tokens for IPs (a.b.c and a.b.c.d, as
 SpamAssassin writes them), reverse DNS and HELO names with their parent domains, and protocol.
 
+Every token belongs to one of three views (`TokenViews`), which the classifier scores apart and
+pools: text (body and Subject words and their shapes, CJK bigrams, hidden text), links (URI
+pieces, addresses and domains written in the text) and headers (fields, addresses, Message-ID,
+relays, MIME structure). A store counts tokens the same whatever their view.
+
 Tokens are hashed with CRC-32 (stable across processes and versions of Python, unlike `hash`),
 and a store uses the low bits as bucket ids: ``hash & (n_features - 1)``. The message's own
 hashes are kept with it, so a store can forget exactly what it learnt.
