@@ -14,7 +14,9 @@ XCLIENT (which Postfix allows from 127.0.0.0/8 here).
 
 from __future__ import annotations
 
+import re
 import smtplib
+import socket
 import subprocess
 import time
 import urllib.request
@@ -129,6 +131,29 @@ def test_clean_message_is_delivered_with_spam_status_no(postfix: Postfix, daemon
     assert b"forged by the sender" not in head and b"X-Spam-Flag" not in head
     assert head.count(b"X-Spam-Status") == 1 and b"Authentication-Results" not in head
     daemon.wait_for_log(r"milter qid=\w+ client=127\.0\.0\.1 .*verdict=accepted")
+
+
+def test_authentication_results_claiming_our_id_are_not_delivered(postfix: Postfix) -> None:
+    # The daemon's authserv-id is this host's name (auth.authserv_id unset); its auth checks are
+    # off (no network), and what claims its id must go all the same.
+    ours = socket.getfqdn().encode()
+    m = marker()
+    forged = (
+        b"Authentication-Results: " + ours + b"; dkim=pass header.d=bank.example; dmarc=pass\r\n"
+        b"Authentication-Results: other.example; spf=pass smtp.mailfrom=alice@example.net\r\n"
+        b"authentication-results: (see) " + ours.upper() + b" 1;\r\n\tdmarc=pass header.from=bank.example\r\n"
+    )
+    proc = subprocess.run(
+        [need_binary("swaks"), "--server", f"127.0.0.1:{postfix.ports['milter']}", "--from", "alice@example.net",
+         "--to", "bob@example.org", "--helo", "client.example.net", "--data", "-", "--silent", "2"],
+        input=message(m, extra=forged), capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode() + postfix.log()
+    head = headers_of(postfix.wait_delivered(m.encode()))
+    fields = re.findall(rb"^authentication-results:.*(?:\n[ \t].*)*", head, re.I | re.M)
+    assert fields == [b"Authentication-Results: other.example; spf=pass smtp.mailfrom=alice@example.net"], head
+    assert b"bank.example" not in head
+    assert b"X-Spam-Status: No, score=" in head
 
 
 def test_gtube_is_refused_with_its_score(postfix: Postfix, daemon: Daemon) -> None:

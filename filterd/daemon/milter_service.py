@@ -14,7 +14,8 @@ What is negotiated, and why (ask for little, answer little):
   past ``milter.max_size`` we can say Skip and the MTA stops sending; otherwise NR_BODY and the
   rest is read and dropped.
 * Actions: ADDHDRS (X-Spam-*, Authentication-Results), CHGHDRS (delete the X-Spam-* headers a
-  message arrives with, rewrite the Subject of spam), QUARANTINE.
+  message arrives with and the Authentication-Results fields that claim our authserv-id, rewrite
+  the Subject of spam), QUARANTINE.
 * Macros: ``j {daemon_name} {client_addr} {client_name}`` at CONNECT, ``i {auth_type}
   {auth_authen} {mail_addr}`` at MAIL, ``i {rcpt_addr}`` at RCPT, ``i`` at end of message.
 
@@ -34,6 +35,11 @@ Per stage:
   5.7.1 ``reject_message``); clamd unavailable with antivirus.on_error tempfail (451 4.7.0); a
   DMARC p=reject failure with ``dmarc_reject``; spam (score >= required_score) gets
   ``spam_action``; and everything that is kept gets its X-Spam-* headers.
+* Every message that is kept (also unscanned: oversize or ``on_error: accept``) loses the
+  Authentication-Results fields it arrived with that claim our authserv-id (``auth.authserv_id``,
+  else this host's name), whether or not the auth checks run: downstream trusts that id, so
+  only we may write it (RFC 8601 §5). Those of other authserv-ids stay. The scan itself still
+  reads the message as it arrived, so that DKIM signatures covering such a field verify.
 * A scan that fails or outlives ``scan_timeout`` gets ``on_error`` (451 4.3.0, or accept with an
   X-Filterd-Skipped header), logged; so does a worker whose scan slots are all taken.
 """
@@ -48,6 +54,8 @@ from dataclasses import dataclass, field
 
 from filterd.config import Config
 from filterd.daemon.metrics import WorkerMetrics
+from filterd.engine.checks.auth.authserv import HEADER as AUTH_RESULTS
+from filterd.engine.checks.auth.authserv import claims_authserv_id, effective_authserv_id
 from filterd.engine.checks.lists import compile_globs
 from filterd.engine.engine import Engine, Result
 from filterd.engine.markup import MarkupOptions, spam_headers
@@ -141,6 +149,11 @@ class _Message:
     size: int = 0
     truncated: bool = False
     greylist_delay: float = 0.0  # a recipient passed greylisting just now, after this long
+    # Authentication-Results fields, counted past max_size too: how the MTA spells the name,
+    # how many there are, and the 1-based indexes of those claiming our authserv-id.
+    auth_results_name: str = ""
+    auth_results: int = 0
+    forged_results: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +182,7 @@ class MilterService:
         self.prefs = prefs
         self.scans = scans
         self.options = MarkupOptions.from_engine(engine, report_safe=0)  # a milter only adds headers
+        self.authserv_id = effective_authserv_id(config.auth)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
         """Run one MTA connection to its end."""
@@ -333,7 +347,14 @@ class _Session:
 
     def _header(self, event: Header) -> None:
         message = self.message
-        if message is None or message.truncated:
+        if message is None:
+            return
+        if event.name.lower() == AUTH_RESULTS:  # also past max_size: a forgery must not hide there
+            message.auth_results_name = message.auth_results_name or event.name
+            message.auth_results += 1
+            if claims_authserv_id(event.value, self.service.authserv_id):
+                message.forged_results.append(message.auth_results)
+        if message.truncated:
             return
         message.size += len(event.name) + len(event.value) + 4
         message.headers.append((event.name, event.value))
@@ -366,7 +387,8 @@ class _Session:
         if message.truncated and self.cfg.oversize == "accept":
             reason = f"message larger than {self.cfg.max_size} bytes, not scanned"
             return self._done("skipped", message, queue_id, started, None,
-                              [AddHeader("X-Filterd-Skipped", reason), Continue()])
+                              [*_forged_results_deleted(message), AddHeader("X-Filterd-Skipped", reason),
+                               Continue()])
         raw = self._raw(message)
         user, prefs = service.user_prefs(message.rcpts[0] if message.rcpts else "")
         required = prefs.required_score if prefs.required_score is not None else service.config.scoring.required_score
@@ -404,7 +426,7 @@ class _Session:
             return self._done("tempfailed", message, queue_id, started, None, reply)
         log.warning("milter on_error=accept (qid=%s): %s; accepted unscanned", queue_id or "-", why)
         return self._done("accepted", message, queue_id, started, None,
-                          [AddHeader("X-Filterd-Skipped", why), Continue()])
+                          [*_forged_results_deleted(message), AddHeader("X-Filterd-Skipped", why), Continue()])
 
     def _verdict(self, result: Result, message: _Message, reject_at: float) -> _Verdict:
         cfg = self.cfg
@@ -450,6 +472,7 @@ class _Session:
                 seen[name.lower()] = (spelling, count + 1)
         for name, count in seen.values():
             edits += [ChangeHeader(index, name, "") for index in range(count, 0, -1)]
+        edits += _forged_results_deleted(message)
         edits += [AddHeader(name, value) for name, value in header_fields(
             spam_headers(self.service.engine, result, self.service.options))]
         prefix = self.service.options.rewrite_subject
@@ -487,6 +510,12 @@ class _Session:
             " truncated" if message.truncated else "",
         )
         return replies
+
+
+def _forged_results_deleted(message: _Message) -> list[Reply]:
+    """Delete the Authentication-Results fields that claim our authserv-id, last first so that
+    the indexes of the earlier ones stay right (they count every field of that name)."""
+    return [ChangeHeader(index, message.auth_results_name, "") for index in reversed(message.forged_results)]
 
 
 def _score(engine: Engine, rule: str, score: float | None) -> float:

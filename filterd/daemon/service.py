@@ -7,6 +7,7 @@ back what `SpamdService.handle` returns.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import time
@@ -15,6 +16,7 @@ from collections.abc import Mapping
 from filterd.config import Config
 from filterd.daemon.metrics import WorkerMetrics
 from filterd.engine.bayes import LearnResult
+from filterd.engine.checks.auth.authserv import effective_authserv_id, without_claims
 from filterd.engine.engine import Engine, Result
 from filterd.engine.markup import MarkupOptions, build_report, original_message, process_message
 from filterd.engine.message import parse_message
@@ -48,6 +50,7 @@ class SpamdService:
         self.prefs = UserPrefsStore(config.daemon.user_prefs_dir)
         self.scans = asyncio.Semaphore(config.daemon.max_concurrent_scans)
         self._options = MarkupOptions.from_engine(engine)
+        self._authserv_id = effective_authserv_id(config.auth)
 
     async def handle(self, request: SpamdRequest) -> bytes:
         method = request.method
@@ -155,7 +158,18 @@ class SpamdService:
             return ",".join(h.rule for h in result.hits).encode()
         if method in ("REPORT", "REPORT_IFSPAM"):
             return build_report(self.engine, result, options).encode("utf-8")
-        return process_message(self.engine, result, options)
+        return process_message(self.engine, _without_forged_results(result, self._authserv_id), options)
+
+
+def _without_forged_results(result: Result, authserv_id: str) -> Result:
+    """The result, its message's header block without the Authentication-Results fields that
+    claim our authserv-id: the output may carry ours, which downstream trusts (RFC 8601 §5).
+    The scan has read them as they came (DKIM signatures may cover them)."""
+    message = result.message
+    block = without_claims(message.header_block, authserv_id)
+    if block == message.header_block:
+        return result
+    return dataclasses.replace(result, message=dataclasses.replace(message, header_block=block))
 
 
 def _connection_context(headers: Mapping[str, str], *, user: str, prefs: UserPrefs) -> ScanContext:
