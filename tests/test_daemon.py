@@ -91,6 +91,28 @@ def test_spamc_headers_mode_keeps_the_original_body(daemon: Daemon) -> None:
     assert body == HAM_MSG.split(b"\n\n", 1)[1]
 
 
+MBOX_FROM = b"From a@b.example Mon Jan  1 00:00:00 2024\n"
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n"], ids=["lf", "crlf"])
+def test_spamc_keeps_a_leading_mbox_from_line(daemon: Daemon, newline: bytes) -> None:
+    """procmail's `:0fw | spamc` hands the mbox From_ line through and must get it back, first,
+    as spamd gives it: in every report_safe mode (alice has 0, the default is 1) and in HEADERS."""
+    separator = MBOX_FROM.replace(b"\n", newline)
+    for data in (HAM_MSG, GTUBE_MSG):
+        message = separator + data.replace(b"\n", newline)
+        for args in ((), ("-u", "alice"), ("--headers",)):
+            proc = spamc(daemon, *args, data=message)
+            assert proc.returncode == 0, (args, proc.stderr)
+            first, end, rest = proc.stdout.partition(newline)
+            assert first + end == separator, (args, proc.stdout[:200])
+            head = rest.partition(newline + newline)[0]
+            assert b"X-Spam-Status: " in head, args
+            assert proc.stdout.count(b"From a@b.example") == 1, args
+    proc = spamc(daemon, "-c", data=separator + GTUBE_MSG.replace(b"\n", newline))
+    assert proc.returncode == 1 and proc.stdout.startswith(b"100")  # the scan does not see the line
+
+
 def test_spamc_user_preferences_and_refused_names(daemon: Daemon) -> None:
     proc = spamc(daemon, "-c", "-u", "alice", data=HAM_MSG)
     assert proc.returncode == 1 and proc.stdout.endswith(b"/-50.0\n")  # alice's own threshold

@@ -19,6 +19,7 @@ from email.utils import formatdate
 
 from filterd import __version__
 from filterd.engine.engine import Engine, Result
+from filterd.engine.message import ParsedMessage
 from filterd.engine.mime import content_params, split_header_block, split_multipart
 
 __all__ = ["MarkupOptions", "build_report", "format_score", "original_message", "process_message", "spam_headers"]
@@ -167,18 +168,35 @@ def _header_block_without_spam(raw_header_block: str) -> tuple[str, str]:
 
 
 def process_message(engine: Engine, result: Result, options: MarkupOptions) -> bytes:
-    """The message as it leaves the filter (spamd PROCESS): marked up, or wrapped when spam."""
+    """The message as it leaves the filter (spamd PROCESS): marked up, or wrapped when spam.
+
+    A leading mbox ``From `` line goes back in front, as SpamAssassin's rewrite_mail does:
+    procmail's ``:0fw | spamc`` hands it through and writes what comes back to the mbox.
+    """
     msg = result.message
     nl = msg.newline
     header_block = msg.header_block
     if options.rewrite_subject and result.is_spam:
         header_block = _rewrite_subject(header_block, options.rewrite_subject, nl)
     if result.is_spam and options.report_safe in (1, 2):
-        return _wrap(engine, result, options, header_block)
+        return _mbox_separator(msg) + _wrap(engine, result, options, header_block)
     first, rest = _header_block_without_spam(header_block)
     added = spam_headers(engine, result, options, nl)
     head = (first + added + rest).encode("ascii", "surrogateescape")
-    return head + nl.encode() + msg.body_raw
+    return _mbox_separator(msg) + head + nl.encode() + msg.body_raw
+
+
+def _mbox_separator(msg: ParsedMessage) -> bytes:
+    """The mbox ``From `` line the parser set aside, byte for byte with its own line end; or b"".
+
+    Taken from the input rather than ``msg.mbox_from``, which has lost its CR. A separator with
+    no line end at all (the input is nothing else) gets the message's, so headers cannot join it.
+    """
+    data = msg.original
+    if not data.startswith(b"From "):  # the parser's own test
+        return b""
+    end = data.find(b"\n")
+    return data + msg.newline.encode() if end < 0 else data[: end + 1]
 
 
 def _rewrite_subject(header_block: str, prefix: str, nl: str) -> str:

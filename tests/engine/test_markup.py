@@ -6,6 +6,8 @@ import email
 import re
 from email.policy import compat32
 
+import pytest
+
 from filterd.engine.markup import MarkupOptions, build_report, format_score, process_message
 from tests.conftest import MakeEngine
 
@@ -139,3 +141,42 @@ def test_report_text_ends_with_two_newlines(make_engine: MakeEngine) -> None:
     text = build_report(engine, engine.scan_sync(SPAM), OPTIONS)
     assert text.endswith("\n\n") and not text.endswith("\n\n\n")
     assert " pts rule name              description" in text
+
+
+MBOX_FROM = b"From sender@example.com Mon Jan  1 00:00:00 2024\n"
+HAM = b"Return-Path: <y@example.org>\nSubject: hello\n\nKind regards\nFrom a line that only looks like one\n"
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n"], ids=["lf", "crlf"])
+@pytest.mark.parametrize("safe", [0, 1, 2])
+@pytest.mark.parametrize("data", [SPAM, HAM], ids=["spam", "ham"])
+def test_mbox_from_line_goes_back_in_front(make_engine: MakeEngine, data: bytes, safe: int, newline: bytes) -> None:
+    """As SpamAssassin's rewrite_mail: the separator, byte for byte, then the rewritten message."""
+    engine = make_engine(RULES)
+    separator, data = MBOX_FROM.replace(b"\n", newline), data.replace(b"\n", newline)
+    options = MarkupOptions(report_safe=safe, hostname="mx.test")
+    plain, marked = engine.scan_sync(data), engine.scan_sync(separator + data)
+    assert (marked.score, [h.rule for h in marked.hits]) == (plain.score, [h.rule for h in plain.hits])
+    out = process_message(engine, marked, options)
+    assert out.startswith(separator) and out.count(b"From sender@") == 1
+    rest = out[len(separator) :]
+    if safe == 0 or not marked.is_spam:
+        assert rest == process_message(engine, plain, options)
+        return
+    assert rest.startswith(b"Received: from localhost by mx.test" + newline)
+    msg = email.message_from_bytes(rest, policy=compat32)
+    assert msg["X-Spam-Flag"] == "YES" and msg.get_content_type() == "multipart/mixed"
+    original = rest.split(b"x-spam-type=original", 1)[1].split(newline + newline, 1)[1]
+    assert original.startswith(b"Return-Path: <x@example.net>" + newline)  # spamd attaches it without
+
+
+def test_mbox_from_line_keeps_its_own_line_end_and_others_stay_put(make_engine: MakeEngine) -> None:
+    engine = make_engine(RULES)
+    data = b"From sender@example.com  Mon Jan  1 00:00:00 2024\n" + HAM.replace(b"\n", b"\r\n")
+    out = process_message(engine, engine.scan_sync(data), MarkupOptions(report_safe=0))
+    assert out.startswith(b"From sender@example.com  Mon Jan  1 00:00:00 2024\nReturn-Path: <y@example.org>\r\n")
+    out = process_message(engine, engine.scan_sync(HAM), MarkupOptions(report_safe=0))
+    assert out.startswith(b"Return-Path: ")
+    assert out.endswith(b"\n\nKind regards\nFrom a line that only looks like one\n")
+    out = process_message(engine, engine.scan_sync(b"From x@example.com"), MarkupOptions(report_safe=0))
+    assert out.startswith(b"From x@example.com\nX-Spam-Checker-Version: ")  # no header joins the line

@@ -82,11 +82,41 @@ def test_procmail_hands_ham_to_filterd_deliver(tmp_path: Path, daemon: Daemon, d
     assert b"X-Spam-Flag: YES" in junk.data
     (stored,) = maildir_files(maildir)
     data = stored.read_bytes()
-    # SpamAssassin's PROCESS puts procmail's From_ line back on top (its sender then becomes our
-    # Return-Path); filterd's daemon drops it, so deliver knows no sender. Either is delivered right.
-    assert data.startswith((b"Return-Path: <owner@example.com>\nDelivered-To: alice\n", b"Delivered-To: alice\n"))
+    # PROCESS puts procmail's From_ line back on top, as SpamAssassin's does: its sender becomes
+    # our Return-Path, and the line itself is not stored
+    assert data.startswith(b"Return-Path: <owner@example.com>\nDelivered-To: alice\n")
     # procmail ends what it hands on with an empty line, as it does in an mbox
     assert b"X-Spam-Status: No" in data and data.endswith(HAM.split(b"\n\n", 1)[1] + b"\n")
+
+
+def test_from_line_kept_by_the_filter_is_written_once_to_an_mbox(
+    tmp_path: Path, daemon: Daemon, deliver: Deliver
+) -> None:
+    """procmail's From_ line comes back from the filter; procmail (Junk) and `filterd deliver`
+    (INBOX, which writes a From_ line of its own) each store one separator, no quoted copy."""
+    mail = tmp_path / "mail"
+    mail.mkdir()
+    inbox = tmp_path / "inbox-mbox"
+    config = deliver.config_file({})
+    rc = tmp_path / "procmailrc"
+    rc.write_text(
+        f"SHELL=/bin/sh\nMAILDIR={mail}\nLOGFILE={tmp_path}/procmail.log\n"
+        f":0fw\n| {BIN}/filterc -U {daemon.unix_path}\n"
+        ":0:\n* ^X-Spam-Flag: YES\nJunk-mbox\n"
+        f":0w\n| {BIN}/filterd deliver --config {config} --user alice --mbox {inbox} --no-filter\n"
+    )
+    separator = b"From owner@example.com Mon Jan  5 10:00:00 2026\n"
+    for data in (GTUBE, HAM.split(b"\n", 1)[1]):
+        proc = procmail(tmp_path, rc, separator + data)
+        assert proc.returncode == 0, (proc, (tmp_path / "procmail.log").read_text())
+    for box in (mail / "Junk-mbox", inbox):
+        raw = box.read_bytes()
+        assert raw.startswith(b"From owner@example.com "), raw[:200]
+        assert raw.count(b"From owner@example.com ") == 1 and b">From " not in raw, raw[:300]
+        (item,) = iter_messages(box)
+        assert b"X-Spam-Status: " in item.data
+    assert b"\nX-Spam-Flag: YES\n" in (mail / "Junk-mbox").read_bytes()
+    assert b"\nReturn-Path: <owner@example.com>\nDelivered-To: alice\n" in inbox.read_bytes()
 
 
 def test_procmail_and_deliver_append_to_one_mbox_at_once(tmp_path: Path, deliver: Deliver) -> None:

@@ -1,0 +1,85 @@
+"""The spamd service on its own: request bytes in, the reply bytes a worker would write back.
+
+A real engine over small rule files and real per-user settings files; no sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from filterd.daemon.metrics import WorkerMetrics
+from filterd.daemon.service import SpamdService
+from filterd.protocols.spamd import SpamdRequest, SpamdServerConnection
+from tests.conftest import MakeEngine
+
+RULES = r"""
+OFFER: {body: '/offer/i', describe: an offer, score: 6.0}
+HAM_HINT: {body: '/regards/i', describe: polite, score: -0.5, tflags: [nice]}
+"""
+SPAM = b"Return-Path: <x@example.net>\nFrom: x@example.net\nSubject: An offer\n\nAn offer you cannot refuse.\n"
+HAM = b"From: y@example.org\nSubject: hello\n\nKind regards\n"
+MBOX_FROM = b"From sender@example.com Mon Jan  1 00:00:00 2024\n"
+
+
+@pytest.fixture
+def service(make_engine: MakeEngine, tmp_path: Path) -> SpamdService:
+    engine = make_engine(RULES)
+    prefs = tmp_path / "prefs"
+    prefs.mkdir()
+    for safe in (0, 1, 2):
+        (prefs / f"safe{safe}.yaml").write_text(f"report_safe: {safe}\n")
+    daemon = dataclasses.replace(engine.config.daemon, user_prefs_dir=str(prefs))
+    return SpamdService(engine, dataclasses.replace(engine.config, daemon=daemon), WorkerMetrics())
+
+
+def request(method: str, user: str, message: bytes) -> SpamdRequest:
+    conn = SpamdServerConnection()
+    conn.receive_data(b"%s SPAMC/1.5\r\nUser: %s\r\nContent-length: %d\r\n\r\n%s" % (
+        method.encode(), user.encode(), len(message), message))  # fmt: skip
+    event = conn.next_event()
+    assert isinstance(event, SpamdRequest), event
+    return event
+
+
+def body_of(reply: bytes) -> bytes:
+    """The reply's body, after checking it is exactly as long as its Content-length says."""
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"SPAMD/1.1 0 EX_OK\r\n"), reply[:200]
+    lengths = [line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+    assert lengths == [b"Content-length: %d" % len(body)], head
+    return body
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n"], ids=["lf", "crlf"])
+def test_process_and_headers_keep_a_leading_mbox_from_line(service: SpamdService, newline: bytes) -> None:
+    separator = MBOX_FROM.replace(b"\n", newline)
+
+    async def exchange(method: str, user: str, message: bytes) -> tuple[bytes, bytes]:
+        message = message.replace(b"\n", newline)
+        with_line = await service.handle(request(method, user, separator + message))
+        return with_line, await service.handle(request(method, user, message))
+
+    async def check() -> None:
+        for user, message in ((u, m) for u in ("safe0", "safe1", "safe2") for m in (SPAM, HAM)):
+            wrapped = message is SPAM and user != "safe0"
+            for method in ("PROCESS", "HEADERS"):
+                with_line, without = await exchange(method, user, message)
+                got, plain = body_of(with_line), body_of(without)
+                assert got.startswith(separator) and got.count(b"From sender@") == 1, (user, method)
+                if wrapped:  # a new boundary and date each time: compare the start only
+                    assert got[len(separator) :].startswith(b"Received: from localhost by "), (user, method)
+                    assert b"X-Spam-Flag: YES" + newline in got
+                else:
+                    assert got == separator + plain, (user, method)
+                if method == "HEADERS":
+                    assert got.endswith(newline + newline) and got.count(newline + newline) == 1
+        for method in ("CHECK", "SYMBOLS", "REPORT", "REPORT_IFSPAM"):
+            for message in (SPAM, HAM):
+                with_line, without = await exchange(method, "safe0", message)
+                assert with_line == without, method
+
+    asyncio.run(check())
