@@ -28,7 +28,7 @@ _FIELD_START = re.compile(r"(?<=\n)(?=[^ \t\r\n])")
 
 def effective_authserv_id(config: AuthConfig) -> str:
     """The id our own Authentication-Results fields carry: ``auth.authserv_id``, else this
-    host's name (as `filterd.engine.checks.auth.check.AuthCheck` computes it)."""
+    host's name (the auth check, the milter and spamd all take it from here)."""
     if config.authserv_id:
         return config.authserv_id
     try:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import threading
 import time
 from collections.abc import Coroutine, Sequence
@@ -43,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from email.utils import parseaddr
 from typing import Any, ClassVar, TypeVar
 
+from filterd.engine.checks.auth.authserv import effective_authserv_id
 from filterd.engine.checks.auth.dkim import DkimResult, Signed, read_signatures, verify_signed
 from filterd.engine.checks.auth.dmarc import DmarcResult, PolicyLookup, evaluate, lookup_policy
 from filterd.engine.checks.auth.results import authentication_results
@@ -103,7 +103,7 @@ class AuthCheck:
         self._network = setup.config.network
         self._resolver = setup.resolver
         self._org_domain = setup.uri_parser.registered_domain
-        self._authserv_id = self._cfg.authserv_id or _hostname()
+        self._authserv_id = effective_authserv_id(self._cfg)
         self._executor: ThreadPoolExecutor | None = None
         self._executor_pid = 0
 
@@ -274,9 +274,3 @@ def _done(task: asyncio.Task[T] | None) -> T | None:
         return None
     return task.result()
 
-
-def _hostname() -> str:
-    try:
-        return socket.getfqdn() or "localhost"
-    except OSError:
-        return "localhost"
