@@ -134,7 +134,8 @@ def test_pooling_decides_spam_that_came_through_a_ham_mailing_list(tmp_path: Pat
     assert ordinary_ham < 0.1
 
 
-def test_vectorised_views_equal_robinson_fisher_per_view() -> None:
+def test_each_view_is_scored_as_if_it_were_alone() -> None:
+    """Labels keep the views apart: per-view selection of the most extreme tokens, per-view sums."""
     rng = np.random.default_rng(7)
     for _ in range(200):
         sizes = rng.integers(0, 400, size=3)  # some views over max_interesting, some empty

@@ -110,33 +110,11 @@ def robinson_fisher(
 
     None when no token is both known and interesting enough (SpamAssassin then fires no rule).
     """
-    if nspam <= 0 or nham <= 0:
-        return None
-    n = s + h
-    seen = n > 0
-    if not seen.all():
-        s, h, n = s[seen], h[seen], n[seen]
-        if n.size == 0:
-            return None
-    # p = (s/nspam) / (s/nspam + h/nham), written without two divisions per token
-    s_weighted = s * float(nham)
-    p = s_weighted / (s_weighted + h * float(nspam))
-    f = (robinson_s * robinson_x + n * p) / (robinson_s + n)
-    strength = np.abs(f - 0.5)
-    if min_prob_strength > 0:
-        keep = strength >= min_prob_strength
-        f, strength = f[keep], strength[keep]
-    if f.size == 0:
-        return None
-    if f.size > max_interesting > 0:
-        f = f[np.argpartition(strength, f.size - max_interesting)[f.size - max_interesting :]]
-    k = int(f.size)
-    total = nspam + nham
-    log_s = math.log(nspam / total) + float(np.log1p(-f).sum())
-    log_h = math.log(nham / total) + float(np.log(f).sum())
-    # Q(k, m) for the spam and the ham product at once (one ufunc call)
-    q_spam, q_ham = _gammaincc()(k, np.array([-log_s, -log_h]))
-    return (1.0 + (1.0 - float(q_spam)) - (1.0 - float(q_ham))) / 2.0
+    return robinson_fisher_views(
+        s, h, np.zeros(s.size, dtype=np.int64), 1, nspam, nham,
+        robinson_s=robinson_s, robinson_x=robinson_x,
+        min_prob_strength=min_prob_strength, max_interesting=max_interesting,
+    )[0]  # fmt: skip
 
 
 def naive_bayes_log_odds(
@@ -311,8 +289,14 @@ def robinson_fisher_views(
     min_prob_strength: float = 0.346,
     max_interesting: int = 150,
 ) -> list[float | None]:
-    """`robinson_fisher` of each view at once (buckets labelled 0 .. n_views-1 by ``view``):
-    the same numbers, in one pass of vector operations instead of one per view."""
+    """SpamAssassin's chi-square combining, for each view at once (buckets labelled 0 ..
+    n_views-1 by ``view``), in one pass of vector operations.
+
+    Per token Robinson's f(w) (tokens never seen are left out), the tokens with |f - 0.5| >=
+    min_prob_strength, at most ``max_interesting`` of the most extreme per view, combined with
+    Fisher's chi-square method (prior included, as SpamAssassin since bug 3118). None for a
+    view where no token is both known and interesting enough.
+    """
     if nspam <= 0 or nham <= 0:
         return [None] * n_views
     n = s + h
