@@ -868,6 +868,18 @@ class MtaConfig(Section):
         parse_duration("5m"), min=parse_duration("1s"), max=parse_duration("1h"),
         doc="A client silent this long in the middle of a command or of DATA is dropped with 421 (RFC 5321 4.5.3.2).",
     )  # fmt: skip
+    peername_lookup: bool = setting(
+        True,
+        doc="Look the client's name up in DNS before the greeting, as Postfix does (smtpd_peername_lookup): its "
+        "PTR name, kept only if it resolves back (A/AAAA) to the client's address, else 'unknown'; for the log, "
+        "the Received header and the milter's {client_name}, {client_ptr} and _. Every client, loopback and "
+        "mynetworks included. Asks the dns.* servers; false = every client is 'unknown'.",
+    )
+    peername_timeout: Duration = setting(
+        parse_duration("5s"), min=parse_duration("100ms"), max=parse_duration("60s"),
+        doc="Time for the client name lookups together (PTR, then A/AAAA; each also within dns.timeout); "
+        "past it the client is 'unknown' and the session goes on.",
+    )  # fmt: skip
     tls_cert: str = setting("", doc="PEM certificate chain for STARTTLS and tls_listen; empty = no TLS.")
     tls_key: str = setting("", doc="PEM private key of tls_cert.")
     auth_users_file: str = setting(

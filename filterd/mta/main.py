@@ -132,14 +132,24 @@ async def _serve(config: Config, users: dict[str, str], tls: ssl.SSLContext | No
     queue = Queue(config.state_path / "queue")
     with queue.lock():
         await asyncio.to_thread(queue.recover)
+        resolver = None
+        if deliver or config.mta.peername_lookup:
+            from filterd.net.dns import Resolver
+
+            resolver = Resolver(config.dns)  # one cache for MX and client name lookups
         qmgr = None
         if deliver:
             from filterd.mta.qmgr import QueueManager
-            from filterd.net.dns import Resolver
 
-            qmgr = QueueManager(config, queue, Resolver(config.dns))
+            assert resolver is not None
+            qmgr = QueueManager(config, queue, resolver)
         server = SmtpServer(
-            config.mta, queue, users=users, tls_context=tls, on_queued=qmgr.wake if qmgr is not None else None
+            config.mta,
+            queue,
+            users=users,
+            tls_context=tls,
+            on_queued=qmgr.wake if qmgr is not None else None,
+            resolver=resolver,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -1,7 +1,10 @@
 """The MTA's SMTP server: sessions over `filterd.protocols.smtp_server`, relay control, the
 pre-queue milter, and the durable queue.
 
-One asyncio task per connection owns one `SmtpServerConnection`. What each command meets:
+One asyncio task per connection owns one `SmtpServerConnection`. Before the greeting, the
+client's name is looked up as Postfix does (`filterd.mta.peername`: PTR, then forward-confirmed,
+within ``mta.peername_timeout``; "unknown" when that fails), for the log, our Received header and
+the milter's macros. What each command meets:
 
 * RCPT: mail for ``mta.local_domains`` (and our hostname, and a bare ``postmaster``) from
   anyone; any other domain only from ``mta.mynetworks`` or an authenticated client, else
@@ -47,7 +50,9 @@ from filterd.config.schema import MtaConfig
 from filterd.errors import QueueError
 from filterd.mta.auth import verify_password
 from filterd.mta.milter_client import MessageEdits, MilterSession, Verdict, apply_edits, split_headers
+from filterd.mta.peername import PeerName, lookup_peername
 from filterd.mta.queue import Envelope, Queue, QueueState, Recipient
+from filterd.net.dns import Resolver
 from filterd.protocols import ConnectionClosed, NeedData
 from filterd.protocols.milter import ProtocolFlag, ReplyCode
 from filterd.protocols.smtp_server import (
@@ -138,8 +143,11 @@ class SmtpServer:
         users: dict[str, str] | None = None,
         tls_context: ssl.SSLContext | None = None,
         on_queued: Callable[[], None] | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
         self.config = config
+        # None: no client name lookups (every client is "unknown"), as peername_lookup false
+        self.resolver = resolver if config.peername_lookup else None
         self.on_queued = on_queued  # the queue manager's wake()
         self.queue = queue
         self.hostname = hostname or config.hostname or socket.getfqdn()
@@ -230,7 +238,7 @@ class _Session:
         peer = writer.get_extra_info("peername") or ("", 0)
         self.client_ip = str(peer[0]).removeprefix("::ffff:")
         self.client_port = int(peer[1]) if len(peer) > 1 else 0
-        self.client_name = "unknown"  # no reverse DNS lookups: Postfix's name for "none"
+        self.peer = PeerName()  # until `_look_up_client`: "unknown", as without DNS
         self.prefix = f"conn={next(server._ids)} "
         self.smtp = SmtpServerConnection(
             server.hostname,
@@ -266,7 +274,23 @@ class _Session:
 
     # -- the loop ---------------------------------------------------------------------------
 
+    @property
+    def client_name(self) -> str:
+        """The forward-confirmed name, or "unknown" (Postfix client_name)."""
+        return self.peer.name
+
+    async def _look_up_client(self) -> None:
+        resolver = self.server.resolver
+        if resolver is None:
+            return
+        self.peer = peer = await lookup_peername(resolver, self.client_ip, budget=self.config.peername_timeout)
+        if peer.status == "FORGED":  # Postfix's words
+            log.warning("%shostname %s does not resolve to address %s", self.prefix, peer.reverse_name, self.client_ip)
+        elif peer.detail:
+            log.info("%sclient name unknown (%s): %s", self.prefix, peer.status, peer.detail)
+
     async def run(self) -> None:
+        await self._look_up_client()
         log.info("%sconnect from %s[%s]", self.prefix, self.client_name, self.client_ip)
         if self.server.milter:
             self.milter = MilterSession(
@@ -338,10 +362,12 @@ class _Session:
             "j": self.server.hostname,
             "daemon_name": "filterd-mta",
             "v": f"filterd {__version__}",
-            "_": f"{self.client_name} [{self.client_ip}]",
+            "_": self._underscore_macro(),
             "client_addr": self.client_ip,
             "client_port": str(self.client_port),
             "client_name": self.client_name,
+            "client_ptr": self.peer.reverse_name,
+            "client_resolve": self.peer.status,
         }
         if self.txn is not None:
             macros["i"] = self.txn.queue_id
@@ -353,6 +379,12 @@ class _Session:
             macros.update(tls_version=str(obj.version()), cipher=str(cipher[0]), cipher_bits=str(cipher[2]))
         macros.update(more)
         return macros
+
+    def _underscore_macro(self) -> str:
+        """Postfix's ``_``: the PTR name and the address, flagged when the name did not confirm."""
+        peer = self.peer
+        forged = " (may be forged)" if peer.name.lower() != peer.reverse_name.lower() else ""
+        return f"{peer.reverse_name} [{self.client_ip}]{forged}"
 
     def _filter_failed(self, verdict: Verdict, where: str) -> None:
         action = self.config.milter_default_action

@@ -46,11 +46,15 @@ def start_mta(
     tmp_path: Path, *args: str, config: str = "", deliver: bool = False, state_dir: Path | None = None
 ) -> Mta:
     """`filterd mta` on an ephemeral loopback port (queue only unless ``deliver``); waits until ready.
-    ``state_dir``: reuse one (a restart after a crash)."""
+    ``state_dir``: reuse one (a restart after a crash). Without a ``dns:`` section in ``config``
+    (a test's DNS server) client names are not looked up: never the system resolver in tests."""
     run = tmp_path / f"mta{len(list(tmp_path.glob('mta*')))}"
     run.mkdir()
     cfg = run / "filterd.yaml"
     cfg.write_text("network: {enabled: false}\n" + config)
+    if "dns:" not in config:  # a layer of its own, so that it merges with the test's mta: section
+        (run / "local.d").mkdir()
+        (run / "local.d" / "00-no-peername.yaml").write_text("mta: {peername_lookup: false}\n")
     log_path = run / "mta.log"
     cmd = [
         sys.executable,
