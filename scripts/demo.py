@@ -44,6 +44,8 @@ mta:
   mailboxes: {{demo: "{maildir}"}}
   # What `filterd deliver` does, inside the MTA (auto would run it as a command when root).
   local_delivery: maildir
+  # Every client here is on loopback: no reverse lookups (they would ask this machine's resolver).
+  peername_lookup: false
 # The milter has already scored the message: the recipes file it by the headers it added.
 deliver: {{filter: false, recipes: "{recipes}"}}
 """
