@@ -121,6 +121,7 @@ def test_sigkill_while_mail_flows_loses_no_accepted_message(
         "dns: {nameservers: ['127.0.0.1:9']}\n"
         "deliver: {filter: false}\n"
         "mta:\n"
+        "  peername_lookup: false\n"  # no DNS server here: 127.0.0.1:9 answers nothing
         "  local_domains: [example.org]\n"
         "  local_delivery: maildir\n"
         f"  mailbox: '{mail}/{{user}}/'\n"

@@ -45,6 +45,7 @@ def test_sigkill_during_delivery_loses_nothing(tmp_path: Path, record_property: 
         "network: {enabled: false}\n"
         "dns: {nameservers: ['127.0.0.1:9']}\n"
         "mta:\n"
+        "  peername_lookup: false\n"  # no DNS server here: 127.0.0.1:9 answers nothing
         "  local_domains: [example.org]\n"
         f"  local_delivery_command: ['/bin/sh', '-c', '{RECORD}', '{out}']\n"
         "  mailbox: '{state_dir}/mail/{user}'\n"
