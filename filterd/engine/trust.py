@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from filterd.config import NetworkConfig
     from filterd.engine.plugin import Scan
 
-__all__ = ["TrustPath", "build_trust_path", "client_is_external", "in_networks", "trust_path_of"]
+__all__ = ["TrustPath", "build_trust_path", "client_is_external", "in_networks", "names_connection", "trust_path_of"]
 
 _LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
@@ -85,7 +85,7 @@ def build_trust_path(
     if client_ip:
         from_connection = True
         connection = Relay(ip=_normal_ip(client_ip), rdns=client_name, helo=helo, auth=authenticated, parsed=True)
-        if hops and _normal_ip(hops[0].ip) == connection.ip:
+        if hops and names_connection(hops[0], client_ip):
             # The MTA already wrote its own Received header for this connection: one hop, with
             # what the caller knows first and the header filling the gaps.
             top = hops.pop(0)
@@ -111,6 +111,12 @@ def build_trust_path(
         if last_external is None and not internal:
             last_external = relay
     return TrustPath(tuple(trusted), tuple(untrusted), last_external, from_connection)
+
+
+def names_connection(relay: Relay, client_ip: str) -> bool:
+    """Whether ``relay`` is the hop of the connection the caller saw: the Received header the
+    MTA wrote for the client at ``client_ip``."""
+    return bool(relay.ip and client_ip) and _normal_ip(relay.ip) == _normal_ip(client_ip)
 
 
 def _normal_ip(ip: str) -> str:

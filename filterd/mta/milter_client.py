@@ -8,6 +8,10 @@ failure (cannot connect, timeout, a confused filter) closes the connection and r
 the session, as Postfix does.
 
 `apply_edits` turns the end-of-message edits into the message and envelope to queue.
+
+The filter is not shown the MTA's own Received header (``own_headers``), as Postfix (milter8.c)
+and Sendmail do not show theirs: it reads the message as the client sent it, the same behind
+either MTA. Its header edits are placed as Postfix's cleanup places them (see `apply_edits`).
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ class MessageEdits:
     new_sender: str | None = None
     body: bytes | None = None
     quarantine: str | None = None
+    hidden: int = 0  # header fields at the top the filter was not shown (our Received)
 
 
 _CONTINUE = Verdict("continue")
@@ -220,11 +225,16 @@ class MilterSession:
     async def data(self, macros: dict[str, str]) -> Verdict:
         return await self._step(Data(macros))
 
-    async def message(self, data: bytes, macros: dict[str, str]) -> tuple[Verdict, MessageEdits]:
-        """Headers, end of headers, body chunks, end of message; the verdict and the edits."""
-        edits = MessageEdits()
+    async def message(
+        self, data: bytes, macros: dict[str, str], *, own_headers: int = 0
+    ) -> tuple[Verdict, MessageEdits]:
+        """Headers, end of headers, body chunks, end of message; the verdict and the edits.
+
+        The first ``own_headers`` header fields are the ones this MTA added (its Received): they
+        are not sent, and the edits say so for `apply_edits`."""
+        edits = MessageEdits(hidden=own_headers)
         headers, body_start, _ = split_headers(data)
-        for name, value, _raw in headers:
+        for name, value, _raw in headers[own_headers:]:
             # folded lines go to the filter joined by LF, as Postfix sends them
             verdict = await self._step(Header(name, value.replace("\r\n", "\n")))
             if verdict.kind != "continue":
@@ -302,14 +312,17 @@ def apply_edits(data: bytes, edits: MessageEdits, *, leadspc: bool) -> bytes:
     """The message with the filter's header edits and body replacement applied (CRLF ends).
 
     AddHeader appends to the header block; InsertHeader(i) puts a header before the i-th
-    (0 = top); ChangeHeader(i) changes the i-th occurrence of that name (1-based), deletes it
-    when the value is empty, and appends it when there is no such occurrence. ``leadspc``: the
+    (0 = top, above our own Received); ChangeHeader(i) changes the i-th occurrence of that name
+    (1-based) among the fields the filter was shown (``edits.hidden`` ones are skipped), deletes
+    it when the value is empty, and appends it when there is no such occurrence. These are
+    Postfix's rules (cleanup_milter.c), kept for Sendmail compatibility. ``leadspc``: the
     filter negotiated HDR_LEADSPC, so its values carry their own leading space. Headers the
     filter did not touch keep their bytes.
     """
     headers, body_start, blank = split_headers(data)
     fields: list[bytes | None] = [raw for _, _, raw in headers]
-    names = [name.lower() for name, _, _ in headers]
+    # The fields the filter was not shown have no name to match (their places still count).
+    names = ["" if i < edits.hidden else name.lower() for i, (name, _, _) in enumerate(headers)]
     for edit in edits.headers:
         rendered = _render_header(edit.name, edit.value, leadspc)
         if isinstance(edit, AddHeader):

@@ -575,7 +575,9 @@ class _Session:
             return _TEMPFAIL
         if self._milter_wanted():
             assert self.milter is not None
-            verdict, edits = await self.milter.message(message, self._macros())
+            # Our Received header stays hidden, as Postfix hides its own: the filter reads the
+            # message as the client sent it.
+            verdict, edits = await self.milter.message(message, self._macros(), own_headers=1)
             verdict_note = verdict.kind
             reply = self._filter_reply(verdict, "end of message")
             if reply is not None:

@@ -6,11 +6,16 @@ near miss that differs only in that trick.
 
 from __future__ import annotations
 
+import email.utils
+import time
+
 import pytest
 
 from filterd.engine.checks import builtin_checks
-from filterd.engine.checks.headers import HeaderCheck, _epoch
+from filterd.engine.checks.headers import HeaderCheck, _epoch, _receipt_time
 from filterd.engine.engine import Engine, Result
+from filterd.engine.plugin import ScanContext
+from filterd.engine.received import parse_received
 from tests.conftest import offline_config
 
 HEAD = (
@@ -74,6 +79,72 @@ def test_date_far_in_future_fires_but_small_skew_does_not(engine: Engine) -> Non
     skewed = HEAD.replace(b"Date: Mon, 12 Jan 2026 10:00:00", b"Date: Mon, 12 Jan 2026 11:30:00")
     found = hits(engine, msg(head=skewed))
     assert not found & {"HDR_DATE_FUTURE_2D", "HDR_DATE_FUTURE_3H"}
+
+
+NOW = 1_800_000_000.0  # Fri, 15 Jan 2027 08:00:00 +0000
+
+
+def receipt(*received: str, client_ip: str = "") -> float:
+    """The reference time the Date checks use for Received header values (top first)."""
+    relays = [parse_received(value) for value in received]
+    return _receipt_time(relays, [_epoch(r.date_text) if r.date_text else None for r in relays], client_ip, NOW)
+
+
+OURS = "from client.example (unknown [192.0.2.10]) by mx.test (filterd 0.1.0) with ESMTP id Q1; {}"
+SENDERS = "from laptop (laptop.example [198.51.100.7]) by smtp.example with ESMTPSA id 9; {}"
+
+
+@pytest.mark.parametrize(
+    ("date", "epoch"),
+    [
+        ("Mon, 12 Jan 2026 10:00:05 +0000", 1768212005.0),
+        ("Mon, 12 Jan 2026 11:00:05 +0100 (CET)", 1768212005.0),  # Postfix's comment
+        ("12 Jan 2026 05:00:05 -0500", 1768212005.0),  # no day name
+        ("Mon, 12 Jan 26 02:00:05 PST", 1768212005.0),  # two-digit year, zone name
+        ("Mon, 12 Jan 2026 10:00:05", 1768212005.0),  # no zone: UTC
+        ("Mon,  12 Jan 2026 10:00:05 -0000", 1768212005.0),  # "unknown zone", doubled space
+    ],
+)
+def test_receipt_time_is_the_top_received_date(date: str, epoch: float) -> None:
+    # A stored message (no connection known): the top header is the receiving MTA's.
+    assert receipt(OURS.format(date), SENDERS.format("Sun, 1 Jan 2023 00:00:00 +0000")) == epoch
+
+
+def test_receipt_time_without_a_readable_received_date() -> None:
+    assert receipt() == NOW  # no Received header: archived or hand-made mail, read now
+    assert receipt(OURS.format("sometime")) == NOW
+    assert receipt("from a (a [192.0.2.1]) by b with SMTP id 1") == NOW  # no date at all
+    # the top one unreadable: the next one down is the newest date there is
+    assert receipt(OURS.format("sometime"), SENDERS.format("12 Jan 2026 10:00:00 +0000")) == 1768212000.0
+
+
+def test_receipt_time_when_the_connection_is_known() -> None:
+    old = SENDERS.format("Mon, 12 Jan 2026 10:00:00 +0000")
+    # Behind a milter (Postfix, Sendmail, filterd mta) the MTA's own header is not shown: the
+    # message is being received now, whatever the sending side wrote.
+    assert receipt(old, client_ip="192.0.2.10") == NOW
+    assert receipt(client_ip="192.0.2.10") == NOW
+    # The MTA's header for this connection is there (spamd with an IP header after the queue).
+    assert receipt(OURS.format("Mon, 12 Jan 2026 10:00:05 +0000"), old, client_ip="192.0.2.10") == 1768212005.0
+    assert receipt(OURS.format("sometime"), old, client_ip="192.0.2.10") == NOW
+    v6 = "from c (unknown [IPv6:2001:db8::a]) by mx.test with ESMTP id Q2; Mon, 12 Jan 2026 10:00:05 +0000"
+    assert receipt(v6, client_ip="2001:DB8:0::a") == 1768212005.0
+    mapped = OURS.format("Mon, 12 Jan 2026 10:00:05 +0000")
+    assert receipt(mapped, client_ip="::ffff:192.0.2.10") == 1768212005.0
+
+
+def test_date_in_the_past_is_measured_from_receipt(engine: Engine) -> None:
+    now = time.time()
+    two_years = email.utils.formatdate(now - 730 * 86400).encode()
+    upstream = b"Received: from a (a [198.51.100.7]) by smtp.example with ESMTP id 9; %s\n" % two_years
+    head = upstream + b"From: alex@sender.example\nTo: dana@example.net\nDate: %s\n" % two_years
+    raw = msg(head=head + b"Message-ID: <1@sender.example>\nMIME-Version: 1.0\n")
+    # Read from a file, the top Received header is the receiving MTA's: Date is as old as receipt.
+    assert not hits(engine, raw) & {"HDR_DATE_PAST_1Y", "HDR_DATE_PAST_4D"}
+    # Scanned as it arrives over a milter, the sender's header is no reference: receipt is now.
+    arriving = set(engine.scan_sync(raw, ScanContext(client_ip="192.0.2.10")).rule_names)
+    assert "HDR_DATE_PAST_1Y" in arriving
+    assert "HDR_DATE_PAST_1Y" in hits(engine, raw.replace(upstream, b""))  # no Received: now
 
 
 def test_unparseable_date(engine: Engine) -> None:

@@ -249,6 +249,19 @@ def test_apply_edits() -> None:
     assert apply_edits(MESSAGE, MessageEdits(), leadspc=False) == MESSAGE
 
 
+def test_apply_edits_counts_changes_past_the_header_the_filter_was_not_shown() -> None:
+    # As Postfix's cleanup: ChangeHeader(1, "Received") is the first Received the filter saw,
+    # below ours; InsertHeader(0) still goes on top, InsertHeader(1) right below ours.
+    ours = b"Received: from c\r\n\tby mx.test\r\n"
+    edits = MessageEdits(
+        headers=[ChangeHeader(1, "Received", ""), InsertHeader(0, "X-Top", "0"), InsertHeader(2, "X-Two", "2")],
+        hidden=1,
+    )
+    assert apply_edits(ours + MESSAGE, edits, leadspc=False) == (
+        b"X-Top: 0\r\n" + ours + b"X-Two: 2\r\nSubject: hi\r\nX-Old: 1\r\nX-Old: 2\r\n\r\nbody\r\n"
+    )
+
+
 # -- the async session against a small filter served from MilterServerConnection ---------------
 
 

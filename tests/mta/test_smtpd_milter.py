@@ -233,6 +233,29 @@ def test_shutdown_closes_with_421(tmp_path: Path) -> None:
     assert isinstance(result, smtplib.SMTPSenderRefused) and result.smtp_code == 421
 
 
+def test_the_filter_is_not_shown_our_received_header(tmp_path: Path) -> None:
+    # As Postfix (milter8.c) and Sendmail: the filter reads the message as the client sent it,
+    # so it scores the same behind either MTA; its ChangeHeader indexes count from there.
+    seen: list[tuple[str, str]] = []
+
+    def script(event: Event) -> list[Reply]:
+        if isinstance(event, Header):
+            seen.append((event.name, event.value))
+        if not isinstance(event, EndOfMessage):
+            return [Continue()]
+        return [ChangeHeader(1, "Received", ""), Accept()]
+
+    sent = (
+        "Received: from laptop (laptop [192.0.2.20])\r\n\tby smtp.example; Mon, 12 Jan 2026 10:00:00 +0000\r\n"
+        "Subject: hi\r\n\r\nhi\r\n"
+    )
+    _, queue = run_scripted(tmp_path, script, lambda s: _send(s, ["bob@example.net"], sent))
+    assert [name for name, _ in seen] == ["Received", "Subject"] and "laptop" in seen[0][1]
+    [qid] = queue.ids("incoming")
+    data = queue.load(qid)[1].read_bytes()
+    assert data.startswith(b"Received: from client.example") and b"laptop" not in data, data
+
+
 @pytest.mark.parametrize("leadspc", [False, True])
 def test_edits_to_headers_and_envelope_are_applied(tmp_path: Path, leadspc: bool) -> None:
     space = " " if leadspc else ""

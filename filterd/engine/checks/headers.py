@@ -9,6 +9,7 @@ rules/10_header.yaml, where Hyperscan runs them all in one pass.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -20,6 +21,7 @@ from filterd.engine.checks._facts import (
 )
 from filterd.engine.plugin import CheckSetup, Hit, Scan, Stage
 from filterd.engine.received import Relay
+from filterd.engine.trust import names_connection
 
 __all__ = ["HeaderCheck"]
 
@@ -81,6 +83,23 @@ def _epoch(text: str) -> float | None:
         else:
             stamp -= _ZONES.get(zone.strip("()").lower(), 0) * 3600
     return float(stamp)
+
+
+def _receipt_time(relays: Sequence[Relay], stamps: Sequence[float | None], client_ip: str, now: float) -> float:
+    """When the receiving MTA took the message in: what the Date checks compare Date with.
+
+    That is the date of the Received header the receiving MTA wrote (SpamAssassin's
+    DATE_IN_PAST_* use the top one). A milter is never shown that header (Postfix and Sendmail
+    hide their own), so when the caller saw the connection (``client_ip``) and the top header is
+    not the one written for it, the MTA is taking the message in now. A header further down was
+    written by the sending side: its clock, or its forgery, says nothing about our receipt.
+    Without the caller's view (a stored message, spamd without an IP header) the newest readable
+    Received date; and now when no Received date can be read at all.
+    """
+    if client_ip:
+        own = stamps[0] if relays and names_connection(relays[0], client_ip) else None
+        return now if own is None else own
+    return next((t for t in stamps if t is not None), now)
 
 
 def _first_address(value: str) -> tuple[str, str]:
@@ -174,7 +193,7 @@ class HeaderCheck:
         relays = msg.relays
         # Hop timestamps, newest first (None where unreadable); read once, they are costly.
         stamps = [_epoch(r.date_text) if r.date_text else None for r in relays]
-        received_at = next((t for t in stamps if t is not None), None)
+        received_at = _receipt_time(relays, stamps, scan.ctx.client_ip, time.time())
         self._dates(msg.get("date"), received_at, hits)
         self._addresses(scan, hits)
         self._received(relays, stamps, hits)
@@ -183,14 +202,12 @@ class HeaderCheck:
     # -- Date ---------------------------------------------------------------------------------
 
     @staticmethod
-    def _dates(date_text: str, received_at: float | None, hits: list[Hit]) -> None:
+    def _dates(date_text: str, received_at: float, hits: list[Hit]) -> None:
         if not date_text:
             return  # HDR_DATE_MISSING is a header rule
         sent = _epoch(date_text)
         if sent is None:
             hits.append(Hit("HDR_DATE_UNPARSEABLE", date_text[:80]))
-            return
-        if received_at is None:
             return
         delta = sent - received_at
         if delta > 2 * _DAY:
