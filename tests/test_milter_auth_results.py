@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Iterator
+from email.utils import formatdate
 
 import pytest
 
@@ -33,7 +34,7 @@ FORGED = (
 def message(body: bytes = b"Lunch at noon?\r\n", extra: bytes = FORGED) -> bytes:
     return (
         b"From: Alice <alice@sender.test>\r\nTo: bob@local.test\r\nSubject: lunch\r\n" + extra
-        + b"Message-ID: <1@sender.test>\r\nDate: Thu, 26 Nov 2026 10:00:00 +0000\r\n\r\n" + body
+        + b"Message-ID: <1@sender.test>\r\nDate: " + formatdate().encode() + b"\r\n\r\n" + body
     )  # fmt: skip
 
 
