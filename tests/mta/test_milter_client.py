@@ -43,6 +43,7 @@ from filterd.protocols.milter import (
     Tempfail,
 )
 from filterd.protocols.milter_client import MilterClientConnection, Negotiated, ReplyEvent, parse_reply_code
+from tests.mta.milter_helpers import serve_filter
 
 Filter = Callable[[Event], list[Reply]]
 
@@ -266,29 +267,7 @@ def test_apply_edits_counts_changes_past_the_header_the_filter_was_not_shown() -
 
 
 async def _serve(filter_: Filter, wanted: Negotiate = WANTED) -> tuple[asyncio.Server, str, list[Event]]:
-    seen: list[Event] = []
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = MilterServerConnection()
-        try:
-            while data := await reader.read(65536):
-                conn.receive_data(data)
-                while not isinstance(event := conn.next_event(), NeedData):
-                    seen.append(event)
-                    if isinstance(event, OptionNegotiation):
-                        writer.write(conn.send(wanted))
-                    elif conn.pending is not None:
-                        for reply in filter_(event):
-                            writer.write(conn.send(reply))
-                        if conn.pending is not None:  # a filter that does not answer: wait for EOF
-                            await reader.read()
-                            return
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    return server, f"127.0.0.1:{port}", seen
+    return await serve_filter(filter_, wanted)
 
 
 def test_session_runs_a_message_and_collects_edits() -> None:

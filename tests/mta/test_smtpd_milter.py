@@ -15,7 +15,6 @@ import pytest
 from filterd.config import default_config
 from filterd.mta.queue import STATES, Queue
 from filterd.mta.smtpd import SmtpServer
-from filterd.protocols import NeedData
 from filterd.protocols.milter import (
     ALL_ACTIONS,
     Accept,
@@ -30,9 +29,7 @@ from filterd.protocols.milter import (
     Event,
     Header,
     InsertHeader,
-    MilterServerConnection,
     Negotiate,
-    OptionNegotiation,
     ProtocolFlag,
     Quarantine,
     Reply,
@@ -45,6 +42,7 @@ from filterd.protocols.milter import MailFrom as MilterMailFrom
 from filterd.protocols.milter import RcptTo as MilterRcptTo
 from tests._servers import free_port
 from tests.daemon_fixture import Daemon, need_binary, start_daemon
+from tests.mta.milter_helpers import Script, serve_filter
 from tests.mta.mta_fixture import Mta, start_mta
 
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
@@ -123,26 +121,6 @@ def test_filter_down_applies_milter_default_action(tmp_path: Path, action: str) 
 
 # -- each verdict, against a scripted filter (the sans-IO filter side) and an in-process server ----
 
-Script = Callable[[Event], list[Reply]]
-
-
-async def _scripted_filter(script: Script, wanted: Negotiate) -> tuple[asyncio.Server, str]:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = MilterServerConnection()
-        try:
-            while data := await reader.read(65536):
-                conn.receive_data(data)
-                while not isinstance(event := conn.next_event(), NeedData):
-                    if isinstance(event, OptionNegotiation):
-                        writer.write(conn.send(wanted))
-                    elif conn.pending is not None:
-                        for reply in script(event):
-                            writer.write(conn.send(reply))
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return server, f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
 
 def run_scripted(
@@ -161,7 +139,7 @@ def run_scripted(
             return client(smtp)
 
     async def main() -> object:
-        milter, address = await _scripted_filter(script, wanted)
+        milter, address, _ = await serve_filter(script, wanted)
         async with milter:
             server = SmtpServer(dataclasses.replace(config, milter=address), queue)
             [(_, port)] = await server.start(["127.0.0.1:0"])

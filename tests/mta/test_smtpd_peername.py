@@ -27,17 +27,17 @@ from filterd.mta.peername import valid_hostname
 from filterd.mta.queue import Envelope, Queue
 from filterd.mta.smtpd import SmtpServer
 from filterd.net.dns import Resolver
-from filterd.protocols import NeedData
 from filterd.protocols.milter import (
     ALL_ACTIONS,
     Connect,
     Continue,
-    MilterServerConnection,
+    Event,
     Negotiate,
-    OptionNegotiation,
     ProtocolFlag,
+    Reply,
 )
 from tests.dns_fixture import DnsServer, MakeDelayingProxy, MakeDnsServer, MakeSilentDnsServer, Nameserver
+from tests.mta.milter_helpers import serve_filter
 from tests.mta.mta_fixture import start_mta
 
 pytest_plugins = ["tests.dns_fixture"]
@@ -74,24 +74,13 @@ class Session:
 async def _recording_filter(connects: list[Connect]) -> tuple[asyncio.Server, str]:
     """A milter that records CONNECT and lets everything through."""
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = MilterServerConnection()
-        try:
-            while data := await reader.read(65536):
-                conn.receive_data(data)
-                while not isinstance(event := conn.next_event(), NeedData):
-                    if isinstance(event, OptionNegotiation):
-                        writer.write(conn.send(Negotiate(actions=ALL_ACTIONS, protocol=ProtocolFlag.NOUNKNOWN)))
-                        continue
-                    if isinstance(event, Connect):
-                        connects.append(event)
-                    if conn.pending is not None:
-                        writer.write(conn.send(Continue()))
-        finally:
-            writer.close()
+    def script(event: Event) -> list[Reply]:
+        if isinstance(event, Connect):
+            connects.append(event)
+        return [Continue()]
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return server, f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    server, address, _ = await serve_filter(script, Negotiate(actions=ALL_ACTIONS, protocol=ProtocolFlag.NOUNKNOWN))
+    return server, address
 
 
 def run_session(tmp_path: Path, nameserver: Nameserver, source: str, **mta_settings: Any) -> Session:
