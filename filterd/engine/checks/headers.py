@@ -85,7 +85,9 @@ def _epoch(text: str) -> float | None:
     return float(stamp)
 
 
-def _receipt_time(relays: Sequence[Relay], stamps: Sequence[float | None], client_ip: str, now: float) -> float:
+def _receipt_time(
+    relays: Sequence[Relay], stamps: Sequence[float | None], client_ip: str, now: float
+) -> float | None:
     """When the receiving MTA took the message in: what the Date checks compare Date with.
 
     That is the date of the Received header the receiving MTA wrote (SpamAssassin's
@@ -94,12 +96,14 @@ def _receipt_time(relays: Sequence[Relay], stamps: Sequence[float | None], clien
     not the one written for it, the MTA is taking the message in now. A header further down was
     written by the sending side: its clock, or its forgery, says nothing about our receipt.
     Without the caller's view (a stored message, spamd without an IP header) the newest readable
-    Received date; and now when no Received date can be read at all.
+    Received date; and None (no Date check, as SpamAssassin) when there is none: a stored
+    message without any says nothing about when it arrived, and today's clock would call every
+    archived message old.
     """
     if client_ip:
         own = stamps[0] if relays and names_connection(relays[0], client_ip) else None
         return now if own is None else own
-    return next((t for t in stamps if t is not None), now)
+    return next((t for t in stamps if t is not None), None)
 
 
 def _first_address(value: str) -> tuple[str, str]:
@@ -202,12 +206,14 @@ class HeaderCheck:
     # -- Date ---------------------------------------------------------------------------------
 
     @staticmethod
-    def _dates(date_text: str, received_at: float, hits: list[Hit]) -> None:
+    def _dates(date_text: str, received_at: float | None, hits: list[Hit]) -> None:
         if not date_text:
             return  # HDR_DATE_MISSING is a header rule
         sent = _epoch(date_text)
         if sent is None:
             hits.append(Hit("HDR_DATE_UNPARSEABLE", date_text[:80]))
+            return
+        if received_at is None:
             return
         delta = sent - received_at
         if delta > 2 * _DAY:
