@@ -56,6 +56,7 @@ __all__ = [
     "BACKUP_VERSION",
     "EMPTY_IDS",
     "EMPTY_TRIPLES",
+    "LearnPlan",
     "Backup",
     "BayesStoreBase",
     "BucketRow",
@@ -214,6 +215,45 @@ def view_bucket_ids(views: Sequence[npt.NDArray[np.uint32]], n_features: int) ->
 # -- backups -----------------------------------------------------------------------------------
 
 
+class LearnPlan:
+    """What learning a batch changes, message by message, whatever the backend: the bucket counts
+    to add and take away, and the change in the spam and ham message counts."""
+
+    def __init__(self, n_features: int) -> None:
+        self.n_features = n_features
+        self.inc: list[tuple[Ids, int, int]] = []
+        self.dec: list[tuple[Ids, int, int]] = []
+        self.d_spam = 0
+        self.d_ham = 0
+
+    def learn(
+        self, hashes: npt.NDArray[np.uint32], is_spam: bool, was: tuple[bool, bytes | None]
+    ) -> tuple[LearnResult, bytes | None]:
+        """Plan learning one message whose stored state is ``was`` (class, token-hash blob or
+        None if unknown): the result, and the blob to store (None when nothing changes)."""
+        was_spam, old_blob = was
+        if old_blob is not None and was_spam == is_spam:
+            return LearnResult.ALREADY, None
+        ids = bucket_ids(hashes, self.n_features)
+        self.inc.append((ids, 1, 0) if is_spam else (ids, 0, 1))
+        self.d_spam += int(is_spam)
+        self.d_ham += int(not is_spam)
+        if old_blob is not None:
+            self.forget(was_spam, old_blob)
+        return (LearnResult.MOVED if old_blob is not None else LearnResult.LEARNED), hashes.astype("<u4").tobytes()
+
+    def forget(self, was_spam: bool, blob: bytes) -> None:
+        """Plan taking back a message learnt as ``was_spam`` with these stored token hashes."""
+        ids = bucket_ids(np.frombuffer(blob, dtype="<u4"), self.n_features)
+        self.dec.append((ids, 1, 0) if was_spam else (ids, 0, 1))
+        self.d_spam -= int(was_spam)
+        self.d_ham -= int(not was_spam)
+
+    @property
+    def changes(self) -> bool:
+        return bool(self.inc or self.dec)
+
+
 @dataclass(frozen=True, slots=True)
 class Backup:
     """A backup read and checked by `read_backup`."""
@@ -338,8 +378,7 @@ class BayesStoreBase(abc.ABC):
         self._touched_since = time.monotonic()
         self._tokenizer = Tokenizer()
         # The last message tokenised: scored, then often learnt (autolearn, TELL)
-        self._last_msg: tuple[ParsedMessage, npt.NDArray[np.uint32]] | None = None
-        self._last_views: tuple[ParsedMessage, TokenViews[npt.NDArray[np.uint32]]] | None = None
+        self._last: tuple[ParsedMessage, TokenViews[npt.NDArray[np.uint32]]] | None = None
         self._pid = os.getpid()
 
     @property
@@ -420,29 +459,17 @@ class BayesStoreBase(abc.ABC):
         self._ham_total += d_ham
         self._norms = None
 
-    def _hashes(self, msg: ParsedMessage) -> npt.NDArray[np.uint32]:
-        """Token hashes, remembered for the last message (scored, then often autolearnt)."""
-        last = self._last_msg
-        if last is not None and last[0] is msg:
-            return last[1]
-        views = self._last_views
-        if views is not None and views[0] is msg:
-            hashes = np.unique(np.concatenate(views[1]))
-        else:
-            hashes = self._tokenizer.hashes(msg)
-        self._last_msg = (msg, hashes)
-        return hashes
-
     def _view_hashes(self, msg: ParsedMessage) -> TokenViews[npt.NDArray[np.uint32]]:
-        last = self._last_views
-        if last is not None and last[0] is msg:
-            return last[1]
-        views = self._tokenizer.view_hashes(msg)
-        self._last_views = (msg, views)
-        return views
+        """The message's token hashes per view, remembered for the last message (scored, then
+        often autolearnt)."""
+        last = self._last
+        if last is None or last[0] is not msg:
+            last = self._last = (msg, self._tokenizer.view_hashes(msg))
+        return last[1]
 
-    def _ids(self, hashes: npt.NDArray[np.uint32]) -> Ids:
-        return bucket_ids(hashes, self.n_features)
+    def _hashes(self, msg: ParsedMessage) -> npt.NDArray[np.uint32]:
+        """All the message's token hashes, distinct and sorted (what a store counts)."""
+        return np.unique(np.concatenate(self._view_hashes(msg)))
 
     def _touch_flush_due(self) -> bool:
         return time.monotonic() - self._touched_since >= _TOUCH_FLUSH_INTERVAL
@@ -461,7 +488,7 @@ class BayesStoreBase(abc.ABC):
             self._norms = complement_nb_norms(self._spam, self._ham, self._params.alpha)
         counts = self._spam_total, self._ham_total, self.n_features, self._norms
         if not self._params.pooled:
-            ids = self._ids(self._hashes(msg))
+            ids = bucket_ids(self._hashes(msg), self.n_features)
             if ids.size == 0:
                 return None
             self._touched[ids] = True

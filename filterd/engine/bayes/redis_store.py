@@ -86,7 +86,7 @@ from filterd.engine.bayes.base import (
     BayesStoreBase,
     BucketRow,
     Hashed,
-    Ids,
+    LearnPlan,
     LearnResult,
     MessageRow,
     StoreError,
@@ -578,9 +578,7 @@ class RedisBayesStore(BayesStoreBase):
         self._check_pid()
         for _ in range(_CONFLICT_RETRIES):
             out: list[LearnResult] = []
-            inc: list[tuple[Ids, int, int]] = []
-            dec: list[tuple[Ids, int, int]] = []
-            d_spam = d_ham = 0
+            plan = LearnPlan(self.n_features)
             digests = list(dict.fromkeys(digest for digest, _, _ in batch))
             records = cast(list[bytes | None], self._r.hmget(self._gen() + "msgs", digests))
             known: dict[str, tuple[bool, bytes | None]] = {}
@@ -593,29 +591,16 @@ class RedisBayesStore(BayesStoreBase):
                     known[digest], versions[digest] = (klass == b"s", blob), version
             final: dict[str, tuple[bytes, bytes]] = {}
             for digest, hashes, is_spam in batch:
-                was_spam, old_blob = known[digest]
-                if old_blob is not None and was_spam == is_spam:
-                    out.append(LearnResult.ALREADY)
+                result, new_blob = plan.learn(hashes, is_spam, known[digest])
+                out.append(result)
+                if new_blob is None:
                     continue
-                ids = self._ids(hashes)
-                inc.append((ids, 1, 0) if is_spam else (ids, 0, 1))
-                blob = hashes.astype("<u4").tobytes()
-                if old_blob is not None:
-                    old_ids = self._ids(np.frombuffer(old_blob, dtype="<u4"))
-                    dec.append((old_ids, 1, 0) if was_spam else (old_ids, 0, 1))
-                    d_spam -= int(was_spam)
-                    d_ham -= int(not was_spam)
-                    out.append(LearnResult.MOVED)
-                else:
-                    out.append(LearnResult.LEARNED)
-                d_spam += int(is_spam)
-                d_ham += int(not is_spam)
-                known[digest] = (is_spam, blob)
-                final[digest] = (b"s" if is_spam else b"h", blob)
+                known[digest] = (is_spam, new_blob)
+                final[digest] = (b"s" if is_spam else b"h", new_blob)
             if not final:
                 return out
             writes = [(digest, versions[digest], klass, blob) for digest, (klass, blob) in final.items()]
-            if self._run_apply(writes, aggregate(inc), aggregate(dec), d_spam, d_ham):
+            if self._run_apply(writes, aggregate(plan.inc), aggregate(plan.dec), plan.d_spam, plan.d_ham):
                 self.refresh()
                 return out
         raise StoreError(f"{self.where}: gave up learning: other clients kept changing the same messages")
@@ -629,10 +614,10 @@ class RedisBayesStore(BayesStoreBase):
             if record is None:
                 return LearnResult.NOT_KNOWN
             klass, version, _, blob = record.split(b":", 3)
-            was_spam = klass == b"s"
-            ids = self._ids(np.frombuffer(blob, dtype="<u4"))
-            dec = aggregate([(ids, 1, 0) if was_spam else (ids, 0, 1)])
-            if self._run_apply([(digest, version, b"", b"")], EMPTY_TRIPLES, dec, -int(was_spam), -int(not was_spam)):
+            plan = LearnPlan(self.n_features)
+            plan.forget(klass == b"s", blob)
+            forgotten = [(digest, version, b"", b"")]
+            if self._run_apply(forgotten, EMPTY_TRIPLES, aggregate(plan.dec), plan.d_spam, plan.d_ham):
                 self.refresh()
                 return LearnResult.FORGOTTEN
         raise StoreError(f"{self.where}: gave up forgetting: other clients kept changing the same message")

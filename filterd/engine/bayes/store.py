@@ -57,6 +57,7 @@ from filterd.engine.bayes.base import (
     BayesStoreBase,
     Hashed,
     Ids,
+    LearnPlan,
     LearnResult,
     StoreError,
     Triples,
@@ -342,45 +343,30 @@ class BayesStore(BayesStoreBase):
     def _learn_batch(self, batch: list[Hashed]) -> list[LearnResult]:
         out: list[LearnResult] = []
         now = int(time.time())
-        inc: list[tuple[Ids, int, int]] = []
-        dec: list[tuple[Ids, int, int]] = []
-        d_spam = d_ham = 0
+        plan = LearnPlan(self.n_features)
         with self._write() as conn:
             known: dict[str, tuple[bool, bytes | None]] = {}
             for digest, hashes, is_spam in batch:
-                if digest in known:
-                    was = known[digest]
-                else:
+                if digest not in known:
                     row = conn.execute("SELECT spam, hashes FROM messages WHERE digest = ?", (digest,)).fetchone()
-                    was = (bool(row[0]), bytes(row[1])) if row is not None else (False, None)
-                    if row is None:
-                        known[digest] = was
-                was_spam, old_blob = was
-                if old_blob is not None and was_spam == is_spam:
-                    out.append(LearnResult.ALREADY)
+                    known[digest] = (bool(row[0]), bytes(row[1])) if row is not None else (False, None)
+                result, blob = plan.learn(hashes, is_spam, known[digest])
+                out.append(result)
+                if blob is None:
                     continue
-                ids = self._ids(hashes)
-                inc.append((ids, 1, 0) if is_spam else (ids, 0, 1))
-                blob = hashes.astype("<u4").tobytes()
-                if old_blob is not None:
-                    old_ids = self._ids(np.frombuffer(old_blob, dtype="<u4"))
-                    dec.append((old_ids, 1, 0) if was_spam else (old_ids, 0, 1))
+                if result is LearnResult.MOVED:
                     conn.execute(
                         "UPDATE messages SET spam = ?, learnt = ?, hashes = ? WHERE digest = ?",
                         (int(is_spam), now, blob, digest),
                     )
-                    d_spam -= int(was_spam)
-                    d_ham -= int(not was_spam)
-                    out.append(LearnResult.MOVED)
                 else:
                     conn.execute("INSERT INTO messages VALUES (?, ?, ?, ?)", (digest, int(is_spam), now, blob))
-                    out.append(LearnResult.LEARNED)
-                d_spam += int(is_spam)
-                d_ham += int(not is_spam)
                 known[digest] = (is_spam, blob)
-            if inc or dec:
-                self._commit_delta(conn, aggregate(inc), aggregate(dec), EMPTY_IDS, d_spam, d_ham)
-        if inc or dec:
+            if plan.changes:
+                self._commit_delta(
+                    conn, aggregate(plan.inc), aggregate(plan.dec), EMPTY_IDS, plan.d_spam, plan.d_ham
+                )
+        if plan.changes:
             self.refresh()
             self._maybe_snapshot()
         return out
@@ -392,11 +378,10 @@ class BayesStore(BayesStoreBase):
             row = conn.execute("SELECT spam, hashes FROM messages WHERE digest = ?", (digest,)).fetchone()
             if row is None:
                 return LearnResult.NOT_KNOWN
-            was_spam = bool(row[0])
-            ids = self._ids(np.frombuffer(bytes(row[1]), dtype="<u4"))
+            plan = LearnPlan(self.n_features)
+            plan.forget(bool(row[0]), bytes(row[1]))
             conn.execute("DELETE FROM messages WHERE digest = ?", (digest,))
-            dec = aggregate([(ids, 1, 0) if was_spam else (ids, 0, 1)])
-            self._commit_delta(conn, EMPTY_TRIPLES, dec, EMPTY_IDS, -int(was_spam), -int(not was_spam))
+            self._commit_delta(conn, EMPTY_TRIPLES, aggregate(plan.dec), EMPTY_IDS, plan.d_spam, plan.d_ham)
         self.refresh()
         self._maybe_snapshot()
         return LearnResult.FORGOTTEN
