@@ -800,9 +800,10 @@ class MtaConfig(Section):
         "local_delivery_command is not the default, else maildir.",
     )
     local_delivery_command: tuple[str, ...] = setting(
-        ("filterd", "deliver", "--user", "{user}", "--recipient", "{recipient}", "--maildir", "{mailbox}"),
+        ("filterd", "deliver", "--user", "{user}", "--recipient", "{recipient}", "--maildir", "{mailbox}", "{filter}"),
         doc="Command (argv, no shell) delivering to a local recipient, message on stdin; placeholders "
-        "{user} {extension} {domain} {recipient} {sender} {home} {mailbox} {queue_id} {state_dir}.",
+        "{user} {extension} {domain} {recipient} {sender} {home} {mailbox} {queue_id} {state_dir}, and {filter}: "
+        "--no-filter when the MTA's milter scored the message already, else --filter (filterd deliver's flags).",
     )
     local_delivery_timeout: Duration = setting(
         parse_duration("10m"), min=parse_duration("1s"), max=parse_duration("1d"),
@@ -930,7 +931,7 @@ class MtaConfig(Section):
         if not self.local_delivery_command:
             problems.append(("local_delivery_command", "expected a command (a list of arguments)"))
         for arg in self.local_delivery_command:
-            if problem := _template_problem(arg, _DELIVERY_FIELDS | {"mailbox"}):
+            if problem := _template_problem(arg, _DELIVERY_FIELDS | {"mailbox", "filter"}):
                 problems.append(("local_delivery_command", f"{arg!r}: {problem}"))
         for name, template in (("mailbox", self.mailbox), *(("mailboxes", v) for v in self.mailboxes.values())):
             if problem := _template_problem(template, _DELIVERY_FIELDS):

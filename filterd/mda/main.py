@@ -1,7 +1,7 @@
 """`filterd deliver`: deliver one message (standard input) for one user, filtered and sorted.
 
     filterd deliver --user NAME (--maildir PATH | --mbox PATH) [--recipes FILE] [--daemon ADDR]
-                    [--no-filter] [--sender ADDR] [--recipient ADDR] [--config FILE]
+                    [--[no-]filter] [--sender ADDR] [--recipient ADDR] [--config FILE]
 
 Steps:
 
@@ -174,7 +174,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     where.add_argument("--mbox", metavar="PATH", type=Path, help="the user's mbox file (created if missing)")
     p.add_argument("--recipes", metavar="FILE", type=Path, help="recipe file (default: deliver.recipes)")
     p.add_argument("--daemon", metavar="ADDR", help="spamd socket path or HOST:PORT (default: deliver.daemon)")
-    p.add_argument("--no-filter", action="store_true", help="do not ask the daemon")
+    p.add_argument(
+        "--filter", action=argparse.BooleanOptionalAction, default=True,
+        help="ask the daemon first (the default, if deliver.filter allows); --no-filter: do not",
+    )  # fmt: skip
     p.add_argument("-f", "--sender", metavar="ADDR", help="envelope sender ('' or <> for none)")
     p.add_argument("--recipient", metavar="ADDR", help="envelope recipient, for Delivered-To (default: the user)")
 
@@ -224,7 +227,7 @@ def _run(args: argparse.Namespace) -> int:
         mbox=args.mbox,
         recipes=args.recipes,
         daemon=args.daemon,
-        filter=not args.no_filter,
+        filter=args.filter,
         sender=args.sender,
         recipient=args.recipient,
         home=Path(entry.pw_dir) if entry is not None and entry.pw_dir else None,

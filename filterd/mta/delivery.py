@@ -236,12 +236,9 @@ class LocalDelivery:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._threads, self._deliver_here, top + data, request)
         message = await asyncio.to_thread(self._spool, (top + data).replace(b"\r\n", b"\n"))
-        argv = [arg.format(**fields) for arg in self.config.local_delivery_command]
-        if (
-            not self.deliver_config.filter
-            and self.config.local_delivery_command == MtaConfig().local_delivery_command
-        ):
-            argv.append("--no-filter")  # the MTA's milter scored it already (see QueueManager)
+        # {filter}: --no-filter when the MTA's milter scored the message already (see QueueManager)
+        flag = "--filter" if self.deliver_config.filter else "--no-filter"
+        argv = [arg.format(filter=flag, **fields) for arg in self.config.local_delivery_command]
         env = dict(os.environ)
         env.update(
             SENDER=sender, RECIPIENT=recipient, USER=fields["user"], LOGNAME=fields["user"],

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from filterd.config import FrozenMap
+from filterd.config import FrozenMap, default_config
 from filterd.mta.delivery import DeliveryResult, LocalDelivery
 from filterd.mta.qmgr import backoff, request_delete, request_flush
 from filterd.mta.queue import Envelope, Queue, Recipient
@@ -399,3 +399,20 @@ def test_active_limit_holds_the_rest_back_without_spinning(tmp_path: Path) -> No
     # One message at a time, the others waiting: the loop sleeps meanwhile (it does not spin):
     # a turn per poll interval (50 ms) and a few per message at most.
     assert qmgr.stats.wakeups <= (time.monotonic() - started) / 0.05 + 8 * 4
+
+
+@pytest.mark.parametrize(("milter", "flag"), [("", "--filter"), ("127.0.0.1:9", "--no-filter")])
+def test_filter_placeholder_says_whether_the_milter_scored_the_message(
+    tmp_path: Path, milter: str, flag: str
+) -> None:
+    """{filter} tells `filterd deliver` not to ask the daemon again after the MTA's milter did."""
+    recorder = mta_config(tmp_path).mta.local_delivery_command
+    config = mta_config(tmp_path, milter=milter, local_delivery_command=(*recorder, "{filter}"))
+    queue = Queue(tmp_path / "q")
+    enqueue(queue, "bob@example.org")
+    asyncio.run(run_until(make_qmgr(config, queue), lambda: not all_ids(queue)))
+    assert (tmp_path / "out" / "log").read_text().split()[-1] == flag
+
+
+def test_default_delivery_command_carries_the_filter_placeholder() -> None:
+    assert default_config().mta.local_delivery_command[-1] == "{filter}"
