@@ -28,6 +28,7 @@ from pathlib import Path
 
 from filterd.config import Config, default_config
 from filterd.engine.bayes import BayesCheck, autolearn_decision
+from filterd.engine.bayes.base import Hashed
 from filterd.engine.checks import builtin_checks
 from filterd.engine.message import ParsedMessage, parse_message
 from filterd.engine.plugin import Check, CheckSetup, Hit, Scan, ScanContext, Stage
@@ -91,7 +92,7 @@ class Engine:
         self.checks = list(checks)
         self.uri_parser = uri_parser
         self._is_async = {c.name: inspect.iscoroutinefunction(c.run) for c in checks}
-        self._pending_learn: list[tuple[ParsedMessage, bool]] = []
+        self._pending_learn: list[Hashed] = []  # (digest, token hashes, is_spam)
         self._last_learn = time.monotonic()
 
     @classmethod
@@ -364,7 +365,7 @@ class Engine:
             scan.autolearn = "no"
             return
         scan.autolearn = "spam" if decision else "ham"
-        self._pending_learn.append((scan.message, decision))
+        self._pending_learn.append(store.hashed(scan.message, decision))  # tokens of this scan, not again later
         now = time.monotonic()
         if len(self._pending_learn) >= 8 or now - self._last_learn >= 2.0:
             self._last_learn = now
@@ -380,7 +381,7 @@ class Engine:
         if store is None:
             return True
         try:
-            store.learn_many(batch)
+            store.learn_hashed(batch)
         except Exception as exc:  # learning is a side effect; it must never fail a scan
             log.warning("autolearn of %d messages failed: %s", len(batch), exc)
             return False

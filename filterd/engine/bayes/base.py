@@ -503,7 +503,11 @@ class BayesStoreBase(abc.ABC):
 
     def learn(self, msg: ParsedMessage, is_spam: bool) -> LearnResult:
         """Learn one message as spam or ham, atomically."""
-        return self._learn_batch([(message_digest(msg), self._hashes(msg), is_spam)])[0]
+        return self._learn_batch([self.hashed(msg, is_spam)])[0]
+
+    def hashed(self, msg: ParsedMessage, is_spam: bool) -> Hashed:
+        """What `learn_hashed` takes for ``msg``; the message just scored is not tokenised again."""
+        return message_digest(msg), self._hashes(msg), bool(is_spam)
 
     def learn_many(self, items: Iterable[tuple[ParsedMessage, bool]]) -> Counter[LearnResult]:
         """Learn many messages in batches (tokenised before each batch is written)."""
