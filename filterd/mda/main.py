@@ -286,8 +286,14 @@ def deliver_message(data: bytes, request: DeliveryRequest, config: DeliverConfig
                 skipped = f"daemon {daemon} failed ({code})"
             else:
                 filtered = answer.message
-                if prefix and not filtered.startswith(prefix):
-                    filtered = prefix + filtered  # a report_safe wrapper keeps them inside only
+                # The daemon puts its X-Spam-* fields at the top (ours no longer lead), and a
+                # report_safe wrapper has ours inside only: take them out of its header block,
+                # once each, and put them back in front.
+                head, sep, body = filtered.partition(b"\n\n")
+                block = b"\n" + head + b"\n"
+                for line in prefix.splitlines(keepends=True):
+                    block = block.replace(b"\n" + line, b"\n", 1)
+                filtered = prefix + block[1:-1] + sep + body
                 message = filtered
                 score = answer.score
                 if answer.is_spam is not None:

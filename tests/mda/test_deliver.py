@@ -276,6 +276,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     prefs = tmp / "prefs"
     prefs.mkdir()
     (prefs / "paranoid.yaml").write_text("required_score: -50\n")
+    (prefs / "wrapped.yaml").write_text("report_safe: 1\n")
     d = start_daemon(tmp, "--user-prefs", str(prefs), config="scoring: {report_safe: 0}\n")
     yield d
     assert d.stop() == 0, d.log()
@@ -385,3 +386,23 @@ def test_a_forward_loop_skips_only_the_forward(tmp_path: Path, deliver: Deliver)
     proc = deliver(*md_args(tmp_path, "--no-filter", "--recipes", path), data=looped, sendmail=[str(sendmail)])
     assert proc.returncode == 0 and b"a mail loop" in proc.stderr, proc
     assert calls(tmp_path, "sendmail") == [] and only(tmp_path / "Maildir", ".Kept").endswith(looped)
+
+
+def test_filtered_mail_keeps_one_return_path_and_delivered_to(
+    tmp_path: Path, deliver: Deliver, daemon: Daemon
+) -> None:
+    """The daemon adds its X-Spam-* fields after the first header line, between the two we
+    prepended; neither may then be prepended a second time (ham, tagged spam, wrapped spam)."""
+    for n, (data, user) in enumerate(((HAM, "alice"), (GTUBE, "alice"), (GTUBE, "wrapped"))):
+        maildir = tmp_path / f"m{n}"
+        args = ["--user", user, "--maildir", str(maildir), "--sender", "s@example.org"]
+        proc = deliver(*args, "--daemon", str(daemon.unix_path), data=data)
+        assert proc.returncode == 0, proc
+        stored = only(maildir)
+        head = stored.split(b"\n\n", 1)[0]
+        ours = [b"Delivered-To: %s\n" % user.encode()]
+        if not data.startswith(b"Return-Path:"):  # else the MTA's own leads
+            ours.insert(0, b"Return-Path: <s@example.org>\n")
+        assert stored.startswith(b"".join(ours)), stored[:400]
+        assert all(head.count(line) == 1 for line in ours), stored[:400]
+        assert b"X-Spam-" in head
