@@ -14,6 +14,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import random
 import signal
 import socket
 import time
@@ -42,6 +43,7 @@ __all__ = ["Worker"]
 
 log = logging.getLogger("filterd.daemon")
 
+_MAINTAIN_FIRST = 10.0  # seconds: the latest first look at the Bayes store's upkeep
 _MAINTAIN_INTERVAL = 60.0  # seconds between a worker's looks at whether Bayes expiry is due
 
 
@@ -148,15 +150,17 @@ class Worker:
         await self._connection(reader, writer, listener.protocol)
 
     async def _report_loop(self) -> None:
-        maintain_at = 0.0  # the first look comes with the first tick: a store may be overdue
+        # Upkeep runs on this loop (the store is this process's), so workers look at different
+        # moments: the first a few seconds after start (a store may be overdue), then about a
+        # minute apart. Cheap unless due (one row or one key read); a worker that still finds it
+        # due behind another's expiry waits for it and then finds nothing beyond max_tokens.
+        maintain_at = time.monotonic() + random.uniform(1.0, _MAINTAIN_FIRST)
         while True:
             await asyncio.sleep(1.0)
             self._report()
             if time.monotonic() >= maintain_at:
-                # Cheap unless due (one row or one key read); several workers may find it due at
-                # once, and whoever comes second finds nothing left beyond bayes.max_tokens.
                 self.engine.maintain_bayes()
-                maintain_at = time.monotonic() + _MAINTAIN_INTERVAL
+                maintain_at = time.monotonic() + _MAINTAIN_INTERVAL * random.uniform(0.8, 1.2)
             if os.getppid() != self._parent:  # the master died: nobody supervises us any more
                 log.error("worker %d: master is gone, exiting", os.getpid())
                 assert self._stopping is not None
