@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from filterd.state.base import FieldValue, StateStore, format_number, ip_block
-from filterd.state.redis_store import RedisStateStore
 from filterd.state.sqlite_store import SqliteStateStore
 
 if TYPE_CHECKING:
     from filterd.config import Config
+    from filterd.state.redis_store import RedisStateStore
 
 __all__ = [
     "SQLITE_FILE",
@@ -50,5 +50,16 @@ def open_state_store(config: Config, state_dir: str | Path = "") -> StateStore:
     operation, so it may be made before the daemon forks."""
     cfg = config.state
     if cfg.backend == "redis":
+        from filterd.state.redis_store import RedisStateStore  # the redis client costs ~0.2 s to import
+
         return RedisStateStore(cfg.redis_url, key_prefix=cfg.redis_key_prefix, timeout=cfg.timeout)
     return SqliteStateStore(sqlite_path(config, state_dir), timeout=cfg.timeout, sweep_period=cfg.sweep_period)
+
+
+def __getattr__(name: str) -> object:
+    """`RedisStateStore` is imported on first use only (the redis client is slow to import)."""
+    if name == "RedisStateStore":
+        from filterd.state.redis_store import RedisStateStore
+
+        return RedisStateStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
