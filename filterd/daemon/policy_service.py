@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import email.utils
 import logging
-import socket
 
 from filterd.config import Config
 from filterd.daemon.metrics import WorkerMetrics
@@ -34,6 +33,7 @@ from filterd.engine.checks.lists import compile_globs
 from filterd.engine.prefs import BadUserName, UserPrefs, UserPrefsStore
 from filterd.errors import RemoteProtocolError
 from filterd.greylist import Greylist
+from filterd.net.hostname import fqdn
 from filterd.protocols.policy import ConnectionClosed, NeedData, PolicyReply, PolicyRequest, PolicyServerConnection
 
 __all__ = ["PolicyService"]
@@ -51,7 +51,7 @@ class PolicyService:
         self.metrics = metrics
         self.greylist = greylist if greylist is not None and greylist.config.enabled else None
         self.prefs = prefs
-        self.hostname = config.scoring.report_hostname or socket.gethostname()
+        self.hostname = config.scoring.report_hostname or fqdn()  # as in the X-Spam-* headers
 
     async def serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str, stopping: asyncio.Event

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import time
 from dataclasses import dataclass
 from email.header import Header
@@ -21,6 +20,7 @@ from filterd import __version__
 from filterd.engine.engine import Engine, Result
 from filterd.engine.message import ParsedMessage
 from filterd.engine.mime import content_params, split_header_block, split_multipart
+from filterd.net.hostname import fqdn
 
 __all__ = ["MarkupOptions", "build_report", "format_score", "original_message", "process_message", "spam_headers"]
 
@@ -42,16 +42,9 @@ class MarkupOptions:
         return cls(
             report_safe=s.report_safe if report_safe is None else report_safe,
             rewrite_subject=s.rewrite_subject,
-            hostname=s.report_hostname or _fqdn(),
+            hostname=s.report_hostname or fqdn(),
             contact=s.report_contact,
         )
-
-
-def _fqdn() -> str:
-    try:
-        return socket.getfqdn() or "localhost"
-    except OSError:
-        return "localhost"
 
 
 def format_score(score: float, required: float, is_spam: bool) -> str:
@@ -115,7 +108,7 @@ def spam_headers(engine: Engine, result: Result, options: MarkupOptions, newline
     stars = "*" * min(50, max(0, int(result.score)))
     # Headers the checks asked for (Authentication-Results, ...) come first, as an MTA adds them.
     out = "".join(_fold(name, _clean(value), newline) for name, value in result.extra_headers)
-    out += _fold("X-Spam-Checker-Version", f"filterd {__version__} on {options.hostname or _fqdn()}", newline)
+    out += _fold("X-Spam-Checker-Version", f"filterd {__version__} on {options.hostname or fqdn()}", newline)
     if yes:
         out += f"X-Spam-Flag: YES{newline}"
     out += f"X-Spam-Level: {stars}{newline}"
@@ -134,7 +127,7 @@ def build_report(engine: Engine, result: Result, options: MarkupOptions) -> str:
     preview = re.sub(r"\s+", " ", msg.rendered_text).strip()[:200]
     score = format_score(result.score, result.required_score, result.is_spam)
     lines = [
-        f'Spam detection software, running on the system "{options.hostname or _fqdn()}",',
+        f'Spam detection software, running on the system "{options.hostname or fqdn()}",',
         "has identified this incoming email as possible spam."
         if result.is_spam
         else "has checked this incoming email and did not find it to be spam.",
@@ -219,7 +212,7 @@ def _wrap(engine: Engine, result: Result, options: MarkupOptions, header_block: 
         if m:
             copied.append(m.group(0).replace("\r\n", "\n").replace("\n", nl))
     lines = [
-        f"Received: from localhost by {options.hostname or _fqdn()}{nl}"
+        f"Received: from localhost by {options.hostname or fqdn()}{nl}"
         f"\twith filterd (version {__version__});{nl}\t{formatdate(localtime=True)}{nl}",
         *copied,
         spam_headers(engine, result, options, nl),

@@ -13,9 +13,9 @@ from __future__ import annotations
 import email.errors
 import email.header
 import re
-import socket
 
 from filterd.config import AuthConfig
+from filterd.net.hostname import fqdn
 
 __all__ = ["authserv_id_of", "claims_authserv_id", "effective_authserv_id", "without_claims"]
 
@@ -29,12 +29,7 @@ _FIELD_START = re.compile(r"(?<=\n)(?=[^ \t\r\n])")
 def effective_authserv_id(config: AuthConfig) -> str:
     """The id our own Authentication-Results fields carry: ``auth.authserv_id``, else this
     host's name (the auth check, the milter and spamd all take it from here)."""
-    if config.authserv_id:
-        return config.authserv_id
-    try:
-        return socket.getfqdn() or "localhost"
-    except OSError:
-        return "localhost"
+    return config.authserv_id or fqdn()
 
 
 def _skip_cfws(value: str, i: int) -> int | None:
