@@ -14,13 +14,15 @@ about 0.15 s of CPU, so the SMTP server runs it in a thread.
 
 from __future__ import annotations
 
-__all__ = ["hash_password", "load_users", "verify_password"]
+__all__ = ["DUMMY_HASH", "check_user", "hash_password", "load_users", "verify_password"]
 
 import base64
+import binascii
 import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
 
 from filterd.errors import ConfigError, Problem
@@ -47,15 +49,40 @@ def hash_password(password: str, *, ln: int = _LN) -> str:
     return f"$scrypt$ln={ln},r={_R},p={_P}${_b64(salt)}${_b64(key)}"
 
 
-def verify_password(password: str, stored: str) -> bool:
+# Verified when the user is unknown, so that an unknown name costs the same scrypt run as a
+# wrong password (no timing oracle for valid names). Same parameters as hash_password.
+DUMMY_HASH = f"$scrypt$ln={_LN},r={_R},p={_P}${_b64(bytes(16))}${_b64(bytes(32))}"
+
+
+def _decode(stored: str) -> tuple[int, int, int, bytes, bytes] | None:
+    """The parameters, salt and key of a well-formed hash; None otherwise."""
     match = _HASH.fullmatch(stored)
     if match is None:
-        return False
+        return None
     ln, r, p = int(match[1]), int(match[2]), int(match[3])
-    salt, key = base64.b64decode(match[4]), base64.b64decode(match[5])
+    try:
+        salt, key = base64.b64decode(match[4], validate=True), base64.b64decode(match[5], validate=True)
+    except binascii.Error:
+        return None
     if not (1 <= ln <= 20 and 1 <= r <= 32 and 1 <= p <= 16) or not key:
+        return None
+    return ln, r, p, salt, key
+
+
+def verify_password(password: str, stored: str) -> bool:
+    decoded = _decode(stored)
+    if decoded is None:
         return False
+    ln, r, p, salt, key = decoded
     return hmac.compare_digest(_scrypt(password, salt, ln, r, p, len(key)), key)
+
+
+def check_user(users: Mapping[str, str], username: str, password: str) -> bool:
+    """Whether ``password`` is ``username``'s; an unknown user is verified against
+    `DUMMY_HASH` (and refused), so both cost one scrypt run."""
+    stored = users.get(username)
+    ok = verify_password(password, DUMMY_HASH if stored is None else stored)
+    return ok and stored is not None
 
 
 def load_users(path: Path) -> dict[str, str]:
@@ -74,7 +101,7 @@ def load_users(path: Path) -> dict[str, str]:
         if not line or line.startswith("#"):
             continue
         name, _, stored = line.partition(":")
-        if not _NAME.fullmatch(name) or not _HASH.fullmatch(stored):
+        if not _NAME.fullmatch(name) or _decode(stored) is None:
             problems.append(Problem(str(path), number, "", "expected 'name:$scrypt$...' (filterd mta passwd NAME)"))
         elif name in users:
             problems.append(Problem(str(path), number, "", f"user {name!r} is listed twice"))

@@ -389,7 +389,11 @@ class QueueManager:
 
     def _groups(self, recipients: Iterable[Recipient]) -> list[list[Recipient]]:
         by_destination: dict[str, list[Recipient]] = {}
+        seen: set[str] = set()
         for r in recipients:
+            if r.address in seen:
+                continue  # a copy of an address (older envelope): tried once, _record updates both
+            seen.add(r.address)
             by_destination.setdefault(self._destination(r.address), []).append(r)
         groups: list[list[Recipient]] = []
         limit = self.config.mta.destination_recipient_limit
@@ -448,12 +452,21 @@ class QueueManager:
             null_sender = envelope.mail_from == ""
             lifetime = self.config.mta.bounce_lifetime if null_sender else self.config.mta.max_lifetime
             expires = envelope.received_at + lifetime
-            by_address = {r.address: r for r in envelope.rcpts if r.status == "pending"}
+            # Keyed on the Recipient objects: an envelope listing an address twice (one queued
+            # before duplicates were eliminated) must not leave a copy pending, delivered again.
+            by_address: dict[str, list[Recipient]] = {}
+            for r in envelope.rcpts:
+                if r.status == "pending":
+                    by_address.setdefault(r.address, []).append(r)
             failed: list[tuple[Recipient, DeliveryResult, str]] = []
+            copies: list[list[Recipient]] = []  # the result went to the first; the rest follow it
             for result in results:
-                rcpt = by_address.get(result.recipient)
-                if rcpt is None:
+                same = by_address.pop(result.recipient, [])
+                if not same:
                     continue
+                rcpt = same[0]
+                if len(same) > 1:
+                    copies.append(same)
                 rcpt.attempts += 1
                 # The status first: `filterd mta queue list` shows it, a delay warning reuses it.
                 rcpt.last_error = "" if result.outcome == "delivered" else f"{result.status} {result.detail}"
@@ -479,6 +492,10 @@ class QueueManager:
                 for rcpt, _, _ in failed:
                     rcpt.status = "bounced"
                     self.stats.bounced += 1
+            for rcpt, *others in copies:
+                for other in others:
+                    other.status, other.attempts = rcpt.status, rcpt.attempts
+                    other.last_error, other.next_attempt = rcpt.last_error, rcpt.next_attempt
             if envelope.pending:
                 await asyncio.to_thread(self.queue.save_envelope, qid, envelope)
             # else: nothing left to do; the removal that follows is the durable record (a crash

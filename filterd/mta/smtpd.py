@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from filterd import __version__
 from filterd.config.schema import MtaConfig
 from filterd.errors import QueueError
-from filterd.mta.auth import verify_password
+from filterd.mta.auth import check_user
 from filterd.mta.milter_client import MessageEdits, MilterSession, Verdict, apply_edits, split_headers
 from filterd.mta.peername import PeerName, lookup_peername
 from filterd.mta.queue import Envelope, Queue, QueueState, Recipient
@@ -457,8 +457,8 @@ class _Session:
         return False
 
     async def _on_auth(self, event: AuthCredentials) -> None:
-        stored = self.server.users.get(event.username)
-        ok = stored is not None and await asyncio.to_thread(verify_password, event.password, stored)
+        # an unknown user costs the same scrypt run as a wrong password (no timing oracle)
+        ok = await asyncio.to_thread(check_user, self.server.users, event.username, event.password)
         if ok and event.authzid not in ("", event.username):
             ok = False  # we do not let one user act as another
         if ok:
@@ -500,10 +500,14 @@ class _Session:
         if (refusal := self._standing_refusal()) is not None:
             self.smtp.send(refusal)
             return
+        address = event.address
+        if address.lower() in {r.lower() for r in txn.rcpts}:
+            # a repeated recipient is accepted but kept once (Postfix duplicate elimination)
+            self.smtp.send(Reply(250, "Ok", "2.1.5"))
+            return
         if len(txn.rcpts) >= self.config.max_recipients:
             self.smtp.send(Reply(452, "Error: too many recipients", "4.5.3"))
             return
-        address = event.address
         local = "@" not in address or _domain(address) in self.server.local_domains
         if not (local or self.mynetworks or self.auth_user):
             log.info("%sreject RCPT from %s: <%s>: relay access denied", self.prefix, self.client_ip, address)
@@ -633,7 +637,12 @@ class _Session:
             sender = edits.new_sender.strip("<>")
         gone = {r.strip("<>").lower() for r in edits.del_rcpts}
         rcpts = [r for r in rcpts if r.lower() not in gone]
-        rcpts += [r.strip("<>") for r in edits.add_rcpts if r.strip("<>") not in rcpts]
+        seen = {r.lower() for r in rcpts}
+        for added in edits.add_rcpts:
+            address = added.strip("<>")
+            if address.lower() not in seen:  # duplicates (in any case) are delivered once
+                seen.add(address.lower())
+                rcpts.append(address)
         return message, sender, rcpts
 
     async def _end_transaction(self) -> None:

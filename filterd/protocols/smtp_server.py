@@ -30,8 +30,8 @@ tested byte by byte, split anyhow:
   ``552 5.3.4``.
 * Commands that need no decision (NOOP, RSET, HELP, VRFY, QUIT, syntax and sequence errors,
   SIZE over the limit, AUTH decoding) are answered here, in order with the others, so
-  PIPELINING keeps replies in step. After `MAX_ERRORS` error replies the connection gets
-  ``421 4.7.0`` and is closed.
+  PIPELINING keeps replies in step. After `MAX_ERRORS` error replies (failed AUTH answers
+  sent with ``send()`` included) the connection gets ``421 4.7.0`` and is closed.
 * ``next_event()`` refuses (LocalProtocolError) while ``pending`` waits for its reply; ``send()``
   refuses when nothing waits. Events needing a reply: Helo, StartTls, AuthCredentials,
   MailFrom, RcptTo, DataCommand, Message. Reset, MessageRefused and Quit need none.
@@ -413,12 +413,17 @@ class SmtpServerConnection:
             raise LocalProtocolError("STARTTLS is answered 220 (go ahead) or 4xx/5xx")
         self._pending = None
         positive = reply.positive
+        if isinstance(event, AuthCredentials):
+            self.authenticated = reply.code == 235
+            self._state = self._return_state
+            if positive:
+                self._reply(reply)
+            else:  # a failed password counts like any other error: no unlimited guessing
+                self._error(reply)
+            return
         self._reply(reply, self.extensions() if isinstance(event, Helo) and event.extended and positive else ())
         if isinstance(event, Message):
             self._state = SmtpState.READY  # whatever the verdict, the transaction is over
-        elif isinstance(event, AuthCredentials):
-            self.authenticated = reply.code == 235
-            self._state = self._return_state
         elif not positive:
             return
         elif isinstance(event, Helo):

@@ -107,6 +107,31 @@ def test_tempfail_keeps_the_message_deferred_with_status_saved(tmp_path: Path) -
     assert before + 60 <= temp.next_attempt <= after + 66  # min_backoff, stretched by at most 10%
 
 
+def test_an_envelope_listing_an_address_twice_is_delivered_once(tmp_path: Path) -> None:
+    # an envelope queued before duplicates were eliminated at RCPT TO
+    config = mta_config(tmp_path)
+    queue = Queue(tmp_path / "q")
+    qid = enqueue(queue, "bob@example.org", "carol@example.org", "bob@example.org")
+    qmgr = make_qmgr(config, queue)
+    asyncio.run(run_until(qmgr, lambda: not all_ids(queue)))
+    out = tmp_path / "out"
+    assert calls(out, "bob@example.org") == 1 and calls(out, "carol@example.org") == 1
+    assert qmgr.stats.delivered == 2 and queue.state_of(qid) is None and not bounces(queue)
+
+
+def test_a_deferred_address_listed_twice_keeps_both_copies_in_step(tmp_path: Path) -> None:
+    config = mta_config(tmp_path, min_backoff=60.0, max_backoff=120.0)
+    queue = Queue(tmp_path / "q")
+    qid = enqueue(queue, "temp@example.org", "temp@example.org")
+    qmgr = make_qmgr(config, queue)
+    asyncio.run(run_until(qmgr, lambda: queue.ids("deferred") == [qid]))
+    envelope, _ = queue.load(qid)
+    first, second = envelope.rcpts
+    assert (first.status, first.attempts) == (second.status, second.attempts) == ("pending", 1)
+    assert first.next_attempt == second.next_attempt and "exited 75" in second.last_error
+    assert calls(tmp_path / "out", "temp@example.org") == 1
+
+
 def test_permanent_failure_bounces_with_a_dsn_to_the_sender(tmp_path: Path) -> None:
     config = mta_config(tmp_path, local_domains=("example.org", "example.com"))
     queue = Queue(tmp_path / "q")

@@ -127,6 +127,21 @@ def test_pipelining_with_swaks(mta: Mta) -> None:
     assert [r.address for r in envelope.rcpts] == ["bob@example.net", "carol@example.net"]
 
 
+def test_a_repeated_recipient_is_accepted_and_queued_once(mta: Mta) -> None:
+    raw = Raw(mta)
+    try:
+        raw.command("EHLO client.example")
+        assert raw.command("MAIL FROM:<a@example.org>").startswith("250")
+        for rcpt in ("bob@example.net", "bob@example.net", "Bob@EXAMPLE.NET", "carol@example.net", "CAROL@example.net"):
+            assert raw.command(f"RCPT TO:<{rcpt}>").startswith("250 2.1.5"), rcpt
+        assert raw.command("DATA").startswith("354")
+        reply = raw.command("Subject: twice\r\n\r\nhi\r\n.")
+    finally:
+        raw.close()
+    envelope, path = mta.queue.load(queued_id(reply))
+    assert [r.address for r in envelope.rcpts] == ["bob@example.net", "carol@example.net"]
+
+
 def test_starttls_then_auth_plain_relays(mta: Mta) -> None:
     rc, out = swaks(
         mta, "-tls", "--auth", "PLAIN", "--auth-user", "alice", "--auth-password", "s3cret pass",

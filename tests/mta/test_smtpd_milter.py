@@ -248,6 +248,8 @@ def test_edits_to_headers_and_envelope_are_applied(tmp_path: Path, leadspc: bool
             ChangeHeader(1, "Subject", f"{space}[SPAM] hi"),
             AddHeader("X-Spam-Status", f"{space}Yes, score=9.0\n\ttests=A,B"),
             AddRecipient("<quarantine@example.net>"),
+            AddRecipient("<Quarantine@Example.NET>"),  # a repeat (any case) is kept once
+            AddRecipient("<CAROL@example.net>"),  # already a recipient
             DeleteRecipient("<bob@example.net>"),
             ChangeFrom("<bounces@example.org>"),
             Accept(),

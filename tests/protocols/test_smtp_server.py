@@ -258,6 +258,25 @@ def test_auth_failures() -> None:
     )
 
 
+def test_failed_auth_counts_as_an_error_and_too_many_close_the_connection() -> None:
+    wrong = b"AUTH PLAIN " + base64.b64encode(b"\0user\0wrong") + b"\r\n"
+    out, events = converse(
+        b"EHLO c\r\n" + wrong * (MAX_ERRORS + 2) + b"NOOP\r\n", auth_mechanisms=("PLAIN",), tls_active=True
+    )
+    tail = out.split(b"250 AUTH PLAIN\r\n")[1]
+    assert tail == b"535 5.7.8 Bad\r\n" * MAX_ERRORS + b"421 4.7.0 mx.test Error: too many errors\r\n"
+    assert sum(isinstance(e, AuthCredentials) for e in events) == MAX_ERRORS
+    assert events[-2:] == [Quit("too many errors"), ConnectionClosed()]
+    _, _, conn = run([b"EHLO c\r\n" + wrong * MAX_ERRORS], auth_mechanisms=("PLAIN",), tls_active=True)
+    assert conn.state is SmtpState.CLOSED and conn.errors == MAX_ERRORS and not conn.authenticated
+
+
+def test_successful_auth_is_not_an_error() -> None:
+    good = b"AUTH PLAIN " + base64.b64encode(b"\0user\0secret") + b"\r\n"
+    _, _, conn = run([b"EHLO c\r\n" + good], auth_mechanisms=("PLAIN",), tls_active=True)
+    assert conn.errors == 0 and conn.authenticated
+
+
 def test_rejected_recipients_and_refused_message_keep_the_state_right() -> None:
     def handler(conn: SmtpServerConnection, event: Event) -> None:
         if isinstance(event, RcptTo) and event.address.startswith("no"):
