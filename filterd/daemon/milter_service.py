@@ -305,7 +305,7 @@ class _Session:
         except Exception:
             log.exception("milter: CONNECT checks failed for %s", self.client_ip)
             return []
-        score = sum(_score(engine, h.rule, h.score) for h in hits)
+        score = engine.score(hits)
         if score < self.cfg.reject_score:
             return []
         rules = ",".join(h.rule for h in hits)
@@ -516,10 +516,3 @@ def _forged_results_deleted(message: _Message) -> list[Reply]:
     """Delete the Authentication-Results fields that claim our authserv-id, last first so that
     the indexes of the earlier ones stay right (they count every field of that name)."""
     return [ChangeHeader(index, message.auth_results_name, "") for index in reversed(message.forged_results)]
-
-
-def _score(engine: Engine, rule: str, score: float | None) -> float:
-    if score is not None:
-        return score
-    info = engine.info(rule)
-    return info.score_for(False) if info is not None else 0.0

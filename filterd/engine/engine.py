@@ -314,9 +314,15 @@ class Engine:
         """Bayes gave an opinion (exactly one BAYES_xx fires then): use the scores fitted with it."""
         return any(name.startswith("BAYES_") for name in scan.hits)
 
+    def score(self, hits: Iterable[Hit]) -> float:
+        """The points of these hits as a scan adds them up: sub-rules score nothing, and the score
+        set with Bayes applies when a BAYES_xx rule is among them."""
+        hits = list(hits)
+        active = any(h.rule.startswith("BAYES_") for h in hits)
+        return sum(self._score_of(h, active) for h in hits if not h.rule.startswith("__"))
+
     def _sum(self, scan: Scan) -> float:
-        active = self._bayes_active(scan)
-        return sum(self._score_of(h, active) for n, h in scan.hits.items() if not n.startswith("__"))
+        return self.score(scan.hits.values())
 
     def _result(self, scan: Scan, required: float | None, elapsed: float) -> Result:
         required_score = self.config.scoring.required_score if required is None else required
