@@ -170,3 +170,41 @@ def test_reload_lets_an_open_milter_conversation_finish(tmp_path: Path) -> None:
             assert reply(sock)[:1] == b"O"
     finally:
         assert d.stop() == 0, d.log()
+
+
+def test_miltertest_spam_subject_is_rewritten_as_by_spamd(tmp_path: Path) -> None:
+    """scoring.rewrite_subject through the milter: the tag in front and X-Spam-Prev-Subject, as
+    spamd's PROCESS writes them (one helper, `markup.rewritten_subject`)."""
+    prefs = tmp_path / "prefs"
+    prefs.mkdir()
+    (prefs / "paranoid.yaml").write_text("required_score: -50\n")  # everything is spam to them
+    daemon = start_daemon(
+        tmp_path, "--milter-listen", "127.0.0.1:0", "--user-prefs", str(prefs),
+        config="scoring: {rewrite_subject: '[SPAM]'}\n", workers=1, metrics=False,
+    )  # fmt: skip
+    try:
+        port = int(daemon.wait_for_log(r"listening for milter on 127\.0\.0\.1:(\d+)").group(1))
+        script = tmp_path / "subject.lua"
+        script.write_text(
+            'function check(ok, what) if not ok then print("FAIL: " .. what); os.exit(1) end end\n'
+            f'conn = mt.connect("inet:{port}@127.0.0.1")\n'
+            'check(conn ~= nil, "connect")\n'
+            'check(mt.conninfo(conn, "mx.example.net", "192.0.2.10") == nil, "conninfo")\n'
+            'check(mt.helo(conn, "client.example.net") == nil, "helo")\n'
+            'check(mt.mailfrom(conn, "<alice@example.net>") == nil, "mail")\n'
+            'check(mt.rcptto(conn, "<paranoid@example.org>") == nil, "rcpt")\n'
+            'check(mt.header(conn, "From", "Alice <alice@example.net>") == nil, "header From")\n'
+            'check(mt.header(conn, "Subject", "Lunch") == nil, "header Subject")\n'
+            'check(mt.eoh(conn) == nil, "eoh")\n'
+            'check(mt.bodystring(conn, "Lunch on Friday?\\r\\n") == nil, "body")\n'
+            'check(mt.eom(conn) == nil, "eom")\n'
+            'check(mt.eom_check(conn, MT_HDRCHANGE, "Subject", "[SPAM] Lunch"), "Subject tagged")\n'
+            'check(mt.eom_check(conn, MT_HDRADD, "X-Spam-Prev-Subject", "Lunch"), "previous Subject kept")\n'
+            'check(mt.eom_check(conn, MT_HDRADD, "X-Spam-Flag", "YES"), "X-Spam-Flag")\n'
+            'mt.disconnect(conn)\nprint("PASS")\n'
+        )
+        proc = subprocess.run([need_binary("miltertest"), "-s", str(script)], capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+        assert proc.returncode == 0 and "PASS" in proc.stdout, (proc.stdout, proc.stderr, daemon.log()[-3000:])
+    finally:
+        assert daemon.stop() == 0, daemon.log()

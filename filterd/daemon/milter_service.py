@@ -58,7 +58,7 @@ from filterd.engine.checks.auth.authserv import HEADER as AUTH_RESULTS
 from filterd.engine.checks.auth.authserv import claims_authserv_id, effective_authserv_id
 from filterd.engine.checks.lists import compile_globs
 from filterd.engine.engine import Engine, Result
-from filterd.engine.markup import MarkupOptions, spam_headers
+from filterd.engine.markup import MarkupOptions, rewritten_subject, spam_headers
 from filterd.engine.plugin import ScanContext, Stage
 from filterd.engine.prefs import BadUserName, UserPrefs, UserPrefsStore
 from filterd.errors import LocalProtocolError, RemoteProtocolError
@@ -478,10 +478,13 @@ class _Session:
         prefix = self.service.options.rewrite_subject
         if result.is_spam and prefix:
             subject = next((value for name, value in message.headers if name.lower() == "subject"), None)
-            if subject is None:
-                edits.append(AddHeader("Subject", prefix))
-            elif not subject.startswith(prefix):
-                edits.append(ChangeHeader(1, "Subject", f"{prefix} {subject}"))
+            rewritten = rewritten_subject(subject, prefix)
+            if rewritten is not None:
+                new, old = rewritten
+                if old is None:
+                    edits.append(AddHeader("Subject", new))
+                else:
+                    edits += [ChangeHeader(1, "Subject", new), AddHeader("X-Spam-Prev-Subject", old)]
         if message.greylist_delay:
             edits.append(AddHeader("X-Greylist", f"delayed {message.greylist_delay:.0f} seconds by filterd"))
         return edits

@@ -22,7 +22,15 @@ from filterd.engine.message import ParsedMessage
 from filterd.engine.mime import content_params, split_header_block, split_multipart
 from filterd.net.hostname import fqdn
 
-__all__ = ["MarkupOptions", "build_report", "format_score", "original_message", "process_message", "spam_headers"]
+__all__ = [
+    "MarkupOptions",
+    "build_report",
+    "format_score",
+    "original_message",
+    "process_message",
+    "rewritten_subject",
+    "spam_headers",
+]
 
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]+")
 
@@ -192,14 +200,27 @@ def _mbox_separator(msg: ParsedMessage) -> bytes:
     return data + msg.newline.encode() if end < 0 else data[: end + 1]
 
 
+def rewritten_subject(old: str | None, prefix: str) -> tuple[str, str | None] | None:
+    """The Subject of spam with ``prefix`` in front, and the Subject it replaces (for
+    X-Spam-Prev-Subject; None when there was none); None when it starts with the prefix already
+    (a message scanned twice is tagged once). spamd's PROCESS and the milter both use this."""
+    prefix = _clean(prefix)
+    if old is None:
+        return prefix, None
+    if old.lstrip().startswith(prefix):
+        return None
+    return f"{prefix} {old}", old
+
+
 def _rewrite_subject(header_block: str, prefix: str, nl: str) -> str:
     m = re.search(r"^Subject:[ \t]?([^\n]*(?:\n[ \t][^\n]*)*)\n", header_block, re.I | re.M)
-    prefix = _clean(prefix)
-    if not m:
-        return header_block + f"Subject: {prefix}{nl}"
-    old = m.group(1).rstrip("\r")
-    new = f"Subject: {prefix} {old}{nl}X-Spam-Prev-Subject: {old}{nl}"
-    return header_block[: m.start()] + new + header_block[m.end() :]
+    rewritten = rewritten_subject(m.group(1).rstrip("\r") if m else None, prefix)
+    if rewritten is None:
+        return header_block
+    new, old = rewritten
+    if m is None:
+        return header_block + f"Subject: {new}{nl}"
+    return header_block[: m.start()] + f"Subject: {new}{nl}X-Spam-Prev-Subject: {old}{nl}" + header_block[m.end() :]
 
 
 def _wrap(engine: Engine, result: Result, options: MarkupOptions, header_block: str) -> bytes:
