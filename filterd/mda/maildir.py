@@ -19,7 +19,7 @@ IMAP's modified UTF-7, as Dovecot and Courier store them.
 
 from __future__ import annotations
 
-__all__ = ["Maildir", "folder_dirname", "fsync_dir", "imap_utf7", "write_all"]
+__all__ = ["Maildir", "folder_dirname", "imap_utf7"]
 
 import base64
 import contextlib
@@ -30,25 +30,11 @@ import socket
 import time
 from pathlib import Path
 
+from filterd.durable import fsync_dir, write_all
+
 _SUBDIRS = ("cur", "new", "tmp")
 # errors of link() that mean "this file system cannot hard-link": fall back to rename()
 _NO_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK})
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the entries of directory ``path`` durable (a new or removed name)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_all(fd: int, data: bytes) -> None:
-    """os.write until everything is written (a short write is followed by the real error)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def imap_utf7(name: str) -> str:

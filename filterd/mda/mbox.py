@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from filterd.durable import write_all
 from filterd.errors import PermanentDeliveryError, TemporaryDeliveryError
-from filterd.mda.maildir import write_all
 
 _FROM_LINE = re.compile(rb"^(>*From )", re.M)
 # the dot-lock cannot be made here, for good: fall back to the kernel lock alone

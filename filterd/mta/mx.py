@@ -16,7 +16,7 @@ each with an RFC 3463 status.
 
 from __future__ import annotations
 
-__all__ = ["MAX_ADDRESSES", "NextHop", "next_hops", "parse_mx"]
+__all__ = ["MAX_ADDRESSES", "NextHop", "Resolver", "next_hops", "parse_mx"]
 
 import asyncio
 import ipaddress
@@ -33,7 +33,9 @@ from filterd.net.dns import DnsAnswer
 MAX_ADDRESSES = 10
 
 
-class _Resolver(Protocol):
+class Resolver(Protocol):
+    """What the MTA needs of a DNS resolver (`filterd.net.dns.Resolver`, or a fake in tests)."""
+
     async def query(self, name: str, rdtype: str, *, zone: str = "", limit: float | None = None) -> DnsAnswer: ...
 
 
@@ -71,7 +73,7 @@ def _address_literal(domain: str) -> str | None:
         return None
 
 
-async def _addresses(resolver: _Resolver, host: str) -> tuple[list[str], bool, str]:
+async def _addresses(resolver: Resolver, host: str) -> tuple[list[str], bool, str]:
     """``host``'s IPv4 then IPv6 addresses; whether a lookup failed temporarily; the failure text."""
     answers = await asyncio.gather(resolver.query(host, "A"), resolver.query(host, "AAAA"))
     addresses = [r for a in answers if a.ok for r in a.records]
@@ -80,7 +82,7 @@ async def _addresses(resolver: _Resolver, host: str) -> tuple[list[str], bool, s
     return addresses, bool(failed), detail
 
 
-async def next_hops(resolver: _Resolver, domain: str, *, rng: random.Random) -> list[NextHop]:
+async def next_hops(resolver: Resolver, domain: str, *, rng: random.Random) -> list[NextHop]:
     """The addresses to try for ``domain``, best first (at most `MAX_ADDRESSES`)."""
     literal = _address_literal(domain)
     if literal is not None:

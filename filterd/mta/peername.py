@@ -26,8 +26,9 @@ import asyncio
 import ipaddress
 import re
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
+from filterd.mta.mx import Resolver
 from filterd.net.dns import DnsAnswer
 
 UNKNOWN = "unknown"  # Postfix's name for "no name", in logs, Received headers and macros
@@ -36,10 +37,6 @@ MAX_PTR_NAMES = 4  # an address with more PTR records than this is not worth mor
 _LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")  # Postfix's valid_hostname allows "_"
 
 Resolve = Literal["OK", "FORGED", "TEMP", "FAIL"]
-
-
-class _Resolver(Protocol):
-    async def query(self, name: str, rdtype: str, *, zone: str = "", limit: float | None = None) -> DnsAnswer: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +62,7 @@ def valid_hostname(text: str) -> str:
     return name
 
 
-async def lookup_peername(resolver: _Resolver, client_ip: str, *, budget: float) -> PeerName:
+async def lookup_peername(resolver: Resolver, client_ip: str, *, budget: float) -> PeerName:
     """The client's names (see the module's docstring); never raises for DNS trouble and
     returns within ``budget`` seconds."""
     try:

@@ -75,6 +75,7 @@ from __future__ import annotations
 
 __all__ = [
     "ENVELOPE_VERSION",
+    "ID_RE",
     "STATES",
     "Envelope",
     "Queue",
@@ -98,6 +99,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
+from filterd.durable import fsync_dir, write_all
 from filterd.errors import QueueError
 
 log = logging.getLogger(__name__)
@@ -109,7 +111,7 @@ STATES: tuple[QueueState, ...] = get_args(QueueState)
 RecipientStatus = Literal["pending", "delivered", "bounced"]
 _RECIPIENT_STATUSES = frozenset(get_args(RecipientStatus))
 
-_ID_RE = re.compile(r"\A[0-9A-F]{14}-[0-9A-F]{6}\Z")
+ID_RE = re.compile(r"\A[0-9A-F]{14}-[0-9A-F]{6}\Z")
 
 
 @dataclass(slots=True)
@@ -223,15 +225,6 @@ class Recovery:
     orphans_removed: int = 0
 
 
-def fsync_dir(path: Path) -> None:
-    """Make renames and creations in *path* survive a crash (Linux needs the directory synced)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Queue:
     """The spool under *root*; see the module docstring for the format and the guarantees."""
 
@@ -254,9 +247,7 @@ class Queue:
         path = self.tmp / name
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, payload)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -274,7 +265,7 @@ class Queue:
 
     @staticmethod
     def _check_id(qid: str) -> None:
-        if not _ID_RE.match(qid):
+        if not ID_RE.match(qid):
             raise QueueError(f"not a queue id: {qid!r}")
 
     # -- API -----------------------------------------------------------------------------
@@ -389,7 +380,7 @@ class Queue:
         (self.data / qid).unlink(missing_ok=True)
 
     def ids(self, state: QueueState) -> list[str]:
-        return sorted(name for name in os.listdir(self.root / state) if _ID_RE.match(name))
+        return sorted(name for name in os.listdir(self.root / state) if ID_RE.match(name))
 
     def quarantine(self, qid: str, reason: str) -> None:
         """Move a message's files to corrupt/ for a human to look at."""
@@ -416,7 +407,7 @@ class Queue:
         named: set[str] = set()
         for state in STATES:
             for name in os.listdir(self.root / state):
-                if not _ID_RE.match(name):
+                if not ID_RE.match(name):
                     log.warning("queue: %s: not a queue file; moved to %s", self.root / state / name, self.corrupt)
                     os.rename(self.root / state / name, self.corrupt / f"{state}-{name}")
                     continue

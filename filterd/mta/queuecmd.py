@@ -25,19 +25,17 @@ __all__ = ["add_queue_command", "run_queue_command"]
 import argparse
 import datetime
 import json
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from filterd.errors import QueueError
-from filterd.mta.queue import Envelope, Queue, QueueState
+from filterd.mta.queue import ID_RE, Envelope, Queue, QueueState
 
 # Building `filterd`'s parser imports this module for every command: the delivery side
 # (aiosmtplib, dkimpy, dnspython) is imported only when a queue action runs.
 
-_ID = re.compile(r"[0-9A-F]{14}-[0-9A-F]{6}")  # filterd.mta.queue's id format
 _MARK: dict[QueueState, str] = {"incoming": "", "active": "*", "deferred": "", "hold": "!"}
 _ORDER: tuple[QueueState, ...] = ("active", "incoming", "deferred", "hold")
 
@@ -77,7 +75,7 @@ def run_queue_command(args: argparse.Namespace) -> int:
     queue = Queue(root)
     if action == "show":
         return _show(queue, args.id)
-    bad = [qid for qid in getattr(args, "ids", []) if qid != "ALL" and not _ID.fullmatch(qid)]
+    bad = [qid for qid in getattr(args, "ids", []) if qid != "ALL" and not ID_RE.match(qid)]
     if bad:
         print(f"filterd mta queue: not a queue id: {', '.join(bad)}", file=sys.stderr)
         return 1

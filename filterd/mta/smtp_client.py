@@ -82,7 +82,6 @@ class TransactionResult:
     server: str
     replies: dict[str, Reply] = field(default_factory=dict)
     tls: bool = False
-    greeting: str = ""
 
 
 class SessionError(Exception):
@@ -104,10 +103,6 @@ def _tls_context() -> ssl.SSLContext:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
-
-
-def _ascii(text: str) -> bool:
-    return text.isascii()
 
 
 def _safe(address: str) -> bool:
@@ -166,13 +161,12 @@ async def send(
     result = TransactionResult(where)
     try:
         try:
-            greeting = await client.connect(timeout=options.connect_timeout)
+            await client.connect(timeout=options.connect_timeout)
         except aiosmtplib.SMTPConnectResponseError as exc:
             reply = Reply(exc.code, exc.message)
             raise SessionError(f"{where} refused to talk to us: {reply}", reply) from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise SessionError(f"connect to {where}:{options.port}: {_reason(exc)}") from None
-        result.greeting = greeting.message
         await _hello(client, options.helo_name, where)
         if starttls and client.supports_extension("starttls"):
             try:
@@ -230,10 +224,10 @@ async def _transaction(
     utf8 = smtputf8 and client.supports_extension("smtputf8")
     encoding = "utf-8" if utf8 else "ascii"
     if not utf8:
-        if not _ascii(sender):
+        if not sender.isascii():
             settle(Reply(553, f"5.6.7 {where} does not support SMTPUTF8, needed by the sender address", local=True))
             return
-        for rcpt in [r for r in pending if not _ascii(r)]:
+        for rcpt in [r for r in pending if not r.isascii()]:
             replies[rcpt] = Reply(553, f"5.6.7 {where} does not support SMTPUTF8, needed by this address", local=True)
         pending = [r for r in pending if r not in replies]
         if not pending:

@@ -221,12 +221,6 @@ class MilterClientConnection:
         self._negotiating = True
         return _command(_Code.OPTNEG, OPTIONS.pack(MILTER_VERSION, self.offered_actions, self.offered_protocol))
 
-    def sends(self, command_type: type) -> bool:
-        """Whether the filter wants this step at all (not negotiated away with a NO* flag)."""
-        if self._negotiated is None:
-            return False
-        return not self._negotiated.protocol & _STEP_FLAGS.get(command_type, _ALWAYS)[0]
-
     def send(self, command: Command) -> bytes:
         """The bytes for ``command`` (and its macros); ``b""`` if the filter does not want it."""
         if self._error is not None:

@@ -1,0 +1,29 @@
+"""Durability helpers shared by the spool and the local delivery agents.
+
+The order every writer follows (STYLE.md): write the file and fsync it, then rename or link it
+into place, then fsync the directory that holds the new name, and only then reply.
+"""
+
+from __future__ import annotations
+
+__all__ = ["fsync_dir", "write_all"]
+
+import os
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory *path* durable (a new, renamed or removed name): Linux needs
+    the directory itself fsync'd for them to survive a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until everything is written (a short write is followed by the real error)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
