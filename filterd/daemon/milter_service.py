@@ -189,15 +189,26 @@ class MilterService:
         await _Session(self, peer).run(reader, writer)
 
     def user_prefs(self, recipient: str) -> tuple[str, UserPrefs]:
-        user = user_for(recipient, self.config.milter.user)
-        try:
-            return user, self.prefs.get(user)
-        except BadUserName:
-            return "", UserPrefs()
+        return recipient_prefs(self.config, self.prefs, recipient)
 
     def welcomelisted(self, sender: str, prefs: UserPrefs) -> bool:
-        rx = compile_globs(tuple(self.config.lists.welcomelist_from) + prefs.welcomelist_from)
-        return bool(sender) and rx is not None and rx.match(sender.lower()) is not None
+        return sender_welcomelisted(self.config, prefs, sender)
+
+
+def recipient_prefs(config: Config, prefs: UserPrefsStore, recipient: str) -> tuple[str, UserPrefs]:
+    """The user a recipient maps to (``milter.user``) and their settings; ("", defaults) for a
+    name that cannot be a user. The milter and the policy service share it."""
+    user = user_for(recipient, config.milter.user)
+    try:
+        return user, prefs.get(user)
+    except BadUserName:
+        return "", UserPrefs()
+
+
+def sender_welcomelisted(config: Config, prefs: UserPrefs, sender: str) -> bool:
+    """Whether ``sender`` is on the global or the user's welcomelist_from (never the null sender)."""
+    rx = compile_globs(tuple(config.lists.welcomelist_from) + prefs.welcomelist_from)
+    return bool(sender) and rx is not None and rx.match(sender.lower()) is not None
 
 
 class _Session:

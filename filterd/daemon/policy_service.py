@@ -28,9 +28,8 @@ import logging
 
 from filterd.config import Config
 from filterd.daemon.metrics import WorkerMetrics
-from filterd.daemon.milter_service import user_for
-from filterd.engine.checks.lists import compile_globs
-from filterd.engine.prefs import BadUserName, UserPrefs, UserPrefsStore
+from filterd.daemon.milter_service import recipient_prefs, sender_welcomelisted
+from filterd.engine.prefs import UserPrefsStore
 from filterd.errors import RemoteProtocolError
 from filterd.greylist import Greylist
 from filterd.net.hostname import fqdn
@@ -96,18 +95,14 @@ class PolicyService:
         client = request.client_address or ""
         sender = request.sender or ""
         recipient = request.recipient or ""
-        try:
-            prefs = self.prefs.get(user_for(recipient, self.config.milter.user))
-        except BadUserName:
-            prefs = UserPrefs()
-        rx = compile_globs(tuple(self.config.lists.welcomelist_from) + prefs.welcomelist_from)
+        _, prefs = recipient_prefs(self.config, self.prefs, recipient)
         try:
             decision = await greylist.decide(
                 client,
                 sender,
                 recipient,
                 authenticated=bool(request.sasl_username),
-                welcomelisted=bool(sender) and rx is not None and rx.match(sender.lower()) is not None,
+                welcomelisted=sender_welcomelisted(self.config, prefs, sender),
             )
         except Exception as exc:  # the store is down: let the mail through
             self.metrics.errors["greylist_failed"] += 1
