@@ -53,7 +53,6 @@ import heapq
 import logging
 import os
 import random
-import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -142,8 +141,8 @@ class QueueManager:
         mta = config.mta
         self.config = config
         self.queue = queue
-        self.hostname = mta.hostname or socket.getfqdn()
-        self.local_domains = frozenset(d.lower().rstrip(".") for d in (*mta.local_domains, self.hostname))
+        self.hostname = mta.own_hostname()
+        self.local_domains = mta.own_domains()
         deliver = config.deliver
         if mta.milter:  # scored before it was accepted: delivery must not ask the daemon again
             deliver = dataclasses.replace(deliver, filter=False)

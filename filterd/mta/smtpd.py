@@ -39,7 +39,6 @@ import ipaddress
 import itertools
 import logging
 import re
-import socket
 import ssl
 import time
 from collections.abc import Callable, Iterable
@@ -138,8 +137,6 @@ class SmtpServer:
         config: MtaConfig,
         queue: Queue,
         *,
-        hostname: str = "",
-        milter: str = "",
         users: dict[str, str] | None = None,
         tls_context: ssl.SSLContext | None = None,
         on_queued: Callable[[], None] | None = None,
@@ -150,11 +147,11 @@ class SmtpServer:
         self.resolver = resolver if config.peername_lookup else None
         self.on_queued = on_queued  # the queue manager's wake()
         self.queue = queue
-        self.hostname = hostname or config.hostname or socket.getfqdn()
-        self.milter = milter or config.milter
+        self.hostname = config.own_hostname()
+        self.milter = config.milter
         self.users = users or {}
         self.tls_context = tls_context
-        self.local_domains = frozenset(d.lower().rstrip(".") for d in (*config.local_domains, self.hostname))
+        self.local_domains = config.own_domains()
         self._connections = 0
         self._ids = itertools.count(1)
         self._servers: list[asyncio.Server] = []
