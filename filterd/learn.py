@@ -137,8 +137,6 @@ def _write(
 
 def run_learn(args: argparse.Namespace, config: Config) -> int:
     try:
-        if config.state.backend == "sqlite":
-            config.state_path.mkdir(parents=True, exist_ok=True)
         store = open_bayes_store(config, config.state_path, timeout=_TIMEOUT)
         try:
             return _run(args, config, store)
@@ -214,22 +212,23 @@ def _run(args: argparse.Namespace, config: Config, store: BayesStoreBase) -> int
         chunks = _chunks(_raw_items(args.paths, skipped, files_done), _BATCH // 4)
         workers = max(1, min(os.cpu_count() or 1, 8))
         ready: list[tuple[str, npt.NDArray[np.uint32]]] = []
+
+        def take(future: Future[list[tuple[str, npt.NDArray[np.uint32]]]]) -> None:
+            nonlocal done, ready
+            ready += future.result()
+            if len(ready) >= _BATCH:
+                done += _write(store, ready, bool(args.spam), totals)
+                ready = []
+                progress.update(done, files_done[0])
+
         with ProcessPoolExecutor(max_workers=workers) as pool:
             pending: list[Future[list[tuple[str, npt.NDArray[np.uint32]]]]] = []
             for chunk in chunks:
                 pending.append(pool.submit(_reduce, chunk, config.rules.body_scan_size))
                 if len(pending) >= workers * 2:
-                    ready += pending.pop(0).result()
-                    if len(ready) >= _BATCH:
-                        done += _write(store, ready, bool(args.spam), totals)
-                        ready = []
-                        progress.update(done, files_done[0])
+                    take(pending.pop(0))
             for future in pending:
-                ready += future.result()
-                if len(ready) >= _BATCH:
-                    done += _write(store, ready, bool(args.spam), totals)
-                    ready = []
-                    progress.update(done, files_done[0])
+                take(future)
         done += _write(store, ready, bool(args.spam), totals)
     progress.update(done, files_done[0], final=True)
     elapsed = time.monotonic() - started
@@ -252,4 +251,4 @@ def _run(args: argparse.Namespace, config: Config, store: BayesStoreBase) -> int
     expired = store.expire_if_due()
     if expired:
         print(f"expired {expired} tokens")
-    return 0 if not skipped or done else 65
+    return 0 if not skipped or done else EX_DATAERR
