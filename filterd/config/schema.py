@@ -56,7 +56,6 @@ from pathlib import Path
 from typing import Any, Generic, Literal, TypeAlias, TypeVar, cast, get_type_hints
 
 from filterd.config.units import Duration, Size, format_duration, parse_duration, parse_size
-from filterd.net.hostname import fqdn
 
 T = TypeVar("T")
 K = TypeVar("K")
@@ -908,15 +907,6 @@ class MtaConfig(Section):
         doc="Milter down, timed out or confused: 451 4.7.1 the message, or accept it unfiltered "
         "(Postfix milter_default_action).",
     )
-
-    def own_hostname(self) -> str:
-        """The name the MTA greets with and writes in Received headers: ``hostname``, else this
-        host's fully qualified name."""
-        return self.hostname or fqdn()
-
-    def own_domains(self) -> frozenset[str]:
-        """Domains delivered here: ``local_domains`` and our own name, lower case, no final dot."""
-        return frozenset(d.lower().rstrip(".") for d in (*self.local_domains, self.own_hostname()))
 
     def check(self) -> Sequence[tuple[str, str]]:
         problems: list[tuple[str, str]] = []

@@ -62,6 +62,7 @@ from filterd.config import Config
 from filterd.errors import QueueError
 from filterd.mta.bounce import DsnRecipient, build_dsn
 from filterd.mta.delivery import DeliveryResult, LocalDelivery, RemoteDelivery
+from filterd.mta.names import own_domains, own_hostname
 from filterd.mta.queue import Envelope, Queue, QueueState, Recipient, fsync_dir
 from filterd.net.dns import Resolver
 
@@ -141,8 +142,8 @@ class QueueManager:
         mta = config.mta
         self.config = config
         self.queue = queue
-        self.hostname = mta.own_hostname()
-        self.local_domains = mta.own_domains()
+        self.hostname = own_hostname(mta)
+        self.local_domains = own_domains(mta)
         deliver = config.deliver
         if mta.milter:  # scored before it was accepted: delivery must not ask the daemon again
             deliver = dataclasses.replace(deliver, filter=False)

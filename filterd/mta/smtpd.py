@@ -49,6 +49,7 @@ from filterd.config.schema import MtaConfig
 from filterd.errors import QueueError
 from filterd.mta.auth import check_user
 from filterd.mta.milter_client import MessageEdits, MilterSession, Verdict, apply_edits, split_headers
+from filterd.mta.names import own_domains, own_hostname
 from filterd.mta.peername import PeerName, lookup_peername
 from filterd.mta.queue import Envelope, Queue, QueueState, Recipient
 from filterd.net.dns import Resolver
@@ -147,11 +148,11 @@ class SmtpServer:
         self.resolver = resolver if config.peername_lookup else None
         self.on_queued = on_queued  # the queue manager's wake()
         self.queue = queue
-        self.hostname = config.own_hostname()
+        self.hostname = own_hostname(config)
         self.milter = config.milter
         self.users = users or {}
         self.tls_context = tls_context
-        self.local_domains = config.own_domains()
+        self.local_domains = own_domains(config)
         self._connections = 0
         self._ids = itertools.count(1)
         self._servers: list[asyncio.Server] = []
