@@ -35,7 +35,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     assert d.stop() == 0, d.log()
 
 
-def run_lua(daemon: Daemon, tmp_path: Path, body: str) -> str:
+def run_lua(daemon: Daemon, tmp_path: Path, body: str, rcpt: str = "bob@example.org") -> str:
     port = int(daemon.wait_for_log(r"listening for milter on 127\.0\.0\.1:(\d+)").group(1))
     script = tmp_path / "test.lua"
     script.write_text(
@@ -47,7 +47,7 @@ def run_lua(daemon: Daemon, tmp_path: Path, body: str) -> str:
         'check(mt.helo(conn, "client.example.net") == nil, "helo")\n'
         'mt.macro(conn, SMFIC_MAIL, "i", "4ABC123", "{auth_authen}", "")\n'
         'check(mt.mailfrom(conn, "<alice@example.net>") == nil, "mail")\n'
-        'check(mt.rcptto(conn, "<bob@example.org>") == nil, "rcpt")\n'
+        f'check(mt.rcptto(conn, "<{rcpt}>") == nil, "rcpt")\n'
         'check(mt.getreply(conn) == SMFIR_CONTINUE, "rcpt reply")\n'
         'check(mt.header(conn, "From", "Alice <alice@example.net>") == nil, "header From")\n'
         'check(mt.header(conn, "To", "bob@example.org") == nil, "header To")\n'
@@ -183,28 +183,12 @@ def test_miltertest_spam_subject_is_rewritten_as_by_spamd(tmp_path: Path) -> Non
         config="scoring: {rewrite_subject: '[SPAM]'}\n", workers=1, metrics=False,
     )  # fmt: skip
     try:
-        port = int(daemon.wait_for_log(r"listening for milter on 127\.0\.0\.1:(\d+)").group(1))
-        script = tmp_path / "subject.lua"
-        script.write_text(
-            'function check(ok, what) if not ok then print("FAIL: " .. what); os.exit(1) end end\n'
-            f'conn = mt.connect("inet:{port}@127.0.0.1")\n'
-            'check(conn ~= nil, "connect")\n'
-            'check(mt.conninfo(conn, "mx.example.net", "192.0.2.10") == nil, "conninfo")\n'
-            'check(mt.helo(conn, "client.example.net") == nil, "helo")\n'
-            'check(mt.mailfrom(conn, "<alice@example.net>") == nil, "mail")\n'
-            'check(mt.rcptto(conn, "<paranoid@example.org>") == nil, "rcpt")\n'
-            'check(mt.header(conn, "From", "Alice <alice@example.net>") == nil, "header From")\n'
-            'check(mt.header(conn, "Subject", "Lunch") == nil, "header Subject")\n'
-            'check(mt.eoh(conn) == nil, "eoh")\n'
+        run_lua(daemon, tmp_path, (
             'check(mt.bodystring(conn, "Lunch on Friday?\\r\\n") == nil, "body")\n'
             'check(mt.eom(conn) == nil, "eom")\n'
             'check(mt.eom_check(conn, MT_HDRCHANGE, "Subject", "[SPAM] Lunch"), "Subject tagged")\n'
             'check(mt.eom_check(conn, MT_HDRADD, "X-Spam-Prev-Subject", "Lunch"), "previous Subject kept")\n'
             'check(mt.eom_check(conn, MT_HDRADD, "X-Spam-Flag", "YES"), "X-Spam-Flag")\n'
-            'mt.disconnect(conn)\nprint("PASS")\n'
-        )
-        proc = subprocess.run([need_binary("miltertest"), "-s", str(script)], capture_output=True, text=True,
-                              timeout=60)  # fmt: skip
-        assert proc.returncode == 0 and "PASS" in proc.stdout, (proc.stdout, proc.stderr, daemon.log()[-3000:])
+        ), rcpt="paranoid@example.org")  # fmt: skip
     finally:
         assert daemon.stop() == 0, daemon.log()
