@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from filterd.engine.bayes.check import BayesCheck
 from filterd.engine.checks.antivirus import AntivirusCheck
-from filterd.engine.checks.auth import AuthCheck
+from filterd.engine.checks.auth import AuthCheck, RecordedAuthCheck
 from filterd.engine.checks.dnsbl import DnsblCheck, DnsblConnectCheck
 from filterd.engine.checks.headers import HeaderCheck
 from filterd.engine.checks.html import HtmlCheck
@@ -20,6 +20,6 @@ __all__ = ["builtin_checks"]
 def builtin_checks() -> list[type]:
     """Classes of every shipped check, in a stable order."""
     return [
-        ConnectListsCheck, DnsblConnectCheck, ListsCheck, HeaderCheck, MimeCheck, AntivirusCheck, HtmlCheck,
-        UriCheck, DnsblCheck, AuthCheck, TextCheck, BayesCheck, AuthListsCheck, ReputationCheck,
+        ConnectListsCheck, DnsblConnectCheck, ListsCheck, HeaderCheck, RecordedAuthCheck, MimeCheck, AntivirusCheck,
+        HtmlCheck, UriCheck, DnsblCheck, AuthCheck, TextCheck, BayesCheck, AuthListsCheck, ReputationCheck,
     ]  # fmt: skip
