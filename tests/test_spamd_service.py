@@ -83,3 +83,34 @@ def test_process_and_headers_keep_a_leading_mbox_from_line(service: SpamdService
                 assert with_line == without, method
 
     asyncio.run(check())
+
+
+OURS = "mx.local.test"
+FORGED = (
+    b"Authentication-Results: mx.local.test; dkim=pass header.d=bank.example; dmarc=pass\r\n"
+    b"Authentication-Results: other.example; spf=pass smtp.mailfrom=alice@sender.test\r\n"
+    b"authentication-results: (looks harmless) MX.Local.Test 1;\r\n\tdmarc=pass header.from=bank.example\r\n"
+)
+
+
+@pytest.mark.parametrize("method", ["PROCESS", "HEADERS"])
+def test_too_big_to_scan_is_handed_back_without_forged_auth_results(
+    make_engine: MakeEngine, tmp_path: Path, method: str
+) -> None:
+    # Past rules.max_scan_size nothing is scanned and the message goes back as it came, except
+    # for the Authentication-Results fields claiming our authserv-id: downstream trusts those
+    # whether or not we scanned, so only we may write them (as for a scanned message).
+    engine = make_engine(RULES, max_scan_size=1024)
+    config = dataclasses.replace(engine.config, auth=dataclasses.replace(engine.config.auth, authserv_id=OURS))
+    service = SpamdService(engine, config, WorkerMetrics())
+    head = b"From: Alice <alice@sender.test>\r\nTo: bob@local.test\r\nSubject: an offer\r\nX-Spam-Flag: NO\r\n"
+    body = b"\r\n" + b"An offer you cannot refuse.\r\n" * 100
+    message = head + FORGED + b"Message-ID: <1@sender.test>\r\n" + body
+    assert len(message) > 1024
+    reply = asyncio.run(service.handle(request(method, "", message)))
+    assert reply.partition(b"\r\n\r\n")[0].endswith(b"\r\nSpam: False ; 0.0 / 5.0"), reply[:200]
+    returned = body_of(reply)
+    kept = head + b"Authentication-Results: other.example; spf=pass smtp.mailfrom=alice@sender.test\r\n"
+    kept += b"Message-ID: <1@sender.test>\r\n"
+    assert returned == (kept + body if method == "PROCESS" else kept + b"\r\n")
+    assert service.metrics.errors["too_big"] == 1

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from filterd.config import Config
 from filterd.daemon.metrics import WorkerMetrics
 from filterd.engine.bayes import LearnResult
-from filterd.engine.checks.auth.authserv import effective_authserv_id, without_claims
+from filterd.engine.checks.auth.authserv import effective_authserv_id, message_without_claims, without_claims
 from filterd.engine.engine import Engine, Result
 from filterd.engine.markup import MarkupOptions, build_report, original_message, process_message
 from filterd.engine.message import parse_message
@@ -112,16 +112,14 @@ class SpamdService:
         required = prefs.required_score if prefs.required_score is not None else self.config.scoring.required_score
         body = request.body
         if len(body) > self.config.rules.max_scan_size:
-            # Like spamd behind spamc's size limit: too big to scan, handed back untouched.
+            # Like spamd behind spamc's size limit: too big to scan, handed back as it came, less
+            # the Authentication-Results fields that claim our authserv-id (as for a scanned one).
             self.metrics.errors["too_big"] += 1
             log.info("user=%s size=%d not scanned: larger than rules.max_scan_size", request.user or "-", len(body))
-            return render_response(
-                request,
-                is_spam=False,
-                score=0.0,
-                threshold=required,
-                body=body if request.method in ("PROCESS", "HEADERS") else b"",
-            )
+            returned = b""
+            if request.method in ("PROCESS", "HEADERS"):
+                returned = message_without_claims(body, self._authserv_id)
+            return render_response(request, is_spam=False, score=0.0, threshold=required, body=returned)
         started = time.perf_counter()
         ctx = _connection_context(request.headers, user=request.user or "", prefs=prefs)
         try:

@@ -12,6 +12,7 @@ from filterd.engine.checks.auth.authserv import (
     authserv_id_of,
     claims_authserv_id,
     effective_authserv_id,
+    message_without_claims,
     without_claims,
 )
 
@@ -81,6 +82,24 @@ def test_without_claims_keeps_every_other_field_byte_for_byte() -> None:
     lf = "From: a@example.com\nAuthentication-Results: mx.local.test;\n none\nTo: b@example.com\n"
     assert without_claims(lf, OURS) == "From: a@example.com\nTo: b@example.com\n"
     assert without_claims(lf, "other.example") == lf
+
+
+def test_message_without_claims_edits_the_header_block_only() -> None:
+    body = b"\r\nAuthentication-Results: mx.local.test; dkim=pass\r\n\xff\xfe 8-bit body\r\n"
+    head = b"From: a@example.com\r\nSubject: caf\xc3\xa9\r\n"
+    forged = b"Authentication-Results: MX.local.test; dkim=pass\r\n\theader.d=bank.example\r\n"
+    other = b"Authentication-Results: other.example; spf=pass\r\n"
+    assert message_without_claims(head + forged + other + body, OURS) == head + other + body
+    mbox = b"From a@example.com Mon Jan  5 10:00:00 2026\n"
+    lf = b"Authentication-Results: mx.local.test; none\nTo: b@example.com\n"
+    assert message_without_claims(mbox + lf + b"\nbody\n", OURS) == mbox + b"To: b@example.com\n\nbody\n"
+    assert message_without_claims(lf, OURS) == b"To: b@example.com\n"  # no body at all
+    last = b"To: b@example.com\nAuthentication-Results: mx.local.test; none"  # no line end at all
+    assert message_without_claims(last, OURS) == b"To: b@example.com\n"
+    # Nothing to drop, or no header block: the same bytes back.
+    untouched = head + other + body
+    assert message_without_claims(untouched, OURS) is untouched
+    assert message_without_claims(b"\r\n" + forged, OURS) == b"\r\n" + forged
 
 
 def test_effective_authserv_id_is_the_setting_else_this_host() -> None:

@@ -17,13 +17,16 @@ import re
 from filterd.config import AuthConfig
 from filterd.net.hostname import fqdn
 
-__all__ = ["authserv_id_of", "claims_authserv_id", "effective_authserv_id", "without_claims"]
+__all__ = [
+    "authserv_id_of", "claims_authserv_id", "effective_authserv_id", "message_without_claims", "without_claims",
+]  # fmt: skip
 
 HEADER = "authentication-results"
 _TSPECIALS = frozenset('()<>@,;:\\"/[]?=')  # RFC 2045: what ends a token
 _WHITESPACE = frozenset(" \t\r\n")
 # A header block split into fields: each starts at a line that does not begin with a blank.
 _FIELD_START = re.compile(r"(?<=\n)(?=[^ \t\r\n])")
+_HEADER_END = re.compile(rb"\n\r?\n")  # the empty line after the header block
 
 
 def effective_authserv_id(config: AuthConfig) -> str:
@@ -106,3 +109,19 @@ def without_claims(header_block: str, authserv_id: str) -> str:
             continue
         kept.append(raw)
     return "".join(kept)
+
+
+def message_without_claims(data: bytes, authserv_id: str) -> bytes:
+    """A whole message, bytes as they came, without the Authentication-Results fields of its
+    header block that claim ``authserv_id`` (`without_claims`); for a message handed back
+    unparsed, such as one too big to scan. The header block ends at the first empty line (all
+    of ``data`` when there is none); the body is not read, and comes back byte for byte."""
+    if data.startswith((b"\n", b"\r\n")):
+        return data  # an empty header block
+    end = _HEADER_END.search(data)
+    cut = end.start() + 1 if end is not None else len(data)
+    block = data[:cut].decode("ascii", "surrogateescape")
+    kept = without_claims(block, authserv_id)
+    if kept == block:
+        return data
+    return kept.encode("ascii", "surrogateescape") + data[cut:]
