@@ -36,10 +36,14 @@ Per stage:
   DMARC p=reject failure with ``dmarc_reject``; spam (score >= required_score) gets
   ``spam_action``; and everything that is kept gets its X-Spam-* headers.
 * Every message that is kept (also unscanned: oversize or ``on_error: accept``) loses the
-  Authentication-Results fields it arrived with that claim our authserv-id (``auth.authserv_id``,
-  else this host's name), whether or not the auth checks run: downstream trusts that id, so
-  only we may write it (RFC 8601 §5). Those of other authserv-ids stay. The scan itself still
-  reads the message as it arrived, so that DKIM signatures covering such a field verify.
+  X-Spam-* headers it arrived with (forged, or another filter's: delivery rules believe them,
+  so only our verdict may carry that name, and an unscanned message carries none, only
+  X-Filterd-Skipped) and the Authentication-Results fields that claim our authserv-id
+  (``auth.authserv_id``, else this host's name), whether or not the auth checks run:
+  downstream trusts that id, so only we may write it (RFC 8601 §5). Those of other
+  authserv-ids stay. Both are counted past ``max_size`` too, so none hides behind padding.
+  The scan itself still reads the message as it arrived, so that DKIM signatures covering
+  such a field verify.
 * A scan that fails or outlives ``scan_timeout`` gets ``on_error`` (451 4.3.0, or accept with an
   X-Filterd-Skipped header), logged; so does a worker whose scan slots are all taken.
 """
@@ -154,6 +158,9 @@ class _Message:
     auth_results_name: str = ""
     auth_results: int = 0
     forged_results: list[int] = field(default_factory=list)
+    # X-Spam-* fields as they arrived, counted past max_size too: lowercased name -> (the first
+    # spelling, occurrences).
+    spam_headers: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,11 +367,15 @@ class _Session:
         message = self.message
         if message is None:
             return
-        if event.name.lower() == AUTH_RESULTS:  # also past max_size: a forgery must not hide there
+        name = event.name.lower()
+        if name == AUTH_RESULTS:  # also past max_size: a forgery must not hide there
             message.auth_results_name = message.auth_results_name or event.name
             message.auth_results += 1
             if claims_authserv_id(event.value, self.service.authserv_id):
                 message.forged_results.append(message.auth_results)
+        elif name.startswith("x-spam-"):  # the same
+            spelling, count = message.spam_headers.get(name, (event.name, 0))
+            message.spam_headers[name] = (spelling, count + 1)
         if message.truncated:
             return
         message.size += len(event.name) + len(event.value) + 4
@@ -398,8 +409,7 @@ class _Session:
         if message.truncated and self.cfg.oversize == "accept":
             reason = f"message larger than {self.cfg.max_size} bytes, not scanned"
             return self._done("skipped", message, queue_id, started, None,
-                              [*_forged_results_deleted(message), AddHeader("X-Filterd-Skipped", reason),
-                               Continue()])
+                              [*_inbound_deleted(message), AddHeader("X-Filterd-Skipped", reason), Continue()])
         raw = self._raw(message)
         user, prefs = service.user_prefs(message.rcpts[0] if message.rcpts else "")
         required = prefs.required_score if prefs.required_score is not None else service.config.scoring.required_score
@@ -437,7 +447,7 @@ class _Session:
             return self._done("tempfailed", message, queue_id, started, None, reply)
         log.warning("milter on_error=accept (qid=%s): %s; accepted unscanned", queue_id or "-", why)
         return self._done("accepted", message, queue_id, started, None,
-                          [*_forged_results_deleted(message), AddHeader("X-Filterd-Skipped", why), Continue()])
+                          [*_inbound_deleted(message), AddHeader("X-Filterd-Skipped", why), Continue()])
 
     def _verdict(self, result: Result, message: _Message, reject_at: float) -> _Verdict:
         cfg = self.cfg
@@ -473,17 +483,7 @@ class _Session:
         return _Verdict("tagged", [*edits, Continue()])
 
     def _header_edits(self, result: Result, message: _Message) -> list[Reply]:
-        edits: list[Reply] = []
-        # X-Spam-* headers the message arrived with are forged or another filter's: they go, last
-        # occurrence first so that the indexes of the earlier ones stay right.
-        seen: dict[str, tuple[str, int]] = {}  # lowercased name -> (first spelling, occurrences)
-        for name, _ in message.headers:
-            if name.lower().startswith("x-spam-"):
-                spelling, count = seen.get(name.lower(), (name, 0))
-                seen[name.lower()] = (spelling, count + 1)
-        for name, count in seen.values():
-            edits += [ChangeHeader(index, name, "") for index in range(count, 0, -1)]
-        edits += _forged_results_deleted(message)
+        edits = _inbound_deleted(message)
         edits += [AddHeader(name, value) for name, value in header_fields(
             spam_headers(self.service.engine, result, self.service.options))]
         prefix = self.service.options.rewrite_subject
@@ -526,7 +526,13 @@ class _Session:
         return replies
 
 
-def _forged_results_deleted(message: _Message) -> list[Reply]:
-    """Delete the Authentication-Results fields that claim our authserv-id, last first so that
-    the indexes of the earlier ones stay right (they count every field of that name)."""
-    return [ChangeHeader(index, message.auth_results_name, "") for index in reversed(message.forged_results)]
+def _inbound_deleted(message: _Message) -> list[Reply]:
+    """Delete what only we may write, as the message arrived with it: every X-Spam-* header and
+    the Authentication-Results fields that claim our authserv-id. Every path that keeps the
+    message sends these, scanned or not. Last occurrence first, so that the indexes of the
+    earlier ones stay right (they count every field of that name)."""
+    edits: list[Reply] = []
+    for name, count in message.spam_headers.values():
+        edits += [ChangeHeader(index, name, "") for index in range(count, 0, -1)]
+    edits += [ChangeHeader(index, message.auth_results_name, "") for index in reversed(message.forged_results)]
+    return edits
