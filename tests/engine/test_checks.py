@@ -167,6 +167,36 @@ def test_display_name_showing_another_address(engine: Engine) -> None:
     assert "HDR_FROM_NAME_OTHER_ADDR" not in hits(engine, msg(head=same))
 
 
+def test_free_mail_sender_replying_into_the_same_service(engine: Engine) -> None:
+    free = HEAD.replace(b"From: Alex Sender <alex@sender.example>", b"From: Offers <deals4u@yahoo.com>")
+    assert "HDR_FREEMAIL_REPLYTO_SAME" in hits(engine, msg(b"Reply-To: deals4u@yahoo.com\n", head=free))
+    assert "HDR_FREEMAIL_REPLYTO_SAME" in hits(engine, msg(b"Reply-To: orders77@yahoo.com\n", head=free))
+    # No Reply-To (webmail), or a Reply-To elsewhere (that is HDR_REPLYTO_FREEMAIL's or nobody's)
+    assert "HDR_FREEMAIL_REPLYTO_SAME" not in hits(engine, msg(head=free))
+    assert "HDR_FREEMAIL_REPLYTO_SAME" not in hits(engine, msg(b"Reply-To: list@lists.example\n", head=free))
+    # A company sender with a Reply-To of its own domain is not free mail
+    assert "HDR_FREEMAIL_REPLYTO_SAME" not in hits(engine, msg(b"Reply-To: alex@sender.example\n"))
+
+
+def test_bulk_pitch_phrases(engine: Engine) -> None:
+    cases = {
+        "BODY_DEAR_SIR_LINE": (b"Dear Sir,\n\nWe are a bathtub manufacturer.\n", b"Dear Sir Humphrey,\nthanks.\n"),
+        "BODY_MAKE_MONEY_ONLINE": (b"Start making extra money on the internet today.\n",
+                                   b"They make money on the side by teaching.\n"),
+        "BODY_BUSINESS_OPPORTUNITY": (b"A ground floor opportunity like no other.\n",
+                                      b"The workshop is an opportunity to meet.\n"),
+        "BODY_RECEIVING_BECAUSE": (b"You are receiving this email because you visited us.\n",
+                                   b"Are you receiving my emails at all?\n"),
+        "BODY_REMOVE_INSTRUCTIONS": (b"Please reply to webmaster@x.example with 'remove' in the subject.\n",
+                                     b"Remove the old cable first.\n"),
+        "BODY_OPT_IN_CLAIM": (b"This is a one-time mailing, so no removal is necessary.\n",
+                              b"Removal of the tree is necessary.\n"),
+    }
+    for rule, (spammy, plain) in cases.items():
+        assert rule in hits(engine, msg(body=spammy)), rule
+        assert rule not in hits(engine, msg(body=plain)), rule
+
+
 def test_reply_to_freemail_in_other_domain(engine: Engine) -> None:
     assert "HDR_REPLYTO_FREEMAIL" in hits(engine, msg(b"Reply-To: claims.office@gmail.com\n"))
     assert "HDR_REPLYTO_FREEMAIL" not in hits(engine, msg(b"Reply-To: help@sender.example\n"))

@@ -172,6 +172,7 @@ class HeaderCheck:
         "HDR_DATE_PAST_1Y",
         "HDR_FROM_NAME_OTHER_ADDR",
         "HDR_REPLYTO_FREEMAIL",
+        "HDR_FREEMAIL_REPLYTO_SAME",
         "__HDR_REPLYTO_OTHER_DOMAIN",
         "__HDR_FROM_FREEMAIL",
         "HDR_FROM_PROVIDER_NOT_RCVD",
@@ -246,6 +247,10 @@ class HeaderCheck:
                 hits.append(Hit("__HDR_REPLYTO_OTHER_DOMAIN", reply_domain))
                 if reply_domain in FREEMAIL_DOMAINS:
                     hits.append(Hit("HDR_REPLYTO_FREEMAIL", reply_domain))
+            elif reply_domain and from_free:
+                # A Reply-To back into the sender's own free-mail service: bulk-mail tools write
+                # one, a webmail account does not (train half: 2 ham, 131 spam).
+                hits.append(Hit("HDR_FREEMAIL_REPLYTO_SAME", reply_domain))
         if from_domain in BIG_MAIL_PROVIDERS and msg.relays:
             relay_domains = PROVIDER_RELAY_DOMAINS[BIG_MAIL_PROVIDERS[from_domain]]
             if not any(_parent_in(name, relay_domains)
