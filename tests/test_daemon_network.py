@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.daemon_fixture import start_daemon
 from tests.dns_fixture import MakeDnsServer
 
@@ -41,5 +43,30 @@ def test_client_named_connection_is_what_the_dnsbl_judges(tmp_path: Path, make_d
         # A malformed address is ignored: the Received header decides again.
         bogus = daemon.request(_request(b"IP: 11.22.33.4477\r\n"))
         assert b"RCVD_IN_SBL" not in bogus
+    finally:
+        daemon.stop()
+
+
+def test_shipped_dnswl_zone_lowers_the_score_of_an_allowlisted_relay(
+    tmp_path: Path, make_dns_server: MakeDnsServer
+) -> None:
+    # The relay of the Received header, 11.22.33.45, has medium trust in the default allowlist.
+    server = make_dns_server({".": [], "zen.spamhaus.org": [], "list.dnswl.org": ["45.33.22.11 A 127.0.15.2"]})
+    config = (
+        "network: {enabled: true}\n"
+        f"dns: {{nameservers: ['{server.spec}']}}\n"
+        "auth: {spf: false, dkim: false, dmarc: false, arc: false}\n"
+    )
+    daemon = start_daemon(tmp_path, config=config, workers=1, metrics=False)
+    try:
+        listed = daemon.request(_request())
+        assert b"RCVD_IN_DNSWL_MED" in listed and b"RCVD_IN_SBL" not in listed, listed
+        other = daemon.request(_request(b"IP: 11.22.33.46\r\n"))  # a client the list does not know
+        assert b"RCVD_IN_DNSWL" not in other, other
+
+        def score(reply: bytes) -> float:
+            return float(reply.split(b"Spam: False ; ")[1].split(b" /")[0])
+
+        assert score(listed) == pytest.approx(score(other) - 2.3)  # RCVD_IN_DNSWL_MED's -2.3
     finally:
         daemon.stop()

@@ -272,7 +272,7 @@ class DnsConfig(Section):
 
 @dataclass(frozen=True, slots=True)
 class DnsblZone(Section):
-    """One DNS blocklist: what is looked up in it and what its answers mean."""
+    """One DNS blocklist (or allowlist): what is looked up in it and what its answers mean."""
 
     enabled: bool = setting(True, doc="Use this list (set false to turn off a shipped one).")
     zone: str = setting("", doc="The list's DNS zone, e.g. zen.spamhaus.org.")
@@ -286,6 +286,9 @@ class DnsblZone(Section):
     answers: FrozenMap[str, str] = setting(
         FrozenMap(), doc="Answer address (127.0.0.x) -> rule name that fires."
     )
+    last_octet: FrozenMap[str, str] = setting(
+        FrozenMap(), doc="Value of the last octet (0..255) -> rule name (DNSWL style: 127.0.<category>.<trust>)."
+    )
     bitmask: FrozenMap[str, str] = setting(
         FrozenMap(), doc="Bit value of the last octet (e.g. 2, 4, 8) -> rule name (URIBL/SURBL style)."
     )
@@ -294,19 +297,27 @@ class DnsblZone(Section):
         ("127.255.255.252", "127.255.255.254", "127.255.255.255", "127.0.1.255"),
         doc="Answers meaning the list refused this resolver: never a listing; the zone is reported unusable.",
     )
+    blocked_rule: str = setting(
+        "DNSBL_BLOCKED", doc="Rule (score 0 or near it) that a blocked answer fires instead of a listing rule."
+    )
 
     def check(self) -> Sequence[tuple[str, str]]:
         problems = []
         if not self.zone:
             problems.append(("zone", "expected the list's DNS zone, e.g. zen.spamhaus.org"))
-        if not (self.answers or self.bitmask or self.any_answer):
-            problems.append(("answers", "expected at least one of answers, bitmask or any_answer"))
+        if not (self.answers or self.last_octet or self.bitmask or self.any_answer):
+            problems.append(("answers", "expected at least one of answers, last_octet, bitmask or any_answer"))
+        if not self.blocked_rule:
+            problems.append(("blocked_rule", "expected a rule name, e.g. DNSBL_BLOCKED"))
         for key, values in (("answers", tuple(self.answers)), ("blocked_answers", self.blocked_answers)):
             for value in values:
                 try:
                     ipaddress.IPv4Address(value)
                 except ValueError:
                     problems.append((key, f"expected IPv4 answer addresses such as 127.0.0.2, got {value!r}"))
+        for octet in self.last_octet:
+            if not (octet.isdigit() and 0 <= int(octet) < 256):
+                problems.append(("last_octet", f"expected last-octet values 0..255, got {octet!r}"))
         for bit in self.bitmask:
             if not (bit.isdigit() and 0 < int(bit) < 256):
                 problems.append(("bitmask", f"expected last-octet bit values 1..255 (2, 4, 8, ...), got {bit!r}"))
@@ -314,7 +325,8 @@ class DnsblZone(Section):
 
 
 def _shipped_zones() -> FrozenMap[str, DnsblZone]:
-    """The public lists SpamAssassin also uses by default; their rules and scores are in rules/."""
+    """The public lists SpamAssassin also uses by default (block lists, and the DNSWL allowlist);
+    their rules and scores are in rules/."""
     m = FrozenMap
     return m({
         "zen": DnsblZone(
@@ -324,6 +336,14 @@ def _shipped_zones() -> FrozenMap[str, DnsblZone]:
                 "127.0.0.4": "RCVD_IN_XBL", "127.0.0.5": "RCVD_IN_XBL", "127.0.0.6": "RCVD_IN_XBL",
                 "127.0.0.7": "RCVD_IN_XBL", "127.0.0.10": "RCVD_IN_PBL", "127.0.0.11": "RCVD_IN_PBL",
             }),
+        ),
+        # An allowlist: its rules are nice (negative scores). 127.0.0.255 means "over the free
+        # query limit / public resolver", never a listing.
+        "dnswl": DnsblZone(
+            zone="list.dnswl.org", type="ip", relays="last_external",
+            last_octet=m({"0": "RCVD_IN_DNSWL_NONE", "1": "RCVD_IN_DNSWL_LOW", "2": "RCVD_IN_DNSWL_MED",
+                          "3": "RCVD_IN_DNSWL_HI"}),
+            blocked_answers=("127.0.0.255",), blocked_rule="RCVD_IN_DNSWL_BLOCKED",
         ),
         "dbl": DnsblZone(
             zone="dbl.spamhaus.org", type="domain", sources=("uri", "helo", "sender"),
@@ -350,7 +370,7 @@ def _shipped_zones() -> FrozenMap[str, DnsblZone]:
 
 @dataclass(frozen=True, slots=True)
 class DnsblConfig(Section):
-    """IP and domain blocklists looked up in DNS (rules say their scores, in rules/)."""
+    """IP and domain blocklists (and IP allowlists) looked up in DNS (rules say their scores, in rules/)."""
 
     enabled: bool = setting(True, doc="Look up relays and domains in the zones below.")
     zones: FrozenMap[str, DnsblZone] = setting(

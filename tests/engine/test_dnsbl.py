@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from filterd.config import Config, DnsblZone, FrozenMap, load_config
+from filterd.config import Config, DnsblConfig, DnsblZone, FrozenMap, load_config
 from filterd.daemon.metrics import Aggregate, WorkerMetrics, render_prometheus
 from filterd.engine.checks.dnsbl import DnsblCheck, answer_rules, reversed_ip
 from filterd.engine.engine import Engine, Result, shipped_rules_dir
@@ -57,6 +57,14 @@ ZONES = {
         odd.biz         A 10.0.0.1
     """,
     "refusing.test": "* A 127.255.255.254",
+    # DNSWL: 127.0.<category>.<trust>; 127.0.0.255 is its "refused" code.
+    "dnswl.test": """
+        10.3.2.81       A 127.0.15.0
+        11.3.2.81       A 127.0.5.1
+        12.3.2.81       A 127.0.10.2
+        13.3.2.81       A 127.0.2.3
+        44.33.22.11     A 127.0.20.1
+    """,
 }
 
 INTERNAL = "10.1.0.0/16"
@@ -106,6 +114,7 @@ class Site:
                 dbl: {{zone: dbl.test}}
                 uribl: {{zone: uribl.test}}
                 surbl: {{enabled: false}}
+                dnswl: {{zone: dnswl.test, enabled: false}}
         """
         text = textwrap.dedent(base)
         if only_dnsbl_rules:  # the shipped DNSBL rules alone, for an engine with only this check
@@ -181,6 +190,18 @@ def test_answer_rules_exact_then_bitmask_then_any() -> None:
     assert answer_rules(zone, "10.9.9.9") == ["ODD_BUT_NAMED"]
     assert answer_rules(zone, "10.0.0.1") == []  # outside 127/8: a resolver rewriting NXDOMAIN
     assert answer_rules(zone, "garbage") == []
+
+
+def test_answer_rules_by_last_octet_value() -> None:
+    dnswl = DnsblConfig().zones["dnswl"]  # the shipped allowlist
+    assert dnswl.zone == "list.dnswl.org" and dnswl.enabled and dnswl.relays == "last_external"
+    assert answer_rules(dnswl, "127.0.15.0") == ["RCVD_IN_DNSWL_NONE"]
+    assert answer_rules(dnswl, "127.0.5.1") == ["RCVD_IN_DNSWL_LOW"]
+    assert answer_rules(dnswl, "127.0.10.2") == ["RCVD_IN_DNSWL_MED"]
+    assert answer_rules(dnswl, "127.0.2.3") == ["RCVD_IN_DNSWL_HI"]  # 3 is a value here, not bits 1 and 2
+    assert answer_rules(dnswl, "127.0.2.4") == []
+    assert answer_rules(dnswl, "10.0.0.3") == []
+    assert dnswl.blocked_answers == ("127.0.0.255",) and dnswl.blocked_rule == "RCVD_IN_DNSWL_BLOCKED"
 
 
 # --- IP lists --------------------------------------------------------------------------------------
@@ -448,6 +469,136 @@ def test_site_list_with_its_own_negative_rule(knot: DnsServer, site: Site, make_
     found = dnsbl_hits(scan(engine, message(received("11.22.33.44"))))
     assert found["RCVD_IN_SITE_WL"] == (-2.3, "listed in wl.test: 11.22.33.44 -> 127.0.10.2")
     assert "RCVD_IN_SBL" in found
+
+
+# --- DNSWL, an allowlist ---------------------------------------------------------------------------
+
+DNSWL_ON = "dnsbl: {zones: {dnswl: {enabled: true}}}"
+REFUSED = ": this resolver is refused; the list is unusable"
+
+
+@pytest.mark.parametrize(
+    ("ip", "rule", "score", "answer"),
+    [
+        ("81.2.3.10", "RCVD_IN_DNSWL_NONE", -0.0001, "127.0.15.0"),
+        ("81.2.3.11", "RCVD_IN_DNSWL_LOW", -0.7, "127.0.5.1"),
+        ("81.2.3.12", "RCVD_IN_DNSWL_MED", -2.3, "127.0.10.2"),
+        ("81.2.3.13", "RCVD_IN_DNSWL_HI", -5.0, "127.0.2.3"),
+    ],
+)
+def test_dnswl_trust_level_fires_its_nice_rule(
+    knot: DnsServer, site: Site, ip: str, rule: str, score: float, answer: str
+) -> None:
+    engine = Engine.load(site.config(knot.spec, DNSWL_ON))
+    raw = message(INTERNAL_HOP, received(ip))
+    result = scan(engine, raw)
+    assert dnsbl_hits(result) == {rule: (score, f"listed in dnswl.test: {ip} -> {answer}")}
+    assert "nice" in engine.rules.info[rule].tflags and "net" in engine.rules.info[rule].tflags
+    assert not any("dnsbl" in p for p in result.problems)
+    # Everything else equal (the same site without the allowlist), the message scores that much less
+    # (totals are rounded to 3 decimals: NONE's -0.0001 shows in the report, hardly in the total).
+    without = scan(Engine.load(site.config(knot.spec)), raw)
+    assert result.score == pytest.approx(without.score + score, abs=1e-3)
+
+
+def test_dnswl_unlisted_relay_fires_nothing(
+    knot: DnsServer, site: Site, make_delaying_proxy: MakeDelayingProxy
+) -> None:
+    proxy = make_delaying_proxy(knot, delay=0.0)
+    engine = Engine.load(site.config(proxy.spec, DNSWL_ON))
+    result = scan(engine, message(INTERNAL_HOP, received("81.2.3.99")))
+    assert dnsbl_hits(result) == {}
+    assert asked(proxy, "dnswl.test") == ["99.3.2.81"]  # asked, and not listed
+    assert not any("dnsbl" in p for p in result.problems)
+
+
+def test_dnswl_refusal_fires_only_its_blocked_rule_and_is_logged_once(
+    make_dns_server: MakeDnsServer, site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = make_dns_server({"dnswl.test": "* 1 A 127.0.0.255", "zen.test": [], "dbl.test": [], "uribl.test": []})
+    engine = Engine.load(site.config(server.spec, DNSWL_ON, only_dnsbl_rules=True), checks=[DnsblCheck])
+    raw = message(received("81.2.3.13"))
+    with caplog.at_level(logging.WARNING, logger="filterd.engine.checks.dnsbl"):
+        first = scan(engine, raw)
+        second = scan(engine, raw)
+    for result in (first, second):
+        assert dnsbl_hits(result) == {"RCVD_IN_DNSWL_BLOCKED": (0.0, f"dnswl.test answered 127.0.0.255{REFUSED}")}
+        assert result.score == 0.0
+        assert not any("dnsbl" in p for p in result.problems)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "dnswl.test answered 127.0.0.255: this resolver is blocked by the list" in warnings[0]
+    assert resolver_of(engine).zones["dnswl.test"].blocked
+    # Answered normally again: the trust level counts again, and the mark goes.
+    server.set_zone("dnswl.test", "13.3.2.81 A 127.0.2.3")
+    time.sleep(1.1)  # the refusal was cached for its 1 s TTL
+    assert dnsbl_hits(scan(engine, raw)) == {"RCVD_IN_DNSWL_HI": (-5.0, "listed in dnswl.test: 81.2.3.13 -> 127.0.2.3")}
+    assert not resolver_of(engine).zones["dnswl.test"].blocked
+
+
+def test_dnswl_and_a_blocklist_refused_together_are_told_apart(make_dns_server: MakeDnsServer, site: Site) -> None:
+    server = make_dns_server({"dnswl.test": "* 1 A 127.0.0.255", "zen.test": "* 1 A 127.255.255.254"})
+    engine = Engine.load(site.config(server.spec, DNSWL_ON, only_dnsbl_rules=True), checks=[DnsblCheck])
+    found = dnsbl_hits(scan(engine, message(received("81.2.3.13"))))
+    assert found == {
+        "DNSBL_BLOCKED": (0.0, f"zen.test answered 127.255.255.254{REFUSED}"),
+        "RCVD_IN_DNSWL_BLOCKED": (0.0, f"dnswl.test answered 127.0.0.255{REFUSED}"),
+    }
+
+
+def test_dnswl_asks_only_the_last_external_relay(
+    knot: DnsServer, site: Site, make_delaying_proxy: MakeDelayingProxy
+) -> None:
+    proxy = make_delaying_proxy(knot, delay=0.0)
+    # 81.2.3.13 (high trust) handed the message to 81.2.3.99 (unlisted), which handed it to us.
+    raw = message(INTERNAL_HOP, received("81.2.3.99"), received("81.2.3.13", by="relay.elsewhere.example"))
+    engine = Engine.load(site.config(proxy.spec, DNSWL_ON))
+    assert dnsbl_hits(scan(engine, raw)) == {}
+    assert asked(proxy, "dnswl.test") == ["99.3.2.81"]
+    # The connection beats the headers: a listed client is judged, not the hosts behind it.
+    ctx = ScanContext(client_ip="81.2.3.12", helo="client.example", no_autolearn=True)
+    assert set(dnsbl_hits(scan(engine, raw, ctx))) == {"RCVD_IN_DNSWL_MED"}
+    # Once 81.2.3.99 is our own relay, the host behind it is the last external one and counts.
+    ours = Engine.load(site.config(proxy.spec, f"{{network: {{internal_networks: [{INTERNAL}, 81.2.3.99/32]}}, "
+                                               f"{DNSWL_ON}}}"))  # fmt: skip
+    assert dnsbl_hits(scan(ours, raw)) == {"RCVD_IN_DNSWL_HI": (-5.0, "listed in dnswl.test: 81.2.3.13 -> 127.0.2.3")}
+    assert asked(proxy, "dnswl.test") == ["99.3.2.81", "12.3.2.81", "13.3.2.81"]
+
+
+def test_dnswl_and_a_blocklist_on_the_same_relay(knot: DnsServer, site: Site) -> None:
+    # One relay, two lists: each says its own (SpamAssassin adds them up the same way).
+    engine = Engine.load(site.config(knot.spec, DNSWL_ON))
+    found = dnsbl_hits(scan(engine, message(INTERNAL_HOP, received("11.22.33.44"))))
+    assert found == {
+        "RCVD_IN_SBL": (2.596, "listed in zen.test: 11.22.33.44 -> 127.0.0.2"),
+        "RCVD_IN_DNSWL_LOW": (-0.7, "listed in dnswl.test: 11.22.33.44 -> 127.0.20.1"),
+    }
+
+
+def test_dnswl_not_asked_when_network_off_local_only_or_zone_off(
+    knot: DnsServer, site: Site, make_delaying_proxy: MakeDelayingProxy
+) -> None:
+    proxy = make_delaying_proxy(knot, delay=0.0)
+    raw = message(received("81.2.3.13"))
+    off = Engine.load(site.config(proxy.spec, f"{{network: {{enabled: false}}, {DNSWL_ON}}}"))
+    assert off.resolver is None and dnsbl_hits(scan(off, raw)) == {}
+    on = Engine.load(site.config(proxy.spec, DNSWL_ON))
+    assert dnsbl_hits(scan(on, raw, ScanContext(local_only=True, no_autolearn=True))) == {}
+    assert dnsbl_hits(scan(Engine.load(site.config(proxy.spec, "dnsbl: {enabled: false}")), raw)) == {}
+    assert dnsbl_hits(scan(Engine.load(site.config(proxy.spec)), raw)) == {}  # dnswl: {enabled: false}
+    assert asked(proxy, "dnswl.test") == []
+    assert set(dnsbl_hits(scan(on, raw))) == {"RCVD_IN_DNSWL_HI"}  # the same engine, network allowed
+    assert asked(proxy, "dnswl.test") == ["13.3.2.81"]
+
+
+def test_last_octet_values_are_checked_at_load(tmp_path: Path) -> None:
+    path = tmp_path / "filterd.yaml"
+    path.write_text("dnsbl:\n  zones:\n    mine:\n      zone: wl.test\n      last_octet: {'256': MINE, 'x': MINE_X}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    text = str(caught.value)
+    assert "dnsbl.zones.mine.last_octet: expected last-octet values 0..255, got '256'" in text
+    assert "got 'x'" in text
 
 
 # --- metrics ---------------------------------------------------------------------------------------

@@ -12,14 +12,20 @@ Each enabled zone of `dnsbl.zones` is asked about what its type says:
   ``dnsbl.max_domains`` per zone. Numeric URI hosts are not asked of domain lists: some refuse
   IP queries outright (DBL answers 127.0.1.255) and the URI checks score numeric hosts already.
 
-An answer maps to rules by ``answers`` (exact address) first, then ``bitmask`` (each set bit of
-the last octet that has a rule fires it), then ``any_answer``. Answers outside 127.0.0.0/8 that
-``answers`` does not name are ignored: that is a resolver rewriting NXDOMAIN, not a listing.
+An answer maps to rules by ``answers`` (exact address) first, then ``last_octet`` (the last
+octet's value, whatever the rest: DNSWL's 127.0.<category>.<trust>) and ``bitmask`` (each set bit
+of the last octet that has a rule fires it), then ``any_answer``. Answers outside 127.0.0.0/8
+that ``answers`` does not name are ignored: that is a resolver rewriting NXDOMAIN, not a listing.
+
+An allowlist is a zone like the others whose rules are ``nice`` (negative scores): the shipped
+``dnswl`` zone (list.dnswl.org) fires RCVD_IN_DNSWL_NONE/LOW/MED/HI for trust 0..3 of the last
+external relay.
 
 Lists refuse queries from big public resolvers and answer with a special code instead
 (``blocked_answers``). Such an answer never fires a listing rule: the zone is marked blocked in
-the resolver's zone health (metrics show it), a warning is logged once, and the zero-score
-DNSBL_BLOCKED rule shows it in the report. A normal answer later clears the mark.
+the resolver's zone health (metrics show it), a warning is logged once, and the zone's
+``blocked_rule`` (zero score: DNSBL_BLOCKED, or RCVD_IN_DNSWL_BLOCKED for DNSWL's 127.0.0.255)
+shows it in the report. A normal answer later clears the mark.
 
 All lookups of a message run at once; the check returns what arrived before the scan's
 deadline and records the rest in ``scan.problems``.
@@ -81,18 +87,22 @@ def answer_rules(zone: DnsblZone, answer: str) -> list[str]:
     if address not in _LISTING_RANGE:
         return []
     last = int(address) & 0xFF
-    found = [rule for bit, rule in zone.bitmask.items() if last & int(bit) == int(bit)]
+    by_value = zone.last_octet.get(str(last))
+    found = [by_value] if by_value else []
+    found += [rule for bit, rule in zone.bitmask.items() if last & int(bit) == int(bit)]
     if not found and zone.any_answer:
         found.append(zone.any_answer)
     return found
 
 
 def zone_rules(config: DnsblConfig) -> frozenset[str]:
-    """Every rule the configured zones can fire, and DNSBL_BLOCKED."""
+    """Every rule the configured zones can fire, their blocked rules, and DNSBL_BLOCKED."""
     names = {BLOCKED_RULE}
     for zone in config.zones.values():
         names.update(zone.answers.values())
+        names.update(zone.last_octet.values())
         names.update(zone.bitmask.values())
+        names.add(zone.blocked_rule)
         if zone.any_answer:
             names.add(zone.any_answer)
     return frozenset(names)
@@ -224,7 +234,7 @@ class DnsblCheck:
     def _hits(self, scan: Scan, answers: list[tuple[_Lookup, DnsAnswer]], late: list[_Lookup]) -> list[Hit]:
         assert self._resolver is not None
         listings: dict[str, _Listing] = {}
-        blocked: dict[str, str] = {}  # zone -> what it answered
+        blocked: dict[str, tuple[str, str]] = {}  # zone -> (what it answered, the zone's blocked rule)
         answered: set[str] = set()  # zones that gave a normal answer this time
         failed: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
         for lookup, answer in answers:
@@ -237,7 +247,7 @@ class DnsblCheck:
                 continue
             refused = [a for a in answer.records if a in zone.blocked_answers]
             if refused:
-                blocked.setdefault(zone.zone, refused[0])
+                blocked.setdefault(zone.zone, (refused[0], zone.blocked_rule))
                 continue
             answered.add(zone.zone)
             for record in answer.records:
@@ -248,17 +258,20 @@ class DnsblCheck:
                     else:
                         listings[rule] = _Listing(detail)
         hits = [Hit(rule, f"{x.detail} (+{x.more} more)" if x.more else x.detail) for rule, x in listings.items()]
-        for zone_name, code in blocked.items():
+        for zone_name, (code, _) in blocked.items():
             if self._resolver.mark_blocked(zone_name):
                 log.warning(
-                    "%s answered %s: this resolver is blocked by the list (a public or open resolver?); "
+                    "%s answered %s: this resolver is blocked by the list (a public or open resolver, or over the "
+                    "list's free query limit?); "
                     "its results are ignored until it answers normally again. Use a recursive resolver "
                     "of your own (dns.nameservers).",
                     zone_name, code,
                 )  # fmt: skip
-        if blocked:
-            shown = ", ".join(f"{z} answered {c}" for z, c in blocked.items())
-            hits.append(Hit(BLOCKED_RULE, f"{shown}: this resolver is refused; the list is unusable"))
+        by_rule: dict[str, list[str]] = {}
+        for zone_name, (code, rule) in blocked.items():
+            by_rule.setdefault(rule, []).append(f"{zone_name} answered {code}")
+        for rule, shown in by_rule.items():
+            hits.append(Hit(rule, f"{', '.join(shown)}: this resolver is refused; the list is unusable"))
         for zone_name in answered - blocked.keys():
             health = self._resolver.zones.get(zone_name)
             if health is not None and health.blocked and self._resolver.mark_blocked(zone_name, False):
