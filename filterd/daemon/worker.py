@@ -69,6 +69,7 @@ class Worker:
         self._stopping: asyncio.Event | None = None
         self._parent = os.getppid()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._upkeep: asyncio.Task[int | None] | None = None  # the Bayes expiry, in its thread
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -83,6 +84,9 @@ class Worker:
         for listener in self.listeners:
             # Stop accepting; the master keeps the sockets open for the next generation.
             loop.remove_reader(listener.sock.fileno())
+        upkeep = self._upkeep
+        if upkeep is not None:
+            upkeep.cancel()  # interrupts an expiry running in its thread; what it committed stays
         self._take_pending()
         grace = self.config.daemon.grace_period
         if self._tasks:
@@ -92,6 +96,8 @@ class Worker:
                 "worker %d: %d connection(s) still open after the %.0fs grace period", os.getpid(), self.active, grace
             )
         reporter.cancel()
+        if upkeep is not None:
+            await asyncio.wait([upkeep])  # its thread has let go of its store (or 5 s have passed)
         self.engine.flush_learning()
         if self.store is not None:
             with contextlib.suppress(Exception):
@@ -150,16 +156,19 @@ class Worker:
         await self._connection(reader, writer, listener.protocol)
 
     async def _report_loop(self) -> None:
-        # Upkeep runs on this loop (the store is this process's), so workers look at different
-        # moments: the first a few seconds after start (a store may be overdue), then about a
-        # minute apart. Cheap unless due (one row or one key read); a worker that still finds it
-        # due behind another's expiry waits for it and then finds nothing beyond max_tokens.
+        # Workers look at Bayes upkeep at different moments: the first a few seconds after start
+        # (a store may be overdue), then about a minute apart. The look is cheap (one row or one
+        # key read, on this loop); an expiry that is due runs in a thread with its own connection
+        # (seconds on a big store), one at a time, while this loop goes on serving. A worker that
+        # finds it due while another's runs drops what that one has not, and stops once it is done.
         maintain_at = time.monotonic() + random.uniform(1.0, _MAINTAIN_FIRST)
         while True:
             await asyncio.sleep(1.0)
             self._report()
-            if time.monotonic() >= maintain_at:
-                self.engine.maintain_bayes()
+            stopping = self._stopping is not None and self._stopping.is_set()
+            if time.monotonic() >= maintain_at and not stopping:
+                if self._upkeep is None or self._upkeep.done():
+                    self._upkeep = asyncio.create_task(self.engine.maintain_bayes())
                 maintain_at = time.monotonic() + _MAINTAIN_INTERVAL * random.uniform(0.8, 1.2)
             if os.getppid() != self._parent:  # the master died: nobody supervises us any more
                 log.error("worker %d: master is gone, exiting", os.getpid())

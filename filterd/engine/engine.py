@@ -393,10 +393,12 @@ class Engine:
             return False
         return True
 
-    def maintain_bayes(self) -> int | None:
+    async def maintain_bayes(self) -> int | None:
         """Expire the Bayes store if `bayes.expiry_period` has passed since its last expiry (as
         SpamAssassin's bayes_auto_expire); the daemon's workers call this now and then. Returns
-        the buckets dropped, or None when nothing ran. Never raises: upkeep must not stop a worker.
+        the buckets dropped, or None when nothing ran. The expiry runs in a thread with its own
+        store connection, so the loop goes on serving meanwhile; one at a time. Never raises
+        (but CancelledError): upkeep must not stop a worker.
 
         Only a store that exists is opened: `BayesCheck.store` would create one, and a filter
         that has learnt nothing has nothing to expire.
@@ -404,7 +406,7 @@ class Engine:
         check = self.check("bayes")
         if not self.config.bayes.enabled or not isinstance(check, BayesCheck):
             return None
-        return check.expire_if_due()
+        return await check.expire_if_due()
 
     def check(self, name: str) -> Check | None:
         """The loaded check plugin called ``name`` (e.g. "bayes"), if any."""

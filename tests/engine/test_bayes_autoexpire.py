@@ -9,6 +9,7 @@ itself would find it after a long time.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -118,15 +119,15 @@ def test_maintain_bayes_expires_only_when_due_and_logs_it(backend: Backend, capl
     ntokens = overfilled(backend)
     engine = Engine.load(backend.config(), state_dir=str(backend.state_dir))
     try:
-        assert engine.maintain_bayes() is None  # the store was created just now: not due
+        assert asyncio.run(engine.maintain_bayes()) is None  # the store was created just now: not due
         assert facts(backend)["ntokens"] == ntokens
         backend.make_overdue()
         with caplog.at_level(logging.INFO, logger="filterd.engine.bayes.check"):
-            assert engine.maintain_bayes() == ntokens - MAX_TOKENS
+            assert asyncio.run(engine.maintain_bayes()) == ntokens - MAX_TOKENS
         assert f"Bayes expiry dropped {ntokens - MAX_TOKENS} tokens" in caplog.text
         after = facts(backend)
         assert (after["ntokens"], after["expired_total"]) == (MAX_TOKENS, ntokens - MAX_TOKENS)
-        assert engine.maintain_bayes() is None  # expired just now
+        assert asyncio.run(engine.maintain_bayes()) is None  # expired just now
     finally:
         check = engine.check("bayes")
         assert isinstance(check, BayesCheck)
@@ -135,7 +136,7 @@ def test_maintain_bayes_expires_only_when_due_and_logs_it(backend: Backend, capl
 
 def test_maintain_bayes_creates_no_store(backend: Backend) -> None:
     engine = Engine.load(backend.config(), state_dir=str(backend.state_dir))
-    assert engine.maintain_bayes() is None
+    assert asyncio.run(engine.maintain_bayes()) is None
     assert backend.created_nothing()
 
 
@@ -145,7 +146,7 @@ def test_maintain_bayes_logs_a_broken_store_and_never_raises(tmp_path: Path, cap
     (state / "bayes.sqlite").write_bytes(b"not a database, just bytes " * 100)
     engine = Engine.load(Backend("sqlite", state).config(), state_dir=str(state))
     with caplog.at_level(logging.WARNING, logger="filterd.engine.bayes.check"):
-        assert engine.maintain_bayes() is None
+        assert asyncio.run(engine.maintain_bayes()) is None
     assert "Bayes expiry failed" in caplog.text
 
 

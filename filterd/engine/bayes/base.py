@@ -38,6 +38,7 @@ import abc
 import base64
 import enum
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -65,6 +66,7 @@ __all__ = [
     "LearnResult",
     "MessageRow",
     "StoreError",
+    "StoreInterrupted",
     "Triples",
     "aggregate",
     "apply_delta",
@@ -94,6 +96,10 @@ EMPTY_IDS: Ids = np.zeros(0, dtype=np.int64)
 
 class StoreError(Exception):
     """The store is not a filterd Bayes store, or a backup cannot be read."""
+
+
+class StoreInterrupted(Exception):
+    """`BayesStoreBase.interrupt` stopped an expiry before its end; what it had committed stays."""
 
 
 class LearnResult(enum.Enum):
@@ -350,8 +356,8 @@ def buckets_from_messages(messages: list[MessageRow], n_features: int) -> list[B
 
 class BayesStoreBase(abc.ABC):
     """One process's handle on a shared Bayes store: the in-memory counts scoring reads, and
-    the operations every backend offers. Not thread-safe; open one per process (never use one
-    across fork())."""
+    the operations every backend offers. Not thread-safe (`interrupt` aside); open one per
+    process or thread (never use one across fork())."""
 
     _batch_size = 500  # messages per atomic write in learn_many / learn_hashed
 
@@ -380,6 +386,7 @@ class BayesStoreBase(abc.ABC):
         # The last message tokenised: scored, then often learnt (autolearn, TELL)
         self._last: tuple[ParsedMessage, TokenViews[npt.NDArray[np.uint32]]] | None = None
         self._pid = os.getpid()
+        self._interrupted = threading.Event()
 
     @property
     @abc.abstractmethod
@@ -416,8 +423,12 @@ class BayesStoreBase(abc.ABC):
         SpamAssassin: expiry forgets rare old clues, not messages."""
 
     @abc.abstractmethod
+    def expiry_due(self) -> bool:
+        """Whether expiry_period has passed since the last expiry (one row or key read)."""
+
     def expire_if_due(self) -> int | None:
         """`expire` if expiry_period has passed since the last one; None if it was not due."""
+        return self.expire() if self.expiry_due() else None
 
     @abc.abstractmethod
     def dump(self) -> dict[str, object]:
@@ -438,6 +449,28 @@ class BayesStoreBase(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Write pending atimes and release the connection."""
+
+    def interrupt(self) -> None:
+        """Make an `expire` running on this store in another thread stop soon (between two of its
+        steps, or at once where the backend can abort a statement) with StoreInterrupted; the
+        steps it committed stay, each a change of its own. The one method that may be called
+        from another thread."""
+        self._interrupted.set()
+
+    def _raise_if_interrupted(self) -> None:
+        if self._interrupted.is_set():
+            raise StoreInterrupted(f"{self.where}: expiry interrupted")
+
+    def take_seen_marks(self) -> Ids:
+        """The buckets scans marked as seen since their atimes were last written, unmarked here:
+        for another handle (an expiry in its own thread) to write with its own connection."""
+        ids = np.flatnonzero(self._touched)
+        self._touched[ids] = False
+        return ids
+
+    def add_seen_marks(self, ids: Ids) -> None:
+        """Mark buckets as seen, as scanning them would (`take_seen_marks` handed over)."""
+        self._touched[ids] = True
 
     def __enter__(self) -> BayesStoreBase:
         return self

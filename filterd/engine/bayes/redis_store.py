@@ -44,8 +44,9 @@ Every change is one Lua script, which Redis runs atomically:
   switch leaves the store as it was; what it wrote is deleted by the next clear or restore.
 * Expiry reads every count and atime string in one MULTI, picks the least recently seen
   non-empty buckets beyond max_tokens, and zeroes them in a script that skips any bucket learnt
-  or seen since it was read, logging the zeroing as a change. Scanning marks buckets as seen
-  as with SQLite; the marks are written every 10 minutes.
+  or seen since it was read, logging the zeroing as a change (a few seconds at 2**22; the daemon
+  runs it in a thread with a handle of its own). Scanning marks buckets as seen as with SQLite;
+  the marks are written every 10 minutes.
 * `backup` reads the state and every count and atime string and COPYs the message hash to a
   temporary key in one MULTI: counts and messages as of one change, while others go on learning.
 
@@ -650,6 +651,7 @@ class RedisBayesStore(BayesStoreBase):
         pairs["bucket"], pairs["atime"] = ids[oldest], atimes[ids[oldest]]
         dropped = 0
         for start in range(0, pairs.size, _EXPIRE_CHUNK):
+            self._raise_if_interrupted()
             chunk = pairs[start : start + _EXPIRE_CHUNK].tobytes()
             keys = [self._state_key, gen + "log"]
             n = int(self._scripts["expire"](keys=keys, args=[state.epoch, gen, chunk]))
@@ -660,11 +662,9 @@ class RedisBayesStore(BayesStoreBase):
         return dropped
 
     @_redis_errors
-    def expire_if_due(self) -> int | None:
+    def expiry_due(self) -> bool:
         last = self._r.hget(self._state_key, "last_expiry")
-        if last is not None and self._server_time() - int(cast(bytes, last)) < self.config.expiry_period:
-            return None
-        return self.expire()
+        return last is None or self._server_time() - int(cast(bytes, last)) >= self.config.expiry_period
 
     @_redis_errors
     def dump(self) -> dict[str, object]:

@@ -22,15 +22,15 @@ others learnt with `BayesStore.refresh`, which reads a change log instead of the
   minutes' worth for readers that are nearly up to date). Without a usable snapshot the
   reader falls back to reading the table, and writes a snapshot for the next one.
 
-Every learn/forget/expire is one ``BEGIN IMMEDIATE`` transaction (`learn_many`: one per batch
-of messages): a crash (kill -9) loses at most the open transaction, never the consistency of
-counts and messages. ``synchronous=NORMAL``: in WAL mode a power loss may also lose the last
-few committed transactions, but never corrupts the file; Bayes can afford that, an fsync per
-learnt message in a scanning worker it cannot.
+Every learn/forget is one ``BEGIN IMMEDIATE`` transaction (`learn_many`: one per batch of
+messages), and so is each step of an expiry (`expire`): a crash (kill -9) loses at most the open
+transaction, never the consistency of counts and messages. ``synchronous=NORMAL``: in WAL mode a
+power loss may also lose the last few committed transactions, but never corrupts the file; Bayes
+can afford that, an fsync per learnt message in a scanning worker it cannot.
 
 Token atime: learning sets it; scanning marks the buckets it read in memory, and the marks
-are written out at most every 10 minutes (and on close), so expiry drops what is neither
-learnt nor seen any more.
+are written out at most every 10 minutes (and on close, and before an expiry), so expiry drops
+what is neither learnt nor seen any more.
 
 The backup format and what both backends share are described in `filterd.engine.bayes.base`;
 `filterd.engine.bayes.redis_store` keeps the same data in Redis.
@@ -39,9 +39,11 @@ The backup format and what both backends share are described in `filterd.engine.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,6 +62,7 @@ from filterd.engine.bayes.base import (
     LearnPlan,
     LearnResult,
     StoreError,
+    StoreInterrupted,
     Triples,
     aggregate,
     buckets_from_messages,
@@ -81,6 +84,8 @@ SCHEMA_VERSION = 1
 _CHANGE_LOG_KEEP = 600  # seconds of changes kept past a snapshot, for readers nearly up to date
 _SNAPSHOT_AFTER_CHANGES = 2000
 _SNAPSHOT_AFTER_BYTES = 8 << 20
+_EXPIRE_CHUNK = 5_000  # buckets dropped per write transaction (~30 ms)
+_EXPIRE_PAUSE_MAX = 0.2  # seconds: the longest pause between two of them
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -121,11 +126,14 @@ CREATE TABLE IF NOT EXISTS snapshot (
 
 
 class BayesStore(BayesStoreBase):
-    """One process's handle on the shared SQLite store. Not thread-safe; open one per process."""
+    """One process's (or thread's) handle on the shared SQLite store. Not thread-safe
+    (`interrupt` aside); open one per process or thread."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path, config: BayesConfig, n_features: int) -> None:
         super().__init__(config, n_features)
         self._conn = conn
+        self._conn_lock = threading.Lock()  # interrupt() (another thread) against close()
+        self._closed = False
         self.path = path
         self._seq = -1
         self._epoch = -1
@@ -213,7 +221,18 @@ class BayesStore(BayesStoreBase):
         if self._pid == os.getpid():
             with contextlib.suppress(sqlite3.Error):
                 self._flush_touches()
-        self._conn.close()
+        with self._conn_lock:
+            self._closed = True
+            self._conn.close()
+
+    def interrupt(self) -> None:
+        """`BayesStoreBase.interrupt`; a statement running now (the scan that picks what to
+        expire takes seconds on a big store) is aborted too. A wait for another writer's lock
+        is not: that ends within one of its transactions, or at the 30 s busy timeout."""
+        super().interrupt()
+        with self._conn_lock:
+            if not self._closed:
+                self._conn.interrupt()
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -285,7 +304,8 @@ class BayesStore(BayesStoreBase):
         try:
             yield conn
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # an interrupted write has rolled back by itself
+                conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
 
@@ -406,31 +426,81 @@ class BayesStore(BayesStoreBase):
     def expire(self, max_tokens: int | None = None) -> int:
         """Drop the least recently seen buckets beyond ``max_tokens`` (default: the configured
         maximum); returns how many were dropped. Message counts stay as they are, as in
-        SpamAssassin: expiry forgets rare old clues, not messages."""
-        limit = self.config.max_tokens if max_tokens is None else max_tokens
-        self._flush_touches()
-        now = int(time.time())
-        with self._write() as conn:
-            (n,) = conn.execute("SELECT count(*) FROM buckets").fetchone()
-            excess = n - limit
-            if excess <= 0:
-                conn.execute("UPDATE state SET last_expiry = ?", (now,))
-                return 0
-            rows = conn.execute("SELECT id FROM buckets ORDER BY atime, id LIMIT ?", (excess,)).fetchall()
-            zero = np.array([r[0] for r in rows], dtype=np.int64)
-            self._commit_delta(conn, EMPTY_TRIPLES, EMPTY_TRIPLES, zero, 0, 0)
-            conn.execute("UPDATE state SET last_expiry = ?, expired_total = expired_total + ?", (now, len(zero)))
-        self.refresh()
-        self._snapshot_due = True  # a good moment: expiry runs rarely and just rewrote many buckets
-        self._maybe_snapshot()
-        return len(zero)
+        SpamAssassin: expiry forgets rare old clues, not messages.
 
-    def expire_if_due(self) -> int | None:
-        """`expire` if expiry_period has passed since the last one; None if it was not due."""
+        The buckets to drop are picked in a read transaction, which holds up no one (seconds on a
+        store of millions), and dropped in write transactions of 5 000 (tens of ms), each one
+        change of the log, with the lock left free as long between two: another writer (a
+        worker's autolearn, `filterd learn`) waits for one of them, not for the whole expiry,
+        which takes about twice as long for it. As in the Redis store, a bucket learnt or seen
+        since it was picked is kept, and the expiry stops early when a clear or restore, or
+        another handle's expiry, has finished meanwhile. `interrupt` stops it between two
+        transactions, or aborts the statement running, with StoreInterrupted; last_expiry is
+        then left as it was, so the next look finds expiry still due and drops the rest.
+        """
+        limit = self.config.max_tokens if max_tokens is None else max_tokens
+        self._check_pid()
+        try:
+            dropped = self._expire(limit)
+        except sqlite3.OperationalError as exc:
+            if self._interrupted.is_set():  # "interrupted", from the statement interrupt() aborted
+                raise StoreInterrupted(f"{self.where}: expiry interrupted") from exc
+            raise
+        if dropped:
+            self.refresh()
+            self._snapshot_due = True  # a good moment: expiry runs rarely and just rewrote many buckets
+            self._maybe_snapshot()
+        return dropped
+
+    def _expire(self, limit: int) -> int:
+        self._flush_touches()
+        conn = self._conn
+        conn.execute("BEGIN")
+        try:
+            state = conn.execute("SELECT epoch, last_expiry FROM state").fetchone()
+            (n,) = conn.execute("SELECT count(*) FROM buckets").fetchone()
+            parts = [np.zeros((0, 2), dtype=np.int64)]
+            if n > limit:
+                cursor = conn.execute("SELECT id, atime FROM buckets ORDER BY atime, id LIMIT ?", (n - limit,))
+                while rows := cursor.fetchmany(65536):
+                    parts.append(np.array(rows, dtype=np.int64))
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+        picked = np.concatenate(parts)  # (bucket, atime when picked)
+        # Dropped by bucket id: each transaction then rewrites a few neighbouring pages of the
+        # table, not (ids being hashes) some of nearly every page, over and over.
+        picked = picked[np.argsort(picked[:, 0], kind="stable")]
+        dropped, held = 0, 0.0
+        for start in range(0, len(picked), _EXPIRE_CHUNK):
+            # Leave the lock free as long as it was held: a writer waiting for it sleeps in its
+            # busy handler (up to 100 ms a nap) and would otherwise miss every gap between two.
+            time.sleep(min(held, _EXPIRE_PAUSE_MAX))
+            chunk = picked[start : start + _EXPIRE_CHUNK]
+            with self._write() as conn:
+                began = time.monotonic()
+                self._raise_if_interrupted()
+                if conn.execute("SELECT epoch, last_expiry FROM state").fetchone() != state:
+                    return dropped  # cleared or restored, or another handle's expiry finished
+                seen = dict(chunk.tolist())
+                current = conn.execute(
+                    "SELECT id, atime FROM buckets WHERE id IN (SELECT value FROM json_each(?))",
+                    (json.dumps(chunk[:, 0].tolist()),),
+                ).fetchall()
+                zero = np.array([b for b, atime in current if atime <= seen[b]], dtype=np.int64)
+                if len(zero):
+                    self._commit_delta(conn, EMPTY_TRIPLES, EMPTY_TRIPLES, zero, 0, 0)
+                    conn.execute("UPDATE state SET expired_total = expired_total + ?", (len(zero),))
+                    dropped += len(zero)
+            held = time.monotonic() - began
+        with self._write() as conn:
+            self._raise_if_interrupted()
+            conn.execute("UPDATE state SET last_expiry = ?", (int(time.time()),))
+        return dropped
+
+    def expiry_due(self) -> bool:
         (last,) = self._conn.execute("SELECT last_expiry FROM state").fetchone()
-        if time.time() - last < self.config.expiry_period:
-            return None
-        return self.expire()
+        return bool(time.time() - last >= self.config.expiry_period)
 
     def dump(self) -> dict[str, object]:
         """What ``sa-learn --dump magic`` shows, and a little more."""
