@@ -566,6 +566,11 @@ class BayesConfig(Section):
     min_prob_strength: float = setting(
         0.346, min=0.0, max=0.49, doc="Tokens whose probability is closer than this to 0.5 are ignored."
     )
+    text_min_prob_strength: float = setting(
+        0.25, min=0.0, max=0.49,
+        doc="With views: pooled, min_prob_strength for the text view (words, Subject); the text keeps "
+        "more of its weaker tokens than links and headers (measured best, scripts/tune-bayes).",
+    )  # fmt: skip
     max_interesting: int = setting(
         150, min=0, max=100_000, doc="At most this many of the most extreme tokens are combined; 0 = all."
     )

@@ -148,6 +148,29 @@ def test_each_view_is_scored_as_if_it_were_alone() -> None:
         want = [robinson_fisher(s[label == j], h[label == j], 300, 700) for j in range(3)]
         for g, w in zip(got, want, strict=True):
             assert (g is None and w is None) or (g is not None and w is not None and g == pytest.approx(w, abs=1e-12))
+        # and with a min_prob_strength of its own per view
+        strengths = (0.25, 0.346, 0.1)
+        got = robinson_fisher_views(s, h, label, 3, 300, 700, min_prob_strength=strengths)
+        want = [
+            robinson_fisher(s[label == j], h[label == j], 300, 700, min_prob_strength=strengths[j]) for j in range(3)
+        ]
+        for g, w in zip(got, want, strict=True):
+            assert (g is None and w is None) or (g is not None and w is not None and g == pytest.approx(w, abs=1e-12))
+
+
+def test_the_text_view_keeps_weaker_tokens_than_the_others() -> None:
+    """bayes.text_min_prob_strength applies to the text view only: a token of strength 0.3 (f
+    about 0.8) counts in the text view at 0.25 and is dropped from links and headers at 0.346."""
+    params = ClassifierParams()
+    assert params.view_min_prob_strength() == (0.25, 0.346, 0.346)
+    mild = _counts((40, 20))  # p = 40*200 / (40*200 + 20*100) = 0.8
+    unknown = _counts((0, 0))
+    text_only = _pooled(params, [mild, unknown, unknown], 100, 200)
+    assert text_only is not None and text_only > 0.5
+    assert _pooled(params, [unknown, mild, unknown], 100, 200) is None
+    assert _pooled(params, [unknown, unknown, mild], 100, 200) is None
+    as_before = dataclasses.replace(params, text_min_prob_strength=0.346)
+    assert _pooled(as_before, [mild, unknown, unknown], 100, 200) is None
 
 
 def test_view_bucket_ids_keep_a_bucket_once_per_view() -> None:

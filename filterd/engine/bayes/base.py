@@ -372,6 +372,7 @@ class BayesStoreBase(abc.ABC):
             max_interesting=config.max_interesting,
             alpha=config.alpha,
             pooled=config.views == "pooled",
+            text_min_prob_strength=config.text_min_prob_strength,
         )
         self._spam = np.zeros(n_features, dtype=np.int32)
         self._ham = np.zeros(n_features, dtype=np.int32)
