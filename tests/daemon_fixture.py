@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import socket
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from filterd.mta.milter_client import MessageEdits, MilterSession, Verdict
 from tests._servers import spawn, stop_process, wait_for_log, wait_until
 
 
@@ -109,3 +111,24 @@ def start_daemon(tmp_path: Path, *args: str, config: str = "", workers: int = 2,
         daemon.stop()
         raise
     return daemon
+
+
+def through_milter(daemon: Daemon, data: bytes, *, client: str, queue_id: str) -> tuple[Verdict, MessageEdits]:
+    """One message from alice@sender.test to bob@local.test through the daemon's milter on
+    loopback (started with ``--milter-listen 127.0.0.1:0``), as an MTA connected from ``client``
+    would send it; the end-of-message verdict and the edits asked for."""
+    port = int(daemon.wait_for_log(r"listening for milter on 127\.0\.0\.1:(\d+)").group(1))
+
+    async def session() -> tuple[Verdict, MessageEdits]:
+        s = MilterSession(f"127.0.0.1:{port}", connect_timeout=10, timeout=60)
+        try:
+            assert (await s.connect(client, 4711, "mail.sender.test", {"j": "mx.local.test"})).kind == "continue"
+            assert (await s.helo("mail.sender.test", {})).kind == "continue"
+            assert (await s.mail("alice@sender.test", [], {})).kind == "continue"
+            assert (await s.rcpt("bob@local.test", [], {"i": queue_id})).kind == "continue"
+            assert (await s.data({})).kind == "continue"
+            return await s.message(data, {"i": queue_id})
+        finally:
+            await s.close()
+
+    return asyncio.run(session())

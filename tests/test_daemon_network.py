@@ -25,14 +25,19 @@ def _request(extra: bytes = b"") -> bytes:
     return b"SYMBOLS SPAMC/1.5\r\nContent-length: %d\r\n%s\r\n" % (len(MESSAGE), extra) + MESSAGE
 
 
+def _dnsbl_only(nameserver: str) -> str:
+    """Network checks on, asking ``nameserver``; the auth checks off (only the lists matter here)."""
+    return (
+        "network: {enabled: true}\n"
+        f"dns: {{nameservers: ['{nameserver}']}}\n"
+        "auth: {spf: false, dkim: false, dmarc: false, arc: false}\n"
+    )
+
+
 def test_client_named_connection_is_what_the_dnsbl_judges(tmp_path: Path, make_dns_server: MakeDnsServer) -> None:
     # 11.22.33.44 is listed; 11.22.33.45 (the relay in the Received header) is not.
     server = make_dns_server({".": [], "zen.spamhaus.org": ["44.33.22.11 A 127.0.0.2"]})
-    config = (
-        "network: {enabled: true}\n"
-        f"dns: {{nameservers: ['{server.spec}']}}\n"
-        "auth: {spf: false, dkim: false, dmarc: false, arc: false}\n"
-    )
+    config = _dnsbl_only(server.spec)
     daemon = start_daemon(tmp_path, config=config, workers=1, metrics=False)
     try:
         from_headers = daemon.request(_request(), unix=False)
@@ -52,11 +57,7 @@ def test_shipped_dnswl_zone_lowers_the_score_of_an_allowlisted_relay(
 ) -> None:
     # The relay of the Received header, 11.22.33.45, has medium trust in the default allowlist.
     server = make_dns_server({".": [], "zen.spamhaus.org": [], "list.dnswl.org": ["45.33.22.11 A 127.0.15.2"]})
-    config = (
-        "network: {enabled: true}\n"
-        f"dns: {{nameservers: ['{server.spec}']}}\n"
-        "auth: {spf: false, dkim: false, dmarc: false, arc: false}\n"
-    )
+    config = _dnsbl_only(server.spec)
     daemon = start_daemon(tmp_path, config=config, workers=1, metrics=False)
     try:
         listed = daemon.request(_request())

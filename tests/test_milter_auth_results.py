@@ -7,16 +7,16 @@ What the sender wrote under our id goes; fields of other authserv-ids stay; ours
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Iterator
 from email.utils import formatdate
 
 import pytest
 
-from filterd.mta.milter_client import MessageEdits, MilterSession, Verdict, apply_edits, split_headers
+from filterd.mta.milter_client import MessageEdits, Verdict, apply_edits, split_headers
 from filterd.protocols.milter import AddHeader, ChangeHeader
 from tests.daemon_fixture import Daemon, start_daemon
+from tests.daemon_fixture import through_milter as milter_transaction
 from tests.dns_fixture import MakeDnsServer
 
 pytest_plugins = ["tests.dns_fixture"]
@@ -54,21 +54,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, make_session_dns_server: Ma
 
 
 def through_milter(daemon: Daemon, data: bytes) -> tuple[Verdict, MessageEdits]:
-    port = int(daemon.wait_for_log(r"listening for milter on 127\.0\.0\.1:(\d+)").group(1))
-
-    async def session() -> tuple[Verdict, MessageEdits]:
-        s = MilterSession(f"127.0.0.1:{port}", connect_timeout=10, timeout=60)
-        try:
-            assert (await s.connect(CLIENT, 4711, "mail.sender.test", {"j": "mx.local.test"})).kind == "continue"
-            assert (await s.helo("mail.sender.test", {})).kind == "continue"
-            assert (await s.mail("alice@sender.test", [], {})).kind == "continue"
-            assert (await s.rcpt("bob@local.test", [], {"i": "4AR1"})).kind == "continue"
-            assert (await s.data({})).kind == "continue"
-            return await s.message(data, {"i": "4AR1"})
-        finally:
-            await s.close()
-
-    return asyncio.run(session())
+    return milter_transaction(daemon, data, client=CLIENT, queue_id="4AR1")
 
 
 def auth_results(data: bytes) -> list[str]:

@@ -12,7 +12,6 @@ from a real DNS peer that never answers (a UDP socket nobody reads).
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from collections.abc import Iterator
 from email.utils import formatdate
@@ -20,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from filterd.mta.milter_client import MessageEdits, MilterSession, Verdict, apply_edits, split_headers
+from filterd.mta.milter_client import MessageEdits, Verdict, apply_edits, split_headers
 from filterd.protocols.milter import AddHeader, ChangeHeader
 from tests.daemon_fixture import Daemon, start_daemon
+from tests.daemon_fixture import through_milter as milter_transaction
 
 CLIENT = "11.22.33.44"  # routable: documentation ranges are never looked up
 INBOUND = (
@@ -42,21 +42,7 @@ def message(extra: bytes = INBOUND, body: bytes = b"Lunch at noon?\r\n") -> byte
 
 
 def through_milter(daemon: Daemon, data: bytes) -> tuple[Verdict, MessageEdits]:
-    port = int(daemon.wait_for_log(r"listening for milter on 127\.0\.0\.1:(\d+)").group(1))
-
-    async def session() -> tuple[Verdict, MessageEdits]:
-        s = MilterSession(f"127.0.0.1:{port}", connect_timeout=10, timeout=60)
-        try:
-            assert (await s.connect(CLIENT, 4711, "mail.sender.test", {"j": "mx.local.test"})).kind == "continue"
-            assert (await s.helo("mail.sender.test", {})).kind == "continue"
-            assert (await s.mail("alice@sender.test", [], {})).kind == "continue"
-            assert (await s.rcpt("bob@local.test", [], {"i": "4XS1"})).kind == "continue"
-            assert (await s.data({})).kind == "continue"
-            return await s.message(data, {"i": "4XS1"})
-        finally:
-            await s.close()
-
-    return asyncio.run(session())
+    return milter_transaction(daemon, data, client=CLIENT, queue_id="4XS1")
 
 
 def spam_headers(data: bytes) -> list[tuple[str, str]]:
