@@ -5,6 +5,14 @@
     remote = RemoteDelivery(config, resolver, hostname="mx.example.org")
     results = await remote.deliver(qid, sender, "example.net", ["b@example.net"], data_path, ...)
 
+    # One attempt at all of a message's recipients (the queue manager does this): they share
+    # a MessageData, so the data file is read once, on first use, and DKIM-signed once.
+    message = MessageData(data_path)
+    await local.deliver(qid, sender, "bob@example.org", message)
+    await local.deliver(qid, sender, "carol@example.org", message)
+    await remote.deliver(qid, sender, "example.net", ["b@example.net"], message, ...)
+    await remote.deliver(qid, sender, "example.com", ["c@example.com"], message, ...)
+
 Each attempt ends in one `DeliveryResult` per recipient: delivered, deferred (try again later)
 or bounced (give up, tell the sender). `outcome_of` is the one place where a status becomes an
 outcome: 2.x.x delivered, 4.x.x deferred, 5.x.x bounced.
@@ -44,6 +52,7 @@ from __future__ import annotations
 __all__ = [
     "DeliveryResult",
     "LocalDelivery",
+    "MessageData",
     "Outcome",
     "RemoteDelivery",
     "delivery_mode",
@@ -127,6 +136,58 @@ class DeliveryResult:
     @property
     def outcome(self) -> Outcome:
         return outcome_of(self.status)
+
+
+class MessageData:
+    """A queued message's data file, shared by the deliveries of one attempt at its recipients
+    (the queue manager makes one per attempt): read once, on first use, in a worker thread, then
+    kept until the attempt ends; DKIM-signed at most once per signing key. A failed read or
+    signing is not kept: the next delivery tries again, as it would on its own."""
+
+    __slots__ = ("_data", "_lock", "_signed", "path")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._data: bytes | None = None
+        self._lock = asyncio.Lock()
+        self._signed: dict[tuple[str, str, bytes], bytes] = {}
+
+    @classmethod
+    def of(cls, data: Path | MessageData) -> MessageData:
+        """``data`` itself, or a new one for a data file's path (a delivery on its own)."""
+        return data if isinstance(data, MessageData) else cls(data)
+
+    async def read(self) -> bytes:
+        """The whole message (OSError if the file cannot be read)."""
+        if self._data is None:
+            async with self._lock:
+                if self._data is None:
+                    self._data = await asyncio.to_thread(self.path.read_bytes)
+        return self._data
+
+    async def head(self, limit: int) -> bytes:
+        """The first ``limit`` bytes: from memory once the message was read, else from the file."""
+        if self._data is not None:
+            return self._data[:limit]
+        return await asyncio.to_thread(_read_head, self.path, limit)
+
+    async def dkim_signed(self, domain: str, selector: str, key_pem: bytes) -> bytes:
+        """The message with a DKIM-Signature for ``domain`` on top (`sign_message`; ValueError
+        if that fails). The signature covers the message, not the envelope: every destination
+        of the attempt gets the same one."""
+        data = await self.read()
+        key = (domain, selector, key_pem)
+        async with self._lock:
+            signed = self._signed.get(key)
+            if signed is None:
+                signed = await asyncio.to_thread(sign_message, data, domain, selector, key_pem)
+                self._signed[key] = signed
+        return signed
+
+
+def _read_head(path: Path, limit: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(limit)
 
 
 def _split_address(address: str) -> tuple[str, str]:
@@ -219,13 +280,15 @@ class LocalDelivery:
     def _bounce(self, recipient: str, status: str, text: str) -> DeliveryResult:
         return DeliveryResult(recipient, status, text, f"x-unix; {text}", relay="local")
 
-    async def deliver(self, queue_id: str, sender: str, recipient: str, data_path: Path) -> DeliveryResult:
+    async def deliver(self, queue_id: str, sender: str, recipient: str, data: Path | MessageData) -> DeliveryResult:
+        """One attempt for ``recipient``; ``data`` is the data file's path, or the attempt's
+        `MessageData` that the message's other recipients share."""
         fields = self._fields(queue_id, sender, recipient)
         if isinstance(fields, DeliveryResult):
             return fields
-        data = await asyncio.to_thread(data_path.read_bytes)
+        message = await MessageData.of(data).read()
         lowered = recipient.lower().encode("utf-8", "replace")
-        if any(v.lower() == lowered for v in _header_fields(data, b"delivered-to")):
+        if any(v.lower() == lowered for v in _header_fields(message, b"delivered-to")):
             return self._bounce(recipient, "5.4.6", f"mail forwarding loop for {recipient}")
         top = f"Return-Path: <{sender}>\r\nDelivered-To: {recipient}\r\n".encode()
         if self._threads is not None:
@@ -234,8 +297,8 @@ class LocalDelivery:
                 home=Path(fields["home"]) if fields["home"] else None,
             )  # fmt: skip
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._threads, self._deliver_here, top + data, request)
-        message = await asyncio.to_thread(self._spool, (top + data).replace(b"\r\n", b"\n"))
+            return await loop.run_in_executor(self._threads, self._deliver_here, top + message, request)
+        spooled = await asyncio.to_thread(self._spool, (top + message).replace(b"\r\n", b"\n"))
         # {filter}: --no-filter when the MTA's milter scored the message already (see QueueManager)
         flag = "--filter" if self.deliver_config.filter else "--no-filter"
         argv = [arg.format(filter=flag, **fields) for arg in self.config.local_delivery_command]
@@ -245,8 +308,8 @@ class LocalDelivery:
             LOCAL=_split_address(recipient)[0].lower(), EXTENSION=fields["extension"], DOMAIN=fields["domain"],
             HOME=fields["home"], MAILBOX=fields["mailbox"], QUEUE_ID=queue_id,
         )  # fmt: skip
-        with message:
-            return await self._run(argv, env, message, recipient)
+        with spooled:
+            return await self._run(argv, env, spooled, recipient)
 
     def _deliver_here(self, message: bytes, request: DeliveryRequest) -> DeliveryResult:
         """`filterd deliver`'s work for one recipient, in this thread; its exit code as a result."""
@@ -389,9 +452,10 @@ class RemoteDelivery:
         )
         self._keys: dict[str, tuple[float, bytes]] = {}  # key path -> (mtime, PEM)
 
-    async def _signed(self, data: bytes) -> bytes:
-        """``data`` DKIM-signed if its From: domain has a key; raises DeliveryError (4.7.0)
+    async def _signed(self, message: MessageData) -> bytes:
+        """The message, DKIM-signed if its From: domain has a key; raises DeliveryError (4.7.0)
         when signing fails: unsigned mail from a domain that signs may be refused by DMARC."""
+        data = await message.read()
         domain = _from_domain(data)
         spec = self.config.auth.dkim_keys.get(domain)
         if not spec:
@@ -399,7 +463,7 @@ class RemoteDelivery:
         selector, _, path = spec.partition(":")
         try:
             pem = await asyncio.to_thread(self._key, path)
-            return await asyncio.to_thread(sign_message, data, domain, selector, pem)
+            return await message.dkim_signed(domain, selector, pem)
         except (OSError, ValueError) as exc:
             log.error("DKIM signing for %s failed: %s", domain, exc)
             raise DeliveryError(f"DKIM signing for {domain} failed: {exc}", "4.7.0") from None
@@ -418,12 +482,14 @@ class RemoteDelivery:
         sender: str,
         domain: str,
         recipients: Sequence[str],
-        data_path: Path,
+        data: Path | MessageData,
         *,
         eight_bit: bool = False,
         smtputf8: bool = False,
     ) -> list[DeliveryResult]:
-        """One attempt for ``recipients`` (all at ``domain``); a result for each."""
+        """One attempt for ``recipients`` (all at ``domain``); a result for each. ``data`` is the
+        data file's path, or the attempt's `MessageData` that the message's other destinations
+        share (then the message is read and signed once for all of them)."""
 
         def everyone(status: str, detail: str, diagnostic: str = "") -> list[DeliveryResult]:
             diag = diagnostic or f"x-filterd; {detail}"
@@ -431,14 +497,14 @@ class RemoteDelivery:
 
         try:
             hops = await next_hops(self.resolver, domain, rng=self.rng)
-            data = await self._signed(await asyncio.to_thread(data_path.read_bytes))
+            message = await self._signed(MessageData.of(data))
         except DeliveryError as exc:
             status = exc.status or ("5.0.0" if isinstance(exc, PermanentDeliveryError) else "4.0.0")
             return everyone(status, str(exc))
         failures: list[str] = []
         refusals: list[Reply] = []
         for hop in hops:
-            result = await self._try(hop, sender, recipients, data, eight_bit, smtputf8, failures, refusals)
+            result = await self._try(hop, sender, recipients, message, eight_bit, smtputf8, failures, refusals)
             if result is not None:
                 return result
         detail = "; ".join(failures[-3:])

@@ -131,7 +131,7 @@ async def _serve(config: Config, users: dict[str, str], tls: ssl.SSLContext | No
 
     queue = Queue(config.state_path / "queue")
     with queue.lock():
-        await asyncio.to_thread(queue.recover)
+        recovery = await asyncio.to_thread(queue.recover)
         resolver = None
         if deliver or config.mta.peername_lookup:
             from filterd.net.dns import Resolver
@@ -156,7 +156,7 @@ async def _serve(config: Config, users: dict[str, str], tls: ssl.SSLContext | No
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await server.start(config.mta.listen, config.mta.tls_listen)
-        manager = asyncio.create_task(qmgr.run()) if qmgr is not None else None
+        manager = asyncio.create_task(qmgr.run(recovery)) if qmgr is not None else None
         log.info(
             "filterd mta: ready as %s; milter %s; delivery %s",
             server.hostname,

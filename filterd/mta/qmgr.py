@@ -1,7 +1,8 @@
 """The queue manager: takes messages from the queue, delivers them, retries, bounces.
 
+    recovery = queue.recover()
     qmgr = QueueManager(config, queue, resolver)
-    task = asyncio.create_task(qmgr.run())
+    task = asyncio.create_task(qmgr.run(recovery))
     ...
     queue.enqueue(envelope, data); qmgr.wake()     # the SMTP server, after each 250
     ...
@@ -16,11 +17,14 @@ What it does, per message (the queue's states are directories, see `filterd.mta.
   and every pending recipient is tried at once. A message in deferred/ is taken when its
   earliest pending recipient is due (each recipient has its own ``next_attempt``).
 - Recipients are grouped by destination: all local ones ("local", one command per recipient)
-  or one remote domain (one SMTP transaction for up to ``destination_recipient_limit``). An
+  or one remote domain (one SMTP transaction for up to ``destination_recipient_limit``). The
+  groups of one attempt share the message's data (`MessageData`): the data file is read once,
+  when the first of them needs it, and DKIM-signed once for all remote domains. An
   attempt holds one of ``max_concurrency`` slots and one of ``per_destination_concurrency``
   slots of its destination; the destination's slot is taken first, so a slow domain never
   holds global slots while it waits.
-- After each attempt the recipients' status, attempt count, last error and next attempt are
+- After each attempt the recipients' status, attempt count, last error (and its status alone,
+  ``last_status``, which a delay warning reports) and next attempt are
   written to the envelope (atomic replace + fsync) before anything else happens, so a crash
   never re-delivers a recipient marked delivered and never forgets one. A crash between a
   delivery and that write delivers it again after recovery: duplicates are the accepted price.
@@ -61,9 +65,9 @@ from pathlib import Path
 from filterd.config import Config
 from filterd.errors import QueueError
 from filterd.mta.bounce import DsnRecipient, build_dsn
-from filterd.mta.delivery import DeliveryResult, LocalDelivery, RemoteDelivery
+from filterd.mta.delivery import DeliveryResult, LocalDelivery, MessageData, RemoteDelivery
 from filterd.mta.names import own_domains, own_hostname
-from filterd.mta.queue import Envelope, Queue, QueueState, Recipient, fsync_dir
+from filterd.mta.queue import Envelope, Queue, QueueState, Recipient, Recovery, fsync_dir
 from filterd.net.dns import Resolver
 
 log = logging.getLogger(__name__)
@@ -223,11 +227,17 @@ class QueueManager:
 
     # -- main loop ------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Deliver until `stop`; call once, after `Queue.recover`."""
+    async def run(self, recovery: Recovery | None = None) -> None:
+        """Deliver until `stop`; call once, after `Queue.recover`. Given what that recovery
+        returned, the schedule of deferred messages starts from it; without, every envelope in
+        deferred/ is read again for it."""
         self._event = asyncio.Event()
         self._stopping = False
-        await asyncio.to_thread(self._load_schedule)
+        if recovery is not None:
+            for qid, due in recovery.deferred:
+                self._schedule_at(qid, due)
+        else:
+            await asyncio.to_thread(self._load_schedule)
         try:
             while not self._stopping:
                 self.stats.wakeups += 1
@@ -263,7 +273,9 @@ class QueueManager:
             self._set_due(qid, envelope)
 
     def _set_due(self, qid: str, envelope: Envelope) -> None:
-        due = min((r.next_attempt for r in envelope.pending), default=0.0)
+        self._schedule_at(qid, envelope.due)
+
+    def _schedule_at(self, qid: str, due: float) -> None:
         self._due[qid] = due
         heapq.heappush(self._schedule, (due, qid))
 
@@ -361,13 +373,14 @@ class QueueManager:
         everything = state == "incoming" or qid in self._forced
         due = [r for r in envelope.pending if everything or r.next_attempt <= now]
         lock = asyncio.Lock()  # one envelope write at a time
+        message = MessageData(data_path)  # read once, when the first group needs it; dropped at the end
         if envelope.hops > self.config.mta.max_hops:
             limit = self.config.mta.max_hops
             text = f"mail loop: too many hops ({envelope.hops} Received headers, the limit is {limit})"
             results = [DeliveryResult(r.address, "5.4.6", text, f"x-filterd; {text}") for r in due]
-            await self._record(qid, envelope, data_path, results, lock)
+            await self._record(qid, envelope, message, results, lock)
         else:
-            await asyncio.gather(*(self._attempt(qid, envelope, data_path, rcpts, lock) for rcpts in self._groups(due)))
+            await asyncio.gather(*(self._attempt(qid, envelope, message, rcpts, lock) for rcpts in self._groups(due)))
         await self._sync_claim(qid)
         if qid in self._doomed:
             self._doomed.discard(qid)
@@ -379,7 +392,7 @@ class QueueManager:
             self.stats.removed += 1
             log.info("%s: removed", qid)
             return
-        await self._maybe_warn(qid, envelope, data_path)
+        await self._maybe_warn(qid, envelope, message)
         await asyncio.to_thread(self.queue.move, qid, "deferred")
         self._set_due(qid, envelope)
 
@@ -421,7 +434,7 @@ class QueueManager:
                 del self._destinations[destination]
 
     async def _attempt(
-        self, qid: str, envelope: Envelope, data_path: Path, rcpts: list[Recipient], lock: asyncio.Lock
+        self, qid: str, envelope: Envelope, message: MessageData, rcpts: list[Recipient], lock: asyncio.Lock
     ) -> None:
         destination = self._destination(rcpts[0].address)
         async with self._slot(destination):
@@ -430,20 +443,20 @@ class QueueManager:
             self.stats.attempts += 1
             try:
                 if destination == "local:":
-                    results = [await self.local.deliver(qid, envelope.mail_from, rcpts[0].address, data_path)]
+                    results = [await self.local.deliver(qid, envelope.mail_from, rcpts[0].address, message)]
                 else:
                     results = await self.remote.deliver(
                         qid, envelope.mail_from, destination.removeprefix("smtp:"), [r.address for r in rcpts],
-                        data_path, eight_bit=envelope.body_type == "8BITMIME", smtputf8=envelope.smtputf8,
+                        message, eight_bit=envelope.body_type == "8BITMIME", smtputf8=envelope.smtputf8,
                     )  # fmt: skip
             except Exception as exc:  # a bug or an unreadable data file: retry later, never bounce for it
                 log.exception("%s: delivery to %s failed", qid, destination)
                 text = f"internal error: {type(exc).__name__}: {exc}"
                 results = [DeliveryResult(r.address, "4.3.0", text, f"x-filterd; {text}") for r in rcpts]
-        await self._record(qid, envelope, data_path, results, lock)
+        await self._record(qid, envelope, message, results, lock)
 
     async def _record(
-        self, qid: str, envelope: Envelope, data_path: Path, results: list[DeliveryResult], lock: asyncio.Lock
+        self, qid: str, envelope: Envelope, message: MessageData, results: list[DeliveryResult], lock: asyncio.Lock
     ) -> None:
         """Apply one attempt's results to the envelope and write it (bounces first)."""
         async with lock:
@@ -468,8 +481,11 @@ class QueueManager:
                 if len(same) > 1:
                     copies.append(same)
                 rcpt.attempts += 1
-                # The status first: `filterd mta queue list` shows it, a delay warning reuses it.
-                rcpt.last_error = "" if result.outcome == "delivered" else f"{result.status} {result.detail}"
+                # The status first: `filterd mta queue list` shows it; a delay warning takes it
+                # from last_status.
+                failed_now = result.outcome != "delivered"
+                rcpt.last_error = f"{result.status} {result.detail}" if failed_now else ""
+                rcpt.last_status = result.status if failed_now else ""
                 outcome = result.outcome
                 self._log(qid, envelope, result, now)
                 if outcome == "delivered":
@@ -488,7 +504,7 @@ class QueueManager:
                         why = f"{result.detail} (gave up: still failing after {days:g} days in the queue)"
                     failed.append((rcpt, result, why))
             if failed:
-                await self._bounce(qid, envelope, data_path, failed, now)
+                await self._bounce(qid, envelope, message, failed, now)
                 for rcpt, _, _ in failed:
                     rcpt.status = "bounced"
                     self.stats.bounced += 1
@@ -496,6 +512,7 @@ class QueueManager:
                 for other in others:
                     other.status, other.attempts = rcpt.status, rcpt.attempts
                     other.last_error, other.next_attempt = rcpt.last_error, rcpt.next_attempt
+                    other.last_status = rcpt.last_status
             if envelope.pending:
                 await asyncio.to_thread(self.queue.save_envelope, qid, envelope)
             # else: nothing left to do; the removal that follows is the durable record (a crash
@@ -514,7 +531,7 @@ class QueueManager:
         self,
         qid: str,
         envelope: Envelope,
-        data_path: Path,
+        message: MessageData,
         failed: list[tuple[Recipient, DeliveryResult, str]],
         now: float,
     ) -> None:
@@ -530,12 +547,12 @@ class QueueManager:
             )
             for rcpt, result, why in failed
         ]
-        await self._send_dsn(qid, envelope, data_path, recipients, now)
+        await self._send_dsn(qid, envelope, message, recipients, now)
 
     async def _send_dsn(
-        self, qid: str, envelope: Envelope, data_path: Path, recipients: list[DsnRecipient], now: float
+        self, qid: str, envelope: Envelope, message: MessageData, recipients: list[DsnRecipient], now: float
     ) -> None:
-        original = await asyncio.to_thread(_read_head, data_path)
+        original = await message.head(_DSN_HEAD)  # enough for the header block (the DSN returns only that)
         dsn = build_dsn(
             reporting_mta=self.hostname, sender=envelope.mail_from, queue_id=qid, arrival=envelope.received_at,
             original=original, recipients=recipients, now=now,
@@ -554,7 +571,7 @@ class QueueManager:
         log.info("%s: sender %s notification: %s (to <%s>)", qid, action, dsn_id, envelope.mail_from)
         self.wake()
 
-    async def _maybe_warn(self, qid: str, envelope: Envelope, data_path: Path) -> None:
+    async def _maybe_warn(self, qid: str, envelope: Envelope, message: MessageData) -> None:
         warn_after = self.config.mta.delay_warning
         now = self.clock()
         if not warn_after or envelope.delay_warned or envelope.mail_from == "":
@@ -562,31 +579,29 @@ class QueueManager:
         if now - envelope.received_at < warn_after:
             return
         until = envelope.received_at + self.config.mta.max_lifetime
-        recipients = [
-            DsnRecipient(
-                r.address,
-                "delayed",
-                _status_of(r.last_error),
-                f"x-filterd; {r.last_error.partition(' ')[2]}",
-                last_attempt=now,
-                will_retry_until=until,
-                text=r.last_error.partition(" ")[2],
-            )  # fmt: skip
-            for r in envelope.pending
-        ]
-        await self._send_dsn(qid, envelope, data_path, recipients, now)
+        recipients = []
+        for r in envelope.pending:
+            status, text = _last_failure(r)
+            dsn = DsnRecipient(
+                r.address, "delayed", status, f"x-filterd; {text}", last_attempt=now, will_retry_until=until, text=text
+            )
+            recipients.append(dsn)
+        await self._send_dsn(qid, envelope, message, recipients, now)
         envelope.delay_warned = True
         await asyncio.to_thread(self.queue.save_envelope, qid, envelope)
 
 
-def _status_of(last_error: str) -> str:
-    """The 4.x.x status a deferral's ``last_error`` starts with, else 4.0.0."""
-    word = last_error.partition(" ")[0]
-    parts = word.split(".")
-    return word if len(parts) == 3 and parts[0] == "4" and all(p.isdigit() for p in parts) else "4.0.0"
+_DSN_HEAD = 256 * 1024  # bytes of the original a DSN looks at for its header block
 
 
-def _read_head(path: Path, limit: int = 256 * 1024) -> bytes:
-    """The start of a message: enough for its header block (the DSN returns only that)."""
-    with open(path, "rb") as f:
-        return f.read(limit)
+def _last_failure(rcpt: Recipient) -> tuple[str, str]:
+    """A pending recipient's last failure as (4.x.x status, text) for a delay warning: from
+    ``last_status``, or, in an envelope written before that was kept, from the status word
+    ``last_error`` starts with; 4.0.0 when there is no such status (not tried yet)."""
+    if rcpt.last_status:
+        status, text = rcpt.last_status, rcpt.last_error.removeprefix(f"{rcpt.last_status} ")
+    else:
+        status, _, text = rcpt.last_error.partition(" ")
+    parts = status.split(".")
+    temporary = len(parts) == 3 and parts[0] == "4" and all(p.isdigit() for p in parts)
+    return (status if temporary else "4.0.0"), text

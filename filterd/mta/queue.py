@@ -23,18 +23,21 @@ does not parse and is treated as corrupt)::
 
     {"version": 1, "id": "18C2F3A4B5C6D7-3FA91C", "mail_from": "a@example.org",
      "rcpts": [{"address": "b@example.net", "status": "pending", "attempts": 0,
-                "last_error": "", "next_attempt": 0.0}],
+                "last_error": "", "next_attempt": 0.0, "last_status": ""}],
      "received_at": 1700000000.123, "client_ip": "192.0.2.1", "client_name": "mx.example.org",
      "client_helo": "mx.example.org", "auth_user": "", "hops": 1, "size": 1234,
      "body_type": "8BITMIME", "smtputf8": false, "hold_reason": "", "delay_warned": false}
 
 ``mail_from`` is "" for the null sender. ``size`` is the data file's length in bytes and is
 checked on load. ``status`` is "pending" (not delivered yet, maybe after failed attempts),
-"delivered" or "bounced" (given up; a DSN was or will be sent). ``next_attempt`` is a Unix
-time, 0 for "now". ``hops`` counts the Received headers, ours included. ``hold_reason`` says
-why a message is in hold/. ``delay_warned`` is set once the sender was sent a "delayed"
-DSN (``mta.delay_warning``). A reader ignores keys it does not know; a ``version`` newer than
-`ENVELOPE_VERSION` is treated as unreadable.
+"delivered" or "bounced" (given up; a DSN was or will be sent). ``last_error`` says what the
+last failed attempt got, for people: ``"<status> <detail>"``; ``last_status`` is that status alone
+(RFC 3463, "4.4.1"), for programs (a delay warning's Status:); both are "" while there is none,
+and ``last_status`` is "" in envelopes written before it was recorded (readers then fall back
+on ``last_error``). ``next_attempt`` is a Unix time, 0 for "now". ``hops`` counts the Received
+headers, ours included. ``hold_reason`` says why a message is in hold/. ``delay_warned`` is set
+once the sender was sent a "delayed" DSN (``mta.delay_warning``). A reader ignores keys it does
+not know; a ``version`` newer than `ENVELOPE_VERSION` is treated as unreadable.
 
 Ids: ``<microseconds since the epoch, 14 hex digits>-<6 random hex digits>``: sortable by
 arrival, filesystem-safe, unique across restarts (a collision with an existing data file is
@@ -64,7 +67,9 @@ client retries: duplicates are the accepted price, loss is not).
 
 `recover` (with the lock held): deletes everything in tmp/; moves active/ back to incoming/
 (the manager died mid-work); sends envelopes that do not parse, whose data file is missing or
-has the wrong size, to corrupt/ with a warning; deletes data files that no envelope names.
+has the wrong size, to corrupt/ with a warning; deletes data files that no envelope names. It
+parses every envelope for that, and returns, for each message in deferred/, when it is next due
+(``Recovery.deferred``): the queue manager's schedule starts from that instead of a second parse.
 
 Concurrency: within the owning process, callers must not act on the same id from two threads
 at once. Other processes (``filterd mta queue list|show``) may read without the lock; they
@@ -121,8 +126,9 @@ class Recipient:
     address: str
     status: RecipientStatus = "pending"
     attempts: int = 0
-    last_error: str = ""
+    last_error: str = ""  # "<status> <detail>" of the last failed attempt, for people
     next_attempt: float = 0.0
+    last_status: str = ""  # its RFC 3463 status alone ("4.4.1"); "" in envelopes from before it was kept
 
 
 @dataclass(slots=True)
@@ -147,6 +153,11 @@ class Envelope:
     @property
     def pending(self) -> list[Recipient]:
         return [r for r in self.rcpts if r.status == "pending"]
+
+    @property
+    def due(self) -> float:
+        """When the first pending recipient is due for an attempt (0.0: now, or none pending)."""
+        return min((r.next_attempt for r in self.rcpts if r.status == "pending"), default=0.0)
 
     def to_json(self) -> bytes:
         obj: dict[str, Any] = {"version": ENVELOPE_VERSION, **asdict(self)}
@@ -177,6 +188,7 @@ class Envelope:
                 attempts=_typed(r, "attempts", int, 0),
                 last_error=_typed(r, "last_error", str, ""),
                 next_attempt=float(_typed(r, "next_attempt", (int, float), 0.0)),
+                last_status=_typed(r, "last_status", str, ""),
             )
             if rcpt.status not in _RECIPIENT_STATUSES:
                 raise ValueError(f"unknown recipient status {rcpt.status!r}")
@@ -223,6 +235,8 @@ class Recovery:
     active_requeued: int = 0
     corrupt: tuple[str, ...] = ()
     orphans_removed: int = 0
+    # (id, Envelope.due) of every readable message in deferred/, from the parse recovery did anyway
+    deferred: tuple[tuple[str, float], ...] = ()
 
 
 class Queue:
@@ -405,6 +419,7 @@ class Queue:
             fsync_dir(self.root / "incoming")
         corrupt: list[str] = []
         named: set[str] = set()
+        deferred: list[tuple[str, float]] = []
         for state in STATES:
             for name in os.listdir(self.root / state):
                 if not ID_RE.match(name):
@@ -412,12 +427,14 @@ class Queue:
                     os.rename(self.root / state / name, self.corrupt / f"{state}-{name}")
                     continue
                 try:
-                    self.load(name)
+                    envelope, _ = self.load(name)
                 except QueueError as e:
                     self.quarantine(name, str(e))
                     corrupt.append(name)
                     continue
                 named.add(name)
+                if state == "deferred":
+                    deferred.append((name, envelope.due))
         orphans = 0
         for name in os.listdir(self.data):
             if name not in named:
@@ -427,8 +444,8 @@ class Queue:
         if tmp_removed or orphans:
             fsync_dir(self.tmp)
             fsync_dir(self.data)
-        result = Recovery(tmp_removed, len(active), tuple(corrupt), orphans)
-        if result != Recovery():
+        result = Recovery(tmp_removed, len(active), tuple(corrupt), orphans, tuple(sorted(deferred)))
+        if tmp_removed or active or corrupt or orphans:
             log.info(
                 "queue: recovered: %d temp files removed, %d active requeued, %d corrupt, %d orphans removed",
                 tmp_removed,

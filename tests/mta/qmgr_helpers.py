@@ -4,21 +4,24 @@ command, and a way to run the manager until the queue reaches a state."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import email
 import email.message
 import email.policy
+import os
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from filterd.config import Config, Duration, default_config
 from filterd.errors import QueueError
 from filterd.mta.qmgr import QueueManager
-from filterd.mta.queue import Envelope, Queue, Recipient
+from filterd.mta.queue import Envelope, Queue, Recipient, Recovery
 from filterd.net.dns import Resolver
 
 # A local delivery command for tests. The recipient's local part says what to do:
@@ -103,9 +106,12 @@ async def eventually(done: Callable[[], bool], limit: float = 20.0) -> None:
     raise AssertionError(f"condition not reached within {limit}s")
 
 
-async def run_until(qmgr: QueueManager, done: Callable[[], bool], limit: float = 20.0) -> None:
-    """Run the manager until ``done()`` holds (checked every 20 ms); fail after ``limit`` seconds."""
-    task = asyncio.create_task(qmgr.run())
+async def run_until(
+    qmgr: QueueManager, done: Callable[[], bool], limit: float = 20.0, *, recovery: Recovery | None = None
+) -> None:
+    """Run the manager until ``done()`` holds (checked every 20 ms); fail after ``limit`` seconds.
+    ``recovery``: what `Queue.recover` returned, passed on to `QueueManager.run`."""
+    task = asyncio.create_task(qmgr.run(recovery))
     try:
         deadline = time.monotonic() + limit
         while not done():
@@ -154,3 +160,31 @@ def delivery_status(msg: email.message.EmailMessage) -> list[dict[str, str]]:
     blocks = part.get_payload()
     assert isinstance(blocks, list)
     return [{k: str(v) for k, v in block.items()} for block in blocks if isinstance(block, email.message.Message)]
+
+
+# Every open(2) this process makes goes through the "open" audit event (io.open, os.open, Path's
+# readers), from any thread. A hook cannot be removed once added: it is added once and counts
+# only while a `count_opens` block runs.
+_OPEN_COUNTERS: list[Counter[str]] = []
+_OPEN_HOOK: list[bool] = []
+
+
+def _on_audit(event: str, args: tuple[Any, ...]) -> None:
+    if event == "open" and _OPEN_COUNTERS and isinstance(args[0], str | os.PathLike):
+        path = os.fspath(args[0])
+        for counter in _OPEN_COUNTERS:
+            counter[str(path)] += 1
+
+
+@contextlib.contextmanager
+def count_opens() -> Iterator[Counter[str]]:
+    """Within the block: how often each path (as the opener spelled it) was opened."""
+    if not _OPEN_HOOK:
+        sys.addaudithook(_on_audit)
+        _OPEN_HOOK.append(True)
+    opened: Counter[str] = Counter()
+    _OPEN_COUNTERS.append(opened)
+    try:
+        yield opened
+    finally:
+        _OPEN_COUNTERS.remove(opened)

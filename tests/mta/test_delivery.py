@@ -15,12 +15,14 @@ import pytest
 from filterd.config import Config, Duration, FrozenMap, default_config
 from filterd.dkimsign import generate_key, write_key
 from filterd.errors import PermanentDeliveryError, TemporaryDeliveryError
+from filterd.mta import delivery
 from filterd.mta.delivery import RemoteDelivery, outcome_of, sysexit_status
 from filterd.mta.mx import NextHop, next_hops, parse_mx
+from filterd.mta.queue import Queue
 from filterd.mta.smtp_client import Reply, SessionError, SmtpOptions, send
 from filterd.net.dns import Resolver
 from tests.dns_fixture import MakeDnsServer, MakeSilentDnsServer
-from tests.mta.qmgr_helpers import MESSAGE
+from tests.mta.qmgr_helpers import MESSAGE, all_ids, count_opens, enqueue, make_qmgr, mta_config, run_until
 from tests.mta.smtp_sink import Refuser, Sink, free_port, self_signed_context
 
 pytest_plugins = ["tests.dns_fixture"]
@@ -428,3 +430,45 @@ def test_unreadable_dkim_key_defers(make_dns_server: MakeDnsServer, tmp_path: Pa
     )
     [result] = asyncio.run(_deliver(config, "example.net", ["ok@example.net"], data))
     assert result.outcome == "deferred" and result.status == "4.7.0" and "DKIM" in result.detail
+
+
+def test_an_attempt_reads_and_signs_once_for_every_destination(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Three SMTP transactions for one message (two domains, one recipient per transaction): one
+    # read of the data file, one signature, the same signed bytes everywhere.
+    key = generate_key("example.org", "s1", bits=1024)
+    key_path = write_key(key, tmp_path)
+    signed_for: list[str] = []
+    sign = delivery.sign_message
+
+    def counting(raw: bytes, domain: str, selector: str, key_pem: bytes) -> bytes:
+        signed_for.append(domain)
+        return sign(raw, domain, selector, key_pem)
+
+    monkeypatch.setattr(delivery, "sign_message", counting)
+    port = free_port("127.0.0.2", "127.0.0.3")
+    config = mta_config(tmp_path, smtp_port=port, destination_recipient_limit=1)
+    config = dataclasses.replace(
+        config, auth=dataclasses.replace(config.auth, dkim_keys=FrozenMap({"example.org": f"s1:{key_path}"}))
+    )
+    queue = Queue(tmp_path / "q")
+    qid = enqueue(queue, "a@[127.0.0.2]", "b@[127.0.0.2]", "c@[127.0.0.3]")
+    data_path = str(queue.data / qid)
+
+    async def scenario() -> list[bytes]:
+        sinks = [await Sink("127.0.0.2", port).start(), await Sink("127.0.0.3", port).start()]
+        try:
+            await run_until(make_qmgr(config, queue), lambda: not all_ids(queue))
+        finally:
+            for sink in sinks:
+                await sink.stop()
+        return [m.data for sink in sinks for m in sink.messages]
+
+    with count_opens() as opened:
+        received = asyncio.run(scenario())
+    assert len(received) == 3 and len(set(received)) == 1
+    assert signed_for == ["example.org"] and opened[data_path] == 1
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        return key.record.encode()
+
+    assert received[0].startswith(b"DKIM-Signature:") and dkim.verify(received[0], dnsfunc=dnsfunc)

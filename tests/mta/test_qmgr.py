@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import random
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +23,7 @@ from tests.mta.qmgr_helpers import (
     all_ids,
     bounces,
     calls,
+    count_opens,
     delivery_status,
     enqueue,
     eventually,
@@ -104,6 +108,7 @@ def test_tempfail_keeps_the_message_deferred_with_status_saved(tmp_path: Path) -
     assert (bob.status, bob.attempts) == ("delivered", 1)
     assert (temp.status, temp.attempts) == ("pending", 1)
     assert "exited 75" in temp.last_error
+    assert (temp.last_status, bob.last_status, bob.last_error) == ("4.3.0", "", "")
     assert before + 60 <= temp.next_attempt <= after + 66  # min_backoff, stretched by at most 10%
 
 
@@ -441,3 +446,105 @@ def test_filter_placeholder_says_whether_the_milter_scored_the_message(
 
 def test_default_delivery_command_carries_the_filter_placeholder() -> None:
     assert default_config().mta.local_delivery_command[-1] == "{filter}"
+
+
+# -- one read of the data file, one parse of each envelope --------------------------------------
+
+
+def test_one_attempt_opens_the_data_file_once_for_all_local_recipients(tmp_path: Path) -> None:
+    # Five local recipients, one of them bounced: the four deliveries and the DSN's copy of the
+    # header all come from one read. Counted as the process's real open(2)s of the data file.
+    config = mta_config(tmp_path, local_domains=("example.org", "example.com"))
+    queue = Queue(tmp_path / "q")
+    rcpts = [f"user{i}@example.org" for i in range(4)]
+    qid = enqueue(queue, *rcpts, "nouser@example.org", sender="carol@example.com")
+    data_path = str(queue.data / qid)
+    out = tmp_path / "out"
+    with count_opens() as opened:
+        asyncio.run(run_until(make_qmgr(config, queue), lambda: not all_ids(queue) and calls(out, "carol@example.com")))
+    assert opened[data_path] == 1
+    lf = MESSAGE.replace(b"\r\n", b"\n")
+    for rcpt in rcpts:
+        top = f"Return-Path: <carol@example.com>\nDelivered-To: {rcpt}\n".encode()
+        assert (out / f"{rcpt}.1").read_bytes() == top + lf
+    dsn = (out / "carol@example.com.1").read_bytes()
+    assert b"Final-Recipient: rfc822; nouser@example.org" in dsn and b"Subject: hello" in dsn
+
+
+def test_start_up_parses_each_deferred_envelope_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Recovery parses every envelope anyway; the manager's schedule starts from what it found.
+    config = mta_config(tmp_path)
+    queue = Queue(tmp_path / "q")
+    later, soon = time.time() + 3600, time.time() + 0.2
+    waiting = [
+        queue.enqueue(
+            Envelope("alice@example.org", [Recipient(f"w{i}@example.org", attempts=1, next_attempt=later)]),
+            MESSAGE,
+            state="deferred",
+        )
+        for i in range(5)
+    ]
+    due = queue.enqueue(
+        Envelope("alice@example.org", [Recipient("bob@example.org", attempts=1, next_attempt=soon)]),
+        MESSAGE,
+        state="deferred",
+    )
+    parsed: Counter[str] = Counter()
+    from_json = Envelope.from_json.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[Envelope], raw: bytes) -> Any:
+        envelope = from_json(cls, raw)
+        parsed[envelope.id] += 1
+        return envelope
+
+    monkeypatch.setattr(Envelope, "from_json", classmethod(counting))
+    recovery = queue.recover()
+    assert dict(recovery.deferred) == {**{qid: later for qid in waiting}, due: soon}
+    qmgr = make_qmgr(config, queue)
+    asyncio.run(run_until(qmgr, lambda: queue.state_of(due) is None, recovery=recovery))
+    # once each at start-up; the one that came due once more when it was taken for delivery
+    assert parsed == {**dict.fromkeys(waiting, 1), due: 2}
+    assert (tmp_path / "out" / "bob@example.org.1").exists()
+    assert queue.ids("deferred") == sorted(waiting) and qmgr.stats.attempts == 1
+
+
+def test_delay_warning_takes_the_status_from_last_status_or_from_an_old_last_error(tmp_path: Path) -> None:
+    # An envelope written before last_status was kept: the warning reads the status the old way.
+    config = mta_config(tmp_path, delay_warning=1.0, min_backoff=60.0, max_backoff=60.0, max_lifetime=86400.0)
+    queue = Queue(tmp_path / "q")
+    now, later = time.time(), time.time() + 3600
+    rcpts = [
+        Recipient("temp@example.org", attempts=1, last_error="4.2.2 mailbox full"),  # due: tried again now
+        Recipient("old@remote.example", attempts=1, last_error="4.4.1 connect to mx[192.0.2.7]: refused"),
+        Recipient("odd@remote.example", attempts=1, last_error="451 try later"),  # no enhanced status
+        Recipient("new@remote.example", attempts=1, last_error="greylisted", last_status="4.7.1"),
+    ]
+    for r in rcpts[1:]:
+        r.next_attempt = later
+    qid = queue.enqueue(Envelope("someone@remote.example", rcpts, received_at=now - 600, hops=1), MESSAGE)
+    queue.move(qid, "deferred")
+    path = queue.root / "deferred" / qid
+    obj = json.loads(path.read_bytes())
+    for r in obj["rcpts"][:3]:
+        del r["last_status"]  # as the code before it wrote them
+    path.write_text(json.dumps(obj))
+    assert [r.last_status for r in queue.load(qid)[0].rcpts] == ["", "", "", "4.7.1"]
+
+    recovery = queue.recover()
+    qmgr = make_qmgr(config, queue)
+    warned = lambda: len(bounces(queue)) == 1 and queue.state_of(qid) == "deferred"  # noqa: E731
+    asyncio.run(run_until(qmgr, warned, recovery=recovery))
+    [(_, msg)] = bounces(queue)
+    assert msg["Subject"] == "Delayed Mail (still being retried)"
+    report = {block["Final-Recipient"].partition("; ")[2]: block for block in delivery_status(msg)[1:]}
+    assert {rcpt: block["Status"] for rcpt, block in report.items()} == {
+        "temp@example.org": "4.3.0",  # this attempt's, kept in last_status
+        "old@remote.example": "4.4.1",
+        "odd@remote.example": "4.0.0",
+        "new@remote.example": "4.7.1",
+    }
+    assert report["old@remote.example"]["Diagnostic-Code"] == "x-filterd; connect to mx[192.0.2.7]: refused"
+    assert report["new@remote.example"]["Diagnostic-Code"] == "x-filterd; greylisted"
+    assert report["temp@example.org"]["Diagnostic-Code"].startswith("x-filterd; command exited 75")
+    envelope = queue.load(qid)[0]
+    assert envelope.delay_warned and envelope.rcpts[0].last_status == "4.3.0"

@@ -215,3 +215,36 @@ def test_sigkill_at_random_moments_never_loses_an_acknowledged_message(tmp_path:
         for qid, n in acknowledged.items():
             assert q.load(qid)[1].read_bytes() == str(n).encode() * 3000
     assert len(acknowledged) > 8
+
+
+def test_last_status_round_trips_and_an_envelope_without_it_still_loads(tmp_path: Path) -> None:
+    q = Queue(tmp_path)
+    env = _envelope("a@example.net", "b@example.net")
+    for r in env.rcpts:
+        r.attempts, r.last_error, r.last_status = 1, "4.4.1 connect refused", "4.4.1"
+    qid = q.enqueue(env, b"x")
+    assert [r.last_status for r in q.load(qid)[0].rcpts] == ["4.4.1", "4.4.1"]
+    # written by the code before last_status was kept: the key is absent
+    path = tmp_path / "incoming" / qid
+    obj = json.loads(path.read_bytes())
+    del obj["rcpts"][0]["last_status"]
+    path.write_text(json.dumps(obj))
+    first, second = q.load(qid)[0].rcpts
+    assert (first.last_error, first.last_status) == ("4.4.1 connect refused", "")
+    assert second.last_status == "4.4.1"
+
+
+def test_recover_reports_when_each_deferred_message_is_due(tmp_path: Path) -> None:
+    q = Queue(tmp_path)
+    env = Envelope(
+        "s@example.org",
+        [Recipient("done@example.net", "delivered", 1), Recipient("a@example.net", next_attempt=200.0),
+         Recipient("b@example.net", next_attempt=100.0)],
+    )  # fmt: skip
+    deferred = q.enqueue(env, b"x", state="deferred")
+    q.enqueue(_envelope(), b"y")  # incoming, and held: not scheduled
+    q.enqueue(_envelope(), b"z", state="hold")
+    broken = q.enqueue(_envelope(), b"w", state="deferred")
+    (tmp_path / "deferred" / broken).write_text("{")
+    result = q.recover()
+    assert result.deferred == ((deferred, 100.0),) and result.corrupt == (broken,)
