@@ -6,10 +6,11 @@
     results = await remote.deliver(qid, sender, "example.net", ["b@example.net"], data_path, ...)
 
     # One attempt at all of a message's recipients (the queue manager does this): they share
-    # a MessageData, so the data file is read once, on first use, and DKIM-signed once.
+    # a MessageData, so the data file is read once while they hold it, and DKIM-signed once.
     message = MessageData(data_path)
-    await local.deliver(qid, sender, "bob@example.org", message)
-    await local.deliver(qid, sender, "carol@example.org", message)
+    with message.in_use():
+        await local.deliver(qid, sender, "bob@example.org", message)
+        await local.deliver(qid, sender, "carol@example.org", message)
     await remote.deliver(qid, sender, "example.net", ["b@example.net"], message, ...)
     await remote.deliver(qid, sender, "example.com", ["c@example.com"], message, ...)
 
@@ -140,33 +141,52 @@ class DeliveryResult:
 
 class MessageData:
     """A queued message's data file, shared by the deliveries of one attempt at its recipients
-    (the queue manager makes one per attempt): read once, on first use, in a worker thread, then
-    kept until the attempt ends; DKIM-signed at most once per signing key. A failed read or
-    signing is not kept: the next delivery tries again, as it would on its own."""
+    (the queue manager makes one per attempt): read once on first use, in a worker thread, and
+    kept while any delivery of the message holds it (`in_use`), so that deliveries running at
+    the same time share one copy, and a message whose other destinations still wait for a
+    delivery slot holds none. DKIM-signed at most once per signing key: only the signature
+    (a few hundred bytes) is kept, for the whole attempt. A failed read or signing is not kept:
+    the next delivery tries again, as it would on its own."""
 
-    __slots__ = ("_data", "_lock", "_signed", "path")
+    __slots__ = ("_data", "_lock", "_signatures", "_users", "path")
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._data: bytes | None = None
         self._lock = asyncio.Lock()
-        self._signed: dict[tuple[str, str, bytes], bytes] = {}
+        self._signatures: dict[tuple[str, str, bytes], bytes] = {}
+        self._users = 0
 
     @classmethod
     def of(cls, data: Path | MessageData) -> MessageData:
         """``data`` itself, or a new one for a data file's path (a delivery on its own)."""
         return data if isinstance(data, MessageData) else cls(data)
 
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Keep the data read within this block; it is dropped when no block holds it."""
+        self._users += 1
+        try:
+            yield
+        finally:
+            self._users -= 1
+            if not self._users:
+                self._data = None
+
     async def read(self) -> bytes:
         """The whole message (OSError if the file cannot be read)."""
-        if self._data is None:
+        data = self._data
+        if data is None:
             async with self._lock:
-                if self._data is None:
-                    self._data = await asyncio.to_thread(self.path.read_bytes)
-        return self._data
+                data = self._data
+                if data is None:
+                    data = await asyncio.to_thread(self.path.read_bytes)
+                    if self._users:
+                        self._data = data
+        return data
 
     async def head(self, limit: int) -> bytes:
-        """The first ``limit`` bytes: from memory once the message was read, else from the file."""
+        """The first ``limit`` bytes: from memory while the message is held, else from the file."""
         if self._data is not None:
             return self._data[:limit]
         return await asyncio.to_thread(_read_head, self.path, limit)
@@ -178,11 +198,13 @@ class MessageData:
         data = await self.read()
         key = (domain, selector, key_pem)
         async with self._lock:
-            signed = self._signed.get(key)
-            if signed is None:
+            signature = self._signatures.get(key)
+            if signature is None:
                 signed = await asyncio.to_thread(sign_message, data, domain, selector, key_pem)
-                self._signed[key] = signed
-        return signed
+                if not signed.endswith(data):  # sign_message puts the field on top; else keep nothing
+                    return signed
+                signature = self._signatures[key] = signed[: len(signed) - len(data)]
+        return signature + data
 
 
 def _read_head(path: Path, limit: int) -> bytes:
@@ -497,7 +519,9 @@ class RemoteDelivery:
 
         try:
             hops = await next_hops(self.resolver, domain, rng=self.rng)
-            message = await self._signed(MessageData.of(data))
+            shared = MessageData.of(data)
+            with shared.in_use():  # one read for the signature and the message
+                message = await self._signed(shared)
         except DeliveryError as exc:
             status = exc.status or ("5.0.0" if isinstance(exc, PermanentDeliveryError) else "4.0.0")
             return everyone(status, str(exc))

@@ -18,8 +18,10 @@ What it does, per message (the queue's states are directories, see `filterd.mta.
   earliest pending recipient is due (each recipient has its own ``next_attempt``).
 - Recipients are grouped by destination: all local ones ("local", one command per recipient)
   or one remote domain (one SMTP transaction for up to ``destination_recipient_limit``). The
-  groups of one attempt share the message's data (`MessageData`): the data file is read once,
-  when the first of them needs it, and DKIM-signed once for all remote domains. An
+  groups of one attempt share the message's data (`MessageData`): the groups delivering at
+  the same time share one read of the data file (a group waiting for a slot holds no copy,
+  so memory stays bounded by the deliveries in progress), and it is DKIM-signed once for all
+  remote domains. An
   attempt holds one of ``max_concurrency`` slots and one of ``per_destination_concurrency``
   slots of its destination; the destination's slot is taken first, so a slow domain never
   holds global slots while it waits.
@@ -373,7 +375,7 @@ class QueueManager:
         everything = state == "incoming" or qid in self._forced
         due = [r for r in envelope.pending if everything or r.next_attempt <= now]
         lock = asyncio.Lock()  # one envelope write at a time
-        message = MessageData(data_path)  # read once, when the first group needs it; dropped at the end
+        message = MessageData(data_path)  # read when a group needs it, kept while groups deliver
         if envelope.hops > self.config.mta.max_hops:
             limit = self.config.mta.max_hops
             text = f"mail loop: too many hops ({envelope.hops} Received headers, the limit is {limit})"
@@ -437,23 +439,32 @@ class QueueManager:
         self, qid: str, envelope: Envelope, message: MessageData, rcpts: list[Recipient], lock: asyncio.Lock
     ) -> None:
         destination = self._destination(rcpts[0].address)
-        async with self._slot(destination):
-            if qid in self._doomed:
-                return
-            self.stats.attempts += 1
-            try:
-                if destination == "local:":
-                    results = [await self.local.deliver(qid, envelope.mail_from, rcpts[0].address, message)]
-                else:
-                    results = await self.remote.deliver(
-                        qid, envelope.mail_from, destination.removeprefix("smtp:"), [r.address for r in rcpts],
-                        message, eight_bit=envelope.body_type == "8BITMIME", smtputf8=envelope.smtputf8,
-                    )  # fmt: skip
-            except Exception as exc:  # a bug or an unreadable data file: retry later, never bounce for it
-                log.exception("%s: delivery to %s failed", qid, destination)
-                text = f"internal error: {type(exc).__name__}: {exc}"
-                results = [DeliveryResult(r.address, "4.3.0", text, f"x-filterd; {text}") for r in rcpts]
-        await self._record(qid, envelope, message, results, lock)
+        with contextlib.ExitStack() as held:
+            async with self._slot(destination):
+                if qid in self._doomed:
+                    return
+                # The message's data stays read from here until the results (and a DSN) are
+                # written, shared with its other deliveries running meanwhile; never while a
+                # delivery only waits for a slot.
+                held.enter_context(message.in_use())
+                results = await self._deliver_group(qid, envelope, message, rcpts, destination)
+            await self._record(qid, envelope, message, results, lock)
+
+    async def _deliver_group(
+        self, qid: str, envelope: Envelope, message: MessageData, rcpts: list[Recipient], destination: str
+    ) -> list[DeliveryResult]:
+        self.stats.attempts += 1
+        try:
+            if destination == "local:":
+                return [await self.local.deliver(qid, envelope.mail_from, rcpts[0].address, message)]
+            return await self.remote.deliver(
+                qid, envelope.mail_from, destination.removeprefix("smtp:"), [r.address for r in rcpts],
+                message, eight_bit=envelope.body_type == "8BITMIME", smtputf8=envelope.smtputf8,
+            )  # fmt: skip
+        except Exception as exc:  # a bug or an unreadable data file: retry later, never bounce for it
+            log.exception("%s: delivery to %s failed", qid, destination)
+            text = f"internal error: {type(exc).__name__}: {exc}"
+            return [DeliveryResult(r.address, "4.3.0", text, f"x-filterd; {text}") for r in rcpts]
 
     async def _record(
         self, qid: str, envelope: Envelope, message: MessageData, results: list[DeliveryResult], lock: asyncio.Lock

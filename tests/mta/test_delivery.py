@@ -472,3 +472,30 @@ def test_an_attempt_reads_and_signs_once_for_every_destination(tmp_path: Path, m
         return key.record.encode()
 
     assert received[0].startswith(b"DKIM-Signature:") and dkim.verify(received[0], dnsfunc=dnsfunc)
+
+
+def test_message_data_is_kept_only_while_a_delivery_holds_it(tmp_path: Path) -> None:
+    # A message whose other destinations wait for a delivery slot must not pin its data in
+    # memory: the copy lives while some delivery holds it; the DKIM signature (small) stays.
+    key = generate_key("example.org", "s1", bits=1024)
+    path = tmp_path / "data"
+    path.write_bytes(MESSAGE)
+    message = delivery.MessageData(path)
+
+    async def scenario() -> None:
+        with count_opens() as opened:
+            assert await message.read() == MESSAGE and await message.read() == MESSAGE
+        assert opened[str(path)] == 2  # held by nobody: nothing is kept
+        with count_opens() as opened:
+            with message.in_use():
+                with message.in_use():
+                    signed = await message.dkim_signed("example.org", "s1", key.private_pem)
+                assert await message.head(10) == MESSAGE[:10]
+            assert await message.head(10) == MESSAGE[:10]  # dropped: from the file again
+        assert opened[str(path)] == 2
+        with count_opens() as opened, message.in_use():
+            assert await message.dkim_signed("example.org", "s1", key.private_pem) == signed  # not signed again
+        assert opened[str(path)] == 1
+        assert signed.startswith(b"DKIM-Signature:") and signed.endswith(MESSAGE)
+
+    asyncio.run(scenario())
