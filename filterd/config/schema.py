@@ -546,7 +546,8 @@ class BayesConfig(Section):
     )  # fmt: skip
     n_features: int = setting(
         1 << 22, min=1 << 12, max=1 << 26,
-        doc="Hash buckets (a power of two); each process keeps two int32 arrays of them (32 MB at 2**22).",
+        doc="Hash buckets (a power of two); each process keeps two int32 arrays of them (32 MB at 2**22), "
+        "a daemon worker that learns (TELL, autolearn) a second pair in its writer thread.",
     )  # fmt: skip
     combiner: Literal["robinson_fisher", "naive_bayes", "complement_nb"] = setting(
         "robinson_fisher",

@@ -64,7 +64,7 @@ class SpamdService:
                 return render_error(
                     EX_UNAVAILABLE, "Service Unavailable: TELL commands are not enabled, set the --allow-tell switch."
                 )
-            return self._tell(request)
+            return await self._tell(request)
         if method not in _SCANNING:  # the protocol layer only lets known verbs through
             return render_error(EX_SOFTWARE, f"Internal error: unhandled method {method}")
         try:
@@ -75,27 +75,30 @@ class SpamdService:
             return render_error(EX_NOUSER, f"No such user: {exc}")
         return await self._scan(request, prefs)
 
-    def _tell(self, request: SpamdRequest) -> bytes:
+    async def _tell(self, request: SpamdRequest) -> bytes:
         """Learn or forget through Bayes (spamc -L). "remote" (Razor/Pyzor reporting) is not
-        offered, so it never appears in DidSet/DidRemove and spamc -C says it was not done."""
-        check = self.engine.check("bayes")
-        store = getattr(check, "store", None) if check is not None else None
-        if store is None or not self.config.bayes.enabled:
+        offered, so it never appears in DidSet/DidRemove and spamc -C says it was not done.
+
+        The store is written by the worker's Bayes writer, beside the loop (`Engine.tell`); the
+        answer waits for the commit, the loop's other connections do not."""
+        if self.engine.bayes is None or not self.config.bayes.enabled:
             return render_error(EX_UNAVAILABLE, "Service Unavailable: Bayes is disabled (bayes.enabled)")
         if len(request.body) > self.config.rules.max_scan_size:
             return render_error(EX_DATAERR, "Data error: message larger than rules.max_scan_size, not learnt")
         msg = parse_message(original_message(request.body), uri_parser=self.engine.uri_parser,
                             body_scan_size=self.config.rules.body_scan_size)
+        learn_as = request.message_class if "local" in request.set_targets else None
         did_set: list[str] = []
         did_remove: list[str] = []
         try:
-            if "local" in request.remove_targets and store.forget(msg) is LearnResult.FORGOTTEN:
+            forgotten, learnt = await self.engine.tell(
+                msg,
+                forget="local" in request.remove_targets,
+                learn_as=learn_as == "spam" if learn_as in ("spam", "ham") else None,
+            )
+            if forgotten is LearnResult.FORGOTTEN:
                 did_remove.append("local")
-            learn_as = request.message_class if "local" in request.set_targets else None
-            if learn_as in ("spam", "ham") and store.learn(msg, learn_as == "spam") in (
-                LearnResult.LEARNED,
-                LearnResult.MOVED,
-            ):
+            if learnt in (LearnResult.LEARNED, LearnResult.MOVED):
                 did_set.append("local")
         except Exception:
             self.metrics.errors["learn_failed"] += 1

@@ -45,6 +45,11 @@ log = logging.getLogger("filterd.daemon")
 
 _MAINTAIN_FIRST = 10.0  # seconds: the latest first look at the Bayes store's upkeep
 _MAINTAIN_INTERVAL = 60.0  # seconds between a worker's looks at whether Bayes expiry is due
+# Seconds, past the grace period: how long the Bayes writer gets to finish what it holds, then how
+# long TELLs whose learning it committed meanwhile get to send their answers. The master kills
+# a worker 5 s after the grace period.
+_WRITER_STOP_WAIT = 2.0
+_LAST_ANSWERS_WAIT = 0.5
 
 
 class Worker:
@@ -84,6 +89,7 @@ class Worker:
         for listener in self.listeners:
             # Stop accepting; the master keeps the sockets open for the next generation.
             loop.remove_reader(listener.sock.fileno())
+        log.info("worker %d: stopping; %d connection(s) in flight", os.getpid(), len(self._tasks))
         upkeep = self._upkeep
         if upkeep is not None:
             upkeep.cancel()  # interrupts an expiry running in its thread; what it committed stays
@@ -96,9 +102,14 @@ class Worker:
                 "worker %d: %d connection(s) still open after the %.0fs grace period", os.getpid(), self.active, grace
             )
         reporter.cancel()
-        if upkeep is not None:
-            await asyncio.wait([upkeep])  # its thread has let go of its store (or 5 s have passed)
-        self.engine.flush_learning()
+        # Bayes writes left (autolearn, TELLs waiting for a lock) get a last few seconds, after
+        # which nothing more commits: a TELL is either answered or not learnt.
+        await asyncio.gather(
+            asyncio.wait([upkeep]) if upkeep is not None else asyncio.sleep(0),  # the expiry's thread lets go
+            self.engine.stop_learning(_WRITER_STOP_WAIT),
+        )
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=_LAST_ANSWERS_WAIT)
         if self.store is not None:
             with contextlib.suppress(Exception):
                 await self.store.close()
@@ -180,6 +191,10 @@ class Worker:
             return
         if self.engine.resolver is not None:
             self.metrics.observe_dns(self.engine.resolver)
+        for kind, count in (("autolearn_failed", self.engine.autolearn_failed),
+                            ("autolearn_skipped", self.engine.autolearn_skipped)):  # fmt: skip
+            if count:
+                self.metrics.errors[kind] = count
         with contextlib.suppress(BlockingIOError, BrokenPipeError, OSError):
             os.write(self.report_fd, self.metrics.snapshot())
 

@@ -21,14 +21,17 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from pathlib import Path
 
 from filterd.config import Config, default_config
-from filterd.engine.bayes import BayesCheck, autolearn_decision
-from filterd.engine.bayes.base import Hashed
+from filterd.engine.bayes import BayesCheck, LearnResult, autolearn_decision
+from filterd.engine.bayes.base import Hashed, StoreInterrupted
 from filterd.engine.checks import builtin_checks
 from filterd.engine.message import ParsedMessage, parse_message
 from filterd.engine.plugin import Check, CheckSetup, Hit, Scan, ScanContext, Stage
@@ -40,6 +43,9 @@ from filterd.net.dns import Resolver
 __all__ = ["Engine", "Result", "shipped_rules_dir"]
 
 log = logging.getLogger(__name__)
+
+_AUTOLEARN_BATCH = 8  # messages: autolearn writes once this many wait...
+_AUTOLEARN_WAIT = 2.0  # seconds: ... or once this long has passed since it last wrote
 
 
 def shipped_rules_dir() -> Path:
@@ -93,7 +99,11 @@ class Engine:
         self.uri_parser = uri_parser
         self._is_async = {c.name: inspect.iscoroutinefunction(c.run) for c in checks}
         self._pending_learn: list[Hashed] = []  # (digest, token hashes, is_spam)
+        self._learning: list[tuple[Future[Counter[LearnResult]], int]] = []  # batches handed to the writer
         self._last_learn = time.monotonic()
+        self._counts_lock = threading.Lock()  # the writer's thread counts failures too
+        self.autolearn_failed = 0  # messages autolearn decided to learn, whose write failed
+        self.autolearn_skipped = 0  # messages not learnt: a whole batch was still being written
 
     @classmethod
     def load(
@@ -349,49 +359,112 @@ class Engine:
             facts=tuple(scan.facts.items()),
         )
 
+    @property
+    def bayes(self) -> BayesCheck | None:
+        """The Bayes check if it can learn (enabled, with a store: a state directory or Redis)."""
+        check = self.check("bayes")
+        return check if isinstance(check, BayesCheck) and check.active else None
+
     def _autolearn(self, scan: Scan) -> None:
         """Learn clear cases on the fly (SpamAssassin's autolearn), in small batches.
 
         The decision uses the score set without Bayes, so Bayes never trains on its own opinion.
-        Learnt messages are written once 8 are waiting or 2 s have passed, one transaction
-        each batch: a daemon killed meanwhile loses at most that batch, which only autolearn
-        would have learnt.
+        Learnt messages are handed to the Bayes writer (`BayesCheck.write`, a thread beside the
+        loop) once 8 are waiting or 2 s have passed, one transaction each batch; the scan does
+        not wait for it, and a failed write is logged and counted (`autolearn_failed`). No more
+        than one batch is ever unwritten: while the writer still holds 8 messages (another
+        process holds the store's lock), a further message is not learnt (autolearn=unavailable,
+        SpamAssassin's word for a locked database; counted in `autolearn_skipped`). So a daemon
+        killed meanwhile loses at most one batch, which only autolearn would have learnt.
         """
         cfg = self.config.bayes
         if not (cfg.enabled and cfg.autolearn) or scan.ctx.no_autolearn:
             scan.autolearn = "disabled"
             return
-        check = self.check("bayes")
-        store = getattr(check, "store", None)
-        if store is None:
+        check = self.bayes
+        if check is None:
             scan.autolearn = "unavailable"
             return
         decision = autolearn_decision(scan.hits, self.rules.info, self.config)
         if decision is None:
             scan.autolearn = "no"
             return
+        self._learning = [(future, n) for future, n in self._learning if not future.done()]
+        if len(self._pending_learn) + sum(n for _, n in self._learning) >= _AUTOLEARN_BATCH:
+            scan.autolearn = "unavailable"
+            with self._counts_lock:
+                self.autolearn_skipped += 1
+            return
         scan.autolearn = "spam" if decision else "ham"
-        self._pending_learn.append(store.hashed(scan.message, decision))  # tokens of this scan, not again later
+        self._pending_learn.append(check.hashed(scan.message, decision))  # tokens of this scan, not again later
         now = time.monotonic()
-        if len(self._pending_learn) >= 8 or now - self._last_learn >= 2.0:
+        if len(self._pending_learn) >= _AUTOLEARN_BATCH or now - self._last_learn >= _AUTOLEARN_WAIT:
             self._last_learn = now
-            if not self.flush_learning():
+            if not self._hand_over_learning(check):
                 scan.autolearn = "failed"
 
-    def flush_learning(self) -> bool:
-        """Write what autolearn has queued (the daemon calls this when a worker stops)."""
+    def _hand_over_learning(self, check: BayesCheck) -> bool:
+        """Hand what autolearn has queued to the writer as one batch; False if it has stopped."""
         batch, self._pending_learn = self._pending_learn, []
         if not batch:
-            return True  # before touching the store: reading it opens (creates) it
-        store = getattr(self.check("bayes"), "store", None)
-        if store is None:
-            return True
+            return True  # nothing to write: no writer thread is started for it
         try:
-            store.learn_hashed(batch)
-        except Exception as exc:  # learning is a side effect; it must never fail a scan
-            log.warning("autolearn of %d messages failed: %s", len(batch), exc)
+            future = check.write(lambda store: store.learn_hashed(batch))
+        except StoreInterrupted as exc:
+            self._autolearn_failed(len(batch), exc)
             return False
+        self._learning.append((future, len(batch)))
+
+        def written(future: Future[Counter[LearnResult]]) -> None:  # in the writer's thread
+            if future.cancelled() or (exc := future.exception()) is not None:
+                self._autolearn_failed(len(batch), "cancelled" if future.cancelled() else exc)
+
+        future.add_done_callback(written)
         return True
+
+    def _autolearn_failed(self, n: int, why: object) -> None:
+        # Learning is a side effect: it never fails a scan, it is logged and counted.
+        log.warning("autolearn of %d messages failed: %s", n, why)
+        with self._counts_lock:
+            self.autolearn_failed += n
+
+    def flush_learning(self, timeout: float | None = None) -> bool:
+        """Hand what autolearn has queued to the Bayes writer and wait until all it was handed is
+        written, ``timeout`` seconds at most; True if all of it was learnt. Blocking: for tools
+        and tests (a worker awaits `stop_learning`)."""
+        check = self.bayes
+        ok = check is None or self._hand_over_learning(check)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for future, _ in self._learning:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                ok = future.exception(remaining) is None and ok
+            except (TimeoutError, CancelledError):
+                ok = False
+        self._learning = [(future, n) for future, n in self._learning if not future.done()]
+        return ok
+
+    async def tell(
+        self, msg: ParsedMessage, *, forget: bool, learn_as: bool | None
+    ) -> tuple[LearnResult | None, LearnResult | None]:
+        """Learn through Bayes on request (spamd TELL): `BayesCheck.tell`, answered once written.
+        What autolearn has queued is handed to the writer first, so that the writes keep the
+        order they were decided in (a TELL overrides an earlier autolearn of the same message)."""
+        check = self.bayes
+        if check is None:
+            raise RuntimeError("Bayes cannot learn here (disabled, or no store configured)")
+        self._hand_over_learning(check)
+        return await check.tell(msg, forget=forget, learn_as=learn_as)
+
+    async def stop_learning(self, within: float) -> bool:
+        """Hand what autolearn has queued to the Bayes writer and let it finish, ``within``
+        seconds at most, after which nothing more is committed (a worker on its way out);
+        True if everything handed to it was written or failed in time."""
+        check = self.bayes
+        if check is None:
+            return True
+        self._hand_over_learning(check)
+        return await check.stop_writes(within)
 
     async def maintain_bayes(self) -> int | None:
         """Expire the Bayes store if `bayes.expiry_period` has passed since its last expiry (as

@@ -77,7 +77,9 @@ class Scan:
     deadline: float = 0.0  # loop.time() / monotonic at which the scan must wrap up
     problems: list[str] = field(default_factory=list)  # rule timeouts, check errors (for logs)
     rules: Mapping[str, RuleInfo] = field(default_factory=dict)  # what every rule is (scores, tflags)
-    autolearn: str = "no"  # what autolearn did: "ham", "spam", "no", "disabled", "failed"
+    # what autolearn did: "ham", "spam" (handed to the Bayes writer), "no", "disabled", "failed",
+    # "unavailable" (no store, or a whole batch still being written)
+    autolearn: str = "no"
     trust: TrustPath | None = None  # computed once by filterd.engine.trust.trust_path_of
     # Headers the output should carry, beyond X-Spam-* (e.g. Authentication-Results), in order.
     add_headers: list[tuple[str, str]] = field(default_factory=list)

@@ -25,27 +25,37 @@ def sqlite_store_path(config: Config, state_dir: str | Path = "") -> Path:
     return Path(state_dir or config.state_path) / STORE_FILE
 
 
-def open_bayes_store(config: Config, state_dir: str | Path = "", *, timeout: float | None = None) -> BayesStoreBase:
+def open_bayes_store(
+    config: Config, state_dir: str | Path = "", *, timeout: float | None = None, upkeep: bool = True
+) -> BayesStoreBase:
     """Open the store ``config`` names, creating it if missing. ``timeout`` (seconds) bounds each
-    Redis reply (default ``state.timeout``); tools moving whole stores want more."""
+    Redis reply (default ``state.timeout``); tools moving whole stores want more. ``upkeep``:
+    `BayesStoreBase.upkeep`."""
     state = config.state
     if state.backend == "redis":
         from filterd.engine.bayes.redis_store import RedisBayesStore  # redis only for sites that use it
 
-        return RedisBayesStore.open(
+        store: BayesStoreBase = RedisBayesStore.open(
             state.redis_url, state.redis_key_prefix + REDIS_NAMESPACE, config.bayes, timeout=timeout or state.timeout
         )
-    return BayesStore.open(sqlite_store_path(config, state_dir), config.bayes)
+        store.upkeep = upkeep
+        return store
+    return BayesStore.open(sqlite_store_path(config, state_dir), config.bayes, upkeep=upkeep)
 
 
-def open_existing_bayes_store(config: Config, state_dir: str | Path = "") -> BayesStoreBase | None:
+def open_existing_bayes_store(
+    config: Config, state_dir: str | Path = "", *, upkeep: bool = True
+) -> BayesStoreBase | None:
     """The store if something created it already (learning did), else None; creates nothing."""
     state = config.state
     if state.backend == "redis":
         from filterd.engine.bayes.redis_store import RedisBayesStore
 
-        return RedisBayesStore.open_existing(
+        found = RedisBayesStore.open_existing(
             state.redis_url, state.redis_key_prefix + REDIS_NAMESPACE, config.bayes, timeout=state.timeout
         )
+        if found is not None:
+            found.upkeep = upkeep
+        return found
     path = sqlite_store_path(config, state_dir)
-    return BayesStore.open(path, config.bayes) if path.exists() else None
+    return BayesStore.open(path, config.bayes, upkeep=upkeep) if path.exists() else None

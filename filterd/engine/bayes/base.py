@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import abc
 import base64
+import contextlib
 import enum
 import os
 import threading
@@ -388,6 +389,15 @@ class BayesStoreBase(abc.ABC):
         self._last: tuple[ParsedMessage, TokenViews[npt.NDArray[np.uint32]]] | None = None
         self._pid = os.getpid()
         self._interrupted = threading.Event()
+        # Whether `refresh` also makes the upkeep writes: the atimes of the buckets scans marked
+        # as seen (every 10 minutes, and on close) and, SQLite, a new snapshot once one is due. A
+        # handle that scores on an event loop turns it off and has a writer thread write them
+        # (`filterd.engine.bayes.writer`), so that its refresh only ever reads.
+        self.upkeep = True
+        # Entered around each commit (SQLite COMMIT, Redis learning or atime script): a writer
+        # thread's `CommitGate`, which a stopping worker shuts so that nothing commits once it
+        # has stopped waiting for the answer.
+        self.commit_guard: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
 
     @property
     @abc.abstractmethod
@@ -472,6 +482,25 @@ class BayesStoreBase(abc.ABC):
     def add_seen_marks(self, ids: Ids) -> None:
         """Mark buckets as seen, as scanning them would (`take_seen_marks` handed over)."""
         self._touched[ids] = True
+
+    def take_seen_marks_if_due(self) -> Ids | None:
+        """`take_seen_marks` once the 10 minutes between two writes of them have passed (for a
+        handle without `upkeep`, whose marks another handle writes), else None."""
+        if not self._touch_flush_due():
+            return None
+        self._touched_since = time.monotonic()
+        return self.take_seen_marks()
+
+    def write_seen_marks(self, ids: Ids) -> None:
+        """Write now, as last seen, the atime of these buckets (another handle's `take_seen_marks`)
+        and of those this handle marked."""
+        self._check_pid()
+        self.add_seen_marks(ids)
+        self._flush_touches()
+
+    @abc.abstractmethod
+    def _flush_touches(self) -> None:
+        """Write the atime of the buckets marked as seen, and unmark them."""
 
     def __enter__(self) -> BayesStoreBase:
         return self

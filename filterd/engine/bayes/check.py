@@ -9,7 +9,14 @@ directory given to the engine (or ``state_dir`` of the configuration; without on
 stays silent), or Redis with ``state.backend: redis``. It is opened on first use, so that each
 worker process opens its own connection after fork, and refreshed at most once a second, which
 bounds how stale a worker's counts can be. Scanning never creates the store (a filter that has
-learnt nothing has nothing to say); `BayesCheck.store`, used to learn, does.
+learnt nothing has nothing to say); learning does.
+
+That handle only reads (`BayesStoreBase.upkeep` off). Every write of the process goes to its
+`BayesWriter`, one thread with a handle of its own (`filterd.engine.bayes.writer`): spamd TELL
+(`tell`, awaited: the answer comes once it is committed), autolearn batches (`write`, not
+awaited) and, every 10 minutes, the atimes of the buckets scans marked as seen. Once the writer
+has finished a write, the next scan refreshes first, whatever the second: the process scores
+with its own learning at once, and with other processes' within a second.
 
 When Redis cannot be reached, scans go on with the counts this process last read (or without
 Bayes if it never read any) and the store is tried again 10 s later, so a dead server costs a
@@ -32,17 +39,23 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 from filterd.config import Config
 from filterd.engine.bayes.backend import STORE_FILE, open_bayes_store, open_existing_bayes_store
-from filterd.engine.bayes.base import BayesStoreBase, Ids, StoreInterrupted
+from filterd.engine.bayes.base import BayesStoreBase, Hashed, Ids, LearnResult, StoreInterrupted
+from filterd.engine.bayes.tokenizer import Tokenizer, message_digest
+from filterd.engine.bayes.writer import BayesWriter
+from filterd.engine.message import ParsedMessage
 from filterd.engine.plugin import CheckSetup, Hit, Scan, Stage
 from filterd.errors import StateError
 
 __all__ = ["BANDS", "STORE_FILE", "BayesCheck", "ExpiryJob", "bayes_rules"]
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -128,17 +141,35 @@ class BayesCheck:
         self._looked = -_REFRESH_INTERVAL  # when scanning last found no store
         self._retry_at = 0.0  # when an unreachable store may be tried again
         self._expiring: ExpiryJob | None = None
+        self._writer: BayesWriter | None = None
+        self._writer_pid = 0
+        self._finished_seen = 0  # the writer's finished writes when this process's handle last refreshed
+        self._tokenizer: Tokenizer | None = None  # for learning before this process has a handle
 
     @property
     def store(self) -> BayesStoreBase | None:
-        """The store, opened (and created) on first use in this process; None without a state
-        directory (SQLite) or with Bayes disabled."""
+        """This process's scoring handle, opened (and the store created) on first use; None
+        without a state directory (SQLite) or with Bayes disabled. It only reads: learn
+        through `tell` or `write` (tools that want a handle to write with open their own)."""
         if not self.active:
             return None
         if self._store is None or self._pid != os.getpid():
             # After fork the parent's connection must not be used; a fresh one is opened.
-            self._adopt(open_bayes_store(self._full_config, self.state_dir))
+            self._adopt(open_bayes_store(self._full_config, self.state_dir, upkeep=False))
         return self._store
+
+    @property
+    def writer(self) -> BayesWriter:
+        """This process's writer (module docstring), made at first use in the process."""
+        if self._writer is None or self._writer_pid != os.getpid():
+            self._writer = BayesWriter(self._full_config, self.state_dir)
+            self._writer_pid = os.getpid()
+            self._finished_seen = 0
+        return self._writer
+
+    def _own_writer(self) -> BayesWriter | None:
+        """The writer this process made, if any."""
+        return self._writer if self._writer is not None and self._writer_pid == os.getpid() else None
 
     def _adopt(self, store: BayesStoreBase) -> None:
         self._store = store
@@ -156,16 +187,35 @@ class BayesCheck:
         if store is None:
             if not self.active or now - self._looked < _REFRESH_INTERVAL:
                 return None
-            found = open_existing_bayes_store(self._full_config, self.state_dir)
+            found = open_existing_bayes_store(self._full_config, self.state_dir, upkeep=False)
             if found is None:
                 self._looked = now
                 return None
             self._adopt(found)
             return found
-        if now - self._refreshed >= _REFRESH_INTERVAL:
+        writer = self._own_writer()
+        finished = writer.finished if writer is not None else self._finished_seen
+        if now - self._refreshed >= _REFRESH_INTERVAL or finished != self._finished_seen:
             self._refreshed = now
+            self._finished_seen = finished
             store.refresh()
+            marks = store.take_seen_marks_if_due()
+            if marks is not None and marks.size:
+                self._write_seen_marks(marks)
         return store
+
+    def _write_seen_marks(self, marks: Ids) -> None:
+        """The atimes of buckets scans used, written by the writer (a failure is logged)."""
+
+        def job(store: BayesStoreBase) -> None:
+            store.refresh()  # the Redis store writes atimes of non-empty buckets only, by its counts
+            store.write_seen_marks(marks)
+
+        try:
+            future = self.writer.submit(job)
+        except StoreInterrupted:
+            return  # the process is stopping
+        future.add_done_callback(_log_failure(f"writing the atimes of {marks.size} scanned buckets"))
 
     def run(self, scan: Scan) -> Sequence[Hit]:
         now = time.monotonic()
@@ -232,6 +282,51 @@ class BayesCheck:
             return None
         return ExpiryJob(self._full_config, self.state_dir, store.take_seen_marks(), store.where)
 
+    # -- learning, beside the loop --------------------------------------------------------------
+
+    def hashed(self, msg: ParsedMessage, is_spam: bool) -> Hashed:
+        """What learning ``msg`` writes (`BayesStoreBase.hashed`): the tokens of the message this
+        process's handle just scored are not computed again."""
+        store = self._opened()
+        if store is not None:
+            return store.hashed(msg, is_spam)
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer()
+        return message_digest(msg), self._tokenizer.hashes(msg), bool(is_spam)
+
+    def write(self, job: Callable[[BayesStoreBase], T]) -> Future[T]:
+        """Run ``job`` with the writer's handle, after every write handed over before it (module
+        docstring). Raises StoreInterrupted once the writer has stopped."""
+        return self.writer.submit(job)
+
+    async def tell(
+        self, msg: ParsedMessage, *, forget: bool, learn_as: bool | None
+    ) -> tuple[LearnResult | None, LearnResult | None]:
+        """spamd TELL: forget ``msg`` if asked, then learn it as spam (True) or ham (False) if
+        asked, each one transaction, in the writer; returns once both are committed: what
+        forgetting and learning did (None for what was not asked). Raises what they raise."""
+
+        def job(store: BayesStoreBase) -> tuple[LearnResult | None, LearnResult | None]:
+            forgotten = store.forget(msg) if forget else None
+            learnt = store.learn(msg, learn_as) if learn_as is not None else None
+            return forgotten, learnt
+
+        return await asyncio.wrap_future(self.write(job))
+
+    async def stop_writes(self, within: float) -> bool:
+        """Let the writer finish what it was handed (``within`` seconds, after which
+        nothing more commits) and close its handle, with the seen marks of this process's scans
+        written; True if it finished. A worker on its way out."""
+        writer = self._own_writer()
+        if writer is None:
+            return True
+        store = self._opened()
+        if store is not None:
+            marks = store.take_seen_marks()
+            with contextlib.suppress(StoreInterrupted):
+                writer.submit(lambda s: s.add_seen_marks(marks))  # written as the writer closes
+        return await writer.stop_async(within)
+
     def _give_back(self, job: ExpiryJob) -> None:
         """A failed job's seen marks go back to this process's handle, to be written later."""
         store = self._opened()
@@ -239,10 +334,30 @@ class BayesCheck:
             store.add_seen_marks(job.seen)
 
     def close(self) -> None:
-        """Close the store (workers on their way out; tests)."""
-        if self._store is not None and self._pid == os.getpid():
-            self._store.close()
+        """Let the writer finish (waiting as long as that takes) and close it, with the seen marks
+        of this process's scans; close the scoring handle (tools, tests)."""
+        writer = self._own_writer()
+        store = self._opened()
+        if writer is not None:
+            if store is not None:
+                marks = store.take_seen_marks()
+                with contextlib.suppress(StoreInterrupted):
+                    writer.submit(lambda s: s.add_seen_marks(marks))
+            writer.stop()
+        elif store is not None:
+            store.upkeep = True  # no writer, no loop to keep free: it writes its marks as it closes
+        self._writer = None
+        if store is not None:
+            store.close()
         self._store = None
+
+
+def _log_failure(what: str) -> Callable[[Future[None]], None]:
+    def done(future: Future[None]) -> None:
+        if not future.cancelled() and (exc := future.exception()) is not None:
+            log.warning("Bayes writer: %s failed: %s", what, exc)
+
+    return done
 
 
 async def _run_in_thread(job: ExpiryJob) -> int | None:

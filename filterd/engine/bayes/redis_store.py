@@ -57,7 +57,8 @@ keys (``noeviction``, or a volatile-* one).
 
 The client is redis-py's synchronous one, as the store's API is: scoring reads memory; `refresh`
 costs one round trip a second per worker, bounded by ``state.timeout``; writes come in batches
-(TELL, autolearn, `filterd learn`). The SQLite store blocks its process for the same moments.
+(TELL, autolearn, `filterd learn`), which a daemon worker makes in a thread beside its loop with
+a handle of its own (`filterd.engine.bayes.writer`), as it does with the SQLite store.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ from filterd.engine.bayes.base import (
     LearnResult,
     MessageRow,
     StoreError,
+    StoreInterrupted,
     Triples,
     aggregate,
     buckets_from_messages,
@@ -450,8 +452,9 @@ class RedisBayesStore(BayesStoreBase):
             return
         self._closed = True
         if self._pid == os.getpid():  # a client inherited over fork belongs to the parent
-            with contextlib.suppress(redis.exceptions.RedisError):
-                self._flush_touches()
+            if self.upkeep:
+                with contextlib.suppress(redis.exceptions.RedisError, StoreInterrupted):
+                    self._flush_touches()
             self._r.close()
 
     # -- keys and reading many of them -------------------------------------------------------------
@@ -528,7 +531,7 @@ class RedisBayesStore(BayesStoreBase):
             self._reload()
         else:
             self._nspam, self._nham = state.nspam, state.nham
-        if self._touch_flush_due():
+        if self.upkeep and self._touch_flush_due():
             self._flush_touches()
 
     def _catch_up(self, entries: LogEntries, target: int) -> bool:
@@ -567,7 +570,9 @@ class RedisBayesStore(BayesStoreBase):
         args: list[Any] = [self._epoch, gen, len(writes), d_spam, d_ham, encode_delta(inc, dec, EMPTY_IDS)]
         for digest, version, klass, blob in writes:
             args += [digest, version, klass, blob]
-        reply = cast(list[Any], self._scripts["apply"](keys=[self._state_key, gen + "msgs", gen + "log"], args=args))
+        keys = [self._state_key, gen + "msgs", gen + "log"]
+        with self.commit_guard:
+            reply = cast(list[Any], self._scripts["apply"](keys=keys, args=args))
         if reply[0] == b"ok":
             return True
         if reply[0] == b"epoch":
@@ -632,7 +637,8 @@ class RedisBayesStore(BayesStoreBase):
         self._touched[:] = False
         for start in range(0, ids.size, _SCRIPT_CHUNK):
             chunk = ids[start : start + _SCRIPT_CHUNK].astype("<i4").tobytes()
-            self._scripts["touch"](keys=[self._state_key], args=[self._epoch, self._gen(), chunk])
+            with self.commit_guard:
+                self._scripts["touch"](keys=[self._state_key], args=[self._epoch, self._gen(), chunk])
 
     @_redis_errors
     def expire(self, max_tokens: int | None = None) -> int:

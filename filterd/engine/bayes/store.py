@@ -30,7 +30,9 @@ can afford that, an fsync per learnt message in a scanning worker it cannot.
 
 Token atime: learning sets it; scanning marks the buckets it read in memory, and the marks
 are written out at most every 10 minutes (and on close, and before an expiry), so expiry drops
-what is neither learnt nor seen any more.
+what is neither learnt nor seen any more. A daemon worker's scanning handle writes nothing
+itself (`BayesStoreBase.upkeep` off): its writer thread writes its marks, and the snapshots,
+as it writes what the worker learns (`filterd.engine.bayes.writer`).
 
 The backup format and what both backends share are described in `filterd.engine.bayes.base`;
 `filterd.engine.bayes.redis_store` keeps the same data in Redis.
@@ -150,11 +152,12 @@ class BayesStore(BayesStoreBase):
     # -- opening ---------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | Path, config: BayesConfig) -> BayesStore:
+    def open(cls, path: str | Path, config: BayesConfig, *, upkeep: bool = True) -> BayesStore:
         """Open the store at ``path``, creating the file (and its directory) if missing.
 
         A store keeps the n_features it was created with; a different configured value is
-        logged and ignored (restore a backup into a new store to change it).
+        logged and ignored (restore a backup into a new store to change it). Without ``upkeep``
+        (`BayesStoreBase.upkeep`) neither opening nor refreshing writes a snapshot or atimes.
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -190,8 +193,10 @@ class BayesStore(BayesStoreBase):
                 TOKENIZER_VERSION,
             )
         store = cls(conn, path, config, n_features)
+        store.upkeep = upkeep
         store.refresh()
-        store._maybe_snapshot()
+        if upkeep:
+            store._maybe_snapshot()
         return store
 
     @staticmethod
@@ -217,9 +222,9 @@ class BayesStore(BayesStoreBase):
             raise
 
     def close(self) -> None:
-        """Write pending atimes and close the connection."""
-        if self._pid == os.getpid():
-            with contextlib.suppress(sqlite3.Error):
+        """Write pending atimes (with `upkeep`) and close the connection."""
+        if self._pid == os.getpid() and self.upkeep:
+            with contextlib.suppress(sqlite3.Error, StoreInterrupted):
                 self._flush_touches()
         with self._conn_lock:
             self._closed = True
@@ -262,9 +267,9 @@ class BayesStore(BayesStoreBase):
             self._nspam, self._nham = int(nspam), int(nham)
         finally:
             conn.execute("COMMIT")
-        if self._touch_flush_due():
+        if self.upkeep and self._touch_flush_due():
             self._flush_touches()
-        if self._snapshot_due:
+        if self.upkeep and self._snapshot_due:
             self._maybe_snapshot()
 
     def _reload(self, seq: int, epoch: int) -> None:
@@ -297,17 +302,19 @@ class BayesStore(BayesStoreBase):
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; taken at once (IMMEDIATE) so it cannot deadlock on upgrade."""
+        """One write transaction; taken at once (IMMEDIATE) so it cannot deadlock on upgrade.
+        It commits inside `commit_guard`, which may refuse (StoreInterrupted: rolled back)."""
         self._check_pid()
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
+            with self.commit_guard:
+                conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:  # an interrupted write has rolled back by itself
                 conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
 
     def _commit_delta(
         self, conn: sqlite3.Connection, inc: Triples, dec: Triples, zero: Ids, d_spam: int, d_ham: int
