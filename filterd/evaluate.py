@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from filterd.config import Config
+from filterd.headerblock import header_block_bounds
 from filterd.mailbox import iter_messages
 
 if TYPE_CHECKING:
@@ -67,7 +68,6 @@ DEFAULT_FOLDS = 10
 ROC_MIN_FPR = 1e-4
 Label = Literal["ham", "spam"]
 
-_HEADER_END = re.compile(rb"\n\r?\n")
 _X_SPAM_FIELD = re.compile(rb"^X-Spam-[^:\n]*:[^\n]*\n(?:[ \t][^\n]*\n)*", re.M | re.I)
 
 
@@ -95,8 +95,8 @@ def strip_x_spam(raw: bytes) -> bytes:
     """Remove top-level ``X-Spam-*`` fields: a verdict someone else wrote must not be learnt or scored."""
     if raw[:1] == b"\n" or raw[:2] == b"\r\n":
         return raw  # no header block at all
-    m = _HEADER_END.search(raw)
-    head, body = (raw, b"") if m is None else (raw[: m.start() + 1], raw[m.start() + 1 :])
+    end, _ = header_block_bounds(raw)
+    head, body = raw[:end], raw[end:]
     return _X_SPAM_FIELD.sub(b"", head) + body
 
 
@@ -212,8 +212,8 @@ def body_key(sample: Sample) -> str:
 
     An empty body says nothing about kinship, so such a message is its own group.
     """
-    m = _HEADER_END.search(sample.raw)
-    body = b"" if m is None else sample.raw[m.end() :]
+    _, start = header_block_bounds(sample.raw)
+    body = sample.raw[start:]
     body = body.replace(b"\r\n", b"\n").strip()
     if not body:
         return "id:" + sample.ident

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +67,10 @@ class Daemon:
     def wait_for_log(self, pattern: str, timeout: float = 30, count: int = 1) -> re.Match[str]:
         return wait_for_log(self.proc, self.log, pattern, name="daemon", timeout=timeout, count=count)
 
+    def milter_port(self) -> int:
+        """The port of a milter listener started with ``--milter-listen 127.0.0.1:0``."""
+        return int(self.wait_for_log(r"listening for milter on 127\.0\.0\.1:(\d+)").group(1))
+
 
 def start_daemon(tmp_path: Path, *args: str, config: str = "", workers: int = 2, metrics: bool = True) -> Daemon:
     """Start the daemon on a Unix socket and an ephemeral loopback TCP port; wait until ready."""
@@ -113,11 +118,19 @@ def start_daemon(tmp_path: Path, *args: str, config: str = "", workers: int = 2,
     return daemon
 
 
+def milter_daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """A one-worker daemon with its milter on a loopback port (`Daemon.milter_port`), for a
+    module-scoped fixture to ``yield from``; stopped cleanly afterwards."""
+    d = start_daemon(tmp_path, "--milter-listen", "127.0.0.1:0", workers=1, metrics=False)
+    yield d
+    assert d.stop() == 0, d.log()
+
+
 def through_milter(daemon: Daemon, data: bytes, *, client: str, queue_id: str) -> tuple[Verdict, MessageEdits]:
     """One message from alice@sender.test to bob@local.test through the daemon's milter on
     loopback (started with ``--milter-listen 127.0.0.1:0``), as an MTA connected from ``client``
     would send it; the end-of-message verdict and the edits asked for."""
-    port = int(daemon.wait_for_log(r"listening for milter on 127\.0\.0\.1:(\d+)").group(1))
+    port = daemon.milter_port()
 
     async def session() -> tuple[Verdict, MessageEdits]:
         s = MilterSession(f"127.0.0.1:{port}", connect_timeout=10, timeout=60)

@@ -116,7 +116,7 @@ def test_milter_refuses_a_blocklisted_client_at_connect(tmp_path: Path) -> None:
     config = "milter: {reject_at_connect: true}\nlists: {blocklist_ip: [11.22.33.0/24]}\n"
     daemon = start_daemon(tmp_path, "--milter-listen", "127.0.0.1:0", config=config, workers=1, metrics=False)
     try:
-        port = int(daemon.wait_for_log(r"listening for milter on 127\.0\.0\.1:(\d+)").group(1))
+        port = daemon.milter_port()
         script = tmp_path / "connect.lua"
         script.write_text(
             'function check(ok, what) if not ok then print("FAIL: " .. what); os.exit(1) end end\n'

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.daemon_fixture import Daemon, start_daemon
+from tests.daemon_fixture import Daemon, milter_daemon
 from tests.mta.mta_fixture import Mta, start_mta
 from tests.postfix_fixture import Postfix, start_postfix
 
@@ -28,14 +28,12 @@ DATE_RULES = {"HDR_DATE_PAST_4D", "HDR_DATE_PAST_1Y", "HDR_DATE_FUTURE_3H", "HDR
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = start_daemon(tmp_path_factory.mktemp("daemon"), "--milter-listen", "127.0.0.1:0", workers=1, metrics=False)
-    yield d
-    assert d.stop() == 0, d.log()
+    yield from milter_daemon(tmp_path_factory.mktemp("daemon"))
 
 
 @pytest.fixture(scope="module")
 def milter_port(daemon: Daemon) -> int:
-    return int(daemon.wait_for_log(r"listening for milter on 127\.0\.0\.1:(\d+)").group(1))
+    return daemon.milter_port()
 
 
 @pytest.fixture(scope="module")

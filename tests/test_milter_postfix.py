@@ -51,7 +51,7 @@ def marker() -> str:
 
 
 def milter_port(daemon: Daemon) -> int:
-    return int(daemon.wait_for_log(r"listening for milter on 127\.0\.0\.1:(\d+)").group(1))
+    return daemon.milter_port()
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 
 def run_lua(daemon: Daemon, tmp_path: Path, body: str, rcpt: str = "bob@example.org") -> str:
-    port = int(daemon.wait_for_log(r"listening for milter on 127\.0\.0\.1:(\d+)").group(1))
+    port = daemon.milter_port()
     script = tmp_path / "test.lua"
     script.write_text(
         'function check(ok, what) if not ok then print("FAIL: " .. what); os.exit(1) end end\n'
@@ -149,7 +149,7 @@ def test_reload_lets_an_open_milter_conversation_finish(tmp_path: Path) -> None:
 
     d = start_daemon(tmp_path, "--milter-listen", "127.0.0.1:0", workers=1, metrics=False)
     try:
-        port = int(d.wait_for_log(r"listening for milter on 127\.0\.0\.1:(\d+)").group(1))
+        port = d.milter_port()
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
             sock.sendall(packet(b"O", struct.pack(">III", 6, 0x1FF, 0x1FFFFF)))
             assert reply(sock)[:1] == b"O"

@@ -320,15 +320,15 @@ class Engine:
         return info.score_for(bayes_active) if info is not None else 0.0
 
     @staticmethod
-    def _bayes_active(scan: Scan) -> bool:
+    def _bayes_active(rules: Iterable[str]) -> bool:
         """Bayes gave an opinion (exactly one BAYES_xx fires then): use the scores fitted with it."""
-        return any(name.startswith("BAYES_") for name in scan.hits)
+        return any(name.startswith("BAYES_") for name in rules)
 
     def score(self, hits: Iterable[Hit]) -> float:
         """The points of these hits as a scan adds them up: sub-rules score nothing, and the score
         set with Bayes applies when a BAYES_xx rule is among them."""
         hits = list(hits)
-        active = any(h.rule.startswith("BAYES_") for h in hits)
+        active = self._bayes_active(h.rule for h in hits)
         return sum(self._score_of(h, active) for h in hits if not h.rule.startswith("__"))
 
     def _sum(self, scan: Scan) -> float:
@@ -337,7 +337,7 @@ class Engine:
     def _result(self, scan: Scan, required: float | None, elapsed: float) -> Result:
         required_score = self.config.scoring.required_score if required is None else required
         score = round(self._sum(scan), 3)
-        active = self._bayes_active(scan)
+        active = self._bayes_active(scan.hits)
         shown = tuple(
             Hit(h.rule, h.detail, self._score_of(h, active), h.value)
             for n, h in sorted(scan.hits.items())

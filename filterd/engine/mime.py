@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote_to_bytes
 
 from filterd.engine.textcodec import decode_bytes, decode_header_value
+from filterd.headerblock import header_block_bounds
 
 __all__ = ["MimeLeaf", "RawField", "content_params", "split_header_block", "split_multipart", "walk_mime"]
 
@@ -41,11 +42,8 @@ class HeaderBlock:
 def split_header_block(data: bytes) -> HeaderBlock:
     """Split a header block into fields and return the body after the blank line."""
     problems: list[str] = []
-    m = re.search(rb"\n\r?\n", data)
-    if m is None:
-        block, body = data, b""
-    else:
-        block, body = data[: m.start() + 1], data[m.end() :]
+    end, start = header_block_bounds(data)
+    block, body = data[:end], data[start:]
     if data[:1] in (b"\n",) or data[:2] == b"\r\n":  # empty header block
         return HeaderBlock([], data[1:] if data[:1] == b"\n" else data[2:], problems)
     lines = block.split(b"\n")
@@ -67,7 +65,7 @@ def split_header_block(data: bytes) -> HeaderBlock:
             # Neither a field nor a fold: the header block ended without a blank line.
             problems.append("too-many-headers" if len(fields) >= _MAX_HEADERS else "no-header-body-separator")
             rest = b"\n".join(lines[i:])
-            body = rest + (b"\n" + data[m.start() + 1 :] if m is not None else b"")
+            body = rest + (b"\n" + data[end:] if end < len(data) else b"")
             break
     if current:
         fields.append(_raw_field(current))

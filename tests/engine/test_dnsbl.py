@@ -148,6 +148,14 @@ def scan(engine: Engine, raw: bytes, ctx: ScanContext | None = None) -> Result:
     return asyncio.run(engine.scan(raw, ctx or ScanContext(no_autolearn=True)))
 
 
+def scan_twice(engine: Engine, raw: bytes, caplog: pytest.LogCaptureFixture) -> tuple[Result, Result, list[str]]:
+    """Two scans of one message, and the warnings the DNSBL check logged meanwhile."""
+    with caplog.at_level(logging.WARNING, logger="filterd.engine.checks.dnsbl"):
+        first = scan(engine, raw)
+        second = scan(engine, raw)
+    return first, second, [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
 def dnsbl_hits(result: Result) -> dict[str, tuple[float, str]]:
     return {
         h.rule: (h.score if h.score is not None else 0.0, h.detail)
@@ -324,14 +332,11 @@ def test_blocked_answer_is_no_listing_and_is_reported_once(
     server = make_dns_server({"zen.test": "* 1 A 127.255.255.254"})
     engine = Engine.load(site.config(server.spec, only_dnsbl_rules=True), checks=[DnsblCheck])
     raw = message(received("11.22.33.44"))
-    with caplog.at_level(logging.WARNING, logger="filterd.engine.checks.dnsbl"):
-        first = scan(engine, raw)
-        second = scan(engine, raw)
+    first, second, warnings = scan_twice(engine, raw, caplog)
     for result in (first, second):
         assert dnsbl_hits(result) == {
             "DNSBL_BLOCKED": (0.0, "zen.test answered 127.255.255.254: this resolver is refused; the list is unusable")
         }
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "zen.test answered 127.255.255.254: this resolver is blocked by the list" in warnings[0]
     assert resolver_of(engine).zones["zen.test"].blocked
@@ -518,14 +523,11 @@ def test_dnswl_refusal_fires_only_its_blocked_rule_and_is_logged_once(
     server = make_dns_server({"dnswl.test": "* 1 A 127.0.0.255", "zen.test": [], "dbl.test": [], "uribl.test": []})
     engine = Engine.load(site.config(server.spec, DNSWL_ON, only_dnsbl_rules=True), checks=[DnsblCheck])
     raw = message(received("81.2.3.13"))
-    with caplog.at_level(logging.WARNING, logger="filterd.engine.checks.dnsbl"):
-        first = scan(engine, raw)
-        second = scan(engine, raw)
+    first, second, warnings = scan_twice(engine, raw, caplog)
     for result in (first, second):
         assert dnsbl_hits(result) == {"RCVD_IN_DNSWL_BLOCKED": (0.0, f"dnswl.test answered 127.0.0.255{REFUSED}")}
         assert result.score == 0.0
         assert not any("dnsbl" in p for p in result.problems)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "dnswl.test answered 127.0.0.255: this resolver is blocked by the list" in warnings[0]
     assert resolver_of(engine).zones["dnswl.test"].blocked

@@ -41,7 +41,7 @@ from filterd.protocols.milter import Data as MilterData
 from filterd.protocols.milter import MailFrom as MilterMailFrom
 from filterd.protocols.milter import RcptTo as MilterRcptTo
 from tests._servers import free_port
-from tests.daemon_fixture import Daemon, need_binary, start_daemon
+from tests.daemon_fixture import Daemon, milter_daemon, need_binary
 from tests.mta.milter_helpers import Script, serve_filter
 from tests.mta.mta_fixture import Mta, start_mta
 
@@ -50,14 +50,12 @@ GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = start_daemon(tmp_path_factory.mktemp("daemon"), "--milter-listen", "127.0.0.1:0", workers=1, metrics=False)
-    yield d
-    assert d.stop() == 0, d.log()
+    yield from milter_daemon(tmp_path_factory.mktemp("daemon"))
 
 
 @pytest.fixture(scope="module")
 def mta(tmp_path_factory: pytest.TempPathFactory, daemon: Daemon) -> Iterator[Mta]:
-    port = int(daemon.wait_for_log(r"listening for milter on 127\.0\.0\.1:(\d+)").group(1))
+    port = daemon.milter_port()
     m = start_mta(
         tmp_path_factory.mktemp("mta"), "--filter", f"127.0.0.1:{port}", config="mta: {milter_timeout: 30s}\n"
     )

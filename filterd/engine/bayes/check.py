@@ -320,12 +320,16 @@ class BayesCheck:
         writer = self._own_writer()
         if writer is None:
             return True
-        store = self._opened()
+        self._hand_over_seen_marks(writer, self._opened())
+        return await writer.stop_async(within)
+
+    @staticmethod
+    def _hand_over_seen_marks(writer: BayesWriter, store: BayesStoreBase | None) -> None:
+        """The scans' seen marks go to the writer's handle, which writes them as it closes."""
         if store is not None:
             marks = store.take_seen_marks()
             with contextlib.suppress(StoreInterrupted):
-                writer.submit(lambda s: s.add_seen_marks(marks))  # written as the writer closes
-        return await writer.stop_async(within)
+                writer.submit(lambda s: s.add_seen_marks(marks))
 
     def _give_back(self, job: ExpiryJob) -> None:
         """A failed job's seen marks go back to this process's handle, to be written later."""
@@ -339,10 +343,7 @@ class BayesCheck:
         writer = self._own_writer()
         store = self._opened()
         if writer is not None:
-            if store is not None:
-                marks = store.take_seen_marks()
-                with contextlib.suppress(StoreInterrupted):
-                    writer.submit(lambda s: s.add_seen_marks(marks))
+            self._hand_over_seen_marks(writer, store)
             writer.stop()
         elif store is not None:
             store.upkeep = True  # no writer, no loop to keep free: it writes its marks as it closes

@@ -15,6 +15,7 @@ import email.header
 import re
 
 from filterd.config import AuthConfig
+from filterd.headerblock import header_block_bounds
 from filterd.net.hostname import fqdn
 
 __all__ = [
@@ -26,7 +27,6 @@ _TSPECIALS = frozenset('()<>@,;:\\"/[]?=')  # RFC 2045: what ends a token
 _WHITESPACE = frozenset(" \t\r\n")
 # A header block split into fields: each starts at a line that does not begin with a blank.
 _FIELD_START = re.compile(r"(?<=\n)(?=[^ \t\r\n])")
-_HEADER_END = re.compile(rb"\n\r?\n")  # the empty line after the header block
 
 
 def effective_authserv_id(config: AuthConfig) -> str:
@@ -118,8 +118,7 @@ def message_without_claims(data: bytes, authserv_id: str) -> bytes:
     of ``data`` when there is none); the body is not read, and comes back byte for byte."""
     if data.startswith((b"\n", b"\r\n")):
         return data  # an empty header block
-    end = _HEADER_END.search(data)
-    cut = end.start() + 1 if end is not None else len(data)
+    cut, _ = header_block_bounds(data)
     block = data[:cut].decode("ascii", "surrogateescape")
     kept = without_claims(block, authserv_id)
     if kept == block:
