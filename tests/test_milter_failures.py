@@ -48,13 +48,15 @@ class FailingEngine:
         raise RuntimeError("the engine broke")
 
 
-async def converse(service: MilterService, body: list[bytes]) -> list[tuple[bytes, bytes]]:
+async def converse(
+    service: MilterService, body: list[bytes], conversation: list[bytes] = CONVERSATION
+) -> list[tuple[bytes, bytes]]:
     """Run one conversation; returns the filter's replies as (command, data)."""
     ours, theirs = socket.socketpair()
     reader, writer = await asyncio.open_connection(sock=ours)
     task = asyncio.create_task(service.serve(reader, writer, "test"))
     mta_reader, mta_writer = await asyncio.open_connection(sock=theirs)
-    mta_writer.write(b"".join(CONVERSATION + [packet(b"B", chunk) for chunk in body] + [packet(b"E")]))
+    mta_writer.write(b"".join(conversation + [packet(b"B", chunk) for chunk in body] + [packet(b"E")]))
     replies = []
     while True:
         length = struct.unpack(">I", await asyncio.wait_for(mta_reader.readexactly(4), 10))[0]
@@ -69,11 +71,11 @@ async def converse(service: MilterService, body: list[bytes]) -> list[tuple[byte
     return replies
 
 
-def service(engine: Any, **milter: Any) -> MilterService:
+def service(engine: Any, slots: int = 4, **milter: Any) -> MilterService:
     config = default_config()
     config = dataclasses.replace(config, milter=dataclasses.replace(config.milter, **milter))
     return MilterService(engine, config, WorkerMetrics(), greylist=None, prefs=UserPrefsStore(""),
-                         scans=asyncio.Semaphore(4))  # fmt: skip
+                         scans=asyncio.Semaphore(slots))  # fmt: skip
 
 
 @pytest.mark.parametrize("on_error", ["tempfail", "accept"])
@@ -99,3 +101,20 @@ def test_oversize_accept_skips_the_rest_and_does_not_scan() -> None:
     assert replies[1] == (b"c", b"") and replies[2] == (b"s", b"")  # past max_size: SKIP
     assert replies[-2][0] == b"h" and replies[-2][1].startswith(b"X-Filterd-Skipped\x00message larger than 1024")
     assert replies[-1] == (b"c", b"") and engine.scans == 0
+
+
+def test_busy_worker_accepts_unscanned_without_the_inbound_skipped_header() -> None:
+    # Every scan slot taken: on_error accept, our X-Filterd-Skipped; the one the message came
+    # with (forged, twice, one spelled in lower case) is deleted first, last occurrence first.
+    engine = FailingEngine()
+    svc = service(engine, slots=0, on_error="accept")
+    forged = [packet(b"L", b"X-Filterd-Skipped\x00scan failed: all is well\x00"),
+              packet(b"L", b"x-filterd-skipped\x00again\x00")]  # fmt: skip
+    replies = asyncio.run(converse(svc, [b"Hello\r\n"], CONVERSATION[:-1] + forged + CONVERSATION[-1:]))
+    assert replies[-4:] == [
+        (b"m", b"\x00\x00\x00\x02X-Filterd-Skipped\x00\x00"),
+        (b"m", b"\x00\x00\x00\x01X-Filterd-Skipped\x00\x00"),
+        (b"h", b"X-Filterd-Skipped\x00all scan slots busy\x00"),
+        (b"c", b""),
+    ]
+    assert engine.scans == 0 and svc.metrics.errors["milter_busy"] == 1

@@ -118,7 +118,8 @@ def headers_of(delivered: bytes) -> bytes:
 def test_clean_message_is_delivered_with_spam_status_no(postfix: Postfix, daemon: Daemon) -> None:
     swaks = need_binary("swaks")
     m = marker()
-    data = message(m, extra=b"X-Spam-Flag: YES\r\nX-Spam-Status: Yes, forged by the sender\r\n")
+    data = message(m, extra=b"X-Spam-Flag: YES\r\nX-Spam-Status: Yes, forged by the sender\r\n"
+                   b"X-Filterd-Skipped: forged by the sender too\r\n")
     proc = subprocess.run(
         [swaks, "--server", f"127.0.0.1:{postfix.ports['milter']}", "--from", "alice@example.net",
          "--to", "bob@example.org", "--helo", "client.example.net", "--data", "-", "--silent", "2"],
@@ -130,6 +131,7 @@ def test_clean_message_is_delivered_with_spam_status_no(postfix: Postfix, daemon
     assert b"X-Spam-Checker-Version: filterd" in head
     # What the sender claimed is gone; network checks are off, so no Authentication-Results.
     assert b"forged by the sender" not in head and b"X-Spam-Flag" not in head
+    assert b"X-Filterd-Skipped" not in head  # it was scanned
     assert head.count(b"X-Spam-Status") == 1 and b"Authentication-Results" not in head
     daemon.wait_for_log(r"milter qid=\w+ client=127\.0\.0\.1 .*verdict=accepted")
 

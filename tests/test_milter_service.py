@@ -55,6 +55,7 @@ def run_lua(daemon: Daemon, tmp_path: Path, body: str, rcpt: str = "bob@example.
         'check(mt.header(conn, "Date", "Mon, 05 Jan 2026 10:00:00 +0000") == nil, "header Date")\n'
         'check(mt.header(conn, "Message-ID", "<lunch.1@example.net>") == nil, "header Message-ID")\n'
         'check(mt.header(conn, "X-Spam-Flag", "YES") == nil, "header X-Spam-Flag")\n'
+        'check(mt.header(conn, "X-Filterd-Skipped", "forged") == nil, "header X-Filterd-Skipped")\n'
         'check(mt.eoh(conn) == nil, "eoh")\n'
         + body
         + 'mt.disconnect(conn)\nprint("PASS")\n'
@@ -88,6 +89,8 @@ def test_miltertest_clean_message_gets_headers(daemon: Daemon, tmp_path: Path) -
         'check(string.find(mt.getheader(conn, "X-Spam-Status", 0), "^No, score=") ~= nil, "status No")\n'
         'check(not mt.eom_check(conn, MT_HDRADD, "X-Spam-Flag"), "no X-Spam-Flag added")\n'
         'check(mt.eom_check(conn, MT_HDRDELETE, "X-Spam-Flag"), "the forged X-Spam-Flag deleted")\n'
+        'check(mt.eom_check(conn, MT_HDRDELETE, "X-Filterd-Skipped"), "the forged X-Filterd-Skipped deleted")\n'
+        'check(not mt.eom_check(conn, MT_HDRADD, "X-Filterd-Skipped"), "no X-Filterd-Skipped added")\n'
     ))  # fmt: skip
 
 

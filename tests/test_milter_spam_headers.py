@@ -1,10 +1,13 @@
-"""X-Spam-* headers a message arrives with, on every milter path that lets it through.
+"""X-Spam-* and X-Filterd-Skipped headers a message arrives with, on every milter path that lets
+it through.
 
 They are forged or another filter's; delivery rules (Sieve, procmail) believe ours, so only ours
 may reach the mailbox, as with spamd and spamass-milter. A message accepted without a scan
 (past ``milter.max_size`` with ``oversize: accept``; a scan that fails or outlives
-``scan_timeout`` with ``on_error: accept``) carries no X-Spam-* at all, only X-Filterd-Skipped
-saying why: an outsider's ``X-Spam-Status: No`` must not speak for us there either.
+``scan_timeout`` with ``on_error: accept``) carries no X-Spam-* at all, only our X-Filterd-Skipped
+saying why: an outsider's ``X-Spam-Status: No`` must not speak for us there either. A scanned
+message carries no X-Filterd-Skipped: a forged one must not make rules or the delivery agent
+think we let it through unscanned (or that it was, when it was not).
 
 A real `filterd daemon`, driven by the project's own MTA-side milter client; the time-out comes
 from a real DNS peer that never answers (a UDP socket nobody reads).
@@ -30,6 +33,7 @@ INBOUND = (
     b"X-Spam-Status: No, score=-5.0 required=5.0 tests=ALL_TRUSTED\r\n\tautolearn=ham\r\n"
     b"x-spam-status: No, score=-1.0\r\n"
     b"X-Spam-Level: \r\n"
+    b"X-Filterd-Skipped: message larger than 1 bytes, not scanned\r\n"
 )
 FORGED_AR = b"Authentication-Results: mx.local.test; dmarc=pass header.from=bank.example\r\n"
 
@@ -48,6 +52,11 @@ def through_milter(daemon: Daemon, data: bytes) -> tuple[Verdict, MessageEdits]:
 def spam_headers(data: bytes) -> list[tuple[str, str]]:
     headers, _, _ = split_headers(data)
     return [(name, " ".join(value.split())) for name, value, _ in headers if name.lower().startswith("x-spam-")]
+
+
+def skipped(data: bytes) -> list[str]:
+    headers, _, _ = split_headers(data)
+    return [" ".join(value.split()) for name, value, _ in headers if name.lower() == "x-filterd-skipped"]
 
 
 def deleted(edits: MessageEdits) -> list[ChangeHeader]:
@@ -77,10 +86,24 @@ def test_oversize_accept_deletes_inbound_spam_headers(oversize_accept: Daemon) -
         ChangeHeader(2, "X-Spam-Status", ""),
         ChangeHeader(1, "X-Spam-Status", ""),
         ChangeHeader(1, "X-Spam-Level", ""),
+        ChangeHeader(1, "X-Filterd-Skipped", ""),
     ]
     assert added(edits) == [("X-Filterd-Skipped", "message larger than 1024 bytes, not scanned")]
-    assert spam_headers(apply_edits(data, edits, leadspc=False)) == []
+    delivered = apply_edits(data, edits, leadspc=False)
+    assert spam_headers(delivered) == []
+    assert skipped(delivered) == ["message larger than 1024 bytes, not scanned"]  # ours alone
     oversize_accept.wait_for_log(r"milter qid=4XS1 .* verdict=skipped .* truncated")
+
+
+def test_scanned_message_loses_the_inbound_ones(oversize_accept: Daemon) -> None:
+    data = message()  # under max_size: scanned
+    verdict, edits = through_milter(oversize_accept, data)
+    assert verdict.kind == "continue", oversize_accept.log()[-3000:]
+    assert ChangeHeader(1, "X-Filterd-Skipped", "") in deleted(edits)
+    delivered = apply_edits(data, edits, leadspc=False)
+    assert skipped(delivered) == []
+    assert [value for name, value in spam_headers(delivered) if name == "X-Spam-Status"][0].startswith("No, score=")
+    assert len(spam_headers(delivered)) == len([n for n, _ in added(edits) if n.startswith("X-Spam-")])
 
 
 def test_oversize_accept_also_deletes_those_past_the_size_limit(oversize_accept: Daemon) -> None:
@@ -91,7 +114,7 @@ def test_oversize_accept_also_deletes_those_past_the_size_limit(oversize_accept:
     delivered = apply_edits(data, edits, leadspc=False)
     assert spam_headers(delivered) == []
     assert b"Authentication-Results" not in delivered
-    assert b"X-Pad: ppp" in delivered and b"X-Filterd-Skipped: message larger than 1024" in delivered
+    assert b"X-Pad: ppp" in delivered and skipped(delivered) == ["message larger than 1024 bytes, not scanned"]
 
 
 def test_scanned_oversize_message_loses_those_past_the_size_limit(tmp_path: Path) -> None:
@@ -105,7 +128,9 @@ def test_scanned_oversize_message_loses_those_past_the_size_limit(tmp_path: Path
         assert verdict.kind == "continue", d.log()[-3000:]
         ours = [(name, " ".join(value.split())) for name, value in added(edits) if name.startswith("X-Spam-")]
         assert ("X-Spam-Status", "No") not in ours and any(name == "X-Spam-Status" for name, _ in ours), ours
-        assert spam_headers(apply_edits(data, edits, leadspc=False)) == ours
+        delivered = apply_edits(data, edits, leadspc=False)
+        assert spam_headers(delivered) == ours
+        assert skipped(delivered) == []  # it was scanned: the forged one past the cut goes too
     finally:
         assert d.stop() == 0, d.log()
 
@@ -129,6 +154,7 @@ def test_scan_timeout_with_on_error_accept_deletes_inbound_spam_headers(tmp_path
             assert added(edits) == [("X-Filterd-Skipped", "scan failed: TimeoutError")]
             delivered = apply_edits(data, edits, leadspc=False)
             assert spam_headers(delivered) == []
+            assert skipped(delivered) == ["scan failed: TimeoutError"]
             assert b"Authentication-Results" not in delivered  # as before: our authserv-id is ours alone
         finally:
             assert d.stop() == 0, d.log()

@@ -85,6 +85,25 @@ def test_process_and_headers_keep_a_leading_mbox_from_line(service: SpamdService
     asyncio.run(check())
 
 
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n"], ids=["lf", "crlf"])
+def test_a_rewritten_message_carries_no_inbound_x_filterd_skipped(service: SpamdService, newline: bytes) -> None:
+    # The message was scanned: an X-Filterd-Skipped it came with (forged, or left by a hop that
+    # let it through unscanned) must not tell a rule or `filterd deliver` otherwise.
+    forged = b"X-Filterd-Skipped: daemon down,\n\tnot scanned\nx-filterd-skipped : again\n"
+
+    async def check() -> None:
+        for user, message in ((u, m) for u in ("safe0", "safe1", "safe2") for m in (SPAM, HAM)):
+            data = (message.replace(b"\n\n", b"\n" + forged + b"X-Other: kept\n\n", 1)).replace(b"\n", newline)
+            for method in ("PROCESS", "HEADERS"):
+                out = body_of(await service.handle(request(method, user, data)))
+                top = out.partition(newline + newline)[0].lower()
+                assert b"x-filterd-skipped" not in top and b"not scanned" not in top, (user, method, out)
+                if message is HAM or user == "safe0":  # not wrapped: the rest of the header block stays
+                    assert b"\nx-other: kept" + newline in top + newline and b"subject:" in top, (user, method)
+
+    asyncio.run(check())
+
+
 OURS = "mx.local.test"
 FORGED = (
     b"Authentication-Results: mx.local.test; dkim=pass header.d=bank.example; dmarc=pass\r\n"
@@ -103,7 +122,9 @@ def test_too_big_to_scan_is_handed_back_without_forged_auth_results(
     engine = make_engine(RULES, max_scan_size=1024)
     config = dataclasses.replace(engine.config, auth=dataclasses.replace(engine.config.auth, authserv_id=OURS))
     service = SpamdService(engine, config, WorkerMetrics())
-    head = b"From: Alice <alice@sender.test>\r\nTo: bob@local.test\r\nSubject: an offer\r\nX-Spam-Flag: NO\r\n"
+    # (An X-Filterd-Skipped goes back as well: nothing was scanned, and spamc expects its bytes.)
+    head = (b"From: Alice <alice@sender.test>\r\nTo: bob@local.test\r\nSubject: an offer\r\nX-Spam-Flag: NO\r\n"
+            b"X-Filterd-Skipped: an earlier hop's\r\n")
     body = b"\r\n" + b"An offer you cannot refuse.\r\n" * 100
     message = head + FORGED + b"Message-ID: <1@sender.test>\r\n" + body
     assert len(message) > 1024

@@ -35,10 +35,11 @@ Per stage:
   5.7.1 ``reject_message``); clamd unavailable with antivirus.on_error tempfail (451 4.7.0); a
   DMARC p=reject failure with ``dmarc_reject``; spam (score >= required_score) gets
   ``spam_action``; and everything that is kept gets its X-Spam-* headers.
-* Every message that is kept (also unscanned: oversize or ``on_error: accept``) loses the
-  X-Spam-* headers it arrived with (forged, or another filter's: delivery rules believe them,
-  so only our verdict may carry that name, and an unscanned message carries none, only
-  X-Filterd-Skipped) and the Authentication-Results fields that claim our authserv-id
+* Every message that is kept (also unscanned: oversize, overload or ``on_error: accept``)
+  loses the X-Spam-* and X-Filterd-Skipped headers it arrived with (forged, or another hop's:
+  delivery rules believe them, so only our verdict may carry those names, and an unscanned
+  message carries none but our own X-Filterd-Skipped) and the Authentication-Results fields
+  that claim our authserv-id
   (``auth.authserv_id``, else this host's name), whether or not the auth checks run:
   downstream trusts that id, so only we may write it (RFC 8601 §5). Those of other
   authserv-ids stay. Both are counted past ``max_size`` too, so none hides behind padding.
@@ -110,6 +111,7 @@ _MACROS = {
     MacroStage.RCPT: ("i", "{rcpt_addr}"),
     MacroStage.EOM: ("i",),
 }
+_SKIPPED = "X-Filterd-Skipped"  # on a message we let through unscanned, saying why
 _NEEDS: dict[type, Action] = {
     AddHeader: Action.ADDHDRS,
     InsertHeader: Action.ADDHDRS,
@@ -158,9 +160,9 @@ class _Message:
     auth_results_name: str = ""
     auth_results: int = 0
     forged_results: list[int] = field(default_factory=list)
-    # X-Spam-* fields as they arrived, counted past max_size too: lowercased name -> (the first
-    # spelling, occurrences).
-    spam_headers: dict[str, tuple[str, int]] = field(default_factory=dict)
+    # X-Spam-* and X-Filterd-Skipped fields as they arrived (names only we may write), counted
+    # past max_size too: lowercased name -> (the first spelling, occurrences).
+    own_names: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,9 +375,9 @@ class _Session:
             message.auth_results += 1
             if claims_authserv_id(event.value, self.service.authserv_id):
                 message.forged_results.append(message.auth_results)
-        elif name.startswith("x-spam-"):  # the same
-            spelling, count = message.spam_headers.get(name, (event.name, 0))
-            message.spam_headers[name] = (spelling, count + 1)
+        elif name.startswith("x-spam-") or name == _SKIPPED.lower():  # the same
+            spelling, count = message.own_names.get(name, (event.name, 0))
+            message.own_names[name] = (spelling, count + 1)
         if message.truncated:
             return
         message.size += len(event.name) + len(event.value) + 4
@@ -409,7 +411,7 @@ class _Session:
         if message.truncated and self.cfg.oversize == "accept":
             reason = f"message larger than {self.cfg.max_size} bytes, not scanned"
             return self._done("skipped", message, queue_id, started, None,
-                              [*_inbound_deleted(message), AddHeader("X-Filterd-Skipped", reason), Continue()])
+                              [*_inbound_deleted(message), AddHeader(_SKIPPED, reason), Continue()])
         raw = self._raw(message)
         user, prefs = service.user_prefs(message.rcpts[0] if message.rcpts else "")
         required = prefs.required_score if prefs.required_score is not None else service.config.scoring.required_score
@@ -447,7 +449,7 @@ class _Session:
             return self._done("tempfailed", message, queue_id, started, None, reply)
         log.warning("milter on_error=accept (qid=%s): %s; accepted unscanned", queue_id or "-", why)
         return self._done("accepted", message, queue_id, started, None,
-                          [*_inbound_deleted(message), AddHeader("X-Filterd-Skipped", why), Continue()])
+                          [*_inbound_deleted(message), AddHeader(_SKIPPED, why), Continue()])
 
     def _verdict(self, result: Result, message: _Message, reject_at: float) -> _Verdict:
         cfg = self.cfg
@@ -527,12 +529,12 @@ class _Session:
 
 
 def _inbound_deleted(message: _Message) -> list[Reply]:
-    """Delete what only we may write, as the message arrived with it: every X-Spam-* header and
-    the Authentication-Results fields that claim our authserv-id. Every path that keeps the
+    """Delete what only we may write, as the message arrived with it: every X-Spam-* and
+    X-Filterd-Skipped header and the Authentication-Results fields that claim our authserv-id. Every path that keeps the
     message sends these, scanned or not. Last occurrence first, so that the indexes of the
     earlier ones stay right (they count every field of that name)."""
     edits: list[Reply] = []
-    for name, count in message.spam_headers.values():
+    for name, count in message.own_names.values():
         edits += [ChangeHeader(index, name, "") for index in range(count, 0, -1)]
     edits += [ChangeHeader(index, message.auth_results_name, "") for index in reversed(message.forged_results)]
     return edits

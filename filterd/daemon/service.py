@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
+import re
 import time
 from collections.abc import Mapping
 
@@ -37,6 +38,8 @@ from filterd.protocols.spamd import (
 __all__ = ["SpamdService"]
 
 log = logging.getLogger("filterd.daemon")
+_SKIPPED = "x-filterd-skipped"  # what the milter and `filterd deliver` add to mail they let through unscanned
+_FIELD_START = re.compile(r"(?<=\n)(?=[^ \t\r\n])")  # where a header field starts, after the first
 _SCANNING = ("CHECK", "SYMBOLS", "REPORT", "REPORT_IFSPAM", "PROCESS", "HEADERS")
 
 
@@ -164,13 +167,24 @@ class SpamdService:
 
 def _without_forged_results(result: Result, authserv_id: str) -> Result:
     """The result, its message's header block without the Authentication-Results fields that
-    claim our authserv-id: the output may carry ours, which downstream trusts (RFC 8601 §5).
-    The scan has read them as they came (DKIM signatures may cover them)."""
+    claim our authserv-id: the output may carry ours, which downstream trusts (RFC 8601 §5);
+    and without X-Filterd-Skipped fields: the message was scanned, and whoever reads that name
+    (rules, `filterd deliver`) takes it for ours. The scan has read them as they came (DKIM
+    signatures may cover them). (X-Spam-* the parser has dropped already.)"""
     message = result.message
-    block = without_claims(message.header_block, authserv_id)
+    block = _without_fields(without_claims(message.header_block, authserv_id), _SKIPPED)
     if block == message.header_block:
         return result
     return dataclasses.replace(result, message=dataclasses.replace(message, header_block=block))
+
+
+def _without_fields(header_block: str, name: str) -> str:
+    """``header_block`` (whole fields, each ending with its newline) without the fields called
+    ``name`` (lower case), continuation lines and all."""
+    if name not in header_block.lower():
+        return header_block
+    fields = _FIELD_START.split(header_block)
+    return "".join(f for f in fields if f.partition(":")[0].rstrip(" \t").lower() != name)
 
 
 def _connection_context(headers: Mapping[str, str], *, user: str, prefs: UserPrefs) -> ScanContext:
