@@ -133,6 +133,10 @@ class DeliveryResult:
     diagnostic: str = ""  # the DSN's Diagnostic-Code: "smtp; 550 5.1.1 ...", "x-unix; ..."
     remote_mta: str = ""  # the host that answered, for the DSN's Remote-MTA
     relay: str = ""  # where it went: "local", "mx.example.net[192.0.2.7]:25"
+    # The SMTP reply a server gave: its code and the enhanced status as written ("" if none);
+    # 0 and "" when no server replied (local delivery, no MX, no connection, a reply we made up).
+    reply_code: int = 0
+    reply_status: str = ""
 
     @property
     def outcome(self) -> Outcome:
@@ -513,9 +517,11 @@ class RemoteDelivery:
         data file's path, or the attempt's `MessageData` that the message's other destinations
         share (then the message is read and signed once for all of them)."""
 
-        def everyone(status: str, detail: str, diagnostic: str = "") -> list[DeliveryResult]:
-            diag = diagnostic or f"x-filterd; {detail}"
-            return [DeliveryResult(r, status, detail, diag, relay=domain) for r in recipients]
+        def everyone(status: str, detail: str, reply: Reply | None = None) -> list[DeliveryResult]:
+            diag = f"smtp; {reply}" if reply is not None else f"x-filterd; {detail}"
+            code, enhanced = (reply.code, reply.enhanced) if reply is not None else (0, "")
+            return [DeliveryResult(r, status, detail, diag, relay=domain, reply_code=code, reply_status=enhanced)
+                    for r in recipients]  # fmt: skip
 
         try:
             hops = await next_hops(self.resolver, domain, rng=self.rng)
@@ -534,7 +540,7 @@ class RemoteDelivery:
         detail = "; ".join(failures[-3:])
         if refusals and len(refusals) == len(hops) and all(r.permanent for r in refusals):
             last = refusals[-1]
-            return everyone(last.status, detail, f"smtp; {last}")
+            return everyone(last.status, detail, last)
         return everyone("4.4.1", detail)
 
     async def _try(
@@ -570,8 +576,12 @@ class RemoteDelivery:
             out = []
             for rcpt in recipients:
                 reply = result.replies[rcpt]
-                said = f"host {result.server} said: {reply}" if not reply.local else str(reply)
-                diag = f"smtp; {reply}" if not reply.local else f"x-filterd; {reply}"
-                out.append(DeliveryResult(rcpt, reply.status, said, diag, hop.host, relay))
+                if reply.local:
+                    out.append(DeliveryResult(rcpt, reply.status, str(reply), f"x-filterd; {reply}", hop.host, relay))
+                    continue
+                said = f"host {result.server} said: {reply}"
+                out.append(DeliveryResult(
+                    rcpt, reply.status, said, f"smtp; {reply}", hop.host, relay, reply.code, reply.enhanced
+                ))  # fmt: skip
             return out
         return None

@@ -26,7 +26,8 @@ What it does, per message (the queue's states are directories, see `filterd.mta.
   slots of its destination; the destination's slot is taken first, so a slow domain never
   holds global slots while it waits.
 - After each attempt the recipients' status, attempt count, last error (and its status alone,
-  ``last_status``, which a delay warning reports) and next attempt are
+  ``last_status``, which a delay warning reports), the server's reply to it (code and
+  enhanced status, ``last_reply_*``, for `filterd mta queue list`) and next attempt are
   written to the envelope (atomic replace + fsync) before anything else happens, so a crash
   never re-delivers a recipient marked delivered and never forgets one. A crash between a
   delivery and that write delivers it again after recovery: duplicates are the accepted price.
@@ -497,6 +498,7 @@ class QueueManager:
                 failed_now = result.outcome != "delivered"
                 rcpt.last_error = f"{result.status} {result.detail}" if failed_now else ""
                 rcpt.last_status = result.status if failed_now else ""
+                rcpt.last_reply_code, rcpt.last_reply_status = result.reply_code, result.reply_status
                 outcome = result.outcome
                 self._log(qid, envelope, result, now)
                 if outcome == "delivered":
@@ -524,6 +526,7 @@ class QueueManager:
                     other.status, other.attempts = rcpt.status, rcpt.attempts
                     other.last_error, other.next_attempt = rcpt.last_error, rcpt.next_attempt
                     other.last_status = rcpt.last_status
+                    other.last_reply_code, other.last_reply_status = rcpt.last_reply_code, rcpt.last_reply_status
             if envelope.pending:
                 await asyncio.to_thread(self.queue.save_envelope, qid, envelope)
             # else: nothing left to do; the removal that follows is the durable record (a crash
@@ -609,10 +612,9 @@ def _last_failure(rcpt: Recipient) -> tuple[str, str]:
     """A pending recipient's last failure as (4.x.x status, text) for a delay warning: from
     ``last_status``, or, in an envelope written before that was kept, from the status word
     ``last_error`` starts with; 4.0.0 when there is no such status (not tried yet)."""
-    if rcpt.last_status:
-        status, text = rcpt.last_status, rcpt.last_error.removeprefix(f"{rcpt.last_status} ")
+    status = rcpt.failure_status
+    if status:
+        text = rcpt.last_error.removeprefix(f"{status} ")
     else:
         status, _, text = rcpt.last_error.partition(" ")
-    parts = status.split(".")
-    temporary = len(parts) == 3 and parts[0] == "4" and all(p.isdigit() for p in parts)
-    return (status if temporary else "4.0.0"), text
+    return (status if status.startswith("4.") else "4.0.0"), text

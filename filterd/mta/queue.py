@@ -23,7 +23,8 @@ does not parse and is treated as corrupt)::
 
     {"version": 1, "id": "18C2F3A4B5C6D7-3FA91C", "mail_from": "a@example.org",
      "rcpts": [{"address": "b@example.net", "status": "pending", "attempts": 0,
-                "last_error": "", "next_attempt": 0.0, "last_status": ""}],
+                "last_error": "", "next_attempt": 0.0, "last_status": "",
+                "last_reply_code": 0, "last_reply_status": ""}],
      "received_at": 1700000000.123, "client_ip": "192.0.2.1", "client_name": "mx.example.org",
      "client_helo": "mx.example.org", "auth_user": "", "hops": 1, "size": 1234,
      "body_type": "8BITMIME", "smtputf8": false, "hold_reason": "", "delay_warned": false}
@@ -34,7 +35,11 @@ checked on load. ``status`` is "pending" (not delivered yet, maybe after failed 
 last failed attempt got, for people: ``"<status> <detail>"``; ``last_status`` is that status alone
 (RFC 3463, "4.4.1"), for programs (a delay warning's Status:); both are "" while there is none,
 and ``last_status`` is "" in envelopes written before it was recorded (readers then fall back
-on ``last_error``). ``next_attempt`` is a Unix time, 0 for "now". ``hops`` counts the Received
+on ``last_error``: `Recipient.failure_status`). ``last_reply_code`` and ``last_reply_status``
+are the SMTP reply a server gave the last attempt, delivered or not ("250", "2.0.0"): its code
+and the enhanced status as the server wrote it ("" if the text had none); 0 and "" when no
+server replied (local delivery, no MX, no connection, a reply we made up) and in envelopes
+written before they were kept. ``next_attempt`` is a Unix time, 0 for "now". ``hops`` counts the Received
 headers, ours included. ``hold_reason`` says why a message is in hold/. ``delay_warned`` is set
 once the sender was sent a "delayed" DSN (``mta.delay_warning``). A reader ignores keys it does
 not know; a ``version`` newer than `ENVELOPE_VERSION` is treated as unreadable.
@@ -117,6 +122,7 @@ RecipientStatus = Literal["pending", "delivered", "bounced"]
 _RECIPIENT_STATUSES = frozenset(get_args(RecipientStatus))
 
 ID_RE = re.compile(r"\A[0-9A-F]{14}-[0-9A-F]{6}\Z")
+_STATUS_RE = re.compile(r"\A[245]\.\d{1,3}\.\d{1,3}\Z")
 
 
 @dataclass(slots=True)
@@ -129,6 +135,17 @@ class Recipient:
     last_error: str = ""  # "<status> <detail>" of the last failed attempt, for people
     next_attempt: float = 0.0
     last_status: str = ""  # its RFC 3463 status alone ("4.4.1"); "" in envelopes from before it was kept
+    last_reply_code: int = 0  # the last attempt's SMTP reply code (550); 0: no server replied
+    last_reply_status: str = ""  # the enhanced status in that reply as written ("5.1.1"), "" if none
+
+    @property
+    def failure_status(self) -> str:
+        """The last failed attempt's status: ``last_status``, or for an envelope written before
+        that was kept, the status word ``last_error`` starts with; "" when there is none."""
+        if self.last_status or not self.last_error:
+            return self.last_status
+        word = self.last_error.partition(" ")[0]
+        return word if _STATUS_RE.match(word) else ""
 
 
 @dataclass(slots=True)
@@ -189,6 +206,8 @@ class Envelope:
                 last_error=_typed(r, "last_error", str, ""),
                 next_attempt=float(_typed(r, "next_attempt", (int, float), 0.0)),
                 last_status=_typed(r, "last_status", str, ""),
+                last_reply_code=_typed(r, "last_reply_code", int, 0),
+                last_reply_status=_typed(r, "last_reply_status", str, ""),
             )
             if rcpt.status not in _RECIPIENT_STATUSES:
                 raise ValueError(f"unknown recipient status {rcpt.status!r}")

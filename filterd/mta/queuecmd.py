@@ -15,7 +15,11 @@ which the manager tries first when it starts.
 
 In ``list``, the id is followed by ``*`` when the message is being delivered (active/) and ``!``
 when it is held (hold/); each pending recipient that failed before shows its last error in
-parentheses, as mailq does. Exit status: 0 done; 1 no such message; 75 queue busy.
+parentheses, as mailq does, and a recipient whose last attempt got an SMTP reply shows its code
+and enhanced status (``[last reply 450 4.2.1]``). ``--json`` gives each recipient's
+``last_status`` (for envelopes written before it was kept, the status ``last_error`` starts
+with), ``last_reply_code`` and ``last_reply_status`` (0 and "" when no server replied).
+Exit status: 0 done; 1 no such message; 75 queue busy.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from filterd.errors import QueueError
-from filterd.mta.queue import ID_RE, Envelope, Queue, QueueState
+from filterd.mta.queue import ID_RE, Envelope, Queue, QueueState, Recipient
 
 # Building `filterd`'s parser imports this module for every command: the delivery side
 # (aiosmtplib, dkimpy, dnspython) is imported only when a queue action runs.
@@ -119,8 +123,10 @@ def _list(root: Path, *, as_json: bool) -> int:
         for r in env.rcpts:
             if r.status == "pending" and r.last_error:
                 print(f"{'':<54}({r.last_error})")
-            suffix = "" if r.status == "pending" else f"  [{r.status}]"
-            print(f"{'':<54}{r.address}{suffix}")
+            notes: list[str] = [] if r.status == "pending" else [r.status]
+            if r.last_reply_code:
+                notes.append(_reply(r))
+            print(f"{'':<54}{r.address}" + (f"  [{', '.join(notes)}]" if notes else ""))
         print()
     total = sum(env.size for _, env in messages)
     count = len(messages)
@@ -128,12 +134,17 @@ def _list(root: Path, *, as_json: bool) -> int:
     return 0
 
 
+def _reply(r: Recipient) -> str:
+    return " ".join(["last reply", str(r.last_reply_code), *([r.last_reply_status] if r.last_reply_status else [])])
+
+
 def _as_dict(state: QueueState, env: Envelope) -> dict[str, Any]:
     return {
         "id": env.id, "state": state, "size": env.size, "arrival": env.received_at, "sender": env.mail_from,
         "recipients": [
             {"address": r.address, "status": r.status, "attempts": r.attempts, "last_error": r.last_error,
-             "next_attempt": r.next_attempt}
+             "last_status": r.failure_status, "last_reply_code": r.last_reply_code,
+             "last_reply_status": r.last_reply_status, "next_attempt": r.next_attempt}
             for r in env.rcpts
         ],
         "client": {"ip": env.client_ip, "name": env.client_name, "helo": env.client_helo, "auth": env.auth_user},
@@ -165,6 +176,8 @@ def _show(queue: Queue, qid: str) -> int:
         print(line)
         if r.last_error:
             print(f"           {r.last_error}")
+        if r.last_reply_code:
+            print(f"           {_reply(r)}")
     print()
     sys.stdout.flush()
     from filterd.mta.bounce import header_block

@@ -43,12 +43,17 @@ class Reply:
     local: bool = False
 
     @property
-    def status(self) -> str:
-        """The RFC 3463 enhanced status in the text, or one derived from the reply code."""
+    def enhanced(self) -> str:
+        """The RFC 3463 enhanced status the text starts with ("" if none, or of another class)."""
         m = _STATUS.match(self.text)
         if m and m[1] == str(self.code)[0]:
             return f"{m[1]}.{m[2]}.{m[3]}"
-        return f"{str(self.code)[0]}.0.0"
+        return ""
+
+    @property
+    def status(self) -> str:
+        """The RFC 3463 enhanced status in the text, or one derived from the reply code."""
+        return self.enhanced or f"{str(self.code)[0]}.0.0"
 
     @property
     def permanent(self) -> bool:

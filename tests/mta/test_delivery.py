@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import random
 from collections import Counter
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import dkim
 import pytest
 
+from filterd.cli import main
 from filterd.config import Config, Duration, FrozenMap, default_config
 from filterd.dkimsign import generate_key, write_key
 from filterd.errors import PermanentDeliveryError, TemporaryDeliveryError
@@ -345,6 +347,7 @@ def test_every_mx_down_defers(make_dns_server: MakeDnsServer, tmp_path: Path) ->
     [result] = asyncio.run(_deliver(_config(server.spec, port), "example.net", ["ok@example.net"], data))
     assert result.outcome == "deferred" and result.status == "4.4.1"
     assert "127.0.0.2" in result.detail and "127.0.0.3" in result.detail
+    assert (result.reply_code, result.reply_status) == (0, "")  # no server replied
 
 
 def test_every_mx_refusing_with_5xx_bounces(make_dns_server: MakeDnsServer, tmp_path: Path) -> None:
@@ -360,6 +363,7 @@ def test_every_mx_refusing_with_5xx_bounces(make_dns_server: MakeDnsServer, tmp_
         finally:
             await refuser.stop()
         assert result.outcome == "bounced" and result.status == "5.7.1"
+        assert (result.reply_code, result.reply_status) == (554, "5.7.1")
 
     asyncio.run(scenario())
 
@@ -379,6 +383,62 @@ def test_temporary_rcpt_failure_defers(make_dns_server: MakeDnsServer, tmp_path:
         assert result.outcome == "deferred" and result.status == "4.2.1"
 
     asyncio.run(scenario())
+
+
+def test_results_carry_the_server_reply_code_and_enhanced_status(tmp_path: Path) -> None:
+    data = tmp_path / "msg"
+    data.write_bytes(MESSAGE)
+    rcpts = ["ok@[127.0.0.2]", "temp@[127.0.0.2]", "no@[127.0.0.2]"]
+
+    async def scenario() -> None:
+        port = free_port("127.0.0.2")
+        sink = await Sink("127.0.0.2", port).start()
+        sink.handler.data_reply = "250 Ok: queued"  # no enhanced status in the text
+        try:
+            results = await _deliver(_config("127.0.0.1:9", port), "[127.0.0.2]", rcpts, data)
+        finally:
+            await sink.stop()
+        got = {r.recipient: (r.status, r.reply_code, r.reply_status) for r in results}
+        assert got == {
+            "ok@[127.0.0.2]": ("2.0.0", 250, ""),  # the status is derived from the code; the reply had none
+            "temp@[127.0.0.2]": ("4.2.1", 450, "4.2.1"),
+            "no@[127.0.0.2]": ("5.1.1", 550, "5.1.1"),
+        }
+
+    asyncio.run(scenario())
+
+
+def test_queue_keeps_the_last_reply_of_each_recipient_and_lists_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Through the queue manager: the reply is in the envelope on disk, and in `queue list`."""
+
+    async def scenario() -> None:
+        port = free_port("127.0.0.2")
+        config = mta_config(tmp_path, smtp_port=port, smtp_connect_timeout=2.0, min_backoff=60.0, max_backoff=60.0)
+        queue = Queue(config.state_path / "queue")
+        qid = enqueue(queue, "ok@[127.0.0.2]", "temp@[127.0.0.2]")
+        sink = await Sink("127.0.0.2", port).start()
+        try:
+            await run_until(make_qmgr(config, queue), lambda: queue.ids("deferred") == [qid])
+        finally:
+            await sink.stop()
+
+    asyncio.run(scenario())
+    state = tmp_path / "state"
+    [path] = (state / "queue" / "deferred").iterdir()
+    stored = {r["address"]: r for r in json.loads(path.read_bytes())["rcpts"]}
+    ok, temp = stored["ok@[127.0.0.2]"], stored["temp@[127.0.0.2]"]
+    assert (ok["last_reply_code"], ok["last_reply_status"], ok["last_status"]) == (250, "2.0.0", "")
+    assert (temp["last_reply_code"], temp["last_reply_status"], temp["last_status"]) == (450, "4.2.1", "4.2.1")
+    assert main(["mta", "queue", "list", "--json", "--state-dir", str(state)]) == 0
+    [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    listed = [(r["status"], r["last_status"], r["last_reply_code"], r["last_reply_status"]) for r in row["recipients"]]
+    assert listed == [("delivered", "", 250, "2.0.0"), ("pending", "4.2.1", 450, "4.2.1")]
+    assert main(["mta", "queue", "list", "--state-dir", str(state)]) == 0
+    out = capsys.readouterr().out
+    assert "ok@[127.0.0.2]  [delivered, last reply 250 2.0.0]" in out
+    assert "temp@[127.0.0.2]  [last reply 450 4.2.1]" in out
 
 
 def test_null_mx_bounces_without_connecting(make_dns_server: MakeDnsServer, tmp_path: Path) -> None:

@@ -26,8 +26,18 @@ def _queue(tmp_path: Path) -> tuple[Queue, dict[str, str]]:
                         attempts=2,
                         last_error="4.4.1 connect to mx.example.net: refused",
                         next_attempt=time.time() + 600,
+                        last_status="4.4.1",
                     ),
-                    Recipient("erin@example.net", "delivered", 1),
+                    Recipient("erin@example.net", "delivered", 1, last_reply_code=250, last_reply_status="2.0.0"),
+                    Recipient(
+                        "gina@example.net",
+                        attempts=1,
+                        last_error="4.2.1 host mx said: 450 4.2.1 busy",
+                        last_status="4.2.1",
+                        last_reply_code=450,
+                        last_reply_status="4.2.1",
+                    ),
+                    Recipient("hal@example.net", attempts=1, last_error="5.0.0 said: 451 odd", last_reply_code=451),
                 ],
             ),
             MESSAGE,
@@ -55,7 +65,10 @@ def test_list_shows_messages_like_mailq(tmp_path: Path, capsys: pytest.CaptureFi
     assert out.startswith("-Queue ID-")
     assert f"{ids['new']} " in out and "alice@example.org" in out and "bob@example.net" in out
     assert "(4.4.1 connect to mx.example.net: refused)" in out
-    assert "erin@example.net  [delivered]" in out
+    assert "erin@example.net  [delivered, last reply 250 2.0.0]" in out
+    assert "(4.2.1 host mx said: 450 4.2.1 busy)" in out and "gina@example.net  [last reply 450 4.2.1]" in out
+    assert "hal@example.net  [last reply 451]" in out
+    assert "dave@example.net\n" in out  # no server reply: nothing to show
     assert f"{ids['held']}!" in out and "MAILER-DAEMON" in out and "(held: quarantined by the filter)" in out
     assert out.rstrip().endswith("in 3 Requests.")
 
@@ -68,8 +81,29 @@ def test_list_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert set(by_id) == set(ids.values())
     deferred = by_id[ids["deferred"]]
     assert deferred["state"] == "deferred" and deferred["sender"] == "carol@example.org"
-    assert [r["status"] for r in deferred["recipients"]] == ["pending", "delivered"]
+    assert [r["status"] for r in deferred["recipients"]] == ["pending", "delivered", "pending", "pending"]
     assert deferred["recipients"][0]["attempts"] == 2
+    replies = [(r["last_status"], r["last_reply_code"], r["last_reply_status"]) for r in deferred["recipients"]]
+    assert replies == [("4.4.1", 0, ""), ("", 250, "2.0.0"), ("4.2.1", 450, "4.2.1"), ("5.0.0", 451, "")]
+
+
+def test_list_json_of_an_envelope_from_before_last_status_and_replies(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    queue, ids = _queue(tmp_path)
+    path = queue.root / "deferred" / ids["deferred"]
+    obj = json.loads(path.read_bytes())
+    for r in obj["rcpts"]:
+        for key in ("last_status", "last_reply_code", "last_reply_status"):
+            del r[key]
+    path.write_text(json.dumps(obj))
+    assert main(["mta", "queue", "list", "--json", "--state-dir", str(tmp_path)]) == 0
+    [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines() if ids["deferred"] in line]
+    # last_status from the status word that starts last_error; "" when it starts with none
+    replies = [(r["last_status"], r["last_reply_code"], r["last_reply_status"]) for r in row["recipients"]]
+    assert replies == [("4.4.1", 0, ""), ("", 0, ""), ("4.2.1", 0, ""), ("5.0.0", 0, "")]
+    assert main(["mta", "queue", "list", "--state-dir", str(tmp_path)]) == 0
+    assert "last reply" not in capsys.readouterr().out
 
 
 def test_show_prints_envelope_and_header_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -79,6 +113,7 @@ def test_show_prints_envelope_and_header_only(tmp_path: Path, capsys: pytest.Cap
     assert f"id:        {ids['deferred']} (deferred)" in text
     assert "recipient: <dave@example.net> pending, 2 attempts, next " in text
     assert "4.4.1 connect to mx.example.net: refused" in text
+    assert "recipient: <gina@example.net> pending, 1 attempts" in text and "last reply 450 4.2.1" in text
     assert "Subject: hello" in text and "Hi Bob." not in text
 
 

@@ -248,3 +248,32 @@ def test_recover_reports_when_each_deferred_message_is_due(tmp_path: Path) -> No
     (tmp_path / "deferred" / broken).write_text("{")
     result = q.recover()
     assert result.deferred == ((deferred, 100.0),) and result.corrupt == (broken,)
+
+
+def test_last_reply_round_trips_and_an_envelope_without_it_still_loads(tmp_path: Path) -> None:
+    q = Queue(tmp_path)
+    env = _envelope("a@example.net", "b@example.net")
+    env.rcpts[0].last_reply_code, env.rcpts[0].last_reply_status = 450, "4.2.1"
+    qid = q.enqueue(env, b"x")
+    path = tmp_path / "incoming" / qid
+    stored = json.loads(path.read_bytes())["rcpts"]
+    assert [(r["last_reply_code"], r["last_reply_status"]) for r in stored] == [(450, "4.2.1"), (0, "")]
+    # written by the code before the reply was kept: neither key, nor last_status
+    for r in stored:
+        del r["last_reply_code"], r["last_reply_status"], r["last_status"]
+    stored[0]["last_error"] = "4.4.1 connect refused"
+    path.write_text(json.dumps({**json.loads(path.read_bytes()), "rcpts": stored}))
+    first, second = q.load(qid)[0].rcpts
+    assert (first.last_reply_code, first.last_reply_status) == (0, "")
+    assert (first.last_status, first.failure_status, second.failure_status) == ("", "4.4.1", "")
+    stored[0]["last_reply_code"] = "450"
+    path.write_text(json.dumps({**json.loads(path.read_bytes()), "rcpts": stored}))
+    with pytest.raises(QueueError, match="last_reply_code"):
+        q.load(qid)
+
+
+def test_failure_status_prefers_last_status_and_reads_only_a_status_word() -> None:
+    assert Recipient("a@x", last_error="4.4.1 refused", last_status="4.7.1").failure_status == "4.7.1"
+    assert Recipient("a@x", last_error="4.4.1 refused").failure_status == "4.4.1"
+    assert Recipient("a@x", last_error="451 try later").failure_status == ""
+    assert Recipient("a@x").failure_status == ""
