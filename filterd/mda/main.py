@@ -17,7 +17,10 @@ Steps:
    over ``deliver.max_size`` are not sent (spamc's ``-s``). When the daemon is down, slow or
    answers badly, the message is delivered as it came, like spamc's safe fallback, with an
    ``X-Filterd-Skipped`` header saying why (``deliver.mark_unfiltered``), or, with
-   ``deliver.on_daemon_error: tempfail``, deferred (exit 75).
+   ``deliver.on_daemon_error: tempfail``, deferred (exit 75). Whenever the daemon is to be
+   asked, scanned or not, an ``X-Filterd-Skipped`` header the message came with goes first
+   (forged, or left by a hop that did not scan it; ours alone may say so); with ``--no-filter``
+   the message is left as it came.
 4. Run the user's recipes (`filterd.mda.recipes`; ``--recipes``, else ``deliver.recipes``). A
    recipe file with problems is ignored as a whole: each problem goes to stderr with its
    file:line and the message goes to INBOX.
@@ -62,6 +65,7 @@ import errno
 import logging
 import os
 import pwd
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -72,6 +76,7 @@ from filterd.client import SpamdError, spamd_request
 from filterd.config import DeliverConfig, format_size, load_config
 from filterd.config.schema import clamd_address
 from filterd.errors import ConfigError, PermanentDeliveryError, TemporaryDeliveryError
+from filterd.headerblock import header_block_bounds
 from filterd.mda.maildir import Maildir, folder_dirname
 from filterd.mda.mbox import deliver_mbox
 from filterd.mda.recipes import Action, Recipes, Step, Verdict, evaluate, facts_from_message, read_recipes
@@ -90,6 +95,8 @@ _NOPERM = frozenset({errno.EACCES, errno.EPERM})
 _CANTCREAT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EEXIST})
 _LEAD_FIELDS = (b"return-path", b"delivered-to", b"x-original-to")  # what MTAs prepend for delivery
 _SYSEXITS = range(64, 79)
+_SKIPPED = b"X-Filterd-Skipped"  # on a message delivered unscanned, saying why
+_FIELD_NAME = re.compile(rb"[!-9;-~]+[ \t]*:")  # a header field's first line (RFC 5322 ftext)
 # how spamc's failure codes read in logs and in X-Filterd-Skipped
 _SPAMC_FAILURES = {
     65: "message refused (EX_DATAERR)",
@@ -298,8 +305,9 @@ def deliver_message(data: bytes, request: DeliveryRequest, config: DeliverConfig
                 score = answer.score
                 if answer.is_spam is not None:
                     verdict = "spam" if answer.is_spam else "ham"
+        message = _without_field(message, _SKIPPED.lower())
         if skipped and config.mark_unfiltered:
-            message = prefix + b"X-Filterd-Skipped: %s\n" % skipped.encode() + message[len(prefix) :]
+            message = prefix + b"%s: %s\n" % (_SKIPPED, skipped.encode()) + message[len(prefix) :]
     log.info("user %s: %s, score %s", request.user, verdict, score)
 
     recipes = _load_recipes(request, config)
@@ -344,6 +352,30 @@ def _lead(message: bytes, recipient: str) -> tuple[dict[bytes, list[str]], bool]
         if key == b"delivered-to" and text.lower() == recipient.lower():
             loop = True
     return lead, loop
+
+
+def _without_field(message: bytes, name: bytes) -> bytes:
+    """``message`` without the header fields called ``name`` (lower case), continuation lines
+    and all. The header block ends at the empty line, or at the first line that is neither a
+    field nor a continuation (a message missing the empty line); the rest is not read."""
+    end, _ = header_block_bounds(message)
+    if name not in message[:end].lower():
+        return message
+    kept: list[bytes] = []
+    dropping = False
+    at = 0
+    for line in message[:end].splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and at:
+            if not dropping:
+                kept.append(line)
+        elif _FIELD_NAME.match(line):
+            dropping = line.partition(b":")[0].rstrip(b" \t").lower() == name
+            if not dropping:
+                kept.append(line)
+        else:
+            break
+        at += len(line)
+    return b"".join(kept) + message[at:]
 
 
 def _expand_home(template: str, home: Path | None) -> Path | None:

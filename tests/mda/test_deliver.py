@@ -3,13 +3,16 @@ privileges, and the daemon: a real `filterd daemon`, down, slow, or skipped for 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
+import re
 import shutil
 import socket
 import stat
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -370,6 +373,111 @@ def test_big_messages_are_not_sent_to_the_daemon(tmp_path: Path, deliver: Delive
     assert proc.returncode == 0, proc
     stored = only(tmp_path / "Maildir")
     assert b"X-Filterd-Skipped: larger than deliver.max_size (2K)\n" in stored and b"X-Spam" not in stored
+
+
+# ------------------------------------------------------------------- X-Filterd-Skipped
+
+FORGED_SKIPPED = b"X-Filterd-Skipped: daemon down,\n\tnot scanned\nx-filterd-skipped : again\n"
+UNSCANNED = MSG.replace(b"Subject: hello\n", b"Subject: hello\n" + FORGED_SKIPPED)
+
+
+def skipped_fields(stored: bytes) -> list[bytes]:
+    head = stored.partition(b"\n\n")[0]
+    return [line for line in head.split(b"\n") if line.lower().startswith(b"x-filterd-skipped")]
+
+
+@contextlib.contextmanager
+def plain_spamd(path: Path) -> Iterator[list[bytes]]:
+    """A spamd on a Unix socket that knows nothing of X-Filterd-Skipped (SpamAssassin's, say):
+    PROCESS answers with its X-Spam-Status on top of the message as it came. Yields the
+    messages it was sent."""
+    received: list[bytes] = []
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(5)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+                while len(body) < length:
+                    body += conn.recv(65536)
+                received.append(body)
+                out = b"X-Spam-Status: No, score=1.0 required=5.0\n" + body
+                conn.sendall(b"SPAMD/1.1 0 EX_OK\r\nContent-length: %d\r\nSpam: False ; 1.0 / 5.0\r\n\r\n%s"
+                             % (len(out), out))  # fmt: skip
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield received
+    finally:
+        server.shutdown(socket.SHUT_RDWR)
+        server.close()
+        thread.join(10)
+
+
+def test_a_scanned_message_loses_the_x_filterd_skipped_it_came_with(tmp_path: Path, deliver: Deliver) -> None:
+    with plain_spamd(tmp_path / "spamd.sock") as received:
+        proc = deliver(*md_args(tmp_path, "--daemon", str(tmp_path / "spamd.sock")), data=UNSCANNED)
+    assert proc.returncode == 0, proc
+    assert received == [b"Delivered-To: alice\n" + UNSCANNED]  # the daemon reads it as it came
+    stored = only(tmp_path / "Maildir")
+    assert skipped_fields(stored) == [] and b"not scanned" not in stored, stored
+    assert stored == b"Delivered-To: alice\nX-Spam-Status: No, score=1.0 required=5.0\n" + MSG
+
+
+def test_a_scanned_message_through_the_daemon_loses_it_too(tmp_path: Path, deliver: Deliver, daemon: Daemon) -> None:
+    crlf = UNSCANNED.replace(b"\n", b"\r\n")
+    assert deliver(*md_args(tmp_path, "--daemon", str(daemon.unix_path)), data=crlf).returncode == 0
+    stored = only(tmp_path / "Maildir")
+    assert skipped_fields(stored) == [] and b"X-Spam-Status: No, score=" in stored, stored
+
+
+def test_unscanned_mail_carries_our_x_filterd_skipped_alone(tmp_path: Path, deliver: Deliver) -> None:
+    # the daemon down: ours, saying why, and not the one the message came with
+    gone = str(tmp_path / "gone.sock")
+    assert deliver(*md_args(tmp_path, "--daemon", gone), data=UNSCANNED).returncode == 0
+    stored = only(tmp_path / "Maildir")
+    (ours,) = skipped_fields(stored)
+    assert ours.startswith(b"X-Filterd-Skipped: daemon " + gone.encode() + b" failed (cannot connect"), stored
+    assert stored.endswith(b"\n" + MSG) and b"not scanned" not in stored
+    # too big to send, and not marked (deliver.mark_unfiltered off): no X-Filterd-Skipped at all
+    big = UNSCANNED + b"y" * 3000 + b"\n"
+    for folder, settings in (("a", {}), ("b", {"mark_unfiltered": False})):
+        box = tmp_path / folder
+        assert deliver("--user", "alice", "--maildir", str(box), "--daemon", gone, data=big, max_size="2K",
+                       **settings).returncode == 0  # fmt: skip
+        want = [b"X-Filterd-Skipped: larger than deliver.max_size (2K)"] if not settings else []
+        assert skipped_fields(only(box)) == want
+
+
+def test_no_filter_leaves_x_filterd_skipped_alone(tmp_path: Path, deliver: Deliver) -> None:
+    # --no-filter makes no claim: an upstream milter's X-Filterd-Skipped is still true
+    assert deliver(*md_args(tmp_path, "--no-filter"), data=UNSCANNED).returncode == 0
+    assert only(tmp_path / "Maildir") == b"Delivered-To: alice\n" + UNSCANNED
+
+
+def test_without_field_reads_the_header_block_only() -> None:
+    from filterd.mda.main import _without_field
+
+    name = b"x-filterd-skipped"
+    assert _without_field(UNSCANNED, name) == MSG
+    # in the body, or past the end of a header block missing its empty line: left alone
+    body = b"Subject: a\n\nX-Filterd-Skipped: quoted\n"
+    assert _without_field(body, name) == body
+    no_blank = b"Subject: a\nX-Filterd-Skipped: x\n\tfolded\nnot a field\nX-Filterd-Skipped: body\n"
+    assert _without_field(no_blank, name) == b"Subject: a\nnot a field\nX-Filterd-Skipped: body\n"
+    assert _without_field(b"\nX-Filterd-Skipped: body\n", name) == b"\nX-Filterd-Skipped: body\n"
+    assert _without_field(b"X-Filterd-Skipped: last", name) == b""
 
 
 def test_mode_of_stored_files(tmp_path: Path, deliver: Deliver) -> None:
