@@ -7,13 +7,21 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
+import socket
+import struct
 import subprocess
+from email.utils import formatdate
 from pathlib import Path
+from typing import Any
 
 from filterd.config import load_config
+from filterd.daemon.metrics import WorkerMetrics
+from filterd.daemon.milter_service import MilterService
 from filterd.engine.engine import Engine
-from filterd.engine.plugin import ScanContext, Stage
-from filterd.engine.prefs import UserPrefs
+from filterd.engine.plugin import Scan, ScanContext, Stage
+from filterd.engine.prefs import UserPrefs, UserPrefsStore
+from filterd.mta.milter_client import MilterSession
+from filterd.protocols.milter import AddHeader
 from tests.conftest import offline_config
 from tests.daemon_fixture import need_binary, start_daemon
 from tests.dns_fixture import MakeDelayingProxy, MakeDnsServer
@@ -136,3 +144,131 @@ def test_milter_refuses_a_blocklisted_client_at_connect(tmp_path: Path) -> None:
         assert "refused at connect" in daemon.log()
     finally:
         daemon.stop()
+
+
+def test_milter_looks_a_client_up_once_per_connection(
+    tmp_path: Path, make_dns_server: MakeDnsServer, make_delaying_proxy: MakeDelayingProxy
+) -> None:
+    # milter.reject_at_connect: the client's DNSBL lookups at CONNECT (listed in the PBL, below
+    # reject_score) are the ones every message of that connection is scored with; the end of
+    # each message does not ask again, after a RSET (abort) either. An authenticated sender's
+    # message is not judged by the client address (the client is not external then): the
+    # connect results are not carried into it. No DNS cache, so every lookup reaches the server.
+    server = make_dns_server({".": [], "zen.spamhaus.org": ["44.33.22.11 A 127.0.0.11"]})
+    proxy = make_delaying_proxy(server, delay=0.0)
+    config = (
+        f"network: {{enabled: true}}\ndns: {{nameservers: ['{proxy.spec}'], cache_entries: 0}}\n"
+        "auth: {spf: false, dkim: false, dmarc: false, arc: false}\n"
+        "dnsbl: {zones: {dbl: {enabled: false}, uribl: {enabled: false}, surbl: {enabled: false}}}\n"
+        "milter: {reject_at_connect: true}\n"
+    )
+    daemon = start_daemon(tmp_path, "--milter-listen", "127.0.0.1:0", config=config, workers=1, metrics=False)
+    message = (
+        "From: Alice <alice@sender.test>\r\nTo: bob@local.test\r\nSubject: lunch\r\n"
+        f"Message-ID: <1@sender.test>\r\nDate: {formatdate()}\r\n\r\nLunch at noon?\r\n"
+    ).encode()
+
+    async def session() -> list[str]:
+        s = MilterSession(f"127.0.0.1:{daemon.milter_port()}", connect_timeout=10, timeout=60)
+        statuses = []
+        try:
+            assert (await s.connect(LISTED, 4711, "mail.sender.test", {"j": "mx.local.test"})).kind == "continue"
+            assert (await s.helo("mail.sender.test", {})).kind == "continue"
+            for n, login in enumerate(["", "", "alice", ""]):
+                assert (await s.mail("alice@sender.test", [], {"auth_authen": login})).kind == "continue"
+                assert (await s.rcpt("bob@local.test", [], {"i": f"4CC{n}"})).kind == "continue"
+                if n == 1:  # RSET after RCPT: the connection goes on, the message is dropped
+                    await s.abort()
+                    assert (await s.mail("alice@sender.test", [], {})).kind == "continue"
+                    assert (await s.rcpt("bob@local.test", [], {"i": f"4CC{n}"})).kind == "continue"
+                assert (await s.data({})).kind == "continue"
+                verdict, edits = await s.message(message, {"i": f"4CC{n}"})
+                assert verdict.kind == "continue", daemon.log()[-3000:]
+                statuses += [" ".join(e.value.split()) for e in edits.headers
+                             if isinstance(e, AddHeader) and e.name == "X-Spam-Status"]  # fmt: skip
+        finally:
+            await s.close()
+        return statuses
+
+    try:
+        statuses = asyncio.run(session())
+        assert len(statuses) == 4, statuses
+        assert ["RCVD_IN_PBL" in status for status in statuses] == [True, True, False, True], statuses
+        asked = [name for name, _ in proxy.queries if name.startswith("44.33.22.11.")]
+        assert asked == ["44.33.22.11.zen.spamhaus.org.", "44.33.22.11.list.dnswl.org."] or asked == [
+            "44.33.22.11.list.dnswl.org.", "44.33.22.11.zen.spamhaus.org."
+        ], asked
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+
+
+def test_milter_connect_results_belong_to_their_client(tmp_path: Path) -> None:
+    # Raw packets (shared/reference/protocols.md §2) on one socket: a welcome-listed client sends
+    # two messages (one RSET between them), then QUIT_NC and a CONNECT from an unlisted client,
+    # whose message must not carry the first client's CONNECT-stage hit. The list check counts
+    # its runs: once per CONNECT.
+    engine = _offline(tmp_path, "lists: {welcomelist_ip: [11.22.33.0/24]}\n")
+    check = engine.check("lists_connect")
+    assert check is not None
+    runs: list[str] = []
+    real_run = check.run
+
+    def counted(scan: Scan) -> Any:
+        runs.append(scan.ctx.client_ip)
+        return real_run(scan)
+
+    check.run = counted  # type: ignore[method-assign]
+    milter = dataclasses.replace(engine.config.milter, reject_at_connect=True)
+    config = dataclasses.replace(engine.config, milter=milter)
+    service = MilterService(engine, config, WorkerMetrics(), greylist=None, prefs=UserPrefsStore(""),
+                            scans=asyncio.Semaphore(4))  # fmt: skip
+
+    def packet(command: bytes, data: bytes = b"") -> bytes:
+        return struct.pack(">I", 1 + len(data)) + command + data
+
+    def connect(ip: str) -> bytes:
+        return packet(b"C", b"mx.example.net\x004" + struct.pack(">H", 4321) + ip.encode() + b"\x00")
+
+    def transaction(n: int) -> bytes:
+        return b"".join([
+            packet(b"M", b"<alice@sender.test>\x00"), packet(b"R", b"<bob@local.test>\x00"),
+            packet(b"L", b"Subject\x00lunch\x00"), packet(b"L", b"Message-ID\x00<%d@sender.test>\x00" % n),
+            packet(b"N"), packet(b"B", b"Lunch at noon?\r\n"), packet(b"E"),
+        ])  # fmt: skip
+
+    async def converse() -> list[bytes]:
+        ours, theirs = socket.socketpair()
+        reader, writer = await asyncio.open_connection(sock=ours)
+        task = asyncio.create_task(service.serve(reader, writer, "test"))
+        mta_reader, mta_writer = await asyncio.open_connection(sock=theirs)
+        mta_writer.write(packet(b"O", struct.pack(">III", 6, 0x1FF, 0x1FFFFF)))
+        statuses: list[bytes] = []
+
+        async def until_final() -> None:
+            while True:
+                length = struct.unpack(">I", await asyncio.wait_for(mta_reader.readexactly(4), 10))[0]
+                data = await mta_reader.readexactly(length)
+                if data[:1] == b"h" and data[1:].startswith(b"X-Spam-Status\x00"):
+                    statuses.append(data)
+                if data[:1] in (b"c", b"a", b"r", b"t", b"d", b"y", b"O"):
+                    return
+
+        await until_final()  # the negotiation
+        # (step, answers): CONNECT is answered (reject_at_connect), MAIL and ABORT are not; a
+        # message has its body chunk answered (SKIP was offered) and its end
+        steps = [(connect("11.22.33.44"), 1), (transaction(1), 2),
+                 (packet(b"M", b"<x@sender.test>\x00") + packet(b"A"), 0), (transaction(2), 2),
+                 (packet(b"K") + connect("11.22.99.1"), 1), (transaction(3), 2)]  # fmt: skip
+        for step, answers in steps:
+            mta_writer.write(step)
+            for _ in range(answers):
+                await until_final()
+        mta_writer.write(packet(b"Q"))
+        mta_writer.close()
+        await asyncio.wait_for(task, 10)
+        writer.close()
+        return statuses
+
+    statuses = asyncio.run(converse())
+    assert ["CLIENT_IN_WELCOMELIST" in s.decode() for s in statuses] == [True, True, False], statuses
+    assert runs == ["11.22.33.44", "11.22.99.1"]

@@ -22,7 +22,10 @@ What is negotiated, and why (ask for little, answer little):
 Per stage:
 
 * CONNECT: with ``milter.reject_at_connect``, the engine's CONNECT checks run and a client whose
-  hits alone reach ``reject_score`` is refused (550 5.7.1).
+  hits alone reach ``reject_score`` is refused (550 5.7.1). What they found (hits, and the facts
+  that tell the later checks the client was looked up) goes into the scan of every message of
+  the connection, RSET or not, so its DNSBL lookups are made once per connection; except for
+  an authenticated sender's message, whose scan does not judge the client's address.
 * RCPT: greylisting (``greylist``), except for authenticated senders ({auth_authen}), trusted
   and exempt networks, and senders on the global or the recipient's welcome list; a deferred
   recipient gets ``greylist.message`` (451 4.7.1) and the others go on.
@@ -64,7 +67,7 @@ from filterd.engine.checks.auth.authserv import claims_authserv_id, effective_au
 from filterd.engine.checks.lists import compile_globs
 from filterd.engine.engine import Engine, Result
 from filterd.engine.markup import MarkupOptions, rewritten_subject, spam_headers
-from filterd.engine.plugin import ScanContext, Stage
+from filterd.engine.plugin import Hit, Scan, ScanContext, Stage
 from filterd.engine.prefs import BadUserName, UserPrefs, UserPrefsStore
 from filterd.errors import LocalProtocolError, RemoteProtocolError
 from filterd.greylist import Greylist
@@ -166,6 +169,25 @@ class _Message:
 
 
 @dataclass(frozen=True, slots=True)
+class _ConnectStage:
+    """What the CONNECT checks found for this connection's client, for each message's scan."""
+
+    client_ip: str
+    hits: tuple[Hit, ...]
+    facts: tuple[tuple[str, str], ...]  # e.g. "this client was looked up in the DNSBLs already"
+    problems: tuple[str, ...]
+
+    def carry_into(self, scan: Scan) -> None:
+        """Give ``scan`` (a new one, same client) these results: the engine runs no CONNECT
+        check for it again, and the later ones skip what was asked at connect."""
+        scan.stages_done.add(Stage.CONNECT)
+        for hit in self.hits:
+            scan.hits[hit.rule] = hit
+        scan.facts.update(self.facts)
+        scan.problems.extend(self.problems)
+
+
+@dataclass(frozen=True, slots=True)
 class _Verdict:
     name: str  # accepted, tagged, rejected, tempfailed, quarantined, discarded, skipped
     replies: Sequence[Reply]
@@ -231,6 +253,7 @@ class _Session:
         self.client_ip = ""
         self.client_name = ""
         self.helo = ""
+        self.connect_stage: _ConnectStage | None = None  # with reject_at_connect
         self.message: _Message | None = None
 
     async def run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -297,8 +320,12 @@ class _Session:
             return self._body(event)
         elif isinstance(event, EndOfMessage):
             return [*await self._end_of_message(event)]
-        elif isinstance(event, Abort | Quit | QuitNewConnection):
+        elif isinstance(event, Abort | Quit):
+            self.message = None  # the connection, and what is known of its client, goes on
+        elif isinstance(event, QuitNewConnection):  # another CONNECT follows: another client
             self.message = None
+            self.client_ip = self.client_name = self.helo = ""
+            self.connect_stage = None
         return []
 
     def _negotiate(self, offer: OptionNegotiation) -> Negotiate:
@@ -312,6 +339,8 @@ class _Session:
         return Negotiate(actions=_ACTIONS, protocol=protocol, macros=_MACROS)
 
     async def _connect(self, event: Connect) -> list[Reply]:
+        self.connect_stage = None
+        self.client_ip = ""
         if event.family in (AddressFamily.INET, AddressFamily.INET6):
             self.client_ip = event.address or event.macros.get("client_addr", "")
         name = event.macros.get("client_name") or event.hostname
@@ -325,6 +354,8 @@ class _Session:
         except Exception:
             log.exception("milter: CONNECT checks failed for %s", self.client_ip)
             return []
+        self.connect_stage = _ConnectStage(self.client_ip, tuple(hits), tuple(scan.facts.items()),
+                                           tuple(scan.problems))  # fmt: skip
         score = engine.score(hits)
         if score < self.cfg.reject_score:
             return []
@@ -429,9 +460,15 @@ class _Session:
         if service.scans.locked():  # shed load rather than queue scans without bound
             service.metrics.errors["milter_busy"] += 1
             return self._failed("all scan slots busy", message, queue_id, started)
+        scan = service.engine.new_scan(ctx)
+        # The client's CONNECT-stage results, unless the sender has logged in: then the client is
+        # not the external relay, and the scan judges the message without its address.
+        connect_stage = self.connect_stage
+        if connect_stage is not None and connect_stage.client_ip == ctx.client_ip and not ctx.authenticated:
+            connect_stage.carry_into(scan)
         try:
             async with service.scans, asyncio.timeout(self.cfg.scan_timeout):
-                result = await service.engine.finish(service.engine.new_scan(ctx), raw, required_score=required)
+                result = await service.engine.finish(scan, raw, required_score=required)
         except Exception as exc:  # TimeoutError included
             service.metrics.errors["scan_failed"] += 1
             log.error("milter scan failed (qid=%s): %s: %s", queue_id or "-", type(exc).__name__, exc,
