@@ -38,7 +38,7 @@ from filterd.errors import QueueError
 from filterd.mta.queue import ID_RE, Envelope, Queue, QueueState, Recipient
 
 # Building `filterd`'s parser imports this module for every command: the delivery side
-# (aiosmtplib, dkimpy, dnspython) is imported only when a queue action runs.
+# (dkimpy, dnspython) is imported only when a queue action runs.
 
 _MARK: dict[QueueState, str] = {"incoming": "", "active": "*", "deferred": "", "hold": "!"}
 _ORDER: tuple[QueueState, ...] = ("active", "incoming", "deferred", "hold")

@@ -8,8 +8,11 @@ The conversation: greeting, EHLO (HELO if EHLO is refused with 5xx), STARTTLS wh
 ``options.starttls`` (opportunistic, certificates not verified, as Postfix's ``may``; a failed
 handshake is retried once in the clear by the caller), EHLO again, MAIL FROM with SIZE= and
 BODY=8BITMIME / SMTPUTF8 when the server offers them, one RCPT TO per recipient, and DATA when
-at least one was accepted. The connection and its I/O are aiosmtplib's; MAIL and RCPT are
-written here so that addresses go out exactly as they are in the envelope.
+at least one was accepted, then QUIT. When the server offers PIPELINING (RFC 2920), MAIL FROM
+and every RCPT TO go out in one write and their replies are read in order: one round trip
+instead of one per command. DATA waits for those replies, so it is never sent when no recipient
+was accepted. The bytes are `filterd.mta.smtp_protocol`'s (sans-IO); this module owns the
+socket, timeouts and TLS.
 
 Anything failing before MAIL FROM (no connection, a greeting or EHLO that is not 2xx, a lost
 connection) raises `SessionError`: the caller tries the next MX. Once MAIL FROM is sent every
@@ -24,47 +27,15 @@ from __future__ import annotations
 __all__ = ["Reply", "SessionError", "SmtpOptions", "TlsError", "TransactionResult", "send"]
 
 import asyncio
-import re
+import contextlib
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import aiosmtplib
+from filterd.errors import ProtocolError
+from filterd.mta.smtp_protocol import CLOSED, NEED_DATA, ClientConnection, Reply, Response
 
-_STATUS = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """An SMTP reply (or one we made up for a failure, marked ``local``)."""
-
-    code: int
-    text: str
-    local: bool = False
-
-    @property
-    def enhanced(self) -> str:
-        """The RFC 3463 enhanced status the text starts with ("" if none, or of another class)."""
-        m = _STATUS.match(self.text)
-        if m and m[1] == str(self.code)[0]:
-            return f"{m[1]}.{m[2]}.{m[3]}"
-        return ""
-
-    @property
-    def status(self) -> str:
-        """The RFC 3463 enhanced status in the text, or one derived from the reply code."""
-        return self.enhanced or f"{str(self.code)[0]}.0.0"
-
-    @property
-    def permanent(self) -> bool:
-        return self.code >= 500
-
-    @property
-    def ok(self) -> bool:
-        return 200 <= self.code < 300
-
-    def __str__(self) -> str:
-        return f"{self.code} {' '.join(self.text.split())}"
+_READ = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,24 +86,74 @@ def _safe(address: str) -> bool:
     return not any(c in address for c in "<>\r\n\0") and " " not in address.strip('"')
 
 
-def _size_limit(client: aiosmtplib.SMTP) -> int:
-    value = client.esmtp_extensions.get("size", "").strip()
-    return int(value) if value.isdigit() else 0
+class _Lost(Exception):
+    """The connection failed: closed, timed out, reset, or the server broke the protocol."""
 
 
-async def _hello(client: aiosmtplib.SMTP, name: str, where: str) -> None:
-    try:
-        await client.ehlo(hostname=name)
+class _Session:
+    """The socket side of one `ClientConnection`."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float) -> None:
+        self.reader, self.writer, self.timeout = reader, writer, timeout
+        self.conn = ClientConnection()
+
+    async def write(self, data: bytes) -> None:
+        try:
+            self.writer.write(data)
+            async with asyncio.timeout(self.timeout):
+                await self.writer.drain()
+        except (OSError, TimeoutError) as exc:
+            raise _Lost(_reason(exc)) from None
+
+    async def command(self, verb: str, *args: str, encoding: str = "ascii") -> Reply:
+        await self.write(self.conn.send(verb, *args, encoding=encoding))
+        return await self.reply(verb)
+
+    async def reply(self, verb: str, wait: float | None = None) -> Reply:
+        """The next reply, which must be the one to ``verb``; ``wait``: seconds, else `timeout`."""
+        try:
+            async with asyncio.timeout(wait or self.timeout):
+                while True:
+                    event = self.conn.next_event()
+                    if isinstance(event, Response):
+                        assert event.command == verb, (event.command, verb)
+                        return event.reply
+                    if event is CLOSED:
+                        raise _Lost("connection closed by the server")
+                    assert event is NEED_DATA
+                    self.conn.receive_data(await self.reader.read(_READ))
+        except TimeoutError:
+            raise _Lost("timed out") from None
+        except OSError as exc:
+            raise _Lost(_reason(exc)) from None
+        except ProtocolError as exc:
+            raise _Lost(f"protocol error: {exc}") from None
+
+    async def starttls(self, context: ssl.SSLContext, server_hostname: str) -> None:
+        async with asyncio.timeout(self.timeout):
+            await self.writer.start_tls(context, server_hostname=server_hostname)
+
+    async def close(self, quit_timeout: float) -> None:
+        """QUIT when the connection is in a state to say it, then close."""
+        with contextlib.suppress(_Lost, OSError, TimeoutError, ProtocolError):
+            if not self.writer.is_closing() and self.conn.awaiting == 0:
+                self.timeout = quit_timeout
+                await self.command("QUIT")
+        self.writer.close()
+        with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
+            async with asyncio.timeout(quit_timeout):
+                await self.writer.wait_closed()
+
+
+async def _hello(session: _Session, name: str, where: str) -> None:
+    reply = await session.command("EHLO", name)
+    if reply.ok:
         return
-    except aiosmtplib.SMTPHeloError as exc:
-        if exc.code < 500 or not client.is_connected:
-            reply = Reply(exc.code, exc.message)
-            raise SessionError(f"{where} refused EHLO: {reply}", reply) from None
-    try:
-        await client.helo(hostname=name)
-    except aiosmtplib.SMTPHeloError as exc:
-        reply = Reply(exc.code, exc.message)
-        raise SessionError(f"{where} refused HELO: {reply}", reply) from None
+    if reply.code < 500:
+        raise SessionError(f"{where} refused EHLO: {reply}", reply)
+    reply = await session.command("HELO", name)
+    if not reply.ok:
+        raise SessionError(f"{where} refused HELO: {reply}", reply)
 
 
 async def send(
@@ -154,52 +175,44 @@ async def send(
     before MAIL FROM; afterwards every recipient has a reply in the result."""
     where = f"{server_name}[{address}]" if server_name and server_name != address else f"[{address}]"
     starttls = options.starttls if use_tls is None else use_tls
-    client = aiosmtplib.SMTP(
-        hostname=address,
-        port=options.port,
-        local_hostname=options.helo_name,
-        source_address=(options.bind_address, 0) if options.bind_address else None,
-        timeout=options.timeout,
-        start_tls=False,
-        validate_certs=False,
-    )
     result = TransactionResult(where)
     try:
-        try:
-            await client.connect(timeout=options.connect_timeout)
-        except aiosmtplib.SMTPConnectResponseError as exc:
-            reply = Reply(exc.code, exc.message)
-            raise SessionError(f"{where} refused to talk to us: {reply}", reply) from None
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            raise SessionError(f"connect to {where}:{options.port}: {_reason(exc)}") from None
-        await _hello(client, options.helo_name, where)
-        if starttls and client.supports_extension("starttls"):
-            try:
-                sni = server_name if server_name and not server_name.startswith("[") else address
-                await client.starttls(tls_context=_tls_context(), server_hostname=sni)
-            except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
-                raise TlsError(f"STARTTLS with {where}: {_reason(exc)}") from None
-            result.tls = True
-            await _hello(client, options.helo_name, where)
-    except SessionError:
-        client.close()
-        raise
-    except (aiosmtplib.SMTPException, OSError) as exc:  # lost or timed out before the transaction
-        client.close()
-        raise SessionError(f"{where}: {_reason(exc)} before MAIL FROM") from None
+        async with asyncio.timeout(options.connect_timeout):
+            reader, writer = await asyncio.open_connection(
+                address, options.port, local_addr=(options.bind_address, 0) if options.bind_address else None
+            )
+    except (OSError, TimeoutError) as exc:
+        raise SessionError(f"connect to {where}:{options.port}: {_reason(exc)}") from None
+    session = _Session(reader, writer, options.timeout)
     try:
-        await _transaction(client, result, options, sender, recipients, data, eight_bit, smtputf8)
-    finally:
-        if client.is_connected:
-            try:
-                await asyncio.wait_for(client.quit(), timeout=min(options.timeout, 5.0))
-            except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                client.close()
+        try:
+            greeting = await session.reply("greeting", options.connect_timeout)
+            if greeting.code != 220:
+                raise SessionError(f"{where} refused to talk to us: {greeting}", greeting)
+            await _hello(session, options.helo_name, where)
+            if starttls and session.conn.supports("starttls"):
+                reply = await session.command("STARTTLS")
+                if reply.code != 220:
+                    raise TlsError(f"STARTTLS with {where}: {reply}")
+                try:
+                    sni = server_name if server_name and not server_name.startswith("[") else address
+                    await session.starttls(_tls_context(), sni)
+                except (OSError, ssl.SSLError, TimeoutError) as exc:
+                    raise TlsError(f"STARTTLS with {where}: {_reason(exc)}") from None
+                result.tls = True
+                await _hello(session, options.helo_name, where)
+        except _Lost as exc:  # lost, timed out or garbled before the transaction
+            raise SessionError(f"{where}: {exc} before MAIL FROM") from None
+        await _transaction(session, result, options, sender, recipients, data, eight_bit, smtputf8)
+    except BaseException:
+        writer.close()
+        raise
+    await session.close(min(options.timeout, 5.0))
     return result
 
 
 async def _transaction(
-    client: aiosmtplib.SMTP,
+    session: _Session,
     result: TransactionResult,
     options: SmtpOptions,
     sender: str,
@@ -210,6 +223,7 @@ async def _transaction(
 ) -> None:
     where = result.server
     replies = result.replies
+    conn = session.conn
     pending = list(recipients)
 
     def settle(reply: Reply) -> None:
@@ -222,11 +236,12 @@ async def _transaction(
     if not _safe(sender) or not pending:
         settle(Reply(501, "5.1.7 bad sender address syntax", local=True))
         return
-    limit = _size_limit(client)
+    limit_text = conn.extensions.get("size", "")
+    limit = int(limit_text) if limit_text.isdigit() else 0
     if limit and len(data) > limit:
         settle(Reply(552, f"5.3.4 message size {len(data)} exceeds the limit of {where} ({limit})", local=True))
         return
-    utf8 = smtputf8 and client.supports_extension("smtputf8")
+    utf8 = smtputf8 and conn.supports("smtputf8")
     encoding = "utf-8" if utf8 else "ascii"
     if not utf8:
         if not sender.isascii():
@@ -238,44 +253,57 @@ async def _transaction(
         if not pending:
             return
     params = []
-    if client.supports_extension("size"):
+    if conn.supports("size"):
         params.append(f"SIZE={len(data)}")
     # An 8-bit body goes out as is even to a server without 8BITMIME, as Sendmail's pass8 does.
-    if eight_bit and client.supports_extension("8bitmime"):
+    if eight_bit and conn.supports("8bitmime"):
         params.append("BODY=8BITMIME")
     if utf8:
         params.append("SMTPUTF8")
     stage = "MAIL FROM"
     try:
-        response = await client.execute_command(
-            b"MAIL", f"FROM:<{sender}>".encode(encoding), *(p.encode() for p in params)
-        )
-        if response.code != 250:
-            settle(Reply(response.code, f"{response.message} (in reply to MAIL FROM)"))
+        mail = conn.send("MAIL", f"FROM:<{sender}>", *params, encoding=encoding)
+        if conn.supports("pipelining"):  # RFC 2920: MAIL and every RCPT in one write
+            await session.write(mail + b"".join(conn.send("RCPT", f"TO:<{r}>", encoding=encoding) for r in pending))
+            sent = len(pending)
+        else:
+            await session.write(mail)
+            sent = 0
+        reply = await session.reply("MAIL")
+        if reply.code != 250:
+            refusal = Reply(reply.code, f"{reply.text} (in reply to MAIL FROM)")
+            if reply.code != 421:  # else the server is closing: no more replies will come
+                for _ in range(sent):  # their replies (503, most likely) say nothing more
+                    await session.reply("RCPT")
+            settle(refusal)
             return
         accepted = []
         stage = "RCPT TO"
-        for rcpt in pending:
-            response = await client.execute_command(b"RCPT", f"TO:<{rcpt}>".encode(encoding))
-            if response.code in (250, 251):
+        for i, rcpt in enumerate(pending):
+            if i >= sent:
+                await session.write(conn.send("RCPT", f"TO:<{rcpt}>", encoding=encoding))
+            reply = await session.reply("RCPT")
+            if reply.code in (250, 251):
                 accepted.append(rcpt)
             else:
-                replies[rcpt] = Reply(response.code, f"{response.message} (in reply to RCPT TO)")
-                if response.code == 421:  # the server is closing: the rest cannot go either
-                    break
+                replies[rcpt] = Reply(reply.code, f"{reply.text} (in reply to RCPT TO)")
+                if reply.code == 421:  # the server is closing: the rest cannot go either
+                    settle(replies[rcpt])
+                    return
         pending = [r for r in pending if r not in replies]
         if not accepted:
-            settle(Reply(421, "4.4.2 connection closed during RCPT TO", local=True))
             return
         stage = "DATA"
-        try:
-            response = await client.data(data, timeout=options.data_timeout)
-        except aiosmtplib.SMTPDataError as exc:
-            settle(Reply(exc.code, f"{exc.message} (in reply to DATA)"))
+        reply = await session.command("DATA")
+        if reply.code != 354:
+            settle(Reply(reply.code, f"{reply.text} (in reply to DATA)"))
             return
-        settle(Reply(response.code, response.message))
-    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
-        settle(Reply(451, f"4.4.2 {where}: {_reason(exc)} during {stage}", local=True))
+        stage = "end of DATA"
+        await session.write(conn.send_message(data))
+        reply = await session.reply(".", options.data_timeout)
+        settle(reply if reply.ok else Reply(reply.code, f"{reply.text} (in reply to end of DATA)"))
+    except _Lost as exc:
+        settle(Reply(451, f"4.4.2 {where}: {exc} during {stage}", local=True))
 
 
 def _reason(exc: BaseException) -> str:

@@ -58,12 +58,41 @@ class _Handler:
         return self.data_reply
 
 
-class Sink:
-    """An SMTP server on ``address``:``port`` in the running loop."""
+@dataclass
+class _PipeliningHandler(_Handler):
+    """Also says PIPELINING in its EHLO reply (aiosmtpd reads pipelined commands in order but
+    does not advertise it), and refuses senders whose local part starts with ``refuse``."""
 
-    def __init__(self, address: str, port: int, *, tls: ssl.SSLContext | None = None, **smtp_options: Any) -> None:
+    async def handle_EHLO(  # noqa: N802
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+    async def handle_MAIL(  # noqa: N802
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
+        if address.startswith("refuse"):
+            return "550 5.7.1 sender refused"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+
+class Sink:
+    """An SMTP server on ``address``:``port`` in the running loop (``pipelining``: advertised)."""
+
+    def __init__(
+        self,
+        address: str,
+        port: int,
+        *,
+        tls: ssl.SSLContext | None = None,
+        pipelining: bool = False,
+        **smtp_options: Any,
+    ) -> None:
         self.address, self.port = address, port
-        self.handler = _Handler()
+        self.handler = _PipeliningHandler() if pipelining else _Handler()
         self._tls = tls
         self._options = smtp_options
         self._server: asyncio.Server | None = None
