@@ -65,7 +65,6 @@ import errno
 import logging
 import os
 import pwd
-import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -76,7 +75,7 @@ from filterd.client import SpamdError, spamd_request
 from filterd.config import DeliverConfig, format_size, load_config
 from filterd.config.schema import clamd_address
 from filterd.errors import ConfigError, PermanentDeliveryError, TemporaryDeliveryError
-from filterd.headerblock import header_block_bounds
+from filterd.mda.headers import split_fields
 from filterd.mda.maildir import Maildir, folder_dirname
 from filterd.mda.mbox import deliver_mbox
 from filterd.mda.recipes import Action, Recipes, Step, Verdict, evaluate, facts_from_message, read_recipes
@@ -96,7 +95,6 @@ _CANTCREAT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, 
 _LEAD_FIELDS = (b"return-path", b"delivered-to", b"x-original-to")  # what MTAs prepend for delivery
 _SYSEXITS = range(64, 79)
 _SKIPPED = b"X-Filterd-Skipped"  # on a message delivered unscanned, saying why
-_FIELD_NAME = re.compile(rb"[!-9;-~]+[ \t]*:")  # a header field's first line (RFC 5322 ftext)
 # how spamc's failure codes read in logs and in X-Filterd-Skipped
 _SPAMC_FAILURES = {
     65: "message refused (EX_DATAERR)",
@@ -339,12 +337,10 @@ def _lead(message: bytes, recipient: str) -> tuple[dict[bytes, list[str]], bool]
     lead: dict[bytes, list[str]] = {}
     in_lead = True
     loop = False
-    for line in message.split(b"\n\n", 1)[0].split(b"\n"):
-        name, colon, value = line.partition(b":")
-        key = name.strip().lower()
-        if line[:1] in (b" ", b"\t") or not colon:
-            continue
-        text = value.strip().decode("utf-8", "surrogateescape")
+    fields, _ = split_fields(message)
+    for f in fields:
+        key = f.key
+        text = f.value.decode("utf-8", "surrogateescape")
         if in_lead and key in _LEAD_FIELDS:
             lead.setdefault(key, []).append(text)
             continue
@@ -356,26 +352,12 @@ def _lead(message: bytes, recipient: str) -> tuple[dict[bytes, list[str]], bool]
 
 def _without_field(message: bytes, name: bytes) -> bytes:
     """``message`` without the header fields called ``name`` (lower case), continuation lines
-    and all. The header block ends at the empty line, or at the first line that is neither a
-    field nor a continuation (a message missing the empty line); the rest is not read."""
-    end, _ = header_block_bounds(message)
-    if name not in message[:end].lower():
+    and all; the body (`filterd.mda.headers.split_fields`: also of a message missing the empty
+    line) is not read."""
+    fields, end = split_fields(message)
+    if not any(f.key == name for f in fields):
         return message
-    kept: list[bytes] = []
-    dropping = False
-    at = 0
-    for line in message[:end].splitlines(keepends=True):
-        if line[:1] in (b" ", b"\t") and at:
-            if not dropping:
-                kept.append(line)
-        elif _FIELD_NAME.match(line):
-            dropping = line.partition(b":")[0].rstrip(b" \t").lower() == name
-            if not dropping:
-                kept.append(line)
-        else:
-            break
-        at += len(line)
-    return b"".join(kept) + message[at:]
+    return b"".join(f.raw for f in fields if f.key != name) + message[end:]
 
 
 def _expand_home(template: str, home: Path | None) -> Path | None:

@@ -78,6 +78,7 @@ from yaml.constructor import SafeConstructor
 
 from filterd.config.units import parse_size
 from filterd.errors import ConfigError, Problem
+from filterd.mda.headers import split_fields
 
 Verdict: TypeAlias = Literal["spam", "ham", "unfiltered"]
 FolderCheck: TypeAlias = Callable[[str], str | None]  # a folder name -> why it is bad, or None
@@ -260,21 +261,10 @@ def _decode(raw: bytes) -> str:
 def facts_from_message(
     message: bytes, *, score: float | None, verdict: Verdict, size: int, sender: str | None
 ) -> Facts:
-    """The header fields of ``message`` (unfolded, decoded) and the other facts, as `Facts`."""
-    end = len(message)
-    for sep in (b"\n\n", b"\r\n\r\n"):
-        i = message.find(sep)
-        if 0 <= i < end:
-            end = i
-    fields: list[tuple[str, bytes]] = []
-    for line in message[:end].splitlines():
-        if line[:1] in (b" ", b"\t") and fields:
-            name, value = fields[-1]
-            fields[-1] = (name, value + b" " + line.strip())
-        elif b":" in line:
-            name_b, _, value_b = line.partition(b":")
-            fields.append((name_b.strip().decode("ascii", "replace").lower(), value_b.strip()))
-    headers = tuple((n, _decode(v)) for n, v in fields)
+    """The header fields of ``message`` (unfolded, decoded; `filterd.mda.headers.split_fields`)
+    and the other facts, as `Facts`."""
+    fields, _ = split_fields(message)
+    headers = tuple((f.key.decode("ascii", "replace"), _decode(f.value)) for f in fields if f.name)
     senders = [sender.lower()] if sender else []
     from_values = [v for n, v in headers if n == "from"]
     senders += [addr.lower() for _, addr in email.utils.getaddresses(from_values) if addr]
