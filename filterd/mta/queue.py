@@ -71,10 +71,13 @@ was given for it. A crash after it leaves a complete message (delivered, perhaps
 client retries: duplicates are the accepted price, loss is not).
 
 `recover` (with the lock held): deletes everything in tmp/; moves active/ back to incoming/
-(the manager died mid-work); sends envelopes that do not parse, whose data file is missing or
-has the wrong size, to corrupt/ with a warning; deletes data files that no envelope names. It
-parses every envelope for that, and returns, for each message in deferred/, when it is next due
-(``Recovery.deferred``): the queue manager's schedule starts from that instead of a second parse.
+(the manager died mid-work); sends envelopes in deferred/ and hold/ that do not parse, whose
+data file is missing or has the wrong size, to corrupt/ with a warning; deletes data files that
+no envelope names. It parses those envelopes for that, and returns, for each message in
+deferred/, when it is next due (``Recovery.deferred``): the queue manager's schedule starts from
+that instead of a second parse. Envelopes in incoming/ are not parsed here: the queue manager
+parses each when it takes it for delivery (`load`), which it does first, and sends an
+unreadable one to corrupt/ the same way; one parse per message, not two.
 
 Concurrency: within the owning process, callers must not act on the same id from two threads
 at once. Other processes (``filterd mta queue list|show``) may read without the lock; they
@@ -252,7 +255,7 @@ class Recovery:
 
     tmp_removed: int = 0
     active_requeued: int = 0
-    corrupt: tuple[str, ...] = ()
+    corrupt: tuple[str, ...] = ()  # from deferred/ and hold/ (incoming/ is checked when loaded)
     orphans_removed: int = 0
     # (id, Envelope.due) of every readable message in deferred/, from the parse recovery did anyway
     deferred: tuple[tuple[str, float], ...] = ()
@@ -444,6 +447,9 @@ class Queue:
                 if not ID_RE.match(name):
                     log.warning("queue: %s: not a queue file; moved to %s", self.root / state / name, self.corrupt)
                     os.rename(self.root / state / name, self.corrupt / f"{state}-{name}")
+                    continue
+                if state == "incoming":  # checked when the queue manager loads it, at once
+                    named.add(name)
                     continue
                 try:
                     envelope, _ = self.load(name)

@@ -508,6 +508,32 @@ def test_start_up_parses_each_deferred_envelope_once(tmp_path: Path, monkeypatch
     assert queue.ids("deferred") == sorted(waiting) and qmgr.stats.attempts == 1
 
 
+def test_start_up_parses_each_incoming_envelope_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Recovery leaves incoming/ (the former active/ too) to the manager, which parses when it loads.
+    config = mta_config(tmp_path)
+    queue = Queue(tmp_path / "q")
+    ids = [enqueue(queue, f"r{i}@example.org") for i in range(3)]
+    queue.move(ids[0], "active")  # a crash mid-delivery
+    broken = enqueue(queue, "broken@example.org")
+    (queue.root / "incoming" / broken).write_bytes(b'{"version": 1, "trunc')
+    parsed: Counter[str] = Counter()
+    from_json = Envelope.from_json.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[Envelope], raw: bytes) -> Any:
+        envelope = from_json(cls, raw)
+        parsed[envelope.id] += 1
+        return envelope
+
+    monkeypatch.setattr(Envelope, "from_json", classmethod(counting))
+    recovery = queue.recover()
+    assert recovery.active_requeued == 1 and not recovery.corrupt and not parsed
+    qmgr = make_qmgr(config, queue)
+    asyncio.run(run_until(qmgr, lambda: not all_ids(queue), recovery=recovery))
+    assert parsed == dict.fromkeys(ids, 1)
+    assert all((tmp_path / "out" / f"r{i}@example.org.1").exists() for i in range(3))
+    assert (queue.corrupt / f"{broken}.env").exists() and (queue.corrupt / f"{broken}.data").exists()
+
+
 def test_delay_warning_takes_the_status_from_last_status_or_from_an_old_last_error(tmp_path: Path) -> None:
     # An envelope written before last_status was kept: the warning reads the status the old way.
     config = mta_config(tmp_path, delay_warning=1.0, min_backoff=60.0, max_backoff=60.0, max_lifetime=86400.0)

@@ -95,23 +95,30 @@ def test_lock_is_exclusive(tmp_path: Path) -> None:
 
 def test_recover_quarantines_unreadable_envelopes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     q = Queue(tmp_path)
-    good = q.enqueue(_envelope(), b"good")
-    truncated = q.enqueue(_envelope(), b"truncated")
-    path = tmp_path / "incoming" / truncated
+    good = q.enqueue(_envelope(), b"good", state="deferred")
+    truncated = q.enqueue(_envelope(), b"truncated", state="deferred")
+    path = tmp_path / "deferred" / truncated
     path.write_bytes(path.read_bytes()[:-5])
-    no_data = q.enqueue(_envelope(), b"no data")
+    no_data = q.enqueue(_envelope(), b"no data", state="hold")
     (q.data / no_data).unlink()
-    wrong_size = q.enqueue(_envelope(), b"wrong size")
+    wrong_size = q.enqueue(_envelope(), b"wrong size", state="deferred")
     (q.data / wrong_size).write_bytes(b"short")
-    future = q.enqueue(_envelope(), b"future")
-    obj = json.loads((tmp_path / "incoming" / future).read_bytes())
+    future = q.enqueue(_envelope(), b"future", state="deferred")
+    obj = json.loads((tmp_path / "deferred" / future).read_bytes())
     obj["version"] = 99
-    (tmp_path / "incoming" / future).write_text(json.dumps(obj))
+    (tmp_path / "deferred" / future).write_text(json.dumps(obj))
+    # incoming/ is left to the queue manager, which parses (and quarantines) when it loads
+    unparsed = q.enqueue(_envelope(), b"incoming")
+    (tmp_path / "incoming" / unparsed).write_bytes(b"{")
 
     result = q.recover()
 
     assert sorted(result.corrupt) == sorted([truncated, no_data, wrong_size, future])
-    assert q.ids("incoming") == [good]
+    assert q.ids("deferred") == [good] and q.ids("incoming") == [unparsed]
+    assert (q.data / unparsed).exists()  # named by its envelope: not an orphan
+    with pytest.raises(QueueError, match="unreadable"):
+        q.load(unparsed)
+    q.remove(unparsed)
     envs = [f"{i}.env" for i in (truncated, no_data, wrong_size, future)]
     assert sorted(os.listdir(q.corrupt)) == sorted(envs + [f"{i}.data" for i in (truncated, wrong_size, future)])
     assert (q.corrupt / f"{truncated}.data").read_bytes() == b"truncated"
