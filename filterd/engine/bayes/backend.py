@@ -26,36 +26,48 @@ def sqlite_store_path(config: Config, state_dir: str | Path = "") -> Path:
 
 
 def open_bayes_store(
-    config: Config, state_dir: str | Path = "", *, timeout: float | None = None, upkeep: bool = True
+    config: Config,
+    state_dir: str | Path = "",
+    *,
+    timeout: float | None = None,
+    upkeep: bool = True,
+    write_only: bool = False,
 ) -> BayesStoreBase:
     """Open the store ``config`` names, creating it if missing. ``timeout`` (seconds) bounds each
     Redis reply (default ``state.timeout``); tools moving whole stores want more. ``upkeep``:
-    `BayesStoreBase.upkeep`."""
+    `BayesStoreBase.upkeep`. ``write_only``: a handle that keeps no counts (`BayesStoreBase`),
+    for writers that never score."""
     state = config.state
+    wait = timeout or state.timeout
     if state.backend == "redis":
         from filterd.engine.bayes.redis_store import RedisBayesStore  # redis only for sites that use it
 
         store: BayesStoreBase = RedisBayesStore.open(
-            state.redis_url, state.redis_key_prefix + REDIS_NAMESPACE, config.bayes, timeout=timeout or state.timeout
-        )
+            state.redis_url, state.redis_key_prefix + REDIS_NAMESPACE, config.bayes, timeout=wait,
+            write_only=write_only,
+        )  # fmt: skip
         store.upkeep = upkeep
         return store
-    return BayesStore.open(sqlite_store_path(config, state_dir), config.bayes, upkeep=upkeep)
+    return BayesStore.open(sqlite_store_path(config, state_dir), config.bayes, upkeep=upkeep, write_only=write_only)
 
 
 def open_existing_bayes_store(
-    config: Config, state_dir: str | Path = "", *, upkeep: bool = True
+    config: Config, state_dir: str | Path = "", *, upkeep: bool = True, write_only: bool = False
 ) -> BayesStoreBase | None:
-    """The store if something created it already (learning did), else None; creates nothing."""
+    """The store if something created it already (learning did), else None; creates nothing.
+    The arguments are `open_bayes_store`'s."""
     state = config.state
     if state.backend == "redis":
         from filterd.engine.bayes.redis_store import RedisBayesStore
 
         found = RedisBayesStore.open_existing(
-            state.redis_url, state.redis_key_prefix + REDIS_NAMESPACE, config.bayes, timeout=state.timeout
-        )
+            state.redis_url, state.redis_key_prefix + REDIS_NAMESPACE, config.bayes, timeout=state.timeout,
+            write_only=write_only,
+        )  # fmt: skip
         if found is not None:
             found.upkeep = upkeep
         return found
     path = sqlite_store_path(config, state_dir)
-    return BayesStore.open(path, config.bayes, upkeep=upkeep) if path.exists() else None
+    if not path.exists():
+        return None
+    return BayesStore.open(path, config.bayes, upkeep=upkeep, write_only=write_only)

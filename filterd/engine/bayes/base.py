@@ -16,6 +16,9 @@ keep the same durable data and give the same guarantees:
   others learnt by applying the deltas after its position (`refresh`).
 
 Scoring reads only the mirror: two int32 arrays of ``n_features`` counts, gathered with numpy.
+A handle that only writes (``write_only``: a daemon worker's writer thread, an expiry) keeps no
+mirror: learning and forgetting read the message's stored record, not the counts, so they need
+none; it neither loads the counts when it opens nor applies its own changes to memory.
 
 Backup format (`backup`/`restore`), UTF-8 text, tab-separated, one record per line, the same
 for both backends::
@@ -358,13 +361,18 @@ def buckets_from_messages(messages: list[MessageRow], n_features: int) -> list[B
 class BayesStoreBase(abc.ABC):
     """One process's handle on a shared Bayes store: the in-memory counts scoring reads, and
     the operations every backend offers. Not thread-safe (`interrupt` aside); open one per
-    process or thread (never use one across fork())."""
+    process or thread (never use one across fork()).
+
+    ``write_only``: the handle holds no counts (module docstring). It learns, forgets, expires,
+    writes atimes and does everything else but score (`spam_probability` raises); its `refresh`
+    does only the upkeep."""
 
     _batch_size = 500  # messages per atomic write in learn_many / learn_hashed
 
-    def __init__(self, config: BayesConfig, n_features: int) -> None:
+    def __init__(self, config: BayesConfig, n_features: int, *, write_only: bool = False) -> None:
         self.config = config
         self.n_features = n_features
+        self.write_only = write_only
         self._params = ClassifierParams(
             combiner=config.combiner,
             robinson_s=config.robinson_s,
@@ -375,14 +383,18 @@ class BayesStoreBase(abc.ABC):
             pooled=config.views == "pooled",
             text_min_prob_strength=config.text_min_prob_strength,
         )
-        self._spam = np.zeros(n_features, dtype=np.int32)
-        self._ham = np.zeros(n_features, dtype=np.int32)
+        mirrored = 0 if write_only else n_features
+        self._spam = np.zeros(mirrored, dtype=np.int32)
+        self._ham = np.zeros(mirrored, dtype=np.int32)
         self._spam_total = 0
         self._ham_total = 0
         self._nspam = 0
         self._nham = 0
         self._norms: tuple[float, float] | None = None  # complement_nb, recomputed after changes
-        self._touched = np.zeros(n_features, dtype=np.bool_)
+        # Buckets marked as seen: one flag per bucket where scans mark them, the few handed over
+        # (sorted, distinct) in a write-only handle.
+        self._touched = np.zeros(mirrored, dtype=np.bool_)
+        self._marks: Ids = EMPTY_IDS
         self._touched_since = time.monotonic()
         self._tokenizer = Tokenizer()
         # The last message tokenised: scored, then often learnt (autolearn, TELL)
@@ -472,16 +484,30 @@ class BayesStoreBase(abc.ABC):
         if self._interrupted.is_set():
             raise StoreInterrupted(f"{self.where}: expiry interrupted")
 
+    @property
+    def mirror_nbytes(self) -> int:
+        """Memory held for counts and seen marks (0 for a write-only handle with no marks)."""
+        return self._spam.nbytes + self._ham.nbytes + self._touched.nbytes + self._marks.nbytes
+
     def take_seen_marks(self) -> Ids:
         """The buckets scans marked as seen since their atimes were last written, unmarked here:
-        for another handle (an expiry in its own thread) to write with its own connection."""
-        ids = np.flatnonzero(self._touched)
-        self._touched[ids] = False
-        return ids
+        for another handle (an expiry in its own thread, the writer) to write with its own
+        connection. A handle with counts leaves out the buckets empty in them: those have no
+        atime to keep (the Redis store would otherwise make count strings for them)."""
+        if self.write_only:
+            ids, self._marks = self._marks, EMPTY_IDS
+            return ids
+        touched: Ids = np.flatnonzero(self._touched)
+        self._touched[touched] = False
+        kept: Ids = touched[(self._spam[touched] | self._ham[touched]) != 0]
+        return kept
 
     def add_seen_marks(self, ids: Ids) -> None:
         """Mark buckets as seen, as scanning them would (`take_seen_marks` handed over)."""
-        self._touched[ids] = True
+        if self.write_only:
+            self._marks = np.union1d(self._marks, np.asarray(ids, dtype=np.int64))
+        else:
+            self._touched[ids] = True
 
     def take_seen_marks_if_due(self) -> Ids | None:
         """`take_seen_marks` once the 10 minutes between two writes of them have passed (for a
@@ -545,6 +571,8 @@ class BayesStoreBase(abc.ABC):
         """The message's spam probability from the in-memory counts (call `refresh` to see
         others' learning). None until min_spam and min_ham messages are learnt, or when no
         token of the message says anything."""
+        if self.write_only:
+            raise RuntimeError(f"{self.where}: a write-only handle holds no counts to score with")
         if self._nspam < self.config.min_spam or self._nham < self.config.min_ham:
             return None
         if self._params.combiner == "complement_nb" and self._norms is None:

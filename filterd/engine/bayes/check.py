@@ -23,7 +23,7 @@ Bayes if it never read any) and the store is tried again 10 s later, so a dead s
 worker one timeout per 10 s rather than one per message.
 
 Expiry (`BayesCheck.expire_if_due`, the workers' upkeep) runs in a thread of its own with a
-store handle (connection) of its own, opened and closed in that thread: on a store of a million
+write-only store handle (connection) of its own, opened and closed in that thread: on a store of a million
 buckets it takes seconds, which on the worker's loop would stall every connection the worker
 serves. The loop only looks whether it is due (one row or key read) and hands over the buckets
 its scans marked as seen; its own handle catches up with the expiry's changes by `refresh`, as
@@ -101,7 +101,7 @@ class ExpiryJob:
     def run(self) -> int | None:
         """Open a handle, expire, close it; the buckets dropped, or None if the store has gone.
         Raises what opening or expiring raises (StoreInterrupted once cancelled)."""
-        store = open_existing_bayes_store(self.config, self.state_dir)
+        store = open_existing_bayes_store(self.config, self.state_dir, write_only=True)
         if store is None:
             return None
         self._store = store  # before looking at the flag: a cancel() either sees it or is seen
@@ -208,7 +208,7 @@ class BayesCheck:
         """The atimes of buckets scans used, written by the writer (a failure is logged)."""
 
         def job(store: BayesStoreBase) -> None:
-            store.refresh()  # the Redis store writes atimes of non-empty buckets only, by its counts
+            store.refresh()  # into the current generation (Redis), should a clear or restore have come
             store.write_seen_marks(marks)
 
         try:

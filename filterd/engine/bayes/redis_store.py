@@ -32,6 +32,8 @@ Every change is one Lua script, which Redis runs atomically:
   to nspam/nham and appends the delta to the log (XADD, trimmed to ~256 entries). A script of
   50 messages (~12k buckets) holds Redis ~40 ms on a busy 2-core machine; `filterd learn` sends
   one after another, a daemon's TELL or autolearn one of 1 to 8 messages.
+* A write-only handle (`BayesStoreBase`: a daemon worker's writer, an expiry) reads no counts:
+  learning needs only the message records and the epoch, which its `refresh` reads (one HGET).
 * `refresh` is one MULTI (the state and the log entries after the last one applied): usually
   "nothing new", one round trip. Entries are applied in order and their seq must follow on; a
   gap (the log was trimmed past this process) or a new epoch makes the process reload: one MULTI
@@ -46,7 +48,8 @@ Every change is one Lua script, which Redis runs atomically:
   non-empty buckets beyond max_tokens, and zeroes them in a script that skips any bucket learnt
   or seen since it was read, logging the zeroing as a change (a few seconds at 2**22; the daemon
   runs it in a thread with a handle of its own). Scanning marks buckets as seen as with SQLite;
-  the marks are written every 10 minutes.
+  the marks are written every 10 minutes, those of buckets without counts left out (their
+  count strings are not made for an atime).
 * `backup` reads the state and every count and atime string and COPYs the message hash to a
   temporary key in one MULTI: counts and messages as of one change, while others go on learning.
 
@@ -240,9 +243,12 @@ local now = redis.call('TIME')[1]
 local ids, gen = ARGV[3], ARGV[2]
 local add, done = writer(gen, 'SET')
 local pos, b = 1, 0
+local counted = {}  -- per count string: whether it holds any counts (else no atime is written)
 for _ = 1, #ids / 4 do
     b, pos = struct.unpack('<i4', ids, pos)
-    add(b, nil, nil, now)
+    local n = math.floor(b / @CHUNK@)
+    if counted[n] == nil then counted[n] = redis.call('EXISTS', gen .. 's:' .. n, gen .. 'h:' .. n) > 0 end
+    if counted[n] then add(b, nil, nil, now) end
 end
 done()
 return #ids / 4
@@ -349,8 +355,17 @@ class RedisBayesStore(BayesStoreBase):
 
     _batch_size = _BATCH
 
-    def __init__(self, client: redis.Redis, url: str, prefix: str, config: BayesConfig, n_features: int) -> None:
-        super().__init__(config, n_features)
+    def __init__(
+        self,
+        client: redis.Redis,
+        url: str,
+        prefix: str,
+        config: BayesConfig,
+        n_features: int,
+        *,
+        write_only: bool = False,
+    ) -> None:
+        super().__init__(config, n_features, write_only=write_only)
         self._r = client
         self.url = url
         self.prefix = prefix
@@ -374,25 +389,28 @@ class RedisBayesStore(BayesStoreBase):
     # -- opening ---------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, url: str, prefix: str, config: BayesConfig, *, timeout: float = 2.0) -> RedisBayesStore:
+    def open(
+        cls, url: str, prefix: str, config: BayesConfig, *, timeout: float = 2.0, write_only: bool = False
+    ) -> RedisBayesStore:
         """Open the store under ``prefix`` at ``url``, creating it if missing. Raises StateError
         when Redis cannot be reached, StoreError when the keys are not a store of this layout.
+        ``write_only``: no counts are read or kept (`BayesStoreBase`).
 
         A store keeps the n_features it was created with, as the SQLite one does."""
-        store = cls._open(url, prefix, config, timeout=timeout, create=True)
+        store = cls._open(url, prefix, config, timeout=timeout, create=True, write_only=write_only)
         assert store is not None
         return store
 
     @classmethod
     def open_existing(
-        cls, url: str, prefix: str, config: BayesConfig, *, timeout: float = 2.0
+        cls, url: str, prefix: str, config: BayesConfig, *, timeout: float = 2.0, write_only: bool = False
     ) -> RedisBayesStore | None:
         """`open`, or None (creating nothing) when nothing was ever learnt under ``prefix``."""
-        return cls._open(url, prefix, config, timeout=timeout, create=False)
+        return cls._open(url, prefix, config, timeout=timeout, create=False, write_only=write_only)
 
     @classmethod
     def _open(
-        cls, url: str, prefix: str, config: BayesConfig, *, timeout: float, create: bool
+        cls, url: str, prefix: str, config: BayesConfig, *, timeout: float, create: bool, write_only: bool
     ) -> RedisBayesStore | None:
         where = f"{_hidden_password(url)} {prefix}"
         # One quick retry (a pooled connection the server closed); more would hold a worker's
@@ -438,7 +456,7 @@ class RedisBayesStore(BayesStoreBase):
                         tokenizer_version,
                         TOKENIZER_VERSION,
                     )
-                store = cls(client, url, prefix, config, n_features)
+                store = cls(client, url, prefix, config, n_features, write_only=write_only)
                 store.refresh()
             return store
         except BaseException:
@@ -522,6 +540,14 @@ class RedisBayesStore(BayesStoreBase):
     @_redis_errors
     def refresh(self) -> None:
         self._check_pid()
+        if self.write_only:
+            self._epoch = self._current_epoch()  # the generation its writes go to
+        else:
+            self._catch_up_with_log()
+        if self.upkeep and self._touch_flush_due():
+            self._flush_touches()
+
+    def _catch_up_with_log(self) -> None:
         pipe = self._r.pipeline(transaction=True)
         pipe.hmget(self._state_key, _STATE_FIELDS)
         pipe.xrange(self._gen() + "log", min="(" + self._last_id, count=_READ_CHUNK)
@@ -531,8 +557,6 @@ class RedisBayesStore(BayesStoreBase):
             self._reload()
         else:
             self._nspam, self._nham = state.nspam, state.nham
-        if self.upkeep and self._touch_flush_due():
-            self._flush_touches()
 
     def _catch_up(self, entries: LogEntries, target: int) -> bool:
         """Apply log entries up to change ``target``; False on a gap (the log was trimmed past
@@ -633,8 +657,7 @@ class RedisBayesStore(BayesStoreBase):
     def _flush_touches(self) -> None:
         """Write the atime of buckets scanned since the last flush (non-empty ones only)."""
         self._touched_since = time.monotonic()
-        ids = np.flatnonzero(self._touched & ((self._spam | self._ham) != 0))
-        self._touched[:] = False
+        ids = self.take_seen_marks()
         for start in range(0, ids.size, _SCRIPT_CHUNK):
             chunk = ids[start : start + _SCRIPT_CHUNK].astype("<i4").tobytes()
             with self.commit_guard:

@@ -20,7 +20,9 @@ others learnt with `BayesStore.refresh`, which reads a change log instead of the
   after it. A writer that is up to date writes a new snapshot from its memory once the log
   since the last one passes 2000 changes or 8 MB, then drops older changes (keeping 10
   minutes' worth for readers that are nearly up to date). Without a usable snapshot the
-  reader falls back to reading the table, and writes a snapshot for the next one.
+  reader falls back to reading the table, and writes a snapshot for the next one. A write-only
+  handle (`BayesStoreBase`), which keeps no counts, loads them as a reader would when a
+  snapshot is due, writes it, and lets go of them.
 
 Every learn/forget is one ``BEGIN IMMEDIATE`` transaction (`learn_many`: one per batch of
 messages), and so is each step of an expiry (`expire`): a crash (kill -9) loses at most the open
@@ -67,6 +69,7 @@ from filterd.engine.bayes.base import (
     StoreInterrupted,
     Triples,
     aggregate,
+    apply_delta,
     buckets_from_messages,
     decode_counts,
     decode_delta,
@@ -127,12 +130,45 @@ CREATE TABLE IF NOT EXISTS snapshot (
 """
 
 
+def _load_counts(
+    conn: sqlite3.Connection, n_features: int, seq: int
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32], bool]:
+    """All counts as of change ``seq`` of the current epoch (inside the caller's read
+    transaction): the snapshot and the changes after it, or else every row of the table; and
+    whether a new snapshot is due."""
+    snap = conn.execute("SELECT seq, epoch, counts FROM snapshot").fetchone()
+    (epoch,) = conn.execute("SELECT epoch FROM state").fetchone()
+    if snap is not None and snap[1] == epoch and snap[0] <= seq:
+        rows = conn.execute("SELECT seq, delta FROM changes WHERE seq > ? ORDER BY seq", (snap[0],)).fetchall()
+        if len(rows) == seq - snap[0] and (not rows or rows[0][0] == snap[0] + 1):
+            spam, ham = decode_counts(bytes(snap[2]), n_features)
+            for _, blob in rows:
+                apply_delta(spam, ham, *decode_delta(blob))
+            return spam, ham, len(rows) >= _SNAPSHOT_AFTER_CHANGES
+    spam = np.zeros(n_features, dtype=np.int32)
+    ham = np.zeros(n_features, dtype=np.int32)
+    cursor = conn.execute("SELECT id, spam, ham FROM buckets")
+    while rows := cursor.fetchmany(65536):
+        data = np.array(rows, dtype=np.int64)
+        spam[data[:, 0]] = data[:, 1]
+        ham[data[:, 0]] = data[:, 2]
+    return spam, ham, True
+
+
 class BayesStore(BayesStoreBase):
     """One process's (or thread's) handle on the shared SQLite store. Not thread-safe
     (`interrupt` aside); open one per process or thread."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, config: BayesConfig, n_features: int) -> None:
-        super().__init__(config, n_features)
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        path: Path,
+        config: BayesConfig,
+        n_features: int,
+        *,
+        write_only: bool = False,
+    ) -> None:
+        super().__init__(config, n_features, write_only=write_only)
         self._conn = conn
         self._conn_lock = threading.Lock()  # interrupt() (another thread) against close()
         self._closed = False
@@ -152,12 +188,20 @@ class BayesStore(BayesStoreBase):
     # -- opening ---------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | Path, config: BayesConfig, *, upkeep: bool = True) -> BayesStore:
+    def open(
+        cls,
+        path: str | Path,
+        config: BayesConfig,
+        *,
+        upkeep: bool = True,
+        write_only: bool = False,
+    ) -> BayesStore:
         """Open the store at ``path``, creating the file (and its directory) if missing.
 
         A store keeps the n_features it was created with; a different configured value is
         logged and ignored (restore a backup into a new store to change it). Without ``upkeep``
         (`BayesStoreBase.upkeep`) neither opening nor refreshing writes a snapshot or atimes.
+        ``write_only``: no counts are loaded or kept (`BayesStoreBase`).
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,7 +236,7 @@ class BayesStore(BayesStoreBase):
                 meta["tokenizer_version"],
                 TOKENIZER_VERSION,
             )
-        store = cls(conn, path, config, n_features)
+        store = cls(conn, path, config, n_features, write_only=write_only)
         store.upkeep = upkeep
         store.refresh()
         if upkeep:
@@ -247,7 +291,16 @@ class BayesStore(BayesStoreBase):
         return int(row[0]), int(row[1])
 
     def refresh(self) -> None:
-        """Catch up with what other processes (or this one) committed; cheap when nothing did."""
+        """Catch up with what other processes (or this one) committed; cheap when nothing did.
+        A write-only handle has nothing to catch up with: only the upkeep writes are made."""
+        if not self.write_only:
+            self._catch_up()
+        if self.upkeep and self._touch_flush_due():
+            self._flush_touches()
+        if self.upkeep and self._snapshot_due:
+            self._maybe_snapshot()
+
+    def _catch_up(self) -> None:
         conn = self._conn
         conn.execute("BEGIN")
         try:
@@ -267,36 +320,12 @@ class BayesStore(BayesStoreBase):
             self._nspam, self._nham = int(nspam), int(nham)
         finally:
             conn.execute("COMMIT")
-        if self.upkeep and self._touch_flush_due():
-            self._flush_touches()
-        if self.upkeep and self._snapshot_due:
-            self._maybe_snapshot()
 
     def _reload(self, seq: int, epoch: int) -> None:
-        """Load all counts as of ``seq`` (inside the caller's read transaction): the snapshot
-        and the changes after it, or else every row of the table."""
-        conn = self._conn
-        snap = conn.execute("SELECT seq, epoch, counts FROM snapshot").fetchone()
-        if snap is not None and snap[1] == epoch and snap[0] <= seq:
-            rows = conn.execute("SELECT seq, delta FROM changes WHERE seq > ? ORDER BY seq", (snap[0],)).fetchall()
-            if len(rows) == seq - snap[0] and (not rows or rows[0][0] == snap[0] + 1):
-                self._spam, self._ham = decode_counts(bytes(snap[2]), self.n_features)
-                self._totals()
-                for _, blob in rows:
-                    self._apply(*decode_delta(blob))
-                self._seq, self._epoch = seq, epoch
-                self._snapshot_due = len(rows) >= _SNAPSHOT_AFTER_CHANGES
-                return
-        self._spam = np.zeros(self.n_features, dtype=np.int32)
-        self._ham = np.zeros(self.n_features, dtype=np.int32)
-        cursor = conn.execute("SELECT id, spam, ham FROM buckets")
-        while rows := cursor.fetchmany(65536):
-            data = np.array(rows, dtype=np.int64)
-            self._spam[data[:, 0]] = data[:, 1]
-            self._ham[data[:, 0]] = data[:, 2]
+        """Load all counts as of ``seq`` (inside the caller's read transaction)."""
+        self._spam, self._ham, self._snapshot_due = _load_counts(self._conn, self.n_features, seq)
         self._totals()
         self._seq, self._epoch = seq, epoch
-        self._snapshot_due = True
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -353,11 +382,33 @@ class BayesStore(BayesStoreBase):
                 return
         if self._pid != os.getpid():
             return
+        if self.write_only:
+            self._snapshot_loaded()
+            return
         with self._write() as conn:
             seq, epoch = conn.execute("SELECT seq, epoch FROM state").fetchone()
             if (seq, epoch) != (self._seq, self._epoch):
                 return  # someone else committed since our refresh; they or a later writer will
             self._write_snapshot(conn, seq, epoch, self._spam, self._ham)
+        self._snapshot_due = False
+
+    def _snapshot_loaded(self) -> None:
+        """A write-only handle's snapshot: the counts as of the last change, loaded as a reader
+        loads them (outside the write lock) and dropped once written. A snapshot of an older
+        change is as good as one of the newest (readers apply the changes after it), so it is
+        written unless another handle wrote a newer one, or a clear or restore came, meanwhile."""
+        conn = self._conn
+        conn.execute("BEGIN")
+        try:
+            seq, epoch = conn.execute("SELECT seq, epoch FROM state").fetchone()
+            spam, ham, _ = _load_counts(conn, self.n_features, seq)
+        finally:
+            conn.execute("COMMIT")
+        with self._write() as conn:
+            snap = conn.execute("SELECT seq, epoch FROM snapshot").fetchone()
+            (now_epoch,) = conn.execute("SELECT epoch FROM state").fetchone()
+            if now_epoch == epoch and (snap is None or snap[1] != epoch or snap[0] < seq):
+                self._write_snapshot(conn, seq, epoch, spam, ham)
         self._snapshot_due = False
 
     @staticmethod
@@ -418,10 +469,9 @@ class BayesStore(BayesStoreBase):
     def _flush_touches(self) -> None:
         """Write the atime of buckets scanned since the last flush (one short transaction)."""
         self._touched_since = time.monotonic()
-        ids = np.flatnonzero(self._touched)
+        ids = self.take_seen_marks()
         if ids.size == 0:
             return
-        self._touched[:] = False
         now = int(time.time())
         for start in range(0, ids.size, 20_000):  # short transactions: other writers wait less
             with self._write() as conn:

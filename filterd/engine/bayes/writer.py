@@ -10,13 +10,14 @@ One long-lived thread rather than a thread per write (as `ExpiryJob`):
 
 * order: the thread takes the writes one after another, as they were handed over, so a learn and
   then a forget of one message, from one worker, are never swapped;
-* cost: a handle opened per write would load every count first (the snapshot, tens of ms and
-  32 MB at 2**22 buckets; a Redis reload reads 50 MB) for a write of 1 to 8 messages. The
-  thread keeps its handle, which catches up incrementally (`refresh`) after each write and
-  writes the snapshots that learning makes due. What it costs is a second copy of the counts
-  (2 x 4 x n_features bytes, and n_features for the seen marks) while the process writes: the
-  handle is closed after a minute without writes (a worker that learns nothing, or little,
-  holds it for the minute after each write, the atimes every 10 minutes among them).
+* cost: the thread keeps one connection rather than opening one per write of 1 to 8 messages.
+  Its handle is write-only (`BayesStoreBase`): learning reads the messages' stored records, not
+  the counts, so it loads none (a full handle would hold a second copy of the scanning
+  handle's, 2 x 4 x n_features bytes and n_features for seen marks, 36 MB at 2**22 buckets).
+  A SQLite snapshot that learning makes due is built from the last one and the log, written,
+  and dropped. The handle is closed after a minute without writes (a worker that learns
+  nothing, or little, holds it for the minute after each write, the atimes every 10 minutes
+  among them).
 
 Expiry keeps its own thread: it runs for seconds, and TELLs must not wait behind it.
 
@@ -183,7 +184,7 @@ def _serve(
                 continue
             try:
                 if store is None:
-                    store = open_bayes_store(config, state_dir)
+                    store = open_bayes_store(config, state_dir, write_only=True)
                     store.commit_guard = gate
                     progress.handle_open = True
                 result = job(store)
