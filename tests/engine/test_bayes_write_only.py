@@ -1,6 +1,6 @@
 """The write-only store handle (a worker's Bayes writer, an expiry): it holds no counts, neither
 when it opens nor after it writes, and what it learns is as exact as through a full handle and
-seen by the readers.
+seen by the readers; Redis errors on its paths come out as StateError.
 
 Real stores: SQLite files, and a real redis-server (tests/redis_fixture.py).
 """
@@ -19,10 +19,12 @@ import pytest
 from filterd.config import Config
 from filterd.engine.bayes import BayesStore, LearnResult, open_bayes_store
 from filterd.engine.bayes import store as store_module
+from filterd.engine.bayes.check import ExpiryJob
 from filterd.engine.bayes.writer import BayesWriter
+from filterd.errors import StateError
 from tests.conftest import offline_config
 from tests.engine.bayes_helpers import bayes_config, check_consistent, make_msg
-from tests.redis_fixture import RedisServer
+from tests.redis_fixture import MakeRedisServer, RedisServer
 
 pytest_plugins = ["tests.redis_fixture"]
 
@@ -157,3 +159,46 @@ def test_a_write_only_handle_writes_the_snapshot_learning_made_due(
     with BayesStore.open(path, cfg.bayes, upkeep=False) as fresh:
         assert np.array_equal(fresh._spam, spam) and np.array_equal(fresh._ham, ham)
     check_consistent(path)
+
+
+# -- Redis errors on the writer's and the expiry's paths -----------------------------------------------
+
+
+def redis_config(tmp_path: Path, server: RedisServer) -> Config:
+    return make_config(tmp_path, backend="redis", redis_url=server.url, redis_key_prefix="t:", timeout=2.0)
+
+
+@pytest.mark.parametrize("write_only", [True, False])
+def test_redis_errors_writing_atimes_are_state_errors(
+    tmp_path: Path, make_redis_server: MakeRedisServer, write_only: bool
+) -> None:
+    server = make_redis_server()
+    cfg = redis_config(tmp_path, server)
+    with open_bayes_store(cfg) as trainer:
+        trainer.learn_many([(make_msg(i, i % 2 == 0), i % 2 == 0) for i in range(4)])
+        learnt = np.flatnonzero(trainer._spam | trainer._ham)  # buckets with an atime to write
+    store = open_bayes_store(cfg, write_only=write_only)
+    try:
+        server.stop()
+        with pytest.raises(StateError, match="Bayes store"):
+            store.write_seen_marks(learnt[:3])  # the writer's atime job
+        store.add_seen_marks(learnt[3:4])
+        store._touched_since -= 700  # ten minutes have passed: refresh writes them
+        with pytest.raises(StateError):
+            store.refresh()
+        with pytest.raises(StateError):
+            store.expire()
+        with pytest.raises(StateError):
+            store.expiry_due()
+    finally:
+        store.close()  # the atimes it could not write are given up, not raised
+
+
+def test_redis_errors_in_an_expiry_job_are_state_errors(tmp_path: Path, make_redis_server: MakeRedisServer) -> None:
+    server = make_redis_server()
+    cfg = redis_config(tmp_path, server)
+    with open_bayes_store(cfg) as trainer:
+        trainer.learn_many([(make_msg(i, i % 2 == 0), i % 2 == 0) for i in range(4)])
+    server.stop()
+    with pytest.raises(StateError):
+        ExpiryJob(cfg, cfg.state_dir, np.array([1], dtype=np.int64)).run()

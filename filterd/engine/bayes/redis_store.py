@@ -471,7 +471,7 @@ class RedisBayesStore(BayesStoreBase):
         self._closed = True
         if self._pid == os.getpid():  # a client inherited over fork belongs to the parent
             if self.upkeep:
-                with contextlib.suppress(redis.exceptions.RedisError, StoreInterrupted):
+                with contextlib.suppress(StateError, StoreInterrupted):
                     self._flush_touches()
             self._r.close()
 
@@ -654,6 +654,7 @@ class RedisBayesStore(BayesStoreBase):
 
     # -- maintenance ---------------------------------------------------------------------------------
 
+    @_redis_errors
     def _flush_touches(self) -> None:
         """Write the atime of buckets scanned since the last flush (non-empty ones only)."""
         self._touched_since = time.monotonic()
