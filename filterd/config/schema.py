@@ -619,7 +619,8 @@ class StateConfig(Section):
     )
     timeout: Duration = setting(
         parse_duration("2s"), min=parse_duration("10ms"), max=parse_duration("60s"),
-        doc="How long one store operation may take (a Redis reply, waiting for SQLite's write lock).",
+        doc="How long one store operation may take (a Redis reply, a wait for SQLite's write lock), for greylisting, "
+        "reputation and Bayes alike (`filterd learn` waits up to 120s).",
     )  # fmt: skip
     sweep_period: Duration = setting(
         parse_duration("10m"), min=parse_duration("1s"), max=parse_duration("1d"),

@@ -36,7 +36,9 @@ PROBE = make_raw(1, True)  # learnt; scanning it marks its buckets as seen
 def config(state_dir: Path) -> Config:
     cfg = offline_config()
     bayes = bayes_config(max_tokens=MAX_TOKENS, n_features=N_FEATURES)
-    return dataclasses.replace(cfg, state_dir=str(state_dir), bayes=bayes)
+    # An expiry waits for the test's lock up to state.timeout: longer than the tests hold it.
+    state = dataclasses.replace(cfg.state, timeout=60.0)
+    return dataclasses.replace(cfg, state_dir=str(state_dir), bayes=bayes, state=state)
 
 
 def overdue_store(state_dir: Path, messages: int = 140) -> Path:
@@ -223,6 +225,7 @@ def test_daemon_scans_while_an_expiry_waits_and_sigterm_stops_it(tmp_path: Path)
     # expiry's short transactions at most, without the test).
     bayes_yaml = (
         f"bayes: {{max_tokens: {MAX_TOKENS}, n_features: {N_FEATURES}, min_spam: 5, min_ham: 5, autolearn: false}}\n"
+        "state: {timeout: 60s}\n"  # the expiry waits for the test's lock (up to state.timeout)
     )
     d = start_daemon(tmp_path, "--state-dir", str(state), config=bayes_yaml, workers=1, metrics=False)
     try:

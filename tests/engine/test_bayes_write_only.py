@@ -1,6 +1,7 @@
 """The write-only store handle (a worker's Bayes writer, an expiry): it holds no counts, neither
 when it opens nor after it writes, and what it learns is as exact as through a full handle and
-seen by the readers; Redis errors on its paths come out as StateError.
+seen by the readers; Redis errors on its paths come out as StateError; the SQLite store waits for
+another writer's lock as long as ``state.timeout`` says.
 
 Real stores: SQLite files, and a real redis-server (tests/redis_fixture.py).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
+import time
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,8 @@ import numpy as np
 import pytest
 
 from filterd.config import Config
-from filterd.engine.bayes import BayesStore, LearnResult, open_bayes_store
+from filterd.config.schema import StateConfig
+from filterd.engine.bayes import BayesStore, LearnResult, open_bayes_store, open_existing_bayes_store
 from filterd.engine.bayes import store as store_module
 from filterd.engine.bayes.check import ExpiryJob
 from filterd.engine.bayes.writer import BayesWriter
@@ -202,3 +205,43 @@ def test_redis_errors_in_an_expiry_job_are_state_errors(tmp_path: Path, make_red
     server.stop()
     with pytest.raises(StateError):
         ExpiryJob(cfg, cfg.state_dir, np.array([1], dtype=np.int64)).run()
+
+
+# -- state.timeout: how long the SQLite store waits for another writer's lock --------------------------
+
+
+@pytest.mark.parametrize("write_only", [True, False])
+def test_sqlite_store_waits_for_the_lock_as_long_as_state_timeout(tmp_path: Path, write_only: bool) -> None:
+    cfg = make_config(tmp_path, timeout=0.3)
+    path = tmp_path / "bayes.sqlite"
+    with open_bayes_store(cfg) as store:
+        store.learn_many([(make_msg(i, i % 2 == 0), i % 2 == 0) for i in range(4)])
+    found = open_existing_bayes_store(cfg, write_only=write_only)
+    assert found is not None
+    with open_bayes_store(cfg, write_only=write_only) as store, found:
+        assert isinstance(store, BayesStore) and isinstance(found, BayesStore)
+        assert store.timeout == found.timeout == 0.3
+        lock = sqlite3.connect(path, isolation_level=None)
+        try:
+            lock.execute("BEGIN IMMEDIATE")  # another writer
+            started = time.monotonic()
+            with pytest.raises(StateError, match=r"longer than 0\.3s \(state\.timeout\)"):
+                store.learn(make_msg(500, True), True)
+            # Waited, then gave up long before the 30 s of a handle opened without a timeout.
+            assert 0.2 < time.monotonic() - started < 15
+        finally:
+            lock.execute("COMMIT")
+            lock.close()
+        assert store.learn(make_msg(500, True), True) is LearnResult.LEARNED  # nothing half done
+    check_consistent(path)
+
+
+def test_a_tools_timeout_overrides_state_timeout(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, timeout=0.3)
+    with open_bayes_store(cfg, timeout=45.0) as store:
+        assert isinstance(store, BayesStore) and store.timeout == 45.0
+
+
+def test_state_timeout_doc_names_the_bayes_store() -> None:
+    (info,) = (f.metadata for f in dataclasses.fields(StateConfig) if f.name == "timeout")
+    assert "Bayes" in str(info) and "SQLite's write lock" in str(info), info

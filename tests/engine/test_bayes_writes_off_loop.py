@@ -45,6 +45,9 @@ from tests.redis_fixture import RedisServer
 pytest_plugins = ["tests.redis_fixture"]
 
 N_FEATURES = 1 << 16
+# Writes wait for another writer's lock (the test's hold of the store) up to state.timeout:
+# longer than any hold here.
+SQLITE_STATE = {"backend": "sqlite", "timeout": 60.0}
 
 
 class Store:
@@ -107,7 +110,7 @@ def _backup_messages(store: BayesStoreBase) -> dict[str, str]:
 @pytest.fixture(params=["sqlite", "redis"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     if request.param == "sqlite":
-        found = Store("sqlite", tmp_path / "state", {"backend": "sqlite"})
+        found = Store("sqlite", tmp_path / "state", SQLITE_STATE)
     else:
         server: RedisServer = request.getfixturevalue("redis_server")
         state = {"backend": "redis", "redis_url": server.url, "redis_key_prefix": server.unique_prefix(),
@@ -206,7 +209,7 @@ def test_learn_then_forget_of_one_message_keep_their_order(store: Store) -> None
 def test_a_tell_overrides_an_autolearn_still_waiting_in_its_batch(tmp_path: Path) -> None:
     """Autolearn decides 'ham' for a message and keeps it for its batch; then a user says it is
     spam. The batch is handed over before the TELL, so the TELL's class is the one that stays."""
-    store = Store("sqlite", tmp_path / "state", {"backend": "sqlite"})
+    store = Store("sqlite", tmp_path / "state", SQLITE_STATE)
     store.train()
     config = store.config(autolearn=True, autolearn_ham_below=1000.0, autolearn_spam_at=1000.0)
     engine = Engine.load(config, state_dir=str(store.state_dir))
@@ -228,7 +231,7 @@ def test_a_tell_overrides_an_autolearn_still_waiting_in_its_batch(tmp_path: Path
 
 
 def test_tell_errors_keep_their_spamd_replies(tmp_path: Path) -> None:
-    store = Store("sqlite", tmp_path / "state", {"backend": "sqlite"})
+    store = Store("sqlite", tmp_path / "state", SQLITE_STATE)
     store.train()
     engine = Engine.load(store.config(), state_dir=str(store.state_dir))
     service = SpamdService(engine, engine.config, WorkerMetrics())
@@ -278,7 +281,7 @@ def test_autolearn_keeps_scanning_and_never_holds_more_than_one_batch_unwritten(
 def test_autolearn_failure_is_logged_and_counted_never_failing_the_scan(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store = Store("sqlite", tmp_path / "state", {"backend": "sqlite"})
+    store = Store("sqlite", tmp_path / "state", SQLITE_STATE)
     store.train()
     config = store.config(autolearn=True, autolearn_ham_below=1000.0, autolearn_spam_at=1000.0)
     engine = Engine.load(config, state_dir=str(store.state_dir))
@@ -298,7 +301,7 @@ def test_autolearn_failure_is_logged_and_counted_never_failing_the_scan(
 def test_seen_marks_are_written_by_the_writer_while_the_loop_scans(tmp_path: Path) -> None:
     """The 10-minute write of scanned buckets' atimes happens in the writer: with the store held,
     the scan that hands them over is answered; freed, the atimes are written."""
-    store = Store("sqlite", tmp_path / "state", {"backend": "sqlite"})
+    store = Store("sqlite", tmp_path / "state", SQLITE_STATE)
     store.train()
     path = store.state_dir / "bayes.sqlite"
     probe = make_raw(3, True)
@@ -317,7 +320,7 @@ def test_seen_marks_are_written_by_the_writer_while_the_loop_scans(tmp_path: Pat
         check._refreshed = -1e9
         with store.held():
             # Refreshes, and hands the marks over; had the loop's handle written them itself, the
-            # scan would have waited for the lock (30 s) and failed (a problem, CHECK_ERROR_BAYES).
+            # scan would have waited for the lock (state.timeout) and failed (a problem, CHECK_ERROR_BAYES).
             result = await engine.scan(make_raw(1200, False))
             assert "bayes" in result.timings and not result.problems
 
@@ -338,7 +341,7 @@ def test_seen_marks_are_written_by_the_writer_while_the_loop_scans(tmp_path: Pat
 def test_stopping_the_writer_past_its_wait_commits_nothing_more(tmp_path: Path) -> None:
     """A write waiting for the lock when `stop` gives up is rolled back when the lock comes free,
     not committed: a stopping worker that did not answer a TELL has not learnt it."""
-    store = Store("sqlite", tmp_path / "state", {"backend": "sqlite"})
+    store = Store("sqlite", tmp_path / "state", SQLITE_STATE)
     store.train()
     writer = BayesWriter(store.config(), str(store.state_dir))
     msg = parse(make_raw(1300, True))
@@ -356,7 +359,7 @@ def test_stopping_the_writer_past_its_wait_commits_nothing_more(tmp_path: Path) 
 
 
 def test_a_dropped_writer_closes_its_handle_and_ends(tmp_path: Path) -> None:
-    store = Store("sqlite", tmp_path / "state", {"backend": "sqlite"})
+    store = Store("sqlite", tmp_path / "state", SQLITE_STATE)
     store.train()
     writer = BayesWriter(store.config(), str(store.state_dir))
     writer.submit(lambda s: s.counts()).result()
@@ -369,7 +372,7 @@ def test_a_dropped_writer_closes_its_handle_and_ends(tmp_path: Path) -> None:
 
 def test_an_idle_writer_lets_go_of_its_handle_and_opens_one_at_the_next_write(tmp_path: Path) -> None:
     """The second copy of the counts is held while the process writes, not for good."""
-    store = Store("sqlite", tmp_path / "state", {"backend": "sqlite"})
+    store = Store("sqlite", tmp_path / "state", SQLITE_STATE)
     store.train()
     writer = BayesWriter(store.config(), str(store.state_dir), idle_close=0.05)
     try:
@@ -431,7 +434,10 @@ def _learnt(state: Path, raw: bytes) -> bool:
         conn.close()
 
 
-BAYES_YAML = f"bayes: {{min_spam: 5, min_ham: 5, autolearn: false, n_features: {N_FEATURES}}}\n"
+BAYES_YAML = (
+    f"bayes: {{min_spam: 5, min_ham: 5, autolearn: false, n_features: {N_FEATURES}}}\n"
+    "state: {timeout: 60s}\n"  # a TELL waits for the test's lock (up to state.timeout)
+)
 
 
 def test_daemon_answers_while_a_tell_waits_and_answers_it_when_it_commits_during_shutdown(

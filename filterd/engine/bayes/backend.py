@@ -34,9 +34,9 @@ def open_bayes_store(
     write_only: bool = False,
 ) -> BayesStoreBase:
     """Open the store ``config`` names, creating it if missing. ``timeout`` (seconds) bounds each
-    Redis reply (default ``state.timeout``); tools moving whole stores want more. ``upkeep``:
-    `BayesStoreBase.upkeep`. ``write_only``: a handle that keeps no counts (`BayesStoreBase`),
-    for writers that never score."""
+    Redis reply and each wait for SQLite's write lock (default ``state.timeout``); tools moving
+    whole stores want more. ``upkeep``: `BayesStoreBase.upkeep`. ``write_only``: a handle that
+    keeps no counts (`BayesStoreBase`), for writers that never score."""
     state = config.state
     wait = timeout or state.timeout
     if state.backend == "redis":
@@ -48,7 +48,9 @@ def open_bayes_store(
         )  # fmt: skip
         store.upkeep = upkeep
         return store
-    return BayesStore.open(sqlite_store_path(config, state_dir), config.bayes, upkeep=upkeep, write_only=write_only)
+    return BayesStore.open(
+        sqlite_store_path(config, state_dir), config.bayes, upkeep=upkeep, write_only=write_only, timeout=wait
+    )
 
 
 def open_existing_bayes_store(
@@ -70,4 +72,4 @@ def open_existing_bayes_store(
     path = sqlite_store_path(config, state_dir)
     if not path.exists():
         return None
-    return BayesStore.open(path, config.bayes, upkeep=upkeep, write_only=write_only)
+    return BayesStore.open(path, config.bayes, upkeep=upkeep, write_only=write_only, timeout=state.timeout)

@@ -28,7 +28,9 @@ Every learn/forget is one ``BEGIN IMMEDIATE`` transaction (`learn_many`: one per
 messages), and so is each step of an expiry (`expire`): a crash (kill -9) loses at most the open
 transaction, never the consistency of counts and messages. ``synchronous=NORMAL``: in WAL mode a
 power loss may also lose the last few committed transactions, but never corrupts the file; Bayes
-can afford that, an fsync per learnt message in a scanning worker it cannot.
+can afford that, an fsync per learnt message in a scanning worker it cannot. A writer waits for
+another's transaction up to the busy timeout (``state.timeout`` through `open_bayes_store`),
+then fails with StateError.
 
 Token atime: learning sets it; scanning marks the buckets it read in memory, and the marks
 are written out at most every 10 minutes (and on close, and before an expiry), so expiry drops
@@ -80,6 +82,7 @@ from filterd.engine.bayes.base import (
 )
 from filterd.engine.bayes.tokenizer import TOKENIZER_VERSION, message_digest
 from filterd.engine.message import ParsedMessage
+from filterd.errors import StateError
 
 __all__ = ["SCHEMA_VERSION", "BayesStore", "LearnResult", "StoreError"]
 
@@ -91,6 +94,7 @@ _SNAPSHOT_AFTER_CHANGES = 2000
 _SNAPSHOT_AFTER_BYTES = 8 << 20
 _EXPIRE_CHUNK = 5_000  # buckets dropped per write transaction (~30 ms)
 _EXPIRE_PAUSE_MAX = 0.2  # seconds: the longest pause between two of them
+_OPEN_TIMEOUT = 30.0  # seconds: the busy timeout of a handle opened without one (tools, tests)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -167,9 +171,11 @@ class BayesStore(BayesStoreBase):
         n_features: int,
         *,
         write_only: bool = False,
+        timeout: float = _OPEN_TIMEOUT,
     ) -> None:
         super().__init__(config, n_features, write_only=write_only)
         self._conn = conn
+        self.timeout = timeout
         self._conn_lock = threading.Lock()  # interrupt() (another thread) against close()
         self._closed = False
         self.path = path
@@ -195,17 +201,20 @@ class BayesStore(BayesStoreBase):
         *,
         upkeep: bool = True,
         write_only: bool = False,
+        timeout: float = _OPEN_TIMEOUT,
     ) -> BayesStore:
         """Open the store at ``path``, creating the file (and its directory) if missing.
 
         A store keeps the n_features it was created with; a different configured value is
         logged and ignored (restore a backup into a new store to change it). Without ``upkeep``
         (`BayesStoreBase.upkeep`) neither opening nor refreshing writes a snapshot or atimes.
-        ``write_only``: no counts are loaded or kept (`BayesStoreBase`).
+        ``write_only``: no counts are loaded or kept (`BayesStoreBase`). ``timeout``: seconds a
+        write waits for another's lock before StateError (`open_bayes_store` passes
+        ``state.timeout``).
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+        conn = sqlite3.connect(path, timeout=timeout, isolation_level=None)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -236,7 +245,7 @@ class BayesStore(BayesStoreBase):
                 meta["tokenizer_version"],
                 TOKENIZER_VERSION,
             )
-        store = cls(conn, path, config, n_features, write_only=write_only)
+        store = cls(conn, path, config, n_features, write_only=write_only, timeout=timeout)
         store.upkeep = upkeep
         store.refresh()
         if upkeep:
@@ -268,7 +277,7 @@ class BayesStore(BayesStoreBase):
     def close(self) -> None:
         """Write pending atimes (with `upkeep`) and close the connection."""
         if self._pid == os.getpid() and self.upkeep:
-            with contextlib.suppress(sqlite3.Error, StoreInterrupted):
+            with contextlib.suppress(sqlite3.Error, StateError, StoreInterrupted):
                 self._flush_touches()
         with self._conn_lock:
             self._closed = True
@@ -277,7 +286,7 @@ class BayesStore(BayesStoreBase):
     def interrupt(self) -> None:
         """`BayesStoreBase.interrupt`; a statement running now (the scan that picks what to
         expire takes seconds on a big store) is aborted too. A wait for another writer's lock
-        is not: that ends within one of its transactions, or at the 30 s busy timeout."""
+        is not: that ends within one of its transactions, or at the busy timeout."""
         super().interrupt()
         with self._conn_lock:
             if not self._closed:
@@ -335,7 +344,14 @@ class BayesStore(BayesStoreBase):
         It commits inside `commit_guard`, which may refuse (StoreInterrupted: rolled back)."""
         self._check_pid()
         conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise
+            raise StateError(
+                f"Bayes store {self.path}: another writer held the lock longer than {self.timeout:g}s (state.timeout)"
+            ) from exc
         try:
             yield conn
             with self.commit_guard:

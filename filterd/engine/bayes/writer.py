@@ -3,8 +3,9 @@ scanned buckets go to one thread per process, which makes them with a store hand
 
 Each of those writes is a SQLite write transaction (a Redis script): made on a worker's loop, it
 stalled every connection the worker serves for as long as another writer held the lock (a big
-`filterd learn`, another worker's expiry step, a restore), up to the 30 s busy timeout. The
-loop now hands the write over and goes on serving; a TELL awaits its write, autolearn does not.
+`filterd learn`, another worker's expiry step, a restore), up to the busy timeout
+(``state.timeout``). The loop now hands the write over and goes on serving; a TELL awaits its
+write, autolearn does not.
 
 One long-lived thread rather than a thread per write (as `ExpiryJob`):
 
