@@ -16,7 +16,7 @@ either MTA. Its header edits are placed as Postfix's cleanup places them (see `a
 
 from __future__ import annotations
 
-__all__ = ["MessageEdits", "MilterSession", "Verdict", "apply_edits", "split_headers"]
+__all__ = ["HeaderSplit", "MessageEdits", "MilterSession", "Verdict", "apply_edits", "field_on_top", "split_headers"]
 
 import asyncio
 import contextlib
@@ -226,14 +226,15 @@ class MilterSession:
         return await self._step(Data(macros))
 
     async def message(
-        self, data: bytes, macros: dict[str, str], *, own_headers: int = 0
+        self, data: bytes, macros: dict[str, str], *, own_headers: int = 0, split: HeaderSplit | None = None
     ) -> tuple[Verdict, MessageEdits]:
         """Headers, end of headers, body chunks, end of message; the verdict and the edits.
 
         The first ``own_headers`` header fields are the ones this MTA added (its Received): they
-        are not sent, and the edits say so for `apply_edits`."""
+        are not sent, and the edits say so for `apply_edits`. ``split``: `split_headers` of
+        ``data``, when the caller has it already."""
         edits = MessageEdits(hidden=own_headers)
-        headers, body_start, _ = split_headers(data)
+        headers, body_start, _ = split if split is not None else split_headers(data)
         for name, value, _raw in headers[own_headers:]:
             # folded lines go to the filter joined by LF, as Postfix sends them
             verdict = await self._step(Header(name, value.replace("\r\n", "\n")))
@@ -274,8 +275,11 @@ class MilterSession:
 
 _HEADER_START = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 
+# `split_headers`: ([(name, value, raw bytes), ...], where the body starts, empty line between)
+HeaderSplit = tuple[list[tuple[str, str, bytes]], int, bool]
 
-def split_headers(data: bytes) -> tuple[list[tuple[str, str, bytes]], int, bool]:
+
+def split_headers(data: bytes) -> HeaderSplit:
     """The header fields as (name, value as sent with its leading space and CRLF folds, raw
     bytes), where the body starts, and whether an empty line separated them (the body may
     also start at the first line that is not a header field)."""
@@ -301,6 +305,18 @@ def split_headers(data: bytes) -> tuple[list[tuple[str, str, bytes]], int, bool]
     return headers, pos, False
 
 
+def field_on_top(field: bytes, split: HeaderSplit) -> HeaderSplit:
+    """`split_headers` of ``field + data`` from that of ``data``: ``field`` (one whole header
+    field with CRLF, our Received) above the fields of ``data``, without splitting ``data``
+    again. Unlike a new split, a first line of ``data`` that starts with white space stays
+    where it is (not a header field) instead of becoming a fold of ``field``."""
+    own, end, _ = split_headers(field)
+    if len(own) != 1 or end != len(field):
+        raise ValueError(f"not one whole header field: {field[:80]!r}")
+    headers, body_start, blank = split
+    return [*own, *headers], len(field) + body_start, blank
+
+
 def _render_header(name: str, value: str, leadspc: bool) -> bytes:
     if not leadspc:
         value = " " + value
@@ -308,7 +324,7 @@ def _render_header(name: str, value: str, leadspc: bool) -> bytes:
     return text.encode("utf-8", "surrogateescape") + b"\r\n"
 
 
-def apply_edits(data: bytes, edits: MessageEdits, *, leadspc: bool) -> bytes:
+def apply_edits(data: bytes, edits: MessageEdits, *, leadspc: bool, split: HeaderSplit | None = None) -> bytes:
     """The message with the filter's header edits and body replacement applied (CRLF ends).
 
     AddHeader appends to the header block; InsertHeader(i) puts a header before the i-th
@@ -317,9 +333,9 @@ def apply_edits(data: bytes, edits: MessageEdits, *, leadspc: bool) -> bytes:
     it when the value is empty, and appends it when there is no such occurrence. These are
     Postfix's rules (cleanup_milter.c), kept for Sendmail compatibility. ``leadspc``: the
     filter negotiated HDR_LEADSPC, so its values carry their own leading space. Headers the
-    filter did not touch keep their bytes.
+    filter did not touch keep their bytes. ``split``: `split_headers` of ``data``, if known.
     """
-    headers, body_start, blank = split_headers(data)
+    headers, body_start, blank = split if split is not None else split_headers(data)
     fields: list[bytes | None] = [raw for _, _, raw in headers]
     # The fields the filter was not shown have no name to match (their places still count).
     names = ["" if i < edits.hidden else name.lower() for i, (name, _, _) in enumerate(headers)]

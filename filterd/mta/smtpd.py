@@ -48,7 +48,15 @@ from filterd import __version__
 from filterd.config.schema import MtaConfig
 from filterd.errors import QueueError
 from filterd.mta.auth import check_user
-from filterd.mta.milter_client import MessageEdits, MilterSession, Verdict, apply_edits, split_headers
+from filterd.mta.milter_client import (
+    HeaderSplit,
+    MessageEdits,
+    MilterSession,
+    Verdict,
+    apply_edits,
+    field_on_top,
+    split_headers,
+)
 from filterd.mta.names import own_domains, own_hostname
 from filterd.mta.peername import PeerName, lookup_peername
 from filterd.mta.queue import Envelope, Queue, QueueState, Recipient
@@ -547,8 +555,8 @@ class _Session:
 
     async def _message(self, txn: _Transaction, data: bytes) -> Reply:
         data = _mailbox_line_to_header(data)
-        headers, _, _ = split_headers(data)
-        hops = 1 + sum(1 for _, _, raw in headers if _RECEIVED.match(raw))
+        split = split_headers(data)  # the one split of the header block: the milter's and the edits' too
+        hops = 1 + sum(1 for _, _, raw in split[0] if _RECEIVED.match(raw))
         if hops > self.config.max_hops:
             log.info("%s%s: too many hops (%d Received headers): mail loop", self.prefix, txn.queue_id, hops - 1)
             await self._end_transaction()
@@ -568,6 +576,7 @@ class _Session:
             tls=self.tls,
         )
         message = received + data
+        message_split = field_on_top(received, split)
         sender, rcpts = txn.sender, list(txn.rcpts)
         state: QueueState = "incoming"
         hold_reason = ""
@@ -579,14 +588,14 @@ class _Session:
             assert self.milter is not None
             # Our Received header stays hidden, as Postfix hides its own: the filter reads the
             # message as the client sent it.
-            verdict, edits = await self.milter.message(message, self._macros(), own_headers=1)
+            verdict, edits = await self.milter.message(message, self._macros(), own_headers=1, split=message_split)
             verdict_note = verdict.kind
             reply = self._filter_reply(verdict, "end of message")
             if reply is not None:
                 log.info("%s%s: milter %s: %s", self.prefix, txn.queue_id, verdict.kind, reply.text)
                 return reply
             if verdict.kind != "failed":
-                message, sender, rcpts = self._apply(message, edits, sender, rcpts)
+                message, sender, rcpts = self._apply(message, message_split, edits, sender, rcpts)
                 if edits.quarantine is not None:
                     state, hold_reason = "hold", edits.quarantine
         if txn.discard:
@@ -627,10 +636,10 @@ class _Session:
         return Reply(250, f"Ok: queued as {txn.queue_id}", "2.0.0")
 
     def _apply(
-        self, message: bytes, edits: MessageEdits, sender: str, rcpts: list[str]
+        self, message: bytes, split: HeaderSplit, edits: MessageEdits, sender: str, rcpts: list[str]
     ) -> tuple[bytes, str, list[str]]:
         leadspc = bool(self.milter and self.milter.protocol & ProtocolFlag.HDR_LEADSPC)
-        message = apply_edits(message, edits, leadspc=leadspc)
+        message = apply_edits(message, edits, leadspc=leadspc, split=split)
         if edits.new_sender is not None:
             sender = edits.new_sender.strip("<>")
         gone = {r.strip("<>").lower() for r in edits.del_rcpts}

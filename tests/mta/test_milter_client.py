@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from filterd.errors import RemoteProtocolError
-from filterd.mta.milter_client import MessageEdits, MilterSession, apply_edits, split_headers
+from filterd.mta.milter_client import MessageEdits, MilterSession, apply_edits, field_on_top, split_headers
 from filterd.protocols import NEED_DATA, ConnectionClosed, NeedData
 from filterd.protocols.milter import (
     Accept,
@@ -230,6 +230,36 @@ def test_split_headers_keeps_folds_and_bytes() -> None:
     assert MESSAGE[body:] == b"body\r\n" and blank
     headers, body, blank = split_headers(b"Subject: x\r\nnot a header\r\n")
     assert len(headers) == 1 and body == 12 and not blank
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        MESSAGE,
+        b"Subject: x\r\nnot a header\r\n",  # no empty line: the body starts at the first non-field
+        b"\r\nbody only\r\n",  # an empty header block
+        b"no header at all\r\n",
+        b"Subject: no body",
+        b"",
+    ],
+)
+def test_field_on_top_is_the_split_of_the_joined_message(data: bytes) -> None:
+    ours = b"Received: from c\r\n\tby mx.test\r\n"
+    assert field_on_top(ours, split_headers(data)) == split_headers(ours + data)
+    edits = MessageEdits(headers=[InsertHeader(1, "X-Two", "2")], hidden=1)
+    joined = ours + data
+    assert apply_edits(joined, edits, leadspc=False, split=field_on_top(ours, split_headers(data))) == apply_edits(
+        joined, edits, leadspc=False
+    )
+
+
+def test_field_on_top_never_folds_a_first_line_into_our_field() -> None:
+    ours = b"Received: from c\r\n\tby mx.test\r\n"
+    data = b" starts with a space\r\nSubject: x\r\n\r\nbody\r\n"
+    headers, body_start, blank = field_on_top(ours, split_headers(data))
+    assert [raw for _, _, raw in headers] == [ours] and body_start == len(ours) and not blank
+    with pytest.raises(ValueError, match="one whole header field"):
+        field_on_top(ours + b"X-More: 1\r\n", split_headers(data))
 
 
 def test_apply_edits() -> None:

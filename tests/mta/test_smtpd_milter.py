@@ -263,3 +263,28 @@ def test_edits_to_headers_and_envelope_are_applied(tmp_path: Path, leadspc: bool
     data = path.read_bytes()
     assert data.startswith(b"X-First: top\r\nReceived: from client.example")
     assert b"\r\nSubject: [SPAM] hi\r\nX-Spam-Status: Yes, score=9.0\r\n\ttests=A,B\r\n\r\nhello\r\n" in data
+
+
+def test_the_header_block_is_split_once_per_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Hop count, the milter's header events and its edits all read one split of what the client sent.
+    from filterd.mta import milter_client, smtpd
+
+    splits: list[bytes] = []
+    real = milter_client.split_headers
+
+    def counting(data: bytes) -> milter_client.HeaderSplit:
+        splits.append(data)
+        return real(data)
+
+    monkeypatch.setattr(milter_client, "split_headers", counting)
+    monkeypatch.setattr(smtpd, "split_headers", counting)
+
+    def script(event: Event) -> list[Reply]:
+        if not isinstance(event, EndOfMessage):
+            return [Continue()]
+        return [ChangeHeader(1, "Subject", "[SPAM] hi"), Accept()]
+
+    _, queue = run_scripted(tmp_path, script, lambda s: _send(s, ["bob@example.net"]))
+    [qid] = queue.ids("incoming")
+    assert b"\r\nSubject: [SPAM] hi\r\n\r\nhello\r\n" in queue.load(qid)[1].read_bytes()
+    assert [data for data in splits if b"hello" in data] == [b"Subject: hi\r\n\r\nhello\r\n"]
