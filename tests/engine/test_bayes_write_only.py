@@ -164,6 +164,24 @@ def test_a_write_only_handle_writes_the_snapshot_learning_made_due(
     check_consistent(path)
 
 
+
+def test_a_write_only_handle_snapshots_a_new_store(tmp_path: Path) -> None:
+    """SQLite: a store a worker's writer creates and learns into first gets a snapshot at once (as
+    when the writer loaded the counts itself), so that readers do not read the whole table."""
+    cfg = make_config(tmp_path)
+    path = tmp_path / "bayes.sqlite"
+    with open_bayes_store(cfg, write_only=True) as writer:
+        writer.learn_many([(make_msg(i, i % 2 == 0), i % 2 == 0) for i in range(10)])
+        writer.learn(make_msg(400, True), True)
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT count(*) FROM snapshot").fetchone() == (1,)  # readers start from it
+    finally:
+        conn.close()
+    with BayesStore.open(path, cfg.bayes, upkeep=False) as reader:
+        assert reader._snapshot_due is False  # it loaded the snapshot, not the table
+    check_consistent(path)
+
 # -- Redis errors on the writer's and the expiry's paths -----------------------------------------------
 
 

@@ -391,10 +391,13 @@ class BayesStore(BayesStoreBase):
         """Write a snapshot when the log since the last one has grown (see the module docstring)."""
         if not self._snapshot_due:
             row = self._conn.execute(
-                "SELECT count(*), coalesce(sum(size), 0) FROM changes"
+                "SELECT count(*), coalesce(sum(size), 0),"
+                " (SELECT count(*) FROM snapshot WHERE epoch = (SELECT epoch FROM state)) FROM changes"
                 " WHERE seq > coalesce((SELECT seq FROM snapshot WHERE epoch = (SELECT epoch FROM state)), -1)"
             ).fetchone()
-            if row[0] < _SNAPSHOT_AFTER_CHANGES and row[1] < _SNAPSHOT_AFTER_BYTES:
+            # Without a snapshot (a new store) every reader that opens reads the whole table: due
+            # at once (a handle with counts knows it from its own load; a write-only one asks).
+            if row[2] and row[0] < _SNAPSHOT_AFTER_CHANGES and row[1] < _SNAPSHOT_AFTER_BYTES:
                 return
         if self._pid != os.getpid():
             return
