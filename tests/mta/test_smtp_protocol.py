@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from filterd.errors import LocalProtocolError, RemoteProtocolError
 from filterd.mta.smtp_protocol import CLOSED, NEED_DATA, ClientConnection, Reply, Response, dot_stuffed
@@ -164,3 +166,23 @@ def test_reply_status_and_enhanced() -> None:
     assert (Reply(550, "5.1.1 no").status, Reply(550, "5.1.1 no").enhanced) == ("5.1.1", "5.1.1")
     assert (Reply(550, "no such user").status, Reply(550, "no such user").enhanced) == ("5.0.0", "")
     assert Reply(450, "5.1.1 wrong class").enhanced == ""
+
+
+_LINES = st.sampled_from([b"250 2.1.0 Ok\r\n", b"250-first\r\n", b"550 5.1.1 no\r\n", b"\r\n", b"4", b"21 x\n"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.binary(min_size=1, max_size=300), _LINES), max_size=12))
+def test_arbitrary_bytes_give_replies_or_a_remote_error(chunks: list[bytes]) -> None:
+    conn = _ready()
+    conn.send("MAIL", "FROM:<a@x.org>")
+    conn.send("RCPT", "TO:<b@y.net>")
+    conn.send("RCPT", "TO:<c@y.net>")
+    try:
+        for chunk in [*chunks, b""]:
+            conn.receive_data(chunk)
+            while isinstance(event := conn.next_event(), Response):
+                assert event.command in ("MAIL", "RCPT") and 200 <= event.reply.code <= 599
+            assert event is (CLOSED if chunk == b"" else NEED_DATA)
+    except RemoteProtocolError:
+        pass
