@@ -99,7 +99,9 @@ class Engine:
         self.uri_parser = uri_parser
         self._is_async = {c.name: inspect.iscoroutinefunction(c.run) for c in checks}
         self._pending_learn: list[Hashed] = []  # (digest, token hashes, is_spam)
-        self._learning: list[tuple[Future[Counter[LearnResult]], int]] = []  # batches handed to the writer
+        # Batches handed to the writer: (future, size, set once a failure of it has been counted,
+        # which its done-callback does after the future is done).
+        self._learning: list[tuple[Future[Counter[LearnResult]], int, threading.Event]] = []
         self._last_learn = time.monotonic()
         self._counts_lock = threading.Lock()  # the writer's thread counts failures too
         self.autolearn_failed = 0  # messages autolearn decided to learn, whose write failed
@@ -389,8 +391,8 @@ class Engine:
         if decision is None:
             scan.autolearn = "no"
             return
-        self._learning = [(future, n) for future, n in self._learning if not future.done()]
-        if len(self._pending_learn) + sum(n for _, n in self._learning) >= _AUTOLEARN_BATCH:
+        self._learning = [entry for entry in self._learning if not entry[0].done()]
+        if len(self._pending_learn) + sum(n for _, n, _ in self._learning) >= _AUTOLEARN_BATCH:
             scan.autolearn = "unavailable"
             with self._counts_lock:
                 self.autolearn_skipped += 1
@@ -413,11 +415,15 @@ class Engine:
         except StoreInterrupted as exc:
             self._autolearn_failed(len(batch), exc)
             return False
-        self._learning.append((future, len(batch)))
+        accounted = threading.Event()
+        self._learning.append((future, len(batch), accounted))
 
         def written(future: Future[Counter[LearnResult]]) -> None:  # in the writer's thread
-            if future.cancelled() or (exc := future.exception()) is not None:
-                self._autolearn_failed(len(batch), "cancelled" if future.cancelled() else exc)
+            try:
+                if future.cancelled() or (exc := future.exception()) is not None:
+                    self._autolearn_failed(len(batch), "cancelled" if future.cancelled() else exc)
+            finally:
+                accounted.set()
 
         future.add_done_callback(written)
         return True
@@ -435,13 +441,16 @@ class Engine:
         check = self.bayes
         ok = check is None or self._hand_over_learning(check)
         deadline = None if timeout is None else time.monotonic() + timeout
-        for future, _ in self._learning:
+        for future, _, accounted in self._learning:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 ok = future.exception(remaining) is None and ok
             except (TimeoutError, CancelledError):
                 ok = False
-        self._learning = [(future, n) for future, n in self._learning if not future.done()]
+            # A future is done before its callbacks run: wait for the one that counts a failure,
+            # so that autolearn_failed is current when this returns.
+            accounted.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        self._learning = [entry for entry in self._learning if not entry[0].done()]
         return ok
 
     async def tell(
