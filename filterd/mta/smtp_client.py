@@ -11,7 +11,7 @@ BODY=8BITMIME / SMTPUTF8 when the server offers them, one RCPT TO per recipient,
 at least one was accepted, then QUIT. When the server offers PIPELINING (RFC 2920), MAIL FROM
 and every RCPT TO go out in one write and their replies are read in order: one round trip
 instead of one per command. DATA waits for those replies, so it is never sent when no recipient
-was accepted. The bytes are `filterd.mta.smtp_protocol`'s (sans-IO); this module owns the
+was accepted. The bytes are `filterd.protocols.smtp_client`'s (sans-IO); this module owns the
 socket, timeouts and TLS.
 
 Anything failing before MAIL FROM (no connection, a greeting or EHLO that is not 2xx, a lost
@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from filterd.errors import ProtocolError
-from filterd.mta.smtp_protocol import CLOSED, NEED_DATA, ClientConnection, Reply, Response
+from filterd.protocols.smtp_client import CLOSED, NEED_DATA, ClientConnection, Reply, Response
 
 _READ = 65536
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from filterd.errors import LocalProtocolError, RemoteProtocolError
-from filterd.mta.smtp_protocol import CLOSED, NEED_DATA, ClientConnection, Reply, Response, dot_stuffed
+from filterd.protocols.smtp_client import CLOSED, NEED_DATA, ClientConnection, Reply, Response, dot_stuffed
 
 EHLO_REPLY = b"250-sink.test\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-8BITMIME\r\n250 STARTTLS\r\n"
 

@@ -21,7 +21,7 @@ lines over 2000 bytes, more than 100 lines in one reply, or bytes no command ask
 
 from __future__ import annotations
 
-__all__ = ["CLOSED", "NEED_DATA", "ClientConnection", "Reply", "Response", "Sentinel", "dot_stuffed"]
+__all__ = ["CLOSED", "NEED_DATA", "ClientConnection", "Closed", "Reply", "Response", "dot_stuffed"]
 
 import enum
 import re
@@ -29,6 +29,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from filterd.errors import LocalProtocolError, RemoteProtocolError
+from filterd.protocols import NEED_DATA, NeedData
 from filterd.protocols._buffer import ReceiveBuffer
 
 _STATUS = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
@@ -81,13 +82,11 @@ class Response:
     reply: Reply
 
 
-class Sentinel(enum.Enum):
-    NEED_DATA = "need data"  # no complete reply buffered: receive more
+class Closed(enum.Enum):
     CLOSED = "closed"  # the server closed the connection; no more replies will come
 
 
-NEED_DATA = Sentinel.NEED_DATA
-CLOSED = Sentinel.CLOSED
+CLOSED = Closed.CLOSED
 
 
 def dot_stuffed(data: bytes) -> bytes:
@@ -153,7 +152,7 @@ class ClientConnection:
         """Bytes from the server; ``b""`` when it closed the connection."""
         self._buffer.receive(data)
 
-    def next_event(self) -> Response | Sentinel:
+    def next_event(self) -> Response | NeedData | Closed:
         """The next complete reply, paired with its command; `NEED_DATA`; or `CLOSED` once the
         server closed and every complete reply was taken."""
         while True:
