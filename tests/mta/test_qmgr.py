@@ -471,6 +471,20 @@ def test_one_attempt_opens_the_data_file_once_for_all_local_recipients(tmp_path:
     assert b"Final-Recipient: rfc822; nouser@example.org" in dsn and b"Subject: hello" in dsn
 
 
+def count_envelope_parses(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """How often each envelope is parsed from here on (queue id -> parses)."""
+    parsed: Counter[str] = Counter()
+    from_json = Envelope.from_json.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[Envelope], raw: bytes) -> Any:
+        envelope = from_json(cls, raw)
+        parsed[envelope.id] += 1
+        return envelope
+
+    monkeypatch.setattr(Envelope, "from_json", classmethod(counting))
+    return parsed
+
+
 def test_start_up_parses_each_deferred_envelope_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Recovery parses every envelope anyway; the manager's schedule starts from what it found.
     config = mta_config(tmp_path)
@@ -489,15 +503,7 @@ def test_start_up_parses_each_deferred_envelope_once(tmp_path: Path, monkeypatch
         MESSAGE,
         state="deferred",
     )
-    parsed: Counter[str] = Counter()
-    from_json = Envelope.from_json.__func__  # type: ignore[attr-defined]
-
-    def counting(cls: type[Envelope], raw: bytes) -> Any:
-        envelope = from_json(cls, raw)
-        parsed[envelope.id] += 1
-        return envelope
-
-    monkeypatch.setattr(Envelope, "from_json", classmethod(counting))
+    parsed = count_envelope_parses(monkeypatch)
     recovery = queue.recover()
     assert dict(recovery.deferred) == {**{qid: later for qid in waiting}, due: soon}
     qmgr = make_qmgr(config, queue)
@@ -516,15 +522,7 @@ def test_start_up_parses_each_incoming_envelope_once(tmp_path: Path, monkeypatch
     queue.move(ids[0], "active")  # a crash mid-delivery
     broken = enqueue(queue, "broken@example.org")
     (queue.root / "incoming" / broken).write_bytes(b'{"version": 1, "trunc')
-    parsed: Counter[str] = Counter()
-    from_json = Envelope.from_json.__func__  # type: ignore[attr-defined]
-
-    def counting(cls: type[Envelope], raw: bytes) -> Any:
-        envelope = from_json(cls, raw)
-        parsed[envelope.id] += 1
-        return envelope
-
-    monkeypatch.setattr(Envelope, "from_json", classmethod(counting))
+    parsed = count_envelope_parses(monkeypatch)
     recovery = queue.recover()
     assert recovery.active_requeued == 1 and not recovery.corrupt and not parsed
     qmgr = make_qmgr(config, queue)
