@@ -908,6 +908,16 @@ class MtaConfig(Section):
         doc="Time for the client name lookups together (PTR, then A/AAAA; each also within dns.timeout); "
         "past it the client is 'unknown' and the session goes on.",
     )  # fmt: skip
+    dns_breaker_failures: int = setting(
+        5, min=0, max=10_000,
+        doc="Client name lookups in a row that get no answer at all (timeouts; NXDOMAIN and SERVFAIL are "
+        "answers) before the DNS resolver counts as dead: clients are then 'unknown' at once, for "
+        "dns_breaker_cooldown, after which one lookup tries it again. 0 = always wait.",
+    )  # fmt: skip
+    dns_breaker_cooldown: Duration = setting(
+        parse_duration("30s"), min=parse_duration("1s"), max=parse_duration("1h"),
+        doc="How long a DNS resolver found dead is not waited for before one lookup tries it again.",
+    )  # fmt: skip
     tls_cert: str = setting("", doc="PEM certificate chain for STARTTLS and tls_listen; empty = no TLS.")
     tls_key: str = setting("", doc="PEM private key of tls_cert.")
     auth_users_file: str = setting(

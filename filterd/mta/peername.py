@@ -13,9 +13,10 @@
 
 Several PTR records: each is tried (up to `MAX_PTR_NAMES`, at once) and the first that confirms
 wins. The whole lookup ends within ``budget`` seconds; a DNS failure is never an error, only
-"unknown" with ``status`` TEMP. ``status`` uses the words of the milter macro {client_resolve}:
-OK, FORGED (the PTR name does not lead back), TEMP (DNS failed or ran out of time), FAIL (no
-usable PTR name).
+"unknown" with ``status`` TEMP. With a `DnsBreaker`, a resolver found dead is not asked (TEMP at
+once), and whether the PTR query got any answer is recorded in it. ``status`` uses the words of
+the milter macro {client_resolve}: OK, FORGED (the PTR name does not lead back), TEMP (DNS failed
+or ran out of time), FAIL (no usable PTR name).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from filterd.mta.dnsbreaker import DnsBreaker
 from filterd.mta.mx import Resolver
 from filterd.net.dns import DnsAnswer
 
@@ -62,13 +64,17 @@ def valid_hostname(text: str) -> str:
     return name
 
 
-async def lookup_peername(resolver: Resolver, client_ip: str, *, budget: float) -> PeerName:
+async def lookup_peername(
+    resolver: Resolver, client_ip: str, *, budget: float, breaker: DnsBreaker | None = None
+) -> PeerName:
     """The client's names (see the module's docstring); never raises for DNS trouble and
     returns within ``budget`` seconds."""
     try:
         address = ipaddress.ip_address(client_ip)
     except ValueError:
         return PeerName(detail=f"not an IP address: {client_ip!r}")
+    if breaker is not None and not breaker.allow():
+        return PeerName(status="TEMP", detail="DNS resolver not answering: lookup skipped")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + budget
 
@@ -77,6 +83,8 @@ async def lookup_peername(resolver: Resolver, client_ip: str, *, budget: float) 
 
     # No breaker zone: one client's broken reverse zone must not stop lookups for the others.
     ptr = await resolver.query(address.reverse_pointer, "PTR", limit=left())
+    if breaker is not None and not ptr.cached:  # any answer to the PTR query shows the resolver alive
+        breaker.record(timed_out=ptr.status == "timeout")
     if not ptr.ok:  # no PTR is common and needs no word in the log; a failed lookup does
         return PeerName(status="TEMP", detail=f"PTR lookup: {_failure(ptr)}") if ptr.temporary else PeerName()
     records = sorted(ptr.records)[:MAX_PTR_NAMES]  # sorted: the same reverse_name every time

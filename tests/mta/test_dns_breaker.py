@@ -1,12 +1,41 @@
-"""The DNS breaker (`filterd.mta.dnsbreaker`) on a fake clock."""
+"""A dead DNS resolver is not waited for (`filterd.mta.dnsbreaker`): after a few client name
+lookups in a row get no answer at all, new SMTP clients are greeted at once as "unknown"; one
+lookup per cool-off tries the resolver again.
+
+The breaker itself is tested on a fake clock; the rest against loopback DNS servers from the
+fixtures (knotd, and a UDP socket that never answers or answers with a fixed rcode) and real
+SMTP clients (smtplib).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
+import smtplib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
+from filterd.config import Duration, default_config
 from filterd.mta.dnsbreaker import DnsBreaker
+from filterd.mta.queue import Envelope, Queue
+from filterd.mta.smtpd import SmtpServer
+from filterd.net.dns import Resolver
+from tests.dns_fixture import MakeDnsServer, MakeSilentDnsServer, Nameserver
+
+pytest_plugins = ["tests.dns_fixture"]
+
+T = TypeVar("T")
+
+ZONES = {
+    "0.0.127.in-addr.arpa": ["10 PTR good.peer.test."],
+    "peer.test": ["good A 127.0.0.10"],
+}
+
 
 # -- the breaker on a fake clock ----------------------------------------------------------------
 
@@ -96,3 +125,109 @@ def test_dns_breaker_with_zero_failures_never_opens() -> None:
     for _ in range(100):
         breaker.record(timed_out=True)
     assert breaker.allow() and breaker.stats.trips == 0
+
+
+# -- the SMTP server ----------------------------------------------------------------------------
+
+
+def _serve(tmp_path: Path, nameserver: Nameserver, clients: Callable[[int, SmtpServer], T], **mta: Any) -> T:
+    """An in-process SMTP server asking ``nameserver``, while ``clients(port, server)`` runs in a
+    thread. dns.timeout is longer than any peername_timeout here: that one sets the wait."""
+    defaults = default_config()
+    dns_config = dataclasses.replace(defaults.dns, nameservers=(nameserver.spec,), timeout=Duration(10.0))
+    config = dataclasses.replace(defaults.mta, local_domains=("example.net",), hostname="mx.test", **mta)
+    queue = Queue(tmp_path / "queue")
+
+    async def main() -> T:
+        server = SmtpServer(config, queue, resolver=Resolver(dns_config))
+        [(_, port)] = await server.start(["127.0.0.1:0"])
+        try:
+            return await asyncio.to_thread(clients, port, server)
+        finally:
+            await server.close()
+
+    return asyncio.run(main())
+
+
+def _session(port: int, source: str = "127.0.0.10") -> float:
+    """One message over SMTP from ``source``; returns the seconds from connecting to the 220."""
+    started = time.monotonic()
+    with smtplib.SMTP("127.0.0.1", port, timeout=30, source_address=(source, 0)) as smtp:
+        greeted = time.monotonic() - started
+        smtp.sendmail("alice@example.org", ["bob@example.net"], "Subject: hi\r\n\r\nhello\r\n")
+    return greeted
+
+
+def _client_names(tmp_path: Path) -> list[str]:
+    """The client names of the queued messages, oldest first (queue ids are time-ordered)."""
+    queue = Queue(tmp_path / "queue")
+    envelopes: list[Envelope] = [queue.load(qid)[0] for qid in sorted(queue.ids("incoming"))]
+    return [e.client_name for e in envelopes]
+
+
+TIMEOUT = 2.0  # peername_timeout in the greeting tests
+
+
+def test_after_the_breaker_trips_clients_are_greeted_without_waiting(
+    tmp_path: Path, make_silent_dns_server: MakeSilentDnsServer
+) -> None:
+    dead = make_silent_dns_server("silent")
+
+    def clients(port: int, server: SmtpServer) -> list[float]:
+        return [_session(port) for _ in range(6)]
+
+    delays = _serve(tmp_path, dead, clients, peername_timeout=TIMEOUT, dns_breaker_failures=2)
+    # Without the breaker every one of them would wait this long.
+    assert all(d > 0.8 * TIMEOUT for d in delays[:2]), delays
+    assert all(d < 0.1 * TIMEOUT for d in delays[2:]), delays
+    assert dead.queries == [("10.0.0.127.in-addr.arpa.", "PTR")] * 2  # nothing asked once found dead
+    assert _client_names(tmp_path) == ["unknown"] * 6
+
+
+@pytest.mark.parametrize("answer", ["nxdomain", "servfail"])
+def test_answers_between_timeouts_keep_the_breaker_closed(
+    tmp_path: Path, make_silent_dns_server: MakeSilentDnsServer, answer: str
+) -> None:
+    dns = make_silent_dns_server("silent")
+
+    def clients(port: int, server: SmtpServer) -> tuple[int, int]:
+        # Each client from its own address: a cached answer would not reach the server.
+        for n, mode in enumerate(("silent", answer, "silent", answer, "silent")):
+            dns.mode = mode
+            _session(port, f"127.0.0.{20 + n}")
+        before = server.dns_breaker.stats.trips
+        dns.mode = "silent"  # a second timeout in a row: now it trips (the same setup can)
+        _session(port, "127.0.0.30")
+        return before, server.dns_breaker.stats.trips
+
+    trips = _serve(tmp_path, dns, clients, peername_timeout=0.5, dns_breaker_failures=2)
+    assert trips == (0, 1)
+    assert len(dns.queries) == 6  # every client was looked up
+
+
+def test_a_resolver_that_answers_again_is_used_again(tmp_path: Path, make_dns_server: MakeDnsServer) -> None:
+    knotd = make_dns_server(ZONES)
+    knotd.stop()  # its port no longer answers: every lookup times out
+    cooldown = 1.0
+
+    def clients(port: int, server: SmtpServer) -> list[float]:
+        stats = server.dns_breaker.stats
+        delays = [_session(port) for _ in range(3)]  # two time out, the third is skipped
+        assert stats.trips == 1 and stats.skipped == 1
+        time.sleep(cooldown)
+        delays.append(_session(port))  # the probe: still no answer
+        delays.append(_session(port))  # skipped again
+        assert stats.probes == 1 and stats.recoveries == 0 and stats.skipped == 2
+        knotd.start()
+        time.sleep(cooldown)
+        delays += [_session(port), _session(port)]  # the probe finds it back; the next one asks too
+        assert stats.probes == 2 and stats.recoveries == 1 and stats.skipped == 2 and stats.trips == 1
+        return delays
+
+    delays = _serve(
+        tmp_path, knotd, clients, peername_timeout=TIMEOUT, dns_breaker_failures=2, dns_breaker_cooldown=cooldown
+    )
+    waited = [d > 0.8 * TIMEOUT for d in delays]
+    assert waited == [True, True, False, True, False, False, False], delays
+    assert all(d < 0.1 * TIMEOUT for d, w in zip(delays, waited, strict=True) if not w), delays
+    assert _client_names(tmp_path) == ["unknown"] * 5 + ["good.peer.test"] * 2
