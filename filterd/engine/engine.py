@@ -13,7 +13,8 @@ or, for a milter or an MTA that learns things step by step:
 
 Order at the end: network (async) checks are launched first, local checks and regex rules run
 while they are in flight, then the async results are collected within the scan deadline, then
-meta rules, then POST checks (which see the score so far).
+meta rules, then POST checks (which see the score so far). Steps and local checks are timed in
+`Result.timings`, each async check's wall time in `Result.async_timings` (they overlap).
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from filterd.config import Config, default_config
 from filterd.engine.bayes import BayesCheck, LearnResult, autolearn_decision
@@ -69,7 +71,14 @@ class Result:
     hits: tuple[Hit, ...]  # scored rules that fired (no __sub-rules), sorted by name
     subrules: tuple[str, ...]
     message: ParsedMessage
+    # Seconds per step, run one after another: parse, rules, meta, each synchronous check. They
+    # add up to (nearly) the engine's own time.
     timings: dict[str, float]
+    # Wall seconds of each asynchronous (network) check, from its start to its answer, its failure
+    # or the scan deadline (then with a CHECK_ERROR_<NAME> hit). Kept apart from `timings`: these
+    # run concurrently, with each other and with the steps above while they wait on their peers,
+    # so they overlap and do not add up; a scan waits about as long as the slowest of them.
+    async_timings: dict[str, float]
     scan_time: float  # seconds
     problems: tuple[str, ...]
     autolearn: str = "no"
@@ -163,9 +172,11 @@ class Engine:
     ) -> None:
         """Launch the async checks, run ``meanwhile`` and the local checks, then collect."""
         pending: dict[asyncio.Task[Sequence[Hit]], str] = {}
+        began: dict[str, float] = {}  # when each async check started running
+        launched = time.perf_counter()
         for check in checks:
             if self._is_async[check.name]:
-                pending[asyncio.ensure_future(check.run(scan))] = check.name  # type: ignore[arg-type]
+                pending[asyncio.ensure_future(self._timed(scan, check, began))] = check.name
         if pending:
             await asyncio.sleep(0)  # let them send their first queries before the CPU-bound part
         if meanwhile is not None:
@@ -184,9 +195,12 @@ class Engine:
             return
         remaining = max(0.0, scan.deadline - time.monotonic())
         done, not_done = await asyncio.wait(pending, timeout=remaining)
+        stopped = time.perf_counter()
         for task in not_done:
             task.cancel()
             name = pending[task]
+            # Recorded here: the cancellation reaches the check only after this scan has moved on.
+            scan.async_timings[name] = stopped - began.get(name, launched)
             scan.problems.append(f"check {name} ran past the scan deadline")
             scan.add(Hit(f"CHECK_ERROR_{name.upper()}", "deadline", 0.0))
         for task in done:
@@ -197,6 +211,19 @@ class Engine:
                 continue
             for hit in task.result():
                 scan.add(hit)
+
+    @staticmethod
+    async def _timed(scan: Scan, check: Check, began: dict[str, float]) -> Sequence[Hit]:
+        """Run an async check and record its wall time in ``scan.async_timings`` when it answers
+        or raises; `_run_checks` records one it stops at the deadline."""
+        t0 = began[check.name] = time.perf_counter()
+        try:
+            hits = await cast(Awaitable[Sequence[Hit]], check.run(scan))
+        except Exception:  # not CancelledError (a BaseException): the deadline's is timed there
+            scan.async_timings[check.name] = time.perf_counter() - t0
+            raise
+        scan.async_timings[check.name] = time.perf_counter() - t0
+        return hits
 
     def _check_failed(self, scan: Scan, name: str, exc: BaseException) -> None:
         log.warning(
@@ -354,6 +381,7 @@ class Engine:
             subrules=subs,
             message=scan.message,
             timings=dict(scan.timings),
+            async_timings=dict(scan.async_timings),
             scan_time=elapsed,
             problems=tuple(scan.problems),
             autolearn=scan.autolearn,

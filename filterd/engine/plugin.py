@@ -71,7 +71,9 @@ class Scan:
     uri_parser: UriParser
     msg: ParsedMessage | None = None
     hits: dict[str, Hit] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per step, one after another
+    # Wall seconds of each async check, start to answer, failure or deadline; they overlap (see Result)
+    async_timings: dict[str, float] = field(default_factory=dict)
     stages_done: set[Stage] = field(default_factory=set)
     score_so_far: float = 0.0
     deadline: float = 0.0  # loop.time() / monotonic at which the scan must wrap up
