@@ -10,6 +10,7 @@ import ipaddress
 import socket
 import struct
 import subprocess
+import urllib.request
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from filterd.engine.plugin import Scan, ScanContext, Stage
 from filterd.engine.prefs import UserPrefs, UserPrefsStore
 from filterd.mta.milter_client import MilterSession
 from filterd.protocols.milter import AddHeader
+from tests._servers import wait_until
 from tests.conftest import offline_config
 from tests.daemon_fixture import need_binary, start_daemon
 from tests.dns_fixture import MakeDelayingProxy, MakeDnsServer
@@ -162,7 +164,7 @@ def test_milter_looks_a_client_up_once_per_connection(
         "dnsbl: {zones: {dbl: {enabled: false}, uribl: {enabled: false}, surbl: {enabled: false}}}\n"
         "milter: {reject_at_connect: true}\n"
     )
-    daemon = start_daemon(tmp_path, "--milter-listen", "127.0.0.1:0", config=config, workers=1, metrics=False)
+    daemon = start_daemon(tmp_path, "--milter-listen", "127.0.0.1:0", config=config, workers=1)
     message = (
         "From: Alice <alice@sender.test>\r\nTo: bob@local.test\r\nSubject: lunch\r\n"
         f"Message-ID: <1@sender.test>\r\nDate: {formatdate()}\r\n\r\nLunch at noon?\r\n"
@@ -198,8 +200,19 @@ def test_milter_looks_a_client_up_once_per_connection(
         assert asked == ["44.33.22.11.zen.spamhaus.org.", "44.33.22.11.list.dnswl.org."] or asked == [
             "44.33.22.11.list.dnswl.org.", "44.33.22.11.zen.spamhaus.org."
         ], asked
+        # /metrics times the CONNECT-stage DNSBL check where it ran: once at connect, once more in
+        # the authenticated sender's scan (which carries no connect results); the others reuse them.
+        count = 'filterd_async_check_seconds_count{check="dnsbl_connect"} '
+        wait_until(lambda: f"{count}2\n" in _metrics(daemon.metrics_port), daemon.proc, name="daemon",
+                   waiting_for="report 2 dnsbl_connect runs", log=daemon.log)  # fmt: skip
     finally:
         assert daemon.stop() == 0, daemon.log()
+
+
+def _metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text: str = r.read().decode()
+    return text
 
 
 def test_milter_connect_results_belong_to_their_client(tmp_path: Path) -> None:

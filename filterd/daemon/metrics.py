@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import json
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -21,7 +22,7 @@ __all__ = ["SCAN_BUCKETS", "Aggregate", "WorkerMetrics", "render_prometheus"]
 # Snapshot keys that are gauges (the state now), not counters: a retired worker's are dropped.
 _GAUGES = ("dns_zone_blocked", "dns_zone_breaker_open")
 
-# Seconds: scan-time histogram bucket bounds.
+# Seconds: bucket bounds of the scan-time and async-check-time histograms.
 SCAN_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -35,6 +36,9 @@ class WorkerMetrics:
     rule_hits: Counter[str] = field(default_factory=Counter)
     scan_buckets: list[int] = field(default_factory=lambda: [0] * (len(SCAN_BUCKETS) + 1))
     scan_seconds_sum: float = 0.0
+    # Per async (network) check: a histogram of its wall time, as for scans (see observe_async_checks).
+    check_buckets: dict[str, list[int]] = field(default_factory=dict)
+    check_seconds_sum: dict[str, float] = field(default_factory=dict)
     bytes_scanned: int = 0
     refused: int = 0
     # "milter:rejected", "policy:greylisted", ...: what the milter and the policy service answered.
@@ -64,6 +68,14 @@ class WorkerMetrics:
         self.bytes_scanned += size
         self.rule_hits.update(rules)
 
+    def observe_async_checks(self, timings: Mapping[str, float]) -> None:
+        """Count the wall times of a scan's async checks (`Result.async_timings`): they overlap,
+        so they are kept per check and never added to the scan time."""
+        for name, seconds in timings.items():
+            buckets = self.check_buckets.setdefault(name, [0] * (len(SCAN_BUCKETS) + 1))
+            buckets[bisect.bisect_left(SCAN_BUCKETS, seconds)] += 1
+            self.check_seconds_sum[name] = self.check_seconds_sum.get(name, 0.0) + seconds
+
     def snapshot(self) -> bytes:
         data = {
             "messages": self.messages,
@@ -72,6 +84,8 @@ class WorkerMetrics:
             "rule_hits": self.rule_hits,
             "scan_buckets": self.scan_buckets,
             "scan_seconds_sum": self.scan_seconds_sum,
+            "check_buckets": self.check_buckets,
+            "check_seconds_sum": self.check_seconds_sum,
             "bytes_scanned": self.bytes_scanned,
             "refused": self.refused,
             "verdicts": self.verdicts,
@@ -120,10 +134,8 @@ def _add(a: dict[str, object], b: dict[str, object]) -> dict[str, object]:
     out: dict[str, object] = dict(a)
     for key, value in b.items():
         mine = out.get(key)
-        if isinstance(value, dict):
-            merged: Counter[str] = Counter(mine if isinstance(mine, dict) else {})
-            merged.update(value)
-            out[key] = dict(merged)
+        if isinstance(value, dict):  # per rule, zone, check...: counts, or a histogram's buckets
+            out[key] = _add(mine if isinstance(mine, dict) else {}, value)
         elif isinstance(value, list):
             base = mine if isinstance(mine, list) else [0] * len(value)
             out[key] = [x + y for x, y in zip(base, value, strict=False)]
@@ -145,6 +157,19 @@ def render_prometheus(agg: Aggregate, *, workers: int, generation: int) -> bytes
         lines.append(f"# HELP {name} {help_text}")
         lines.append(f"# TYPE {name} {kind}")
 
+    def histogram(name: str, label: str, buckets: list[int], total: float) -> None:
+        """One histogram's series; ``label`` is "" or one 'key="value"' pair."""
+        before_le = f"{label}," if label else ""
+        running = 0
+        for bound, n in zip(SCAN_BUCKETS, buckets, strict=False):
+            running += n
+            lines.append(f'{name}_bucket{{{before_le}le="{bound}"}} {running}')
+        running += buckets[-1] if len(buckets) > len(SCAN_BUCKETS) else 0
+        lines.append(f'{name}_bucket{{{before_le}le="+Inf"}} {running}')
+        tail = f"{{{label}}}" if label else ""
+        lines.append(f"{name}_sum{tail} {total:.6f}")
+        lines.append(f"{name}_count{tail} {running}")
+
     family("filterd_messages_total", "counter", "Messages scanned, by verdict.")
     for verdict, n in sorted(dict(t.get("messages") or {}).items()):  # type: ignore[call-overload]
         lines.append(f'filterd_messages_total{{verdict="{_label(verdict)}"}} {n}')
@@ -156,14 +181,14 @@ def render_prometheus(agg: Aggregate, *, workers: int, generation: int) -> bytes
         lines.append(f'filterd_errors_total{{kind="{_label(kind)}"}} {n}')
     family("filterd_scan_seconds", "histogram", "Time to scan one message.")
     buckets = list(t.get("scan_buckets") or [0] * (len(SCAN_BUCKETS) + 1))  # type: ignore[call-overload]
-    running = 0
-    for bound, n in zip(SCAN_BUCKETS, buckets, strict=False):
-        running += n
-        lines.append(f'filterd_scan_seconds_bucket{{le="{bound}"}} {running}')
-    running += buckets[-1] if len(buckets) > len(SCAN_BUCKETS) else 0
-    lines.append(f'filterd_scan_seconds_bucket{{le="+Inf"}} {running}')
-    lines.append(f"filterd_scan_seconds_sum {float(t.get('scan_seconds_sum') or 0.0):.6f}")  # type: ignore[arg-type]
-    lines.append(f"filterd_scan_seconds_count {running}")
+    histogram("filterd_scan_seconds", "", buckets, float(t.get("scan_seconds_sum") or 0.0))  # type: ignore[arg-type]
+    family("filterd_async_check_seconds", "histogram",
+           "Wall time of each asynchronous (network) check, from its start to its answer, failure or the "
+           "scan deadline. They run concurrently, so they overlap and do not add up to the scan time.")  # fmt: skip
+    sums = dict(t.get("check_seconds_sum") or {})  # type: ignore[call-overload]
+    for check, check_buckets in sorted(dict(t.get("check_buckets") or {}).items()):  # type: ignore[call-overload]
+        histogram("filterd_async_check_seconds", f'check="{_label(check)}"', list(check_buckets),
+                  float(sums.get(check, 0.0)))  # fmt: skip
     family("filterd_scanned_bytes_total", "counter", "Bytes of mail scanned.")
     lines.append(f"filterd_scanned_bytes_total {t.get('bytes_scanned') or 0}")
     family("filterd_rule_hits_total", "counter", "Messages on which each rule fired.")

@@ -354,6 +354,8 @@ class _Session:
         except Exception:
             log.exception("milter: CONNECT checks failed for %s", self.client_ip)
             return []
+        # Each message's scan reuses these results and runs no CONNECT check: count their times here.
+        self.service.metrics.observe_async_checks(scan.async_timings)
         self.connect_stage = _ConnectStage(self.client_ip, tuple(hits), tuple(scan.facts.items()),
                                            tuple(scan.problems))  # fmt: skip
         score = engine.score(hits)
@@ -477,6 +479,7 @@ class _Session:
         verdict = self._verdict(result, message, max(self.cfg.reject_score, required))
         service.metrics.observe_scan("spam" if result.is_spam else "ham", time.perf_counter() - started,
                                      result.rule_names, len(raw))
+        service.metrics.observe_async_checks(result.async_timings)
         return self._done(verdict.name, message, queue_id, started, result, verdict.replies)
 
     def _failed(self, why: str, message: _Message, queue_id: str, started: float) -> Sequence[Reply]:

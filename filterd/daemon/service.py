@@ -142,6 +142,7 @@ class SpamdService:
         reply_body = self._body(request.method, result, options)
         names = [h.rule for h in result.hits]
         self.metrics.observe_scan("spam" if result.is_spam else "ham", elapsed, names, len(body))
+        self.metrics.observe_async_checks(result.async_timings)
         log.info(
             "msgid=%s user=%s score=%.1f/%.1f verdict=%s hits=%s time=%.1fms size=%d",
             (result.message.get("message-id") or "-").strip()[:200],

@@ -1,5 +1,6 @@
 """Wall times of the async checks (`Result.async_timings`): test plugins that await a known
-delay, fail after it or never answer, and a DNSBL lookup the DNS fixture holds back. Only lower
+delay, fail after it or never answer, a DNSBL lookup the DNS fixture holds back, and the same
+times in the metrics text, in-process and from a real daemon after a real scan. Only lower
 bounds and comparisons: what was waited for, never how fast this machine is."""
 
 from __future__ import annotations
@@ -7,14 +8,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
 from filterd.config import Duration, load_config
+from filterd.daemon.metrics import Aggregate, WorkerMetrics, render_prometheus
 from filterd.engine.engine import Engine
 from filterd.engine.plugin import CheckSetup, Hit, Scan, ScanContext, Stage
+from tests._servers import wait_until
 from tests.conftest import offline_config
+from tests.daemon_fixture import start_daemon
 from tests.dns_fixture import MakeDelayingProxy, MakeDnsServer
 
 pytest_plugins = ["tests.dns_fixture"]
@@ -147,3 +152,57 @@ def test_dnsbl_time_includes_the_delayed_answer(
     assert any(name.endswith(".zen.spamhaus.org.") for name, _ in proxy.queries)
     assert result.async_timings["dnsbl"] >= DNS_DELAY
     assert "dnsbl" not in result.timings
+
+
+def _series(text: str) -> dict[str, float]:
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line[:1] != "#"}
+
+
+def test_async_check_histograms_add_up_across_workers() -> None:
+    one, two = WorkerMetrics(), WorkerMetrics()
+    one.observe_async_checks({"dnsbl": 0.3, "auth": 0.004})
+    one.observe_async_checks({"dnsbl": 0.03})
+    two.observe_async_checks({"dnsbl": 12.0})  # past the last bound: only in +Inf
+    agg = Aggregate()
+    agg.update(1, one.snapshot())
+    agg.update(2, two.snapshot())
+    text = render_prometheus(agg, workers=2, generation=1).decode()
+    assert "# TYPE filterd_async_check_seconds histogram" in text
+    series = _series(text)
+    dnsbl = 'filterd_async_check_seconds_bucket{check="dnsbl",le='
+    assert series[dnsbl + '"0.025"}'] == 0 and series[dnsbl + '"0.05"}'] == 1
+    assert series[dnsbl + '"0.5"}'] == 2 and series[dnsbl + '"10.0"}'] == 2 and series[dnsbl + '"+Inf"}'] == 3
+    assert series['filterd_async_check_seconds_count{check="dnsbl"}'] == 3
+    assert series['filterd_async_check_seconds_sum{check="dnsbl"}'] == 12.33
+    assert series['filterd_async_check_seconds_count{check="auth"}'] == 1
+    # A retired worker's observations stay; the scan-time histogram is as it was.
+    agg.retire(2)
+    series = _series(render_prometheus(agg, workers=1, generation=1).decode())
+    assert series['filterd_async_check_seconds_count{check="dnsbl"}'] == 3
+    assert series['filterd_scan_seconds_bucket{le="+Inf"}'] == 0 and series["filterd_scan_seconds_sum"] == 0
+
+
+def test_daemon_metrics_carry_the_async_check_time(
+    tmp_path: Path, make_dns_server: MakeDnsServer, make_delaying_proxy: MakeDelayingProxy
+) -> None:
+    server = make_dns_server({".": [], "zen.spamhaus.org": ["44.33.22.11 A 127.0.0.2"]})
+    proxy = make_delaying_proxy(server, delay=DNS_DELAY)
+    daemon = start_daemon(tmp_path, config=_dnsbl_config(proxy.spec), workers=1)
+    try:
+        reply = daemon.request(b"SYMBOLS SPAMC/1.5\r\nContent-length: %d\r\n\r\n" % len(MESSAGE) + MESSAGE)
+        assert b"RCVD_IN_SBL" in reply, reply
+        count = 'filterd_async_check_seconds_count{check="dnsbl"}'
+        series: dict[str, float] = {}
+
+        def reported() -> bool:  # workers report about once a second
+            nonlocal series
+            url = f"http://127.0.0.1:{daemon.metrics_port}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as r:
+                series = _series(r.read().decode())
+            return series.get(count) == 1
+
+        wait_until(reported, daemon.proc, name="daemon", waiting_for="report the scan", log=daemon.log)
+        assert series['filterd_async_check_seconds_sum{check="dnsbl"}'] >= DNS_DELAY
+        assert series['filterd_async_check_seconds_bucket{check="dnsbl",le="0.25"}'] == 0
+    finally:
+        assert daemon.stop() == 0, daemon.log()
