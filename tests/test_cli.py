@@ -24,6 +24,8 @@ def test_check_json_has_the_documented_fields() -> None:
     assert doc["is_spam"] is True and doc["score"] >= 1000 and doc["required_score"] == 5.0
     gtube = next(h for h in doc["hits"] if h["name"] == "GTUBE")
     assert gtube["score"] == 1000 and gtube["description"]
+    # Each async (network) check's wall time, even with the network off (they return at once then).
+    assert {"dnsbl", "auth"} <= set(doc["async_check_ms"]) and min(doc["async_check_ms"].values()) >= 0
 
 
 def test_check_plain_and_process(tmp_path: Path) -> None:
