@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote_to_bytes
 
 from filterd.engine.textcodec import decode_bytes, decode_header_value
-from filterd.headerblock import header_block_bounds
+from filterd.headerblock import header_block_bounds, split_header_fields
 
 __all__ = ["MimeLeaf", "RawField", "content_params", "split_header_block", "split_multipart", "walk_mime"]
 
-_HEADER_NAME = re.compile(rb"[!-9;-~]+[ \t]*:")
-_MAX_HEADERS = 2000
+_MAX_HEADERS = 2001  # fields kept (the line loop this replaced checked 2000 finished ones before each new one)
 _MAX_PARTS = 500
 _MAX_DEPTH = 30
 
@@ -40,40 +39,27 @@ class HeaderBlock:
 
 
 def split_header_block(data: bytes) -> HeaderBlock:
-    """Split a header block into fields and return the body after the blank line."""
+    """Split a header block into fields (`filterd.headerblock.split_header_fields`, at most
+    `_MAX_HEADERS`) and return the body after the blank line."""
+    split = split_header_fields(data, _MAX_HEADERS)
+    found = split.fields
     problems: list[str] = []
-    end, start = header_block_bounds(data)
-    block, body = data[:end], data[start:]
-    if data[:1] in (b"\n",) or data[:2] == b"\r\n":  # empty header block
-        return HeaderBlock([], data[1:] if data[:1] == b"\n" else data[2:], problems)
-    lines = block.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    fields: list[RawField] = []
-    current: list[bytes] = []
-    for i, line in enumerate(lines):
-        first = line[:1]
-        if first in (b" ", b"\t"):
-            if not current:
-                problems.append("header-starts-with-continuation")
-            current.append(line)
-        elif _HEADER_NAME.match(line) and len(fields) < _MAX_HEADERS:
-            if current:
-                fields.append(_raw_field(current))
-            current = [line]
-        else:
-            # Neither a field nor a fold: the header block ended without a blank line.
-            problems.append("too-many-headers" if len(fields) >= _MAX_HEADERS else "no-header-body-separator")
-            rest = b"\n".join(lines[i:])
-            body = rest + (b"\n" + data[end:] if end < len(data) else b"")
-            break
-    if current:
-        fields.append(_raw_field(current))
+    if found:
+        if not found[0][0]:
+            problems.append("header-starts-with-continuation")
+        if found[-1][1][-1:] != b"\n":  # the data's last line, without its newline: given one
+            found[-1] = (found[-1][0], found[-1][1] + b"\n")
+    fields = [_raw_field(raw) for _, raw in found]
+    body = data[split.body :]
+    if split.cut:
+        # Neither a field nor a fold: the header block ended without a blank line.
+        problems.append("too-many-headers" if len(fields) >= _MAX_HEADERS else "no-header-body-separator")
+        if body[-1:] == b"\n" and header_block_bounds(data)[0] == len(data):
+            body = body[:-1]  # the line loop this replaced lost a final newline here: kept as it was
     return HeaderBlock(fields, body, problems)
 
 
-def _raw_field(lines: list[bytes]) -> RawField:
-    raw = b"\n".join(lines) + b"\n"
+def _raw_field(raw: bytes) -> RawField:
     colon = raw.find(b":")
     if colon < 0:
         return RawField("X-Broken-Header", raw.decode("ascii", "surrogateescape").strip(), raw)
