@@ -911,8 +911,9 @@ class MtaConfig(Section):
     dns_breaker_failures: int = setting(
         5, min=0, max=10_000,
         doc="Client name lookups in a row that get no answer at all (timeouts; NXDOMAIN and SERVFAIL are "
-        "answers) before the DNS resolver counts as dead: clients are then 'unknown' at once, for "
-        "dns_breaker_cooldown, after which one lookup tries it again. 0 = always wait.",
+        "answers) before the DNS resolver counts as dead: clients are then 'unknown' at once and remote "
+        "deliveries are deferred (4.4.3) without an MX lookup, for dns_breaker_cooldown, after which one lookup "
+        "tries it again. 0 = always wait.",
     )  # fmt: skip
     dns_breaker_cooldown: Duration = setting(
         parse_duration("30s"), min=parse_duration("1s"), max=parse_duration("1h"),

@@ -126,6 +126,7 @@ def run_mta_command(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: Config, users: dict[str, str], tls: ssl.SSLContext | None, *, deliver: bool) -> int:
+    from filterd.mta.dnsbreaker import DnsBreaker
     from filterd.mta.queue import Queue
     from filterd.mta.smtpd import SmtpServer
 
@@ -137,12 +138,14 @@ async def _serve(config: Config, users: dict[str, str], tls: ssl.SSLContext | No
             from filterd.net.dns import Resolver
 
             resolver = Resolver(config.dns)  # one cache for MX and client name lookups
+        # One per process: client name lookups find a dead resolver, deliveries stop waiting for it too.
+        breaker = DnsBreaker(failures=config.mta.dns_breaker_failures, cooldown=config.mta.dns_breaker_cooldown)
         qmgr = None
         if deliver:
             from filterd.mta.qmgr import QueueManager
 
             assert resolver is not None
-            qmgr = QueueManager(config, queue, resolver)
+            qmgr = QueueManager(config, queue, resolver, dns_breaker=breaker)
         server = SmtpServer(
             config.mta,
             queue,
@@ -150,6 +153,7 @@ async def _serve(config: Config, users: dict[str, str], tls: ssl.SSLContext | No
             tls_context=tls,
             on_queued=qmgr.wake if qmgr is not None else None,
             resolver=resolver,
+            dns_breaker=breaker,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -69,6 +69,7 @@ from filterd.config import Config
 from filterd.errors import QueueError
 from filterd.mta.bounce import DsnRecipient, build_dsn
 from filterd.mta.delivery import DeliveryResult, LocalDelivery, MessageData, RemoteDelivery
+from filterd.mta.dnsbreaker import DnsBreaker
 from filterd.mta.names import own_domains, own_hostname
 from filterd.mta.queue import Envelope, Queue, QueueState, Recipient, Recovery, fsync_dir
 from filterd.net.dns import Resolver
@@ -140,6 +141,7 @@ class QueueManager:
         *,
         local: LocalDelivery | None = None,
         remote: RemoteDelivery | None = None,
+        dns_breaker: DnsBreaker | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         poll_interval: float = 1.0,
@@ -158,7 +160,9 @@ class QueueManager:
             mta, state_dir=str(config.state_path), hostname=self.hostname, tmp_dir=str(queue.tmp),
             deliver=deliver,
         )  # fmt: skip
-        self.remote = remote or RemoteDelivery(config, resolver, hostname=self.hostname, rng=rng)
+        self.remote = remote or RemoteDelivery(
+            config, resolver, hostname=self.hostname, rng=rng, dns_breaker=dns_breaker
+        )
         self.clock = clock
         self.rng = rng or random.Random()
         self.poll_interval = poll_interval

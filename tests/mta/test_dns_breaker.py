@@ -1,10 +1,11 @@
 """A dead DNS resolver is not waited for (`filterd.mta.dnsbreaker`): after a few client name
-lookups in a row get no answer at all, new SMTP clients are greeted at once as "unknown"; one
-lookup per cool-off tries the resolver again.
+lookups in a row get no answer at all, new SMTP clients are greeted at once as "unknown", and
+the queue manager defers remote mail at once instead of waiting for each MX lookup; one lookup
+per cool-off tries the resolver again.
 
 The breaker itself is tested on a fake clock; the rest against loopback DNS servers from the
 fixtures (knotd, and a UDP socket that never answers or answers with a fixed rcode) and real
-SMTP clients (smtplib).
+SMTP clients (smtplib, and `filterd mta` in a subprocess).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from filterd.mta.queue import Envelope, Queue
 from filterd.mta.smtpd import SmtpServer
 from filterd.net.dns import Resolver
 from tests.dns_fixture import MakeDnsServer, MakeSilentDnsServer, Nameserver
+from tests.mta.mta_fixture import start_mta
+from tests.mta.qmgr_helpers import all_ids, enqueue, make_qmgr, mta_config, run_until
 
 pytest_plugins = ["tests.dns_fixture"]
 
@@ -231,3 +234,69 @@ def test_a_resolver_that_answers_again_is_used_again(tmp_path: Path, make_dns_se
     assert waited == [True, True, False, True, False, False, False], delays
     assert all(d < 0.1 * TIMEOUT for d, w in zip(delays, waited, strict=True) if not w), delays
     assert _client_names(tmp_path) == ["unknown"] * 5 + ["good.peer.test"] * 2
+
+
+def test_filterd_mta_logs_dead_and_back_once_and_defers_remote_mail_at_once(
+    tmp_path: Path, make_silent_dns_server: MakeSilentDnsServer
+) -> None:
+    dns = make_silent_dns_server("silent")
+    config = f"dns: {{nameservers: ['{dns.spec}'], timeout: 1s}}\n"
+    config += "mta: {local_domains: [example.net], peername_timeout: 1s, dns_breaker_failures: 2, "
+    config += "dns_breaker_cooldown: 1s, min_backoff: 1h, max_backoff: 2h}\n"
+    mta = start_mta(tmp_path, config=config, deliver=True)
+    try:
+        for name in ("a", "b", "c", "d"):  # from loopback, in mynetworks: relayed
+            with smtplib.SMTP(mta.host, mta.port, timeout=30, source_address=("127.0.0.10", 0)) as smtp:
+                smtp.sendmail("alice@example.net", [f"bob@{name}.remote.test"], "Subject: hi\r\n\r\nhello\r\n")
+        mta.wait_for_log(r"to=<bob@d\.remote\.test>.*status=deferred")
+        # Queued once the resolver was found dead (after b's connection): no MX lookup at all.
+        assert ("d.remote.test.", "MX") not in dns.queries
+        deferred = {e.rcpts[0].address: e.rcpts[0] for e, _ in mta.queued("deferred")}
+        last = deferred["bob@d.remote.test"]
+        assert last.last_status == "4.4.3" and "DNS resolver not answering" in last.last_error, last
+        dns.mode = "nxdomain"
+        time.sleep(1.0)  # the cool-off
+        with smtplib.SMTP(mta.host, mta.port, timeout=30, source_address=("127.0.0.10", 0)) as smtp:
+            smtp.noop()  # the probe got an answer
+        mta.wait_for_log(r"DNS resolver answers again")
+    finally:
+        assert mta.stop() == 0, mta.log()
+    log = mta.log()
+    assert log.count("DNS resolver gave no answer to 2 lookups in a row") == 1, log
+    assert log.count("DNS resolver answers again") == 1, log
+
+
+# -- the queue manager --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dead", [False, True], ids=["breaker closed", "breaker open"])
+def test_queue_manager_defers_at_once_while_dns_is_dead(
+    tmp_path: Path, make_silent_dns_server: MakeSilentDnsServer, dead: bool
+) -> None:
+    dns = make_silent_dns_server("silent")
+    config = mta_config(tmp_path, min_backoff=3600.0, max_backoff=7200.0)  # one attempt each
+    config = dataclasses.replace(config, dns=dataclasses.replace(config.dns, nameservers=(dns.spec,)))
+    breaker = DnsBreaker(failures=1, cooldown=60.0)
+    if dead:
+        breaker.record(timed_out=True)  # as the SMTP server's lookups found it
+    queue = Queue(tmp_path / "queue")
+    qmgr = make_qmgr(config, queue, dns_breaker=breaker)
+    domains = [f"d{i}.remote.test" for i in range(4)]
+    for domain in domains:
+        enqueue(queue, f"bob@{domain}")
+
+    started = time.monotonic()
+    asyncio.run(run_until(qmgr, lambda: len(queue.ids("deferred")) == len(domains)))
+    elapsed = time.monotonic() - started
+    timeout = config.dns.timeout  # 1 s: what each MX lookup waits for a dead resolver
+    if dead:
+        assert elapsed < 0.5 * timeout, elapsed
+        assert [q for q in dns.queries if q[1] == "MX"] == []
+    else:  # the MX lookups time out (together, each in its own slot); no trip: MX timeouts are not counted
+        assert elapsed > 0.9 * timeout, elapsed
+        assert sorted(q[0] for q in dns.queries if q[1] == "MX") == sorted(f"{d}." for d in domains)
+        assert not breaker.is_open
+    for qid in all_ids(queue):
+        [rcpt] = queue.load(qid)[0].rcpts
+        assert rcpt.last_status == "4.4.3", rcpt
+        assert ("DNS resolver not answering" in rcpt.last_error) is dead, rcpt
