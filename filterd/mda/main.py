@@ -290,16 +290,10 @@ def deliver_message(data: bytes, request: DeliveryRequest, config: DeliverConfig
                 log.warning("daemon %s failed (%s); delivering unfiltered", daemon, code)
                 skipped = f"daemon {daemon} failed ({code})"
             else:
-                filtered = answer.message
                 # The daemon puts its X-Spam-* fields at the top (ours no longer lead), and a
                 # report_safe wrapper has ours inside only: take them out of its header block,
                 # once each, and put them back in front.
-                head, sep, body = filtered.partition(b"\n\n")
-                block = b"\n" + head + b"\n"
-                for line in prefix.splitlines(keepends=True):
-                    block = block.replace(b"\n" + line, b"\n", 1)
-                filtered = prefix + block[1:-1] + sep + body
-                message = filtered
+                message = _ours_in_front(answer.message, prefix)
                 score = answer.score
                 if answer.is_spam is not None:
                     verdict = "spam" if answer.is_spam else "ham"
@@ -348,6 +342,21 @@ def _lead(message: bytes, recipient: str) -> tuple[dict[bytes, list[str]], bool]
         if key == b"delivered-to" and text.lower() == recipient.lower():
             loop = True
     return lead, loop
+
+
+def _ours_in_front(message: bytes, prefix: bytes) -> bytes:
+    """``message`` with the fields of ``prefix`` (ours: whole lines) leading it: taken out of
+    its header block (`filterd.mda.headers.split_fields`), each once where it is a whole field,
+    and put in front; the body is not read."""
+    ours = prefix.splitlines(keepends=True)
+    fields, end = split_fields(message)
+    kept = []
+    for f in fields:
+        if f.raw in ours:
+            ours.remove(f.raw)
+        else:
+            kept.append(f.raw)
+    return prefix + b"".join(kept) + message[end:]
 
 
 def _without_field(message: bytes, name: bytes) -> bytes:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from filterd.mda.headers import Field, split_fields
-from filterd.mda.main import _lead, _without_field
+from filterd.mda.main import _lead, _ours_in_front, _without_field
 from filterd.mda.recipes import facts_from_message
 from tests.mda.helpers import Deliver, maildir_files
 
@@ -85,6 +85,24 @@ def test_without_field_keeps_the_rest_byte_for_byte() -> None:
     data = b"A: 1\r\nX-Filterd-Skipped: x\r\n\ty\r\nB: 2\r\n\r\nX-Filterd-Skipped: body\r\n"
     assert _without_field(data, b"x-filterd-skipped") == b"A: 1\r\nB: 2\r\n\r\nX-Filterd-Skipped: body\r\n"
     assert _without_field(data, b"c") is data
+
+
+def test_ours_in_front_takes_whole_fields_from_the_header_block_only() -> None:
+    ours = b"Return-Path: <s@example.org>\nDelivered-To: alice\n"
+    answered = b"X-Spam-Flag: YES\nReturn-Path: <s@example.org>\nDelivered-To: alice\nSubject: x\n\nbody\n"
+    assert _ours_in_front(answered, ours) == ours + b"X-Spam-Flag: YES\nSubject: x\n\nbody\n"
+    # each once; a folded field of the same first line is not ours
+    answered = b"Delivered-To: alice\n more\nDelivered-To: alice\nDelivered-To: alice\n\n"
+    assert _ours_in_front(answered, b"Delivered-To: alice\n") == (
+        b"Delivered-To: alice\nDelivered-To: alice\n more\nDelivered-To: alice\n\n"
+    )
+    # a CRLF empty line ends the header block too: the body is never read
+    answered = b"X-Spam-Flag: YES\r\n\r\nDelivered-To: alice\n"
+    assert _ours_in_front(answered, b"Delivered-To: alice\n") == b"Delivered-To: alice\n" + answered
+    # as does a line that is no field, when the empty line is missing
+    answered = b"X-Spam-Flag: YES\nquoted:\n> x\nDelivered-To: alice\n"
+    assert _ours_in_front(answered, b"Delivered-To: alice\n") == b"Delivered-To: alice\n" + answered
+    assert _ours_in_front(answered, b"") == answered
 
 
 def test_delivered_without_an_empty_line(tmp_path: Path, deliver: Deliver) -> None:
