@@ -10,7 +10,6 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
-import re
 import time
 from collections.abc import Mapping
 
@@ -23,6 +22,7 @@ from filterd.engine.markup import MarkupOptions, build_report, original_message,
 from filterd.engine.message import parse_message
 from filterd.engine.plugin import ScanContext
 from filterd.engine.prefs import BadUserName, UserPrefs, UserPrefsStore
+from filterd.headerblock import split_header_fields
 from filterd.protocols.spamd import (
     EX_DATAERR,
     EX_NOUSER,
@@ -39,7 +39,6 @@ __all__ = ["SpamdService"]
 
 log = logging.getLogger("filterd.daemon")
 _SKIPPED = "x-filterd-skipped"  # what the milter and `filterd deliver` add to mail they let through unscanned
-_FIELD_START = re.compile(r"(?<=\n)(?=[^ \t\r\n])")  # where a header field starts, after the first
 _SCANNING = ("CHECK", "SYMBOLS", "REPORT", "REPORT_IFSPAM", "PROCESS", "HEADERS")
 
 
@@ -181,11 +180,14 @@ def _without_forged_results(result: Result, authserv_id: str) -> Result:
 
 def _without_fields(header_block: str, name: str) -> str:
     """``header_block`` (whole fields, each ending with its newline) without the fields called
-    ``name`` (lower case), continuation lines and all."""
+    ``name`` (lower case), continuation lines and all (`filterd.headerblock.split_header_fields`)."""
     if name not in header_block.lower():
         return header_block
-    fields = _FIELD_START.split(header_block)
-    return "".join(f for f in fields if f.partition(":")[0].rstrip(" \t").lower() != name)
+    data = header_block.encode("utf-8", "surrogateescape")  # the parser's text: its bytes back
+    split = split_header_fields(data)
+    key = name.encode("utf-8")
+    kept = b"".join(raw for field, raw in split.fields if field.lower() != key) + data[split.end :]
+    return kept.decode("utf-8", "surrogateescape")
 
 
 def _connection_context(headers: Mapping[str, str], *, user: str, prefs: UserPrefs) -> ScanContext:
