@@ -24,6 +24,7 @@ import subprocess
 import tempfile
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
@@ -460,7 +461,13 @@ class DelayingDnsProxy(Nameserver):
     one delay, not ten. `delay` may be changed while it runs, or be a function of the query.
 
     `queries` lists (name, type) of every query received, e.g. `("www.example.com.", "A")`.
-    A query the upstream does not answer within `upstream_timeout` is dropped."""
+    A query the upstream does not answer within `upstream_timeout` is dropped.
+
+    To show that a client sends queries concurrently without timing it: `in_flight` counts the
+    queries received and not yet answered (or dropped), `peak_in_flight` the most at once, and
+    `arrived` / `answered` hold the `time.monotonic()` of each query's arrival and of each answer
+    sent. `peak_in_flight == len(queries)` means every query arrived before the first answer left:
+    none of them waited for another's answer."""
 
     def __init__(
         self,
@@ -475,6 +482,10 @@ class DelayingDnsProxy(Nameserver):
         self.delay = delay
         self.upstream_timeout = upstream_timeout
         self.queries: list[tuple[str, str]] = []
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self.arrived: list[float] = []
+        self.answered: list[float] = []
         self.address = address
         self._tasks: set[asyncio.Task[None]] = set()
         self._udp: asyncio.DatagramTransport | None = None
@@ -511,7 +522,10 @@ class DelayingDnsProxy(Nameserver):
         return task
 
     def _note(self, wire: bytes) -> float:
-        """Record the query; the seconds its answer waits."""
+        """Record the query (it is in flight until `_done`); the seconds its answer waits."""
+        self.arrived.append(time.monotonic())
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         message, key = _query_key(wire)
         if key is not None:
             self.queries.append(key)
@@ -520,18 +534,29 @@ class DelayingDnsProxy(Nameserver):
             return delay(message) if message is not None else 0.0
         return delay
 
+    def _done(self, answered: bool) -> None:
+        """A query stops being in flight: answered, or dropped."""
+        if answered:
+            self.answered.append(time.monotonic())
+        self.in_flight -= 1
+
     def _received_udp(self, data: bytes, addr: Any) -> None:
         self._spawn(self._answer_udp(data, addr))
 
     async def _answer_udp(self, data: bytes, addr: Any) -> None:
         loop = asyncio.get_running_loop()
         due = loop.time() + self._note(data)
-        answer = await self._forward_udp(data)
-        if answer is None:
-            return
-        await asyncio.sleep(max(0.0, due - loop.time()))
-        if self._udp is not None:
-            self._udp.sendto(answer, addr)
+        answered = False
+        try:
+            answer = await self._forward_udp(data)
+            if answer is None:
+                return
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            if self._udp is not None:
+                self._udp.sendto(answer, addr)
+                answered = True
+        finally:
+            self._done(answered)
 
     async def _forward_udp(self, data: bytes) -> bytes | None:
         loop = asyncio.get_running_loop()
@@ -560,13 +585,18 @@ class DelayingDnsProxy(Nameserver):
     async def _answer_tcp(self, data: bytes, writer: asyncio.StreamWriter, lock: asyncio.Lock) -> None:
         loop = asyncio.get_running_loop()
         due = loop.time() + self._note(data)
-        answer = await self._forward_tcp(data)
-        if answer is None:
-            return
-        await asyncio.sleep(max(0.0, due - loop.time()))
-        async with lock:
-            writer.write(len(answer).to_bytes(2, "big") + answer)
-            await writer.drain()
+        answered = False
+        try:
+            answer = await self._forward_tcp(data)
+            if answer is None:
+                return
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            async with lock:
+                writer.write(len(answer).to_bytes(2, "big") + answer)
+                answered = True
+                await writer.drain()
+        finally:
+            self._done(answered)
 
     async def _forward_tcp(self, data: bytes) -> bytes | None:
         async def exchange() -> bytes:
@@ -608,12 +638,14 @@ class SilentDnsServer(Nameserver):
     """A UDP socket on loopback standing for a broken DNS server. `mode="silent"` receives queries
     and never answers (a dead or blackholed server: clients time out); any rcode name
     (`"servfail"`, `"refused"`, `"nxdomain"`...) answers every query with that rcode at once.
-    `mode` may be changed while it runs; `queries` lists (name, type) of every query received."""
+    `mode` may be changed while it runs; `queries` lists (name, type) of every query received,
+    `arrived` the `time.monotonic()` at which each arrived."""
 
     def __init__(self, mode: str = "silent", *, address: str = "127.0.0.1", port: int = 0) -> None:
         self.mode = mode
         self.address = address
         self.queries: list[tuple[str, str]] = []
+        self.arrived: list[float] = []
         self._udp: asyncio.DatagramTransport | None = None
         self._thread = _LoopThread("dns-silent-server")
         try:
@@ -640,6 +672,7 @@ class SilentDnsServer(Nameserver):
         return bound
 
     def _received(self, data: bytes, addr: Any) -> None:
+        self.arrived.append(time.monotonic())
         message, key = _query_key(data)
         if key is not None:
             self.queries.append(key)

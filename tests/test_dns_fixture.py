@@ -132,13 +132,34 @@ async def timed_lookups(ns: Nameserver, names: list[str], *, tcp: bool = False) 
     return elapsed
 
 
-def test_proxy_delays_each_answer_concurrently(server: DnsServer, make_delaying_proxy: MakeDelayingProxy) -> None:
+@pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
+def test_proxy_delays_each_answer_concurrently(
+    server: DnsServer, make_delaying_proxy: MakeDelayingProxy, tcp: bool
+) -> None:
     proxy = make_delaying_proxy(server, delay=0.2)
-    assert asyncio.run(timed_lookups(proxy, ["2.0.0.127.dnsbl.test"])) >= 0.19
+    assert asyncio.run(timed_lookups(proxy, ["2.0.0.127.dnsbl.test"], tcp=tcp)) >= 0.19
+    assert proxy.peak_in_flight == 1 and proxy.in_flight == 0
     names = ["2.0.0.127.dnsbl.test"] * 10
-    assert asyncio.run(timed_lookups(proxy, names)) < 1.0  # 10 x 0.2 s one after the other would take 2 s
-    assert asyncio.run(timed_lookups(proxy, names, tcp=True)) < 1.0
-    assert proxy.queries.count(("2.0.0.127.dnsbl.test.", "A")) == 21
+    asyncio.run(timed_lookups(proxy, names, tcp=tcp))
+    # Held back together, not one after the other: all ten were held at once (no answer left
+    # before the last query arrived), and each answer left a delay after its own query came.
+    assert proxy.peak_in_flight == 10 and proxy.in_flight == 0
+    assert max(proxy.arrived) < min(proxy.answered[1:])
+    assert all(sent - came >= 0.19 for came, sent in zip(sorted(proxy.arrived), sorted(proxy.answered), strict=True))
+    assert proxy.queries.count(("2.0.0.127.dnsbl.test.", "A")) == 11
+
+
+def test_proxy_counts_queries_in_flight(server: DnsServer, make_delaying_proxy: MakeDelayingProxy) -> None:
+    proxy = make_delaying_proxy(server, delay=0.05)
+    resolver = proxy.resolver()
+    for _ in range(3):
+        resolver.resolve("2.0.0.127.dnsbl.test", "A")
+    assert proxy.peak_in_flight == 1 and proxy.in_flight == 0  # one after the other
+    assert len(proxy.arrived) == len(proxy.answered) == 3
+    proxy.delay = lambda q: 5.0  # held past the client's lifetime: dropped when the proxy closes
+    with pytest.raises(dns.resolver.LifetimeTimeout):
+        proxy.resolver(lifetime=0.2).resolve("2.0.0.127.dnsbl.test", "A")
+    assert proxy.in_flight == 1 and len(proxy.answered) == 3
 
 
 def test_proxy_delay_can_depend_on_the_query(server: DnsServer, make_delaying_proxy: MakeDelayingProxy) -> None:

@@ -193,7 +193,10 @@ def test_silent_server_times_out_within_the_limit(make_silent_dns_server: MakeSi
     answer = run(resolver.query("2.0.0.127.bl.test", "A", zone="bl.test"))
     elapsed = time.monotonic() - started
     assert answer.status == "timeout" and "300 ms" in answer.detail
-    assert 0.25 < elapsed < 1.5
+    # It waited out its limit, and the limit is what ended it (the server never answers): the
+    # upper bound only catches a limit that does not hold (a hang), so it is 20 x the limit,
+    # far above what a loaded machine adds.
+    assert 0.25 < elapsed < 20 * 0.3, elapsed
     short = run(resolver.query("3.0.0.127.bl.test", "A", limit=0.1))
     assert short.status == "timeout" and "100 ms" in short.detail
     assert run(resolver.query("4.0.0.127.bl.test", "A", limit=0.0)).status == "timeout"
@@ -226,11 +229,9 @@ def test_breaker_opens_then_skips_fast(
     assert "DNS lookups in bl.test failed 3 times in a row" in caplog.text
     assert resolver.breaker_state("bl.test") == "open"
     asked = len(silent.queries)
-    started = time.monotonic()
     skipped = run(ask(10))
     assert skipped.status == "skipped" and "zone bl.test skipped: timeout" in skipped.detail
-    assert time.monotonic() - started < 0.05
-    assert len(silent.queries) == asked
+    assert len(silent.queries) == asked  # not even sent: nothing to wait for (no timing asserted)
     health = resolver.zones["bl.test"]
     assert (health.trips, health.skipped, health.failures, health.queries) == (1, 1, 3, 3)
     # Other zones have breakers of their own, and a query naming no zone has none.
@@ -320,7 +321,10 @@ def test_parallel_lookups_cost_about_one_delay(knot: DnsServer, make_delaying_pr
     answers, elapsed = run(go())
     assert [a.status for a in answers].count("ok") == 1  # only 2.0.0.127 is listed
     assert {a.status for a in answers} == {"ok", "nxdomain"}
-    assert 0.19 < elapsed < 1.0  # ten 200 ms lookups; in sequence they would take 2 s
+    assert elapsed >= 0.19  # each answer was held back 200 ms
+    # Concurrent, whatever the machine's load: all ten queries were at the server before it sent
+    # the first answer (in sequence there would never be more than one in flight).
+    assert len(proxy.queries) == 10 and proxy.peak_in_flight == 10
 
 
 def test_a_caller_with_a_shorter_limit_stops_waiting_alone(
