@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from filterd.config import Config
-from filterd.headerblock import header_block_bounds
+from filterd.headerblock import header_block_bounds, mbox_from_end, split_header_fields
 from filterd.mailbox import iter_messages
 
 if TYPE_CHECKING:
@@ -93,9 +93,8 @@ class Sample:
 
 def strip_x_spam(raw: bytes) -> bytes:
     """Remove top-level ``X-Spam-*`` fields: a verdict someone else wrote must not be learnt or scored."""
-    if raw[:1] == b"\n" or raw[:2] == b"\r\n":
-        return raw  # no header block at all
-    end, _ = header_block_bounds(raw)
+    start = mbox_from_end(raw)
+    end = start + split_header_fields(raw[start:]).end  # a body line is never taken for a field
     head, body = raw[:end], raw[end:]
     return _X_SPAM_FIELD.sub(b"", head) + body
 

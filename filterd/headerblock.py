@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-__all__ = ["HeaderFields", "header_block_bounds", "split_header_fields"]
+__all__ = ["HeaderFields", "header_block_bounds", "mbox_from_end", "split_header_fields"]
 
 _HEADER_END = re.compile(rb"\n\r?\n")  # the empty line after a header block
 
@@ -75,3 +75,12 @@ def header_block_bounds(data: bytes) -> tuple[int, int]:
     field."""
     m = _HEADER_END.search(data)
     return (len(data), len(data)) if m is None else (m.start() + 1, m.end())
+
+
+def mbox_from_end(data: bytes) -> int:
+    """Where the header block starts: after an mbox ``From `` line on top (procmail hands one
+    over, mbox files and the SpamAssassin corpus carry one), else 0. That line is no field."""
+    if not data.startswith(b"From "):
+        return 0
+    nl = data.find(b"\n")
+    return nl + 1 if nl >= 0 else len(data)

@@ -105,6 +105,13 @@ def test_strip_x_spam_removes_top_level_fields_only() -> None:
     crlf = b"X-Spam-Level: ***\r\nSubject: hi\r\n\r\nX-Spam-Flag: body\r\n"
     assert strip_x_spam(crlf) == b"Subject: hi\r\n\r\nX-Spam-Flag: body\r\n"
     assert strip_x_spam(b"\nX-Spam-Flag: no headers at all\n") == b"\nX-Spam-Flag: no headers at all\n"
+    # An mbox From line on top (the corpus files have one) is no field and does not end the block.
+    mbox = b"From a@example.org Mon Jan  5 10:00:00 2026\nX-Spam-Flag: YES\nSubject: hi\n\nbody\n"
+    assert strip_x_spam(mbox) == b"From a@example.org Mon Jan  5 10:00:00 2026\nSubject: hi\n\nbody\n"
+    # No empty line: the block ends at the first line that is no field, as the parser ends it, so
+    # a body line that looks like a field is body.
+    unseparated = b"Subject: hi\nX-Spam-Flag: YES\nthis is body text\nX-Spam-Status: kept\n"
+    assert strip_x_spam(unseparated) == b"Subject: hi\nthis is body text\nX-Spam-Status: kept\n"
 
 
 # -- the split file ------------------------------------------------------------------------------

@@ -100,6 +100,10 @@ def test_message_without_claims_edits_the_header_block_only() -> None:
     untouched = head + other + body
     assert message_without_claims(untouched, OURS) is untouched
     assert message_without_claims(b"\r\n" + forged, OURS) == b"\r\n" + forged
+    # No empty line: the header block ends where the parser ends it, at the first line that is
+    # no field; a body line that reads like a claim is body, and stays.
+    unseparated = b"To: b@example.com\nplain text\nAuthentication-Results: mx.local.test; none\n"
+    assert message_without_claims(unseparated, OURS) is unseparated
 
 
 def test_effective_authserv_id_is_the_setting_else_this_host() -> None:

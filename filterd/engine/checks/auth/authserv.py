@@ -15,7 +15,7 @@ import email.header
 import re
 
 from filterd.config import AuthConfig
-from filterd.headerblock import header_block_bounds
+from filterd.headerblock import mbox_from_end, split_header_fields
 from filterd.net.hostname import fqdn
 
 __all__ = [
@@ -114,11 +114,11 @@ def without_claims(header_block: str, authserv_id: str) -> str:
 def message_without_claims(data: bytes, authserv_id: str) -> bytes:
     """A whole message, bytes as they came, without the Authentication-Results fields of its
     header block that claim ``authserv_id`` (`without_claims`); for a message handed back
-    unparsed, such as one too big to scan. The header block ends at the first empty line (all
-    of ``data`` when there is none); the body is not read, and comes back byte for byte."""
-    if data.startswith((b"\n", b"\r\n")):
-        return data  # an empty header block
-    cut, _ = header_block_bounds(data)
+    unparsed, such as one too big to scan. The header block ends where the parser ends it
+    (`split_header_fields`, after an mbox ``From `` line: the first empty line, or a line that is
+    no field); the body is not read, and comes back byte for byte."""
+    start = mbox_from_end(data)
+    cut = start + split_header_fields(data[start:]).end
     block = data[:cut].decode("ascii", "surrogateescape")
     kept = without_claims(block, authserv_id)
     if kept == block:
