@@ -148,7 +148,13 @@ def test_dkim_keys_are_fetched_concurrently(
         return time.perf_counter() - started
 
     elapsed = asyncio.run(main())
-    assert 0.3 <= elapsed < 0.6, elapsed  # three keys, one delay
+    assert elapsed >= 0.3, elapsed  # each key was held back one delay
+    # Fetched together whatever the machine's load: the three key queries were all at the
+    # server before it sent the first answer (one after another, never more than one in flight).
+    assert sorted(name for name, _ in proxy.queries) == [
+        "sel._domainkey.example.com.", "sel._domainkey.example.net.", "sel._domainkey.example.org."
+    ]  # fmt: skip
+    assert proxy.peak_in_flight == 3
 
 
 def _arc_seal(raw: bytes, key: DkimKey, results: str) -> bytes:
