@@ -122,12 +122,18 @@ def test_spf_temperror_when_dns_does_not_answer(
     make_silent_dns_server: MakeSilentDnsServer, uri_parser: UriParser
 ) -> None:
     silent = make_silent_dns_server()
-    cfg = auth_config(silent.spec, timeout=0.3, dkim=False, dmarc=False)
+    limit = 1.0
+    cfg = auth_config(silent.spec, timeout=limit, dkim=False, dmarc=False)
     ctx = ScanContext(client_ip=GOOD_IP, helo="mail.example.com", mail_from="a@example.com")
     out = run_auth(cfg, make_message(), ctx, uri_parser=uri_parser)
     assert out.family("SPF_") == {"SPF_TEMPERROR"} and out.family("SPF_HELO_") == {"SPF_HELO_TEMPERROR"}
-    assert out.elapsed < 1.5  # both identities waited together, one time limit each
-    assert silent.queries, "the configured server was asked"
+    # Both identities waited together, one time limit each, shown at the server rather than by
+    # the elapsed time: one query each (no retry), the HELO's sent while the MAIL FROM's was
+    # still waiting out its limit (in sequence it could only be sent after that limit ran out;
+    # the two go out within a millisecond, the 1 s limit leaves room for a loaded machine).
+    assert sorted(silent.queries) == [("example.com.", "TXT"), ("mail.example.com.", "TXT")], silent.queries
+    assert max(silent.arrived) - min(silent.arrived) < limit
+    assert out.elapsed < 20 * limit, out.elapsed  # no hang: the limit ends the wait
     silent.mode = "servfail"
     assert run_auth(cfg, make_message(), ctx, uri_parser=uri_parser).family("SPF_") == {"SPF_TEMPERROR"}
 
@@ -135,11 +141,13 @@ def test_spf_temperror_when_dns_does_not_answer(
 def test_spf_stops_at_the_scan_deadline(make_silent_dns_server: MakeSilentDnsServer, uri_parser: UriParser) -> None:
     """A lookup never outlives the scan: the check returns temperror before the deadline."""
     silent = make_silent_dns_server()
-    cfg = auth_config(silent.spec, timeout=5.0, dkim=False, dmarc=False)
+    cfg = auth_config(silent.spec, timeout=20.0, dkim=False, dmarc=False)
     ctx = ScanContext(client_ip=GOOD_IP, helo="mail.example.com", mail_from="a@example.com")
     out = run_auth(cfg, make_message(), ctx, uri_parser=uri_parser, budget=0.5)
     assert out.family("SPF_") == {"SPF_TEMPERROR"}
-    assert out.elapsed < 0.8
+    # The server never answers, so only the 0.5 s budget or the 20 s DNS timeout can end the
+    # lookups: finishing in half the timeout means the budget did (20x headroom for load).
+    assert out.elapsed < 10.0, out.elapsed
 
 
 def test_check_spf_in_a_thread_uses_only_the_resolver(auth_dns: DnsServer) -> None:
