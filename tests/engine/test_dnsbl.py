@@ -392,7 +392,10 @@ def test_parallel_lookups_take_about_one_delay(
     # zen: the relay; dbl: its HELO and the 9 link domains; uribl: the 9 link domains.
     assert len(proxy.queries) == 20
     assert set(dnsbl_hits(result)) == {"RCVD_IN_SBL"}
-    assert 0.19 < elapsed < 1.0, elapsed  # twenty 200 ms lookups; one after another they take 4 s
+    assert elapsed > 0.19, elapsed  # each answer was held back 200 ms
+    # Twenty lookups at once, shown at the server instead of by the elapsed time (which a loaded
+    # machine stretches): all twenty were there before it sent the first answer.
+    assert proxy.peak_in_flight == 20, proxy.peak_in_flight
 
 
 def test_second_scan_is_answered_from_the_cache(
@@ -414,33 +417,36 @@ def test_second_scan_is_answered_from_the_cache(
 
 def test_dead_server_costs_one_timeout_then_is_skipped(make_silent_dns_server: MakeSilentDnsServer, site: Site) -> None:
     silent = make_silent_dns_server()
-    config = site.config(silent.spec, "dns: {timeout: 300ms, breaker_failures: 2, breaker_cooldown: 1m}",
+    config = site.config(silent.spec, "dns: {timeout: 1s, breaker_failures: 2, breaker_cooldown: 1m}",
                          only_dnsbl_rules=True)  # fmt: skip
     engine = Engine.load(config, checks=[DnsblCheck])
     raw = message(received("11.22.33.44"))
     started = time.monotonic()
     first = scan(engine, raw)
-    assert time.monotonic() - started < 1.0  # all lookups time out together
+    assert time.monotonic() - started < 20 * 1.0  # no hang: the 1 s timeout ends the wait
+    # All lookups time out together, shown at the server rather than by the elapsed time: the
+    # second query arrived while the first was still waiting out its 1 s (in sequence it could
+    # only be sent after that; the two go out within a millisecond, the rest is room for load).
+    assert sorted(silent.queries) == [("44.33.22.11.zen.test.", "A"), ("client.example.dbl.test.", "A")]
+    assert max(silent.arrived) - min(silent.arrived) < 1.0
     assert dnsbl_hits(first) == {}
     assert any("zen.test: lookups failed (1 timeout)" in p for p in first.problems)
     scan(engine, raw)  # the second failure in a row opens each zone's breaker
     resolver = resolver_of(engine)
     assert resolver.breaker_state("zen.test") == "open"
     asked_before = len(silent.queries)
-    started = time.monotonic()
     third = scan(engine, raw)
-    assert time.monotonic() - started < 0.2
-    assert len(silent.queries) == asked_before
+    assert len(silent.queries) == asked_before  # skipped without asking: nothing to wait for
     assert any("zen.test: lookups failed (1 skipped)" in p for p in third.problems)
 
 
 def test_check_returns_what_it_has_at_the_scan_deadline(
     knot: DnsServer, site: Site, make_delaying_proxy: MakeDelayingProxy
 ) -> None:
-    # zen answers at once, the domain lists take 3 s: the scan ends at its 0.6 s deadline with
+    # zen answers at once, the domain lists take 30 s: the scan ends at its 0.6 s deadline with
     # the zen listing and a note about the rest.
     def slow_domains(query: Any) -> float:
-        return 0.0 if str(query.question[0].name).endswith(".zen.test.") else 3.0
+        return 0.0 if str(query.question[0].name).endswith(".zen.test.") else 30.0
 
     proxy = make_delaying_proxy(knot, delay=slow_domains)
     config = site.config(proxy.spec, "{dns: {timeout: 5s}, rules: {scan_deadline: 600ms}}", only_dnsbl_rules=True)
@@ -449,7 +455,11 @@ def test_check_returns_what_it_has_at_the_scan_deadline(
     result = scan(engine, message(received("11.22.33.44"), body="http://spammy-shop.com/\n"))
     elapsed = time.monotonic() - started
     assert set(dnsbl_hits(result)) == {"RCVD_IN_SBL"}
-    assert 0.5 < elapsed < 1.0
+    # It waited for the slow lists until (about) the deadline. The domain lists are held 30 s, so
+    # only the 0.6 s deadline or the 5 s DNS timeout can end their lookups: finishing before the
+    # timeout means the deadline did (8x headroom for a loaded machine); that the slow answers
+    # were not used is the note below, that the check itself stopped in time is no CHECK_ERROR.
+    assert 0.5 < elapsed < 5.0, elapsed
     assert not any(h.rule.startswith("CHECK_ERROR") for h in result.hits)  # we finished before the engine gave up
     assert any("dbl.test" in p and "uribl.test" in p for p in result.problems), result.problems
 
