@@ -178,7 +178,11 @@ def test_tokenizer_bounds_its_work_on_hostile_mail() -> None:
     started = time.perf_counter()
     tokens = tokenize(msg)
     hashes = Tokenizer().hashes(msg)
-    assert time.perf_counter() - started < 5.0
+    elapsed = time.perf_counter() - started
+    # The bounds on the work are structural: few tokens, few of the 5000 junk headers. The clock
+    # only guards against a hang (say a regex gone quadratic on 300k words): 60 s, far above what
+    # a loaded machine needs for the well under a second this takes.
+    assert elapsed < 60.0, elapsed
     assert len(tokens) < 20_000 and len(hashes) == len(tokens)
     assert sum(t.startswith("hdr:x-junk-") for t in tokens) < 300
 
