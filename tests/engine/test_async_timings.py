@@ -21,18 +21,12 @@ from tests._servers import wait_until
 from tests.conftest import offline_config
 from tests.daemon_fixture import start_daemon
 from tests.dns_fixture import MakeDelayingProxy, MakeDnsServer
+from tests.test_connect_checks import LISTED, MESSAGE  # a client listed in zen, a plain message
 
 pytest_plugins = ["tests.dns_fixture"]
 
 DELAY = 0.2  # seconds each slow test check waits
 DNS_DELAY = 0.3  # seconds the DNS proxy holds every answer back
-LISTED = "11.22.33.44"  # routable (documentation ranges are never looked up), listed in zen
-MESSAGE = (
-    f"Received: from mail.sender.test (mail.sender.test [{LISTED}])\n"
-    "\tby mx.local.test (Postfix) with ESMTP id 4F00D; Thu, 26 Nov 2026 10:00:00 +0000\n"
-    "From: Alice <alice@sender.test>\nTo: bob@local.test\nSubject: lunch\n"
-    "Message-ID: <1@sender.test>\nDate: Thu, 26 Nov 2026 10:00:00 +0000\n\nLunch at noon?\n"
-).encode()
 
 
 class Sleepy:
