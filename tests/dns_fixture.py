@@ -546,17 +546,20 @@ class DelayingDnsProxy(Nameserver):
     async def _answer_udp(self, data: bytes, addr: Any) -> None:
         loop = asyncio.get_running_loop()
         due = loop.time() + self._note(data)
-        answered = False
+        done = False
         try:
             answer = await self._forward_udp(data)
             if answer is None:
                 return
             await asyncio.sleep(max(0.0, due - loop.time()))
             if self._udp is not None:
+                # Counted before it leaves: a client holding the answer already sees it counted.
+                self._done(answered=True)
+                done = True
                 self._udp.sendto(answer, addr)
-                answered = True
         finally:
-            self._done(answered)
+            if not done:
+                self._done(answered=False)
 
     async def _forward_udp(self, data: bytes) -> bytes | None:
         loop = asyncio.get_running_loop()
@@ -585,18 +588,20 @@ class DelayingDnsProxy(Nameserver):
     async def _answer_tcp(self, data: bytes, writer: asyncio.StreamWriter, lock: asyncio.Lock) -> None:
         loop = asyncio.get_running_loop()
         due = loop.time() + self._note(data)
-        answered = False
+        done = False
         try:
             answer = await self._forward_tcp(data)
             if answer is None:
                 return
             await asyncio.sleep(max(0.0, due - loop.time()))
             async with lock:
+                self._done(answered=True)  # before it leaves, as for UDP
+                done = True
                 writer.write(len(answer).to_bytes(2, "big") + answer)
-                answered = True
                 await writer.drain()
         finally:
-            self._done(answered)
+            if not done:
+                self._done(answered=False)
 
     async def _forward_tcp(self, data: bytes) -> bytes | None:
         async def exchange() -> bytes:
