@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-__all__ = ["HeaderFields", "header_block_bounds", "mbox_from_end", "split_header_fields"]
+__all__ = ["HeaderFields", "header_block_bounds", "mbox_from_end", "split_header_fields", "without_fields"]
 
 _HEADER_END = re.compile(rb"\n\r?\n")  # the empty line after a header block
 
@@ -84,3 +84,13 @@ def mbox_from_end(data: bytes) -> int:
         return 0
     nl = data.find(b"\n")
     return nl + 1 if nl >= 0 else len(data)
+
+
+def without_fields(data: bytes, name: bytes) -> bytes:
+    """``data`` without its header fields called ``name`` (lower case), continuation lines and
+    all; what follows the fields (`split_header_fields`' end) comes back unread. ``data`` itself
+    when there is none."""
+    split = split_header_fields(data)
+    if not any(field.lower() == name for field, _ in split.fields):
+        return data
+    return b"".join(raw for field, raw in split.fields if field.lower() != name) + data[split.end :]

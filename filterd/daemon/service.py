@@ -22,7 +22,7 @@ from filterd.engine.markup import MarkupOptions, build_report, original_message,
 from filterd.engine.message import parse_message
 from filterd.engine.plugin import ScanContext
 from filterd.engine.prefs import BadUserName, UserPrefs, UserPrefsStore
-from filterd.headerblock import split_header_fields
+from filterd.headerblock import without_fields
 from filterd.protocols.spamd import (
     EX_DATAERR,
     EX_NOUSER,
@@ -179,15 +179,12 @@ def _without_forged_results(result: Result, authserv_id: str) -> Result:
 
 
 def _without_fields(header_block: str, name: str) -> str:
-    """``header_block`` (whole fields, each ending with its newline) without the fields called
-    ``name`` (lower case), continuation lines and all (`filterd.headerblock.split_header_fields`)."""
+    """``header_block`` (the parser's text, whole fields) without the fields called ``name``
+    (lower case; `filterd.headerblock.without_fields`)."""
     if name not in header_block.lower():
         return header_block
     data = header_block.encode("utf-8", "surrogateescape")  # the parser's text: its bytes back
-    split = split_header_fields(data)
-    key = name.encode("utf-8")
-    kept = b"".join(raw for field, raw in split.fields if field.lower() != key) + data[split.end :]
-    return kept.decode("utf-8", "surrogateescape")
+    return without_fields(data, name.encode()).decode("utf-8", "surrogateescape")
 
 
 def _connection_context(headers: Mapping[str, str], *, user: str, prefs: UserPrefs) -> ScanContext:

@@ -75,6 +75,7 @@ from filterd.client import SpamdError, spamd_request
 from filterd.config import DeliverConfig, format_size, load_config
 from filterd.config.schema import clamd_address
 from filterd.errors import ConfigError, PermanentDeliveryError, TemporaryDeliveryError
+from filterd.headerblock import without_fields
 from filterd.mda.headers import split_fields
 from filterd.mda.maildir import Maildir, folder_dirname
 from filterd.mda.mbox import deliver_mbox
@@ -297,7 +298,7 @@ def deliver_message(data: bytes, request: DeliveryRequest, config: DeliverConfig
                 score = answer.score
                 if answer.is_spam is not None:
                     verdict = "spam" if answer.is_spam else "ham"
-        message = _without_field(message, _SKIPPED.lower())
+        message = without_fields(message, _SKIPPED.lower())
         if skipped and config.mark_unfiltered:
             message = prefix + b"%s: %s\n" % (_SKIPPED, skipped.encode()) + message[len(prefix) :]
     log.info("user %s: %s, score %s", request.user, verdict, score)
@@ -357,16 +358,6 @@ def _ours_in_front(message: bytes, prefix: bytes) -> bytes:
         else:
             kept.append(f.raw)
     return prefix + b"".join(kept) + message[end:]
-
-
-def _without_field(message: bytes, name: bytes) -> bytes:
-    """``message`` without the header fields called ``name`` (lower case), continuation lines
-    and all; the body (`filterd.mda.headers.split_fields`: also of a message missing the empty
-    line) is not read."""
-    fields, end = split_fields(message)
-    if not any(f.key == name for f in fields):
-        return message
-    return b"".join(f.raw for f in fields if f.key != name) + message[end:]
 
 
 def _expand_home(template: str, home: Path | None) -> Path | None:

@@ -467,17 +467,17 @@ def test_no_filter_leaves_x_filterd_skipped_alone(tmp_path: Path, deliver: Deliv
 
 
 def test_without_field_reads_the_header_block_only() -> None:
-    from filterd.mda.main import _without_field
+    from filterd.headerblock import without_fields
 
     name = b"x-filterd-skipped"
-    assert _without_field(UNSCANNED, name) == MSG
+    assert without_fields(UNSCANNED, name) == MSG
     # in the body, or past the end of a header block missing its empty line: left alone
     body = b"Subject: a\n\nX-Filterd-Skipped: quoted\n"
-    assert _without_field(body, name) == body
+    assert without_fields(body, name) == body
     no_blank = b"Subject: a\nX-Filterd-Skipped: x\n\tfolded\nnot a field\nX-Filterd-Skipped: body\n"
-    assert _without_field(no_blank, name) == b"Subject: a\nnot a field\nX-Filterd-Skipped: body\n"
-    assert _without_field(b"\nX-Filterd-Skipped: body\n", name) == b"\nX-Filterd-Skipped: body\n"
-    assert _without_field(b"X-Filterd-Skipped: last", name) == b""
+    assert without_fields(no_blank, name) == b"Subject: a\nnot a field\nX-Filterd-Skipped: body\n"
+    assert without_fields(b"\nX-Filterd-Skipped: body\n", name) == b"\nX-Filterd-Skipped: body\n"
+    assert without_fields(b"X-Filterd-Skipped: last", name) == b""
 
 
 def test_mode_of_stored_files(tmp_path: Path, deliver: Deliver) -> None:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from filterd.headerblock import without_fields
 from filterd.mda.headers import Field, split_fields
-from filterd.mda.main import _lead, _ours_in_front, _without_field
+from filterd.mda.main import _lead, _ours_in_front
 from filterd.mda.recipes import facts_from_message
 from tests.mda.helpers import Deliver, maildir_files
 
@@ -83,8 +84,8 @@ def test_the_lines_the_mta_prepended_and_loops() -> None:
 
 def test_without_field_keeps_the_rest_byte_for_byte() -> None:
     data = b"A: 1\r\nX-Filterd-Skipped: x\r\n\ty\r\nB: 2\r\n\r\nX-Filterd-Skipped: body\r\n"
-    assert _without_field(data, b"x-filterd-skipped") == b"A: 1\r\nB: 2\r\n\r\nX-Filterd-Skipped: body\r\n"
-    assert _without_field(data, b"c") is data
+    assert without_fields(data, b"x-filterd-skipped") == b"A: 1\r\nB: 2\r\n\r\nX-Filterd-Skipped: body\r\n"
+    assert without_fields(data, b"c") is data
 
 
 def test_ours_in_front_takes_whole_fields_from_the_header_block_only() -> None:
