@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from filterd.headerblock import mbox_from_end
+
 __all__ = ["MailItem", "count_sources", "iter_messages", "looks_like_mail"]
 
 _HEADER_LINE = re.compile(rb"^[!-9;-~]+[ \t]*:")
@@ -37,10 +39,7 @@ class MailItem:
 
 def looks_like_mail(data: bytes) -> bool:
     """A header field in the first non-empty line (after an mbox "From " line, if any)."""
-    start = 0
-    if data.startswith(b"From "):
-        nl = data.find(b"\n")
-        start = nl + 1 if nl >= 0 else len(data)
+    start = mbox_from_end(data)
     first = data[start : start + 1000].lstrip(b"\r\n")
     return bool(_HEADER_LINE.match(first))
 

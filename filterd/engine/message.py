@@ -18,6 +18,7 @@ from filterd.engine.mime import split_header_block, walk_mime
 from filterd.engine.received import Relay, parse_received
 from filterd.engine.textcodec import decode_bytes, decode_header_value
 from filterd.engine.uris import Uri, UriParser, extract_text_uris
+from filterd.headerblock import mbox_from_end
 
 __all__ = ["HeaderField", "ParsedMessage", "Part", "parse_message"]
 
@@ -194,13 +195,9 @@ def parse_message(
     ``normalized_body`` stay empty: a tenth of the parse), for callers that only tokenise it
     for Bayes, such as the workers of `filterd learn`.
     """
-    mbox_from = ""
-    if data.startswith(b"From "):
-        end = data.find(b"\n")
-        mbox_from = data[: end if end >= 0 else len(data)].rstrip(b"\r").decode("latin-1")
-        data_no_from = data[end + 1 :] if end >= 0 else b""
-    else:
-        data_no_from = data
+    start = mbox_from_end(data)
+    mbox_from = data[:start].rstrip(b"\r\n").decode("latin-1")
+    data_no_from = data[start:] if start else data
     first_nl = data_no_from.find(b"\n")
     newline = "\r\n" if first_nl > 0 and data_no_from[first_nl - 1 : first_nl] == b"\r" else "\n"
     nl = newline.encode()
