@@ -271,11 +271,13 @@ async def _transaction(
             sent = 0
         reply = await session.reply("MAIL")
         if reply.code != 250:
-            refusal = Reply(reply.code, f"{reply.text} (in reply to MAIL FROM)")
+            # Settled first: a server that closes after refusing the sender must not turn its
+            # refusal into our 451 for a lost connection.
+            settle(Reply(reply.code, f"{reply.text} (in reply to MAIL FROM)"))
             if reply.code != 421:  # else the server is closing: no more replies will come
-                for _ in range(sent):  # their replies (503, most likely) say nothing more
-                    await session.reply("RCPT")
-            settle(refusal)
+                with contextlib.suppress(_Lost):
+                    for _ in range(sent):  # their replies (503, most likely) say nothing more
+                        await session.reply("RCPT")
             return
         accepted = []
         stage = "RCPT TO"

@@ -16,7 +16,9 @@ when the server advertised PIPELINING, and only MAIL, RCPT and RSET may be follo
 command before their reply (EHLO, DATA, STARTTLS, QUIT must end a group); anything else is a
 `LocalProtocolError`. After the 220 to STARTTLS nothing may be buffered (plaintext injected
 before the handshake, CVE-2011-0411): `RemoteProtocolError`, as for replies that do not parse,
-lines over 2000 bytes, more than 100 lines in one reply, or bytes no command asked for.
+lines over 2000 bytes, more than 100 lines in one reply, or bytes no command asked for. This
+machine sees only the bytes it was fed: plaintext that the I/O driver's stream buffered but had
+not yet handed over when the handshake began is beyond it (the driver's concern).
 """
 
 from __future__ import annotations

@@ -147,3 +147,27 @@ def test_some_recipients_refused_within_a_pipeline_keep_exact_replies(writes: li
         assert got.rcpt_tos == ["ok@example.net", "ok2@example.net"] and got.data == MESSAGE
 
     asyncio.run(scenario())
+
+
+def test_sender_refused_then_closed_keeps_the_refusal() -> None:
+    # A pipelining server that refuses the sender and hangs up before answering the RCPTs: the
+    # recipients get its 550 (a bounce), not a 451 for the lost connection (a retry until expiry).
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 sink ESMTP\r\n")
+        await reader.readline()  # EHLO
+        writer.write(b"250-sink\r\n250 PIPELINING\r\n")
+        await reader.readline()  # MAIL FROM
+        writer.write(b"550 5.7.1 sender refused\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def main() -> dict[str, tuple[int, str, bool]]:
+        server = await asyncio.start_server(serve, "127.0.0.2", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            result = await send(
+                "127.0.0.2", _options(port), sender="a@example.org", recipients=["b@y.net"], data=MESSAGE
+            )
+        return {r: (x.code, x.text, x.local) for r, x in result.replies.items()}
+
+    assert asyncio.run(main()) == {"b@y.net": (550, "5.7.1 sender refused (in reply to MAIL FROM)", False)}
