@@ -7,7 +7,6 @@ Exit codes follow sysexits: 0 ok, 64 usage, 65 bad input data, 66 no input, 70 i
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -32,24 +31,96 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMANDS = (
+    "check", "mass-check", "daemon", "learn", "eval", "reputation", "greylist", "deliver", "mta", "config", "rules",
+    "dkim",
+)  # fmt: skip
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or with ``only`` just that command's parser: the other commands'
+    argument definitions import their modules (eval, mta, deliver...), a quarter of a second that
+    `filterd learn` or `filterd check` run from a script should not pay on every start."""
     parser = argparse.ArgumentParser(prog="filterd", description="filterd: a fast, honest mail filter.")
     parser.add_argument("--version", action="version", version=f"filterd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("check", help="score one message and print the verdict")
-    _common(p)
-    p.add_argument("file", nargs="?", default="-", help="message file, or - for standard input")
-    out = p.add_mutually_exclusive_group()
-    out.add_argument("--report", action="store_true", help="print the full report")
-    out.add_argument("--json", action="store_true", help="print one JSON object")
-    out.add_argument("--process", action="store_true", help="print the marked-up message")
+    def wanted(*names: str) -> bool:
+        return only is None or only in names
 
-    p = sub.add_parser("mass-check", help="score many messages and print a table")
-    _common(p)
-    p.add_argument("paths", nargs="+", help="files or directories; the label is the ham/spam folder name")
-    p.add_argument("--top", type=int, default=3, help="how many top rules to show per message")
+    if wanted("check"):
+        p = sub.add_parser("check", help="score one message and print the verdict")
+        _common(p)
+        p.add_argument("file", nargs="?", default="-", help="message file, or - for standard input")
+        out = p.add_mutually_exclusive_group()
+        out.add_argument("--report", action="store_true", help="print the full report")
+        out.add_argument("--json", action="store_true", help="print one JSON object")
+        out.add_argument("--process", action="store_true", help="print the marked-up message")
 
+    if wanted("mass-check"):
+        p = sub.add_parser("mass-check", help="score many messages and print a table")
+        _common(p)
+        p.add_argument("paths", nargs="+", help="files or directories; the label is the ham/spam folder name")
+        p.add_argument("--top", type=int, default=3, help="how many top rules to show per message")
+
+    if wanted("daemon"):
+        _daemon_arguments(sub)
+
+    if wanted("learn"):
+        p = sub.add_parser("learn", help="train Bayes from spam and ham folders (like sa-learn)")
+        _common(p)
+        _learn_arguments(p)
+
+    if wanted("eval"):
+        p = sub.add_parser("eval", help="measure accuracy on labelled folders: ROC AUC, recall, false positives, plots")
+        _common(p)
+        from filterd.evaluate import add_eval_arguments
+
+        add_eval_arguments(p)
+
+    if wanted("reputation", "greylist"):
+        from filterd.statecmd import add_state_commands
+
+        add_state_commands(sub, _common)
+
+    if wanted("deliver"):
+        from filterd.mda.main import add_deliver_command
+
+        add_deliver_command(sub)
+
+    if wanted("mta"):
+        from filterd.mta.main import add_mta_command
+        from filterd.mta.queuecmd import add_queue_command
+
+        add_queue_command(add_mta_command(sub, _common), _common)  # `filterd mta queue ...`
+
+    if wanted("config"):
+        p = sub.add_parser("config", help="configuration tools")
+        csub = p.add_subparsers(dest="config_command", metavar="ACTION")
+        c = csub.add_parser("check", help="validate and print the configuration in force")
+        _common(c)
+        c.add_argument("--diff", action="store_true", help="only settings that differ from the defaults")
+        c.add_argument("--list", action="store_true", help="list every setting with its type, default and meaning")
+
+    if wanted("rules"):
+        p = sub.add_parser("rules", help="rule set tools")
+        rsub = p.add_subparsers(dest="rules_command", metavar="ACTION")
+        r = rsub.add_parser("lint", help="compile every rule and report all problems")
+        _common(r)
+        r.add_argument("--strict", action="store_true", help="warnings (missing describe, ...) fail too")
+
+    if wanted("dkim"):
+        p = sub.add_parser("dkim", help="DKIM signing keys")
+        dsub = p.add_subparsers(dest="dkim_command", metavar="ACTION")
+        d = dsub.add_parser("genkey", help="make a signing key (mode 0600) and print the DNS TXT record to publish")
+        d.add_argument("domain", help="signing domain (d=)")
+        d.add_argument("selector", help="selector (s=): the key is published at SELECTOR._domainkey.DOMAIN")
+        d.add_argument("--dir", default=".", help="where to write DOMAIN.SELECTOR.pem (default: .)")
+        d.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048, at least 1024)")
+    return parser
+
+
+def _daemon_arguments(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("daemon", help="run the scoring daemon (spamd, milter, policy) in the foreground")
     _common(p)
     p.add_argument(
@@ -78,51 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pid-file", metavar="FILE", help="write the master's PID here")
     p.add_argument("--allow-tell", action="store_true", help="accept spamd TELL (learning) requests")
     p.add_argument("--user-prefs", metavar="DIR", help="directory of per-user <user>.yaml settings")
-
-    p = sub.add_parser("learn", help="train Bayes from spam and ham folders (like sa-learn)")
-    _common(p)
-    _learn_arguments(p)
-
-    p = sub.add_parser("eval", help="measure accuracy on labelled folders: ROC AUC, recall, false positives, plots")
-    _common(p)
-    from filterd.evaluate import add_eval_arguments
-
-    add_eval_arguments(p)
-
-    from filterd.statecmd import add_state_commands
-
-    add_state_commands(sub, _common)
-
-    from filterd.mda.main import add_deliver_command
-
-    add_deliver_command(sub)
-
-    from filterd.mta.main import add_mta_command
-    from filterd.mta.queuecmd import add_queue_command
-
-    add_queue_command(add_mta_command(sub, _common), _common)  # `filterd mta queue ...`
-
-    p = sub.add_parser("config", help="configuration tools")
-    csub = p.add_subparsers(dest="config_command", metavar="ACTION")
-    c = csub.add_parser("check", help="validate and print the configuration in force")
-    _common(c)
-    c.add_argument("--diff", action="store_true", help="only settings that differ from the defaults")
-    c.add_argument("--list", action="store_true", help="list every setting with its type, default and meaning")
-
-    p = sub.add_parser("rules", help="rule set tools")
-    rsub = p.add_subparsers(dest="rules_command", metavar="ACTION")
-    r = rsub.add_parser("lint", help="compile every rule and report all problems")
-    _common(r)
-    r.add_argument("--strict", action="store_true", help="warnings (missing describe, ...) fail too")
-
-    p = sub.add_parser("dkim", help="DKIM signing keys")
-    dsub = p.add_subparsers(dest="dkim_command", metavar="ACTION")
-    d = dsub.add_parser("genkey", help="make a signing key (mode 0600) and print the DNS TXT record to publish")
-    d.add_argument("domain", help="signing domain (d=)")
-    d.add_argument("selector", help="selector (s=): the key is published at SELECTOR._domainkey.DOMAIN")
-    d.add_argument("--dir", default=".", help="where to write DOMAIN.SELECTOR.pem (default: .)")
-    d.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048, at least 1024)")
-    return parser
 
 
 class _JournalFormatter(logging.Formatter):
@@ -166,8 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from filterd.mda.main import main as deliver_main
 
         return deliver_main(words[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    # Only the command asked for is defined (see build_parser); anything else (no command, --help,
+    # a typo, an option first) gets the whole parser, so help and errors list every command.
+    parser = build_parser(words[0] if words[:1] and words[0] in COMMANDS else None)
+    args = parser.parse_args(words)
     if not args.command:
         parser.print_help(sys.stderr)
         return EX_USAGE
@@ -328,6 +356,8 @@ def _cmd_mass_check(args: argparse.Namespace) -> int:
         for f in files:
             rows.append((f, _label_of(f), await engine.scan(f.read_bytes(), ScanContext(no_autolearn=True))))
         return rows
+
+    import asyncio
 
     rows = asyncio.run(run())
     width = max(len(str(f)) for f in files)

@@ -70,3 +70,20 @@ def test_shipped_rules_lint_clean() -> None:
     proc = filterd("rules", "lint", "--strict")
     assert proc.returncode == 0, proc.stderr.decode()
     assert b"rules OK" in proc.stdout
+
+
+def test_only_the_command_asked_for_is_imported(tmp_path: Path) -> None:
+    """`filterd learn` (run from cron or a script, often) does not import eval, the MTA or the
+    MDA to define their arguments; help without a command still lists every command."""
+    code = (
+        "import sys; from filterd.cli import main; rc = main(['learn', '--state-dir', sys.argv[1], '--dump']);"
+        " print(sorted(m for m in sys.modules if m.startswith(('filterd.evaluate', 'filterd.mta', 'filterd.mda'))))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    proc = subprocess.run([sys.executable, "-m", "filterd", "--help"], capture_output=True, text=True, timeout=120)
+    for command in ("check", "daemon", "learn", "eval", "reputation", "greylist", "deliver", "mta", "dkim"):
+        assert f"    {command}" in proc.stdout, command
+    proc = filterd("lern")
+    assert proc.returncode == 2 and b"invalid choice: 'lern'" in proc.stderr and b"'learn'" in proc.stderr
