@@ -85,5 +85,5 @@ def test_only_the_command_asked_for_is_imported(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "filterd", "--help"], capture_output=True, text=True, timeout=120)
     for command in ("check", "daemon", "learn", "eval", "reputation", "greylist", "deliver", "mta", "dkim"):
         assert f"    {command}" in proc.stdout, command
-    proc = filterd("lern")
-    assert proc.returncode == 2 and b"invalid choice: 'lern'" in proc.stderr and b"'learn'" in proc.stderr
+    typo = filterd("lern")
+    assert typo.returncode == 2 and b"invalid choice: 'lern'" in typo.stderr and b"'learn'" in typo.stderr
