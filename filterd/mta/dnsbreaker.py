@@ -1,34 +1,45 @@
 """Whether the MTA's DNS resolver is worth waiting for: a circuit breaker over the resolver as a
 whole, one per ``filterd mta`` process (the SMTP server owns it; the queue manager reads it).
 
-    breaker = DnsBreaker(failures=5, cooldown=30.0)
+    breaker = DnsBreaker(failures=5, cooldown=30.0, confirm=lambda: resolver.ping(1.0))
     if breaker.allow():                  # False: skip the lookup, the resolver is dead
         answer = await resolver.query(...)
         if not answer.cached:            # the cache says nothing about the resolver
-            breaker.record(timed_out=answer.status == "timeout")
+            await breaker.record(timed_out=answer.status == "timeout")
 
 A lookup that got no answer at all (a timeout) counts against the resolver; any answer, NXDOMAIN
 and SERVFAIL included, shows that it is alive (SERVFAIL and REFUSED come back at once: they cost
 no waiting, and a client's broken reverse zone commonly gives them). After ``failures`` timeouts
-in a row the breaker opens: `allow` says False for ``cooldown`` seconds, then True to one caller,
-the probe, whose outcome closes it again or opens it for another ``cooldown``. Each change is
-logged once, and counted in `DnsBreakerStats`.
+in a row the breaker asks ``confirm`` whether the resolver answers at all (`Resolver.ping`):
+timeouts are ambiguous, since a live recursive resolver may take longer than we wait for one
+lame zone, and a wave of spam bots with dead reverse zones must not make the MTA call its
+resolver dead and defer all outbound mail. Only when the resolver does not answer that either
+does the breaker open: `allow` says False for ``cooldown`` seconds, then True to one caller, the
+probe, whose answer closes it again; if the probe times out, ``confirm`` decides again whether
+to close or to open for another ``cooldown``. Each change is logged once, and counted in
+`DnsBreakerStats`. Without ``confirm`` the timeouts alone decide.
 
-Timeouts are ambiguous (a recursive resolver may take longer than we wait for one lame zone), so
-a caller whose timeouts say little (the queue manager: a domain's dead name servers) passes
+A caller whose timeouts say even less (the queue manager: a domain's dead name servers) passes
 ``count=False``: its timeouts then count only when it is the probe; its answers always count.
 """
 
 from __future__ import annotations
 
-__all__ = ["DnsBreaker", "DnsBreakerStats"]
+__all__ = ["DnsBreaker", "DnsBreakerStats", "mta_dns_breaker"]
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from filterd.config import MtaConfig
+    from filterd.net.dns import Resolver
 
 log = logging.getLogger(__name__)
+
+PING_LIMIT = 1.0  # seconds: a live resolver answers the root zone's NS from memory in milliseconds
 
 
 @dataclass(slots=True)
@@ -39,14 +50,24 @@ class DnsBreakerStats:
     recoveries: int = 0  # open -> closed: it answered a probe (or any lookup) again
     probes: int = 0  # lookups let through while open, to see whether it is back
     skipped: int = 0  # lookups not made because it was dead
+    false_alarms: int = 0  # timeouts enough to trip, but the resolver itself answered `confirm`
 
 
 class DnsBreaker:
     """See the module docstring. ``failures`` 0: never opens."""
 
-    def __init__(self, *, failures: int, cooldown: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        failures: int,
+        cooldown: float,
+        confirm: Callable[[], Awaitable[bool]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.failures = failures
         self.cooldown = cooldown
+        self.confirm = confirm
+        self._confirming = False
         self.stats = DnsBreakerStats()
         self._clock = clock
         self._consecutive = 0
@@ -72,28 +93,74 @@ class DnsBreaker:
         self.stats.probes += 1
         return True
 
-    def record(self, *, timed_out: bool, count: bool = True) -> None:
+    async def record(self, *, timed_out: bool, count: bool = True) -> None:
         """A lookup's outcome: no answer at all (``timed_out``), or some answer. ``count`` False:
         a timeout counts only if this lookup was the probe (see the module docstring)."""
         if not timed_out:
-            if self._open_until:
-                self.stats.recoveries += 1
-                log.warning("DNS resolver answers again; looking names up again")
-            self._consecutive = 0
-            self._open_until = self._probe_since = 0.0
+            self._answered()
             return
-        if self._probe_since:  # the probe failed: still dead, no news to log
+        if self._probe_since:  # the probe got no answer: dead still, unless the resolver says otherwise
             self._probe_since = 0.0
-            self._open_until = self._clock() + self.cooldown
+            self._open_until = self._clock() + self.cooldown  # the others keep skipping meanwhile
+            if await self._resolver_answers():
+                self._answered()
+            elif self._open_until:  # another cool-off, from now
+                self._open_until = self._clock() + self.cooldown
             return
         if not count or self._open_until or not self.failures:
             return
         self._consecutive += 1
-        if self._consecutive >= self.failures:
-            self.stats.trips += 1
-            self._open_until = self._clock() + self.cooldown
-            log.warning(
-                "DNS resolver gave no answer to %d lookups in a row; not waiting for it for %.0f s "
-                "(client names 'unknown', remote deliveries deferred), then one lookup tries it again",
-                self._consecutive, self.cooldown,
-            )  # fmt: skip
+        if self._consecutive < self.failures or self._confirming:
+            return
+        if await self._resolver_answers():
+            if self._consecutive:  # not reset by an answer meanwhile
+                self.stats.false_alarms += 1
+                log.info(
+                    "%d DNS lookups in a row got no answer, but the resolver answers: slow or lame zones "
+                    "(client reverse DNS, say), not a dead resolver; still looking names up",
+                    self._consecutive,
+                )
+            self._consecutive = 0
+            return
+        if self._consecutive < self.failures or self._open_until:  # an answer came, or another caller tripped it
+            return
+        self.stats.trips += 1
+        self._open_until = self._clock() + self.cooldown
+        log.warning(
+            "DNS resolver gave no answer to %d lookups in a row; not waiting for it for %.0f s "
+            "(client names 'unknown', remote deliveries deferred), then one lookup tries it again",
+            self._consecutive, self.cooldown,
+        )  # fmt: skip
+
+    def _answered(self) -> None:
+        if self._open_until:
+            self.stats.recoveries += 1
+            log.warning("DNS resolver answers again; looking names up again")
+        self._consecutive = 0
+        self._open_until = self._probe_since = 0.0
+
+    async def _resolver_answers(self) -> bool:
+        """``confirm``'s verdict (one at a time: callers arriving meanwhile are not asked); without
+        ``confirm``, False: the timeouts decide alone."""
+        if self.confirm is None or self._confirming:
+            return False
+        self._confirming = True
+        try:
+            return await self.confirm()
+        finally:
+            self._confirming = False
+
+
+def mta_dns_breaker(config: MtaConfig, resolver: Resolver | None) -> DnsBreaker:
+    """The breaker of one ``filterd mta`` process: ``mta.dns_breaker_*``, confirmed by pinging
+    ``resolver`` (when there is one)."""
+
+    async def confirm() -> bool:
+        assert resolver is not None
+        return await resolver.ping(min(PING_LIMIT, float(resolver.config.timeout)))
+
+    return DnsBreaker(
+        failures=config.dns_breaker_failures,
+        cooldown=config.dns_breaker_cooldown,
+        confirm=confirm if resolver is not None else None,
+    )

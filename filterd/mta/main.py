@@ -126,7 +126,7 @@ def run_mta_command(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: Config, users: dict[str, str], tls: ssl.SSLContext | None, *, deliver: bool) -> int:
-    from filterd.mta.dnsbreaker import DnsBreaker
+    from filterd.mta.dnsbreaker import mta_dns_breaker
     from filterd.mta.queue import Queue
     from filterd.mta.smtpd import SmtpServer
 
@@ -139,7 +139,7 @@ async def _serve(config: Config, users: dict[str, str], tls: ssl.SSLContext | No
 
             resolver = Resolver(config.dns)  # one cache for MX and client name lookups
         # One per process: client name lookups find a dead resolver, deliveries stop waiting for it too.
-        breaker = DnsBreaker(failures=config.mta.dns_breaker_failures, cooldown=config.mta.dns_breaker_cooldown)
+        breaker = mta_dns_breaker(config.mta, resolver)
         qmgr = None
         if deliver:
             from filterd.mta.qmgr import QueueManager

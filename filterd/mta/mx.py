@@ -96,7 +96,7 @@ async def next_hops(
         raise TemporaryDeliveryError(f"MX lookup for {domain} skipped: DNS resolver not answering", "4.4.3")
     mx = await resolver.query(domain, "MX")
     if breaker is not None and not mx.cached:  # a domain's dead name servers time out too: not counted
-        breaker.record(timed_out=mx.status == "timeout", count=False)
+        await breaker.record(timed_out=mx.status == "timeout", count=False)
     if mx.status == "nxdomain":
         raise PermanentDeliveryError(f"Host or domain name not found: {domain} (MX: NXDOMAIN)", "5.1.2")
     if mx.temporary:

@@ -84,7 +84,7 @@ async def lookup_peername(
     # No breaker zone: one client's broken reverse zone must not stop lookups for the others.
     ptr = await resolver.query(address.reverse_pointer, "PTR", limit=left())
     if breaker is not None and not ptr.cached:  # any answer to the PTR query shows the resolver alive
-        breaker.record(timed_out=ptr.status == "timeout")
+        await breaker.record(timed_out=ptr.status == "timeout")
     if not ptr.ok:  # no PTR is common and needs no word in the log; a failed lookup does
         return PeerName(status="TEMP", detail=f"PTR lookup: {_failure(ptr)}") if ptr.temporary else PeerName()
     records = sorted(ptr.records)[:MAX_PTR_NAMES]  # sorted: the same reverse_name every time

@@ -50,7 +50,7 @@ from filterd import __version__
 from filterd.config.schema import MtaConfig
 from filterd.errors import QueueError
 from filterd.mta.auth import check_user
-from filterd.mta.dnsbreaker import DnsBreaker
+from filterd.mta.dnsbreaker import DnsBreaker, mta_dns_breaker
 from filterd.mta.milter_client import (
     HeaderSplit,
     MessageEdits,
@@ -159,9 +159,7 @@ class SmtpServer:
         # None: no client name lookups (every client is "unknown"), as peername_lookup false
         self.resolver = resolver if config.peername_lookup else None
         # Whether the resolver is worth waiting for; `filterd mta` shares it with the queue manager.
-        self.dns_breaker = dns_breaker or DnsBreaker(
-            failures=config.dns_breaker_failures, cooldown=config.dns_breaker_cooldown
-        )
+        self.dns_breaker = dns_breaker or mta_dns_breaker(config, resolver)
         self.on_queued = on_queued  # the queue manager's wake()
         self.queue = queue
         self.hostname = own_hostname(config)

@@ -188,6 +188,23 @@ class Resolver:
         # The lookup ends by `wait` on its own; shielded, so that our being cancelled leaves it be.
         return await asyncio.shield(task)
 
+    async def ping(self, limit: float) -> bool:
+        """Whether the resolver answers at all now, past the cache: one query for the root
+        zone's NS records, which a recursive resolver always has at hand. Any response counts
+        (REFUSED and SERVFAIL too: something is there and answering); none within ``limit``
+        seconds, or only I/O errors, is False. It tells a dead resolver from slow or lame zones
+        behind a live one, whose lookups time out as well."""
+        try:
+            async with asyncio.timeout(limit):
+                await self._inner.resolve(".", "NS", lifetime=limit, raise_on_no_answer=False, search=False)
+        except dns.resolver.NXDOMAIN:
+            return True
+        except dns.resolver.NoNameservers as exc:  # errors: (server, tcp, port, error, response)
+            return any(len(error) > 4 and error[4] is not None for error in exc.kwargs.get("errors") or ())
+        except (dns.exception.DNSException, OSError, ValueError, TimeoutError):
+            return False
+        return True
+
     def query_from_thread(self, name: str, rdtype: str, *, zone: str = "", limit: float | None = None) -> DnsAnswer:
         """`query` for code running in a worker thread while the resolver's loop runs elsewhere
         (call `bind_loop` from the loop first). Never raises for DNS problems."""

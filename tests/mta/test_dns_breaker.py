@@ -15,10 +15,11 @@ import dataclasses
 import logging
 import smtplib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import dns.rdatatype
 import pytest
 
 from filterd.config import Duration, default_config
@@ -26,7 +27,7 @@ from filterd.mta.dnsbreaker import DnsBreaker
 from filterd.mta.queue import Envelope, Queue
 from filterd.mta.smtpd import SmtpServer
 from filterd.net.dns import Resolver
-from tests.dns_fixture import MakeDnsServer, MakeSilentDnsServer, Nameserver
+from tests.dns_fixture import MakeDelayingProxy, MakeDnsServer, MakeSilentDnsServer, Nameserver
 from tests.mta.mta_fixture import start_mta
 from tests.mta.qmgr_helpers import all_ids, enqueue, make_qmgr, mta_config, run_until
 
@@ -51,18 +52,36 @@ class Clock:
         return self.now
 
 
-def _breaker(failures: int = 3, cooldown: float = 30.0) -> tuple[DnsBreaker, Clock]:
+def _breaker(
+    failures: int = 3, cooldown: float = 30.0, confirm: Callable[[], Awaitable[bool]] | None = None
+) -> tuple[DnsBreaker, Clock]:
     clock = Clock()
-    return DnsBreaker(failures=failures, cooldown=cooldown, clock=clock), clock
+    return DnsBreaker(failures=failures, cooldown=cooldown, confirm=confirm, clock=clock), clock
+
+
+def record(breaker: DnsBreaker, *, timed_out: bool, count: bool = True) -> None:
+    asyncio.run(breaker.record(timed_out=timed_out, count=count))
+
+
+class Confirm:
+    """A stand-in for `Resolver.ping`: answers ``alive``, counting the calls."""
+
+    def __init__(self, alive: bool) -> None:
+        self.alive = alive
+        self.calls = 0
+
+    async def __call__(self) -> bool:
+        self.calls += 1
+        return self.alive
 
 
 def test_dns_breaker_opens_after_consecutive_timeouts() -> None:
     breaker, _ = _breaker(failures=3)
     for _ in range(2):
         assert breaker.allow()
-        breaker.record(timed_out=True)
+        record(breaker, timed_out=True)
     assert not breaker.is_open
-    breaker.record(timed_out=True)
+    record(breaker, timed_out=True)
     assert breaker.is_open and not breaker.allow()
     assert breaker.stats.trips == 1 and breaker.stats.skipped == 1
 
@@ -70,25 +89,25 @@ def test_dns_breaker_opens_after_consecutive_timeouts() -> None:
 def test_dns_breaker_any_answer_resets_the_count() -> None:
     breaker, _ = _breaker(failures=2)
     for _ in range(5):  # NXDOMAIN, SERVFAIL, records: all answers, between the timeouts
-        breaker.record(timed_out=True)
-        breaker.record(timed_out=False)
+        record(breaker, timed_out=True)
+        record(breaker, timed_out=False)
     assert not breaker.is_open and breaker.stats.trips == 0
 
 
 def test_dns_breaker_lets_one_probe_through_per_cooldown(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="filterd.mta.dnsbreaker")
     breaker, clock = _breaker(failures=1, cooldown=30.0)
-    breaker.record(timed_out=True)
+    record(breaker, timed_out=True)
     clock.now += 29.9
     assert not breaker.allow()
     clock.now += 0.2
     assert breaker.allow()  # the probe
     assert not breaker.allow()  # the others wait for its outcome
-    breaker.record(timed_out=True)  # still dead: another cool-off, nothing new to log
+    record(breaker, timed_out=True)  # still dead: another cool-off, nothing new to log
     assert breaker.is_open and not breaker.allow()
     clock.now += 30.1
     assert breaker.allow()
-    breaker.record(timed_out=False)
+    record(breaker, timed_out=False)
     assert not breaker.is_open and breaker.allow()
     assert (breaker.stats.trips, breaker.stats.probes, breaker.stats.recoveries) == (1, 2, 1)
     messages = [r.getMessage() for r in caplog.records]
@@ -98,7 +117,7 @@ def test_dns_breaker_lets_one_probe_through_per_cooldown(caplog: pytest.LogCaptu
 
 def test_dns_breaker_replaces_a_probe_that_never_reported() -> None:
     breaker, clock = _breaker(failures=1, cooldown=10.0)
-    breaker.record(timed_out=True)
+    record(breaker, timed_out=True)
     clock.now += 10.0
     assert breaker.allow()  # its caller is cancelled and never records
     clock.now += 9.0
@@ -110,23 +129,67 @@ def test_dns_breaker_replaces_a_probe_that_never_reported() -> None:
 def test_dns_breaker_uncounted_timeouts_matter_only_as_the_probe() -> None:
     breaker, clock = _breaker(failures=1, cooldown=10.0)
     for _ in range(5):  # a domain's dead name servers: the resolver is not blamed
-        breaker.record(timed_out=True, count=False)
+        record(breaker, timed_out=True, count=False)
     assert not breaker.is_open
-    breaker.record(timed_out=True)
+    record(breaker, timed_out=True)
     clock.now += 10.0
     assert breaker.allow()
-    breaker.record(timed_out=True, count=False)  # a failed probe all the same
+    record(breaker, timed_out=True, count=False)  # a failed probe all the same
     assert breaker.is_open and not breaker.allow()
     clock.now += 10.0
     assert breaker.allow()
-    breaker.record(timed_out=False, count=False)  # any answer shows the resolver alive
+    record(breaker, timed_out=False, count=False)  # any answer shows the resolver alive
     assert not breaker.is_open
+
+
+def test_dns_breaker_trips_only_if_the_resolver_does_not_answer_itself(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="filterd.mta.dnsbreaker")
+    confirm = Confirm(alive=True)
+    breaker, clock = _breaker(failures=2, confirm=confirm)
+    for _ in range(6):  # lame reverse zones behind a live resolver: asked once per streak
+        record(breaker, timed_out=True)
+    assert not breaker.is_open and breaker.allow()
+    assert confirm.calls == 3 and breaker.stats.false_alarms == 3 and breaker.stats.trips == 0
+    assert "but the resolver answers" in caplog.records[0].getMessage()
+    confirm.alive = False  # now the resolver itself is gone
+    record(breaker, timed_out=True)
+    record(breaker, timed_out=True)
+    assert breaker.is_open and breaker.stats.trips == 1 and confirm.calls == 4
+    clock.now += 30.0
+    assert breaker.allow()  # the probe times out (a lame zone again) but the resolver is back
+    confirm.alive = True
+    record(breaker, timed_out=True)
+    assert not breaker.is_open and breaker.stats.recoveries == 1 and confirm.calls == 5
+
+
+def test_dns_breaker_confirms_once_for_callers_arriving_together() -> None:
+    release = asyncio.Event()
+    calls = 0
+
+    async def confirm() -> bool:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        return False
+
+    async def main() -> DnsBreaker:
+        breaker = DnsBreaker(failures=1, cooldown=30.0, confirm=confirm)
+        first = asyncio.create_task(breaker.record(timed_out=True))
+        await asyncio.sleep(0)  # first is asking the resolver now
+        await breaker.record(timed_out=True)  # returns at once: the first one decides
+        assert not breaker.is_open and not first.done()
+        release.set()
+        await first
+        return breaker
+
+    breaker = asyncio.run(main())
+    assert calls == 1 and breaker.is_open and breaker.stats.trips == 1
 
 
 def test_dns_breaker_with_zero_failures_never_opens() -> None:
     breaker, _ = _breaker(failures=0)
     for _ in range(100):
-        breaker.record(timed_out=True)
+        record(breaker, timed_out=True)
     assert breaker.allow() and breaker.stats.trips == 0
 
 
@@ -183,7 +246,8 @@ def test_after_the_breaker_trips_clients_are_greeted_without_waiting(
     # Without the breaker every one of them would wait this long.
     assert all(d > 0.8 * TIMEOUT for d in delays[:2]), delays
     assert all(d < 0.1 * TIMEOUT for d in delays[2:]), delays
-    assert dead.queries == [("10.0.0.127.in-addr.arpa.", "PTR")] * 2  # nothing asked once found dead
+    # The second timeout in a row: the resolver itself is asked (no answer); nothing once found dead.
+    assert dead.queries == [("10.0.0.127.in-addr.arpa.", "PTR")] * 2 + [(".", "NS")]
     assert _client_names(tmp_path) == ["unknown"] * 6
 
 
@@ -205,7 +269,7 @@ def test_answers_between_timeouts_keep_the_breaker_closed(
 
     trips = _serve(tmp_path, dns, clients, peername_timeout=0.5, dns_breaker_failures=2)
     assert trips == (0, 1)
-    assert len(dns.queries) == 6  # every client was looked up
+    assert [q[1] for q in dns.queries] == ["PTR"] * 6 + ["NS"]  # every client was looked up; then the ping
 
 
 def test_a_resolver_that_answers_again_is_used_again(tmp_path: Path, make_dns_server: MakeDnsServer) -> None:
@@ -234,6 +298,26 @@ def test_a_resolver_that_answers_again_is_used_again(tmp_path: Path, make_dns_se
     assert waited == [True, True, False, True, False, False, False], delays
     assert all(d < 0.1 * TIMEOUT for d, w in zip(delays, waited, strict=True) if not w), delays
     assert _client_names(tmp_path) == ["unknown"] * 5 + ["good.peer.test"] * 2
+
+
+def test_lame_reverse_zones_behind_a_live_resolver_do_not_trip_it(
+    tmp_path: Path, make_dns_server: MakeDnsServer, make_delaying_proxy: MakeDelayingProxy
+) -> None:
+    """Spam bots' reverse zones often never answer: the PTR lookups time out while the resolver
+    answers everything else. That must not make clients 'unknown' at once and defer all outbound
+    mail: the breaker asks the resolver itself (the root zone's NS; knotd refuses it: an answer)."""
+    knotd = make_dns_server(ZONES)
+    lame = make_delaying_proxy(knotd, delay=lambda q: 30.0 if q.question[0].rdtype == dns.rdatatype.PTR else 0.0)
+
+    def clients(port: int, server: SmtpServer) -> tuple[list[float], bool]:
+        delays = [_session(port, f"127.0.0.{20 + n}") for n in range(5)]
+        return delays, server.dns_breaker.is_open
+
+    delays, is_open = _serve(tmp_path, lame, clients, peername_timeout=0.5, dns_breaker_failures=2)
+    assert not is_open
+    assert [q for q in lame.queries if q[1] == "PTR"] == [(f"{20 + n}.0.0.127.in-addr.arpa.", "PTR") for n in range(5)]
+    assert lame.queries.count((".", "NS")) == 2  # once per two timeouts in a row, each answered
+    assert all(d > 0.4 for d in delays), delays  # each client's lookup was made (and waited for)
 
 
 def test_filterd_mta_logs_dead_and_back_once_and_defers_remote_mail_at_once(
@@ -281,7 +365,7 @@ def test_queue_manager_defers_at_once_while_dns_is_dead(
     config = dataclasses.replace(config, dns=dataclasses.replace(config.dns, nameservers=(dns.spec,), timeout=timeout))
     breaker = DnsBreaker(failures=1, cooldown=60.0)
     if dead:
-        breaker.record(timed_out=True)  # as the SMTP server's lookups found it
+        asyncio.run(breaker.record(timed_out=True))  # as the SMTP server's lookups found it
     queue = Queue(tmp_path / "queue")
     qmgr = make_qmgr(config, queue, dns_breaker=breaker)
     domains = [f"d{i}.remote.test" for i in range(4)]

@@ -411,3 +411,26 @@ def test_blocked_mark_is_news_once(knot: DnsServer) -> None:
     assert resolver.zones["bl.test"].blocked
     assert resolver.mark_blocked("bl.test", False) is True
     assert not resolver.zones["bl.test"].blocked
+
+
+# --- ping ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("mode", "alive"), [("silent", False), ("servfail", True), ("refused", True)])
+def test_ping_tells_a_resolver_that_answers_anything_from_one_that_does_not(
+    make_silent_dns_server: MakeSilentDnsServer, mode: str, alive: bool
+) -> None:
+    server = make_silent_dns_server(mode)
+    resolver = make_resolver(server)
+    assert run(resolver.ping(0.5)) is alive
+    assert server.queries == [(".", "NS")]
+
+
+def test_ping_goes_past_the_cache(counted: DelayingDnsProxy) -> None:
+    resolver = make_resolver(counted)
+
+    async def twice() -> tuple[bool, bool]:
+        return await resolver.ping(2.0), await resolver.ping(2.0)
+
+    assert run(twice()) == (True, True)  # knotd refuses the root zone: an answer
+    assert counted.queries == [(".", "NS")] * 2
