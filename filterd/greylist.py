@@ -107,9 +107,7 @@ class GreylistEntry:
 class Greylist:
     """Greylisting decisions over a state store; see the module docstring."""
 
-    def __init__(
-        self, config: GreylistConfig, store: StateStore, *, trusted_networks: Sequence[Network] = ()
-    ) -> None:
+    def __init__(self, config: GreylistConfig, store: StateStore, *, trusted_networks: Sequence[Network] = ()) -> None:
         self.config = config
         self.store = store
         self._exempt = (*_LOOPBACK, *trusted_networks, *config.exempt_networks)

@@ -63,9 +63,22 @@ def start_filterd(
     port = free_port()
     log = (tmp / f"{name}.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "filterd", "daemon", "--listen", f"127.0.0.1:{port}", "--workers", str(workers),
-         "--state-dir", str(tmp / f"{name}-state"), *(["--local"] if local else []), *extra],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "filterd",
+            "daemon",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--workers",
+            str(workers),
+            "--state-dir",
+            str(tmp / f"{name}-state"),
+            *(["--local"] if local else []),
+            *extra,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     return proc, port
 

@@ -154,7 +154,8 @@ def main() -> int:
         wait_for(milter_sock.exists, "filterd daemon", daemon, daemon_log)
         mta = subprocess.Popen(
             [FILTERD, "mta", *common, "--listen", f"127.0.0.1:{port}", "--filter", str(milter_sock)],
-            stdout=mta_log.open("wb"), stderr=subprocess.STDOUT,
+            stdout=mta_log.open("wb"),
+            stderr=subprocess.STDOUT,
         )
         procs.append(mta)
         wait_for(lambda: smtp_ready(port), "filterd mta", mta, mta_log)

@@ -134,8 +134,19 @@ def _make_queue(queue: Path, uid: int, gid: int) -> None:
     """The queue directories as postfix-files lays them out, so that start can skip its 2 s
     integrity check (postfix-script honours a ``quick-start`` file)."""
     postdrop = grp.getgrnam("postdrop").gr_gid
-    for name in ("active", "bounce", "corrupt", "defer", "deferred", "flush", "hold", "incoming", "private",
-                 "saved", "trace"):
+    for name in (
+        "active",
+        "bounce",
+        "corrupt",
+        "defer",
+        "deferred",
+        "flush",
+        "hold",
+        "incoming",
+        "private",
+        "saved",
+        "trace",
+    ):
         (queue / name).mkdir(mode=0o700)
         os.chown(queue / name, uid, gid)
     (queue / "pid").mkdir(mode=0o755)

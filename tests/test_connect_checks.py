@@ -117,9 +117,12 @@ def test_welcomelist_auth_needs_spf_or_dkim(tmp_path: Path, make_dns_server: Mak
     assert "SPF_FAIL" in bad.rule_names and "USER_IN_WELCOMELIST" not in bad.rule_names
     # The same sender in welcomelist_from would be welcome however it is forged: the point of _auth.
     cfg = dataclasses.replace(engine.config, lists=dataclasses.replace(engine.config.lists, welcomelist_auth=()))
-    assert "USER_IN_WELCOMELIST" not in Engine.load(cfg).scan_sync(
-        MESSAGE, ScanContext(mail_from="alice@sender.test", no_autolearn=True)
-    ).rule_names
+    assert (
+        "USER_IN_WELCOMELIST"
+        not in Engine.load(cfg)
+        .scan_sync(MESSAGE, ScanContext(mail_from="alice@sender.test", no_autolearn=True))
+        .rule_names
+    )
 
 
 def test_milter_refuses_a_blocklisted_client_at_connect(tmp_path: Path) -> None:
@@ -134,7 +137,7 @@ def test_milter_refuses_a_blocklisted_client_at_connect(tmp_path: Path) -> None:
             'check(conn ~= nil, "connect")\n'
             f'check(mt.conninfo(conn, "bad.example.net", "{LISTED}") == nil, "conninfo")\n'
             'check(mt.getreply(conn) == SMFIR_REPLYCODE, "refused at connect")\n'
-            'mt.disconnect(conn)\n'
+            "mt.disconnect(conn)\n"
             f'conn = mt.connect("inet:{port}@127.0.0.1")\n'
             'check(mt.conninfo(conn, "good.example.net", "11.22.34.1") == nil, "conninfo 2")\n'
             'check(mt.getreply(conn) == SMFIR_CONTINUE, "other client goes on")\n'
@@ -198,7 +201,8 @@ def test_milter_looks_a_client_up_once_per_connection(
         assert ["RCVD_IN_PBL" in status for status in statuses] == [True, True, False, True], statuses
         asked = [name for name, _ in proxy.queries if name.startswith("44.33.22.11.")]
         assert asked == ["44.33.22.11.zen.spamhaus.org.", "44.33.22.11.list.dnswl.org."] or asked == [
-            "44.33.22.11.list.dnswl.org.", "44.33.22.11.zen.spamhaus.org."
+            "44.33.22.11.list.dnswl.org.",
+            "44.33.22.11.zen.spamhaus.org.",
         ], asked
         # /metrics times the CONNECT-stage DNSBL check where it ran: once at connect, once more in
         # the authenticated sender's scan (which carries no connect results); the others reuse them.

@@ -20,7 +20,6 @@ MESSAGE = (
 )
 
 
-
 def _request(extra: bytes = b"") -> bytes:
     return b"SYMBOLS SPAMC/1.5\r\nContent-length: %d\r\n%s\r\n" % (len(MESSAGE), extra) + MESSAGE
 

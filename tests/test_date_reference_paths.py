@@ -38,16 +38,21 @@ def milter_port(daemon: Daemon) -> int:
 
 @pytest.fixture(scope="module")
 def postfix(tmp_path_factory: pytest.TempPathFactory, milter_port: int) -> Iterator[Postfix]:
-    pf = start_postfix(tmp_path_factory.mktemp("postfix"),
-                       services={"milter": {"smtpd_milters": f"inet:127.0.0.1:{milter_port}"}})
+    pf = start_postfix(
+        tmp_path_factory.mktemp("postfix"), services={"milter": {"smtpd_milters": f"inet:127.0.0.1:{milter_port}"}}
+    )
     yield pf
     pf.stop()
 
 
 @pytest.fixture(scope="module")
 def mta(tmp_path_factory: pytest.TempPathFactory, milter_port: int) -> Iterator[Mta]:
-    m = start_mta(tmp_path_factory.mktemp("mta"), "--filter", f"127.0.0.1:{milter_port}",
-                  config="mta: {local_domains: [example.org], milter_timeout: 30s}\n")
+    m = start_mta(
+        tmp_path_factory.mktemp("mta"),
+        "--filter",
+        f"127.0.0.1:{milter_port}",
+        config="mta: {local_domains: [example.org], milter_timeout: 30s}\n",
+    )
     yield m
     assert m.stop() == 0, m.log()
 
@@ -62,13 +67,16 @@ def message(marker: str, *, age_days: float, upstream_age_days: float | None = N
             "Received: from laptop.example.net (laptop.example.net [192.0.2.20])\r\n"
             f"\tby smtp.example.net (Postfix) with ESMTP id 4AB12; {stamp}\r\n"
         ).encode()
-    return upstream + (
-        f"From: Alice <alice@example.net>\r\nTo: Bob <bob@example.org>\r\nSubject: Lunch {marker}\r\n"
-        f"Date: {email.utils.formatdate(time.time() - age_days * DAY)}\r\n"
-        f"Message-ID: <{marker}@example.net>\r\nMIME-Version: 1.0\r\n"
-        "Content-Type: text/plain; charset=us-ascii\r\n\r\n"
-        "Hello Bob,\r\n\r\nlunch on Friday at noon?\r\n\r\nAlice\r\n"
-    ).encode()
+    return (
+        upstream
+        + (
+            f"From: Alice <alice@example.net>\r\nTo: Bob <bob@example.org>\r\nSubject: Lunch {marker}\r\n"
+            f"Date: {email.utils.formatdate(time.time() - age_days * DAY)}\r\n"
+            f"Message-ID: <{marker}@example.net>\r\nMIME-Version: 1.0\r\n"
+            "Content-Type: text/plain; charset=us-ascii\r\n\r\n"
+            "Hello Bob,\r\n\r\nlunch on Friday at noon?\r\n\r\nAlice\r\n"
+        ).encode()
+    )
 
 
 def date_rules(delivered: bytes) -> set[str]:

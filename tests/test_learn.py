@@ -18,7 +18,10 @@ HAM = sorted((ROOT / "corpora" / "ham").glob("*.eml"))
 def learn(state: Path, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "filterd", "learn", "--state-dir", str(state), *args],
-        input=stdin.decode("latin-1"), capture_output=True, text=True, timeout=300,
+        input=stdin.decode("latin-1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -52,8 +55,11 @@ def test_learn_skips_what_is_not_mail_and_reads_mbox_and_stdin(tmp_path: Path) -
     folder = tmp_path / "mixed"
     folder.mkdir()
     (folder / "notes.txt").write_text("just some notes, not a message\n")
-    mbox = b"".join(b"From x@example.org Mon Jan  5 10:00:00 2026\n" + p.read_bytes().rstrip(b"\n") + b"\n\n"
-                    for p in HAM[:3] if not p.read_bytes().startswith(b"From "))
+    mbox = b"".join(
+        b"From x@example.org Mon Jan  5 10:00:00 2026\n" + p.read_bytes().rstrip(b"\n") + b"\n\n"
+        for p in HAM[:3]
+        if not p.read_bytes().startswith(b"From ")
+    )
     (folder / "inbox.mbox").write_bytes(mbox)
     proc = learn(state, "--ham", str(folder))
     assert proc.returncode == 0, proc.stderr
@@ -93,8 +99,9 @@ def test_learning_through_the_daemon_reaches_every_worker(tmp_path: Path) -> Non
         out = subprocess.run([spamc, *where, "-L", "spam"], input=SPAM[0].read_bytes(), capture_output=True, timeout=60)
         assert out.stdout == b"Message was already un/learned\n"
         for path in HAM[:8]:
-            out = subprocess.run([filterc, *where, "-L", "ham"], input=path.read_bytes(), capture_output=True,
-                                 timeout=60)
+            out = subprocess.run(
+                [filterc, *where, "-L", "ham"], input=path.read_bytes(), capture_output=True, timeout=60
+            )
             assert out.stdout == b"Message successfully un/learned\n", out
         probe = b"SYMBOLS SPAMC/1.5\r\nContent-length: %d\r\n\r\n" % len(SPAM[10].read_bytes()) + SPAM[10].read_bytes()
         deadline = time.monotonic() + 5
@@ -105,8 +112,9 @@ def test_learning_through_the_daemon_reaches_every_worker(tmp_path: Path) -> Non
                 break
             time.sleep(0.2)
         assert all(b"BAYES_" in a for a in answers), answers
-        out = subprocess.run([filterc, *where, "-L", "forget"], input=SPAM[1].read_bytes(), capture_output=True,
-                             timeout=60)
+        out = subprocess.run(
+            [filterc, *where, "-L", "forget"], input=SPAM[1].read_bytes(), capture_output=True, timeout=60
+        )
         assert out.stdout == b"Message successfully un/learned\n"
     finally:
         assert d.stop() == 0, d.log()

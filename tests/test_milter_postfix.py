@@ -37,13 +37,24 @@ GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 DELAY = 1.0  # greylist.delay in this module
 
 
-def message(marker: str, body: bytes = b"Hello Bob,\r\n\r\nlunch on Friday at noon?\r\n\r\nAlice\r\n",
-            *, subject: str = "Lunch", extra: bytes = b"", sender: str = "alice@example.net") -> bytes:
+def message(
+    marker: str,
+    body: bytes = b"Hello Bob,\r\n\r\nlunch on Friday at noon?\r\n\r\nAlice\r\n",
+    *,
+    subject: str = "Lunch",
+    extra: bytes = b"",
+    sender: str = "alice@example.net",
+) -> bytes:
     return (
-        f"From: Alice <{sender}>\r\nTo: Bob <bob@example.org>\r\nSubject: {subject} {marker}\r\n"
-        f"Date: {formatdate()}\r\nMessage-ID: <{marker}@example.net>\r\n"  # now: no date rule fires
-        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n"
-    ).encode() + extra + b"\r\n" + body
+        (
+            f"From: Alice <{sender}>\r\nTo: Bob <bob@example.org>\r\nSubject: {subject} {marker}\r\n"
+            f"Date: {formatdate()}\r\nMessage-ID: <{marker}@example.net>\r\n"  # now: no date rule fires
+            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n"
+        ).encode()
+        + extra
+        + b"\r\n"
+        + body
+    )
 
 
 def marker() -> str:
@@ -66,8 +77,16 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, clamd: Clamd) -> Iterator[D
         "lists: {welcomelist_from: ['*@friends.example']}\n"
         f"antivirus: {{enabled: true, clamd: '{clamd.unix_spec}'}}\n"
     )
-    d = start_daemon(tmp, "--milter-listen", "127.0.0.1:0", "--policy-listen", "127.0.0.1:0",
-                     "--user-prefs", str(prefs), config=config)
+    d = start_daemon(
+        tmp,
+        "--milter-listen",
+        "127.0.0.1:0",
+        "--policy-listen",
+        "127.0.0.1:0",
+        "--user-prefs",
+        str(prefs),
+        config=config,
+    )
     yield d
     assert d.stop() == 0, d.log()
 
@@ -118,8 +137,11 @@ def headers_of(delivered: bytes) -> bytes:
 def test_clean_message_is_delivered_with_spam_status_no(postfix: Postfix, daemon: Daemon) -> None:
     swaks = need_binary("swaks")
     m = marker()
-    data = message(m, extra=b"X-Spam-Flag: YES\r\nX-Spam-Status: Yes, forged by the sender\r\n"
-                   b"X-Filterd-Skipped: forged by the sender too\r\n")
+    data = message(
+        m,
+        extra=b"X-Spam-Flag: YES\r\nX-Spam-Status: Yes, forged by the sender\r\n"
+        b"X-Filterd-Skipped: forged by the sender too\r\n",
+    )
     proc = subprocess.run(
         [swaks, "--server", f"127.0.0.1:{postfix.ports['milter']}", "--from", "alice@example.net",
          "--to", "bob@example.org", "--helo", "client.example.net", "--data", "-", "--silent", "2"],
@@ -248,8 +270,14 @@ def test_clamd_down_tempfails_and_daemon_down_uses_milter_default_action(
     postfix: Postfix, down_port: int, tmp_path: Path
 ) -> None:
     # A daemon whose clamd is gone: antivirus.on_error tempfail says 451 4.7.0.
-    d = start_daemon(tmp_path, "--milter-listen", f"127.0.0.1:{down_port}", workers=1, metrics=False,
-                     config=f"antivirus: {{enabled: true, clamd: '{tmp_path}/no-clamd.sock'}}\n")
+    d = start_daemon(
+        tmp_path,
+        "--milter-listen",
+        f"127.0.0.1:{down_port}",
+        workers=1,
+        metrics=False,
+        config=f"antivirus: {{enabled: true, clamd: '{tmp_path}/no-clamd.sock'}}\n",
+    )
     try:
         with smtp(postfix, "down_accept") as s, pytest.raises(smtplib.SMTPDataError) as refused:
             s.sendmail("alice@example.net", ["bob@example.org"], message(marker()))

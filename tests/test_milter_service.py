@@ -56,9 +56,7 @@ def run_lua(daemon: Daemon, tmp_path: Path, body: str, rcpt: str = "bob@example.
         'check(mt.header(conn, "Message-ID", "<lunch.1@example.net>") == nil, "header Message-ID")\n'
         'check(mt.header(conn, "X-Spam-Flag", "YES") == nil, "header X-Spam-Flag")\n'
         'check(mt.header(conn, "X-Filterd-Skipped", "forged") == nil, "header X-Filterd-Skipped")\n'
-        'check(mt.eoh(conn) == nil, "eoh")\n'
-        + body
-        + 'mt.disconnect(conn)\nprint("PASS")\n'
+        'check(mt.eoh(conn) == nil, "eoh")\n' + body + 'mt.disconnect(conn)\nprint("PASS")\n'
     )
     proc = subprocess.run([need_binary("miltertest"), "-s", str(script)], capture_output=True, text=True,
                           timeout=60)  # fmt: skip
@@ -74,8 +72,10 @@ def test_miltertest_gtube_is_refused_at_end_of_message(daemon: Daemon, tmp_path:
         'check(mt.getreply(conn) == SMFIR_REPLYCODE, "eom reply is a reply code")\n'
         'check(mt.eom_check(conn, MT_SMTPREPLY, "550", "5.7.1", "Spam refused, threshold 5.0"), "550 5.7.1")\n'
     ))  # fmt: skip
-    daemon.wait_for_log(r"milter qid=4ABC123 client=192\.0\.2\.10 from=<alice@example\.net> "
-                        r"rcpt=<bob@example\.org> score=10\d\d\.\d/5\.0 verdict=rejected")
+    daemon.wait_for_log(
+        r"milter qid=4ABC123 client=192\.0\.2\.10 from=<alice@example\.net> "
+        r"rcpt=<bob@example\.org> score=10\d\d\.\d/5\.0 verdict=rejected"
+    )
 
 
 def test_miltertest_clean_message_gets_headers(daemon: Daemon, tmp_path: Path) -> None:
@@ -156,8 +156,11 @@ def test_reload_lets_an_open_milter_conversation_finish(tmp_path: Path) -> None:
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
             sock.sendall(packet(b"O", struct.pack(">III", 6, 0x1FF, 0x1FFFFF)))
             assert reply(sock)[:1] == b"O"
-            sock.sendall(packet(b"C", b"mx.example.net\x004" + struct.pack(">H", 4321) + b"192.0.2.10\x00")
-                         + packet(b"M", b"<alice@example.net>\x00") + packet(b"R", b"<bob@example.org>\x00"))
+            sock.sendall(
+                packet(b"C", b"mx.example.net\x004" + struct.pack(">H", 4321) + b"192.0.2.10\x00")
+                + packet(b"M", b"<alice@example.net>\x00")
+                + packet(b"R", b"<bob@example.org>\x00")
+            )
             d.signal(signal.SIGHUP)
             d.wait_for_log(r"reload done: generation 2 serving", timeout=120)
             # The old worker drains: this conversation still gets its verdict.

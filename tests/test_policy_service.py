@@ -37,8 +37,14 @@ def connect(daemon: Daemon) -> socket.socket:
 
 
 def ask(sock: socket.socket, **attributes: str) -> str:
-    request = {"request": "smtpd_access_policy", "protocol_state": "RCPT", "protocol_name": "ESMTP",
-               "client_name": "unknown", "helo_name": "mx.sender.example", **attributes}
+    request = {
+        "request": "smtpd_access_policy",
+        "protocol_state": "RCPT",
+        "protocol_name": "ESMTP",
+        "client_name": "unknown",
+        "helo_name": "mx.sender.example",
+        **attributes,
+    }
     sock.sendall("".join(f"{k}={v}\n" for k, v in request.items()).encode() + b"\n")
     answer = b""
     while not answer.endswith(b"\n\n"):
@@ -46,7 +52,7 @@ def ask(sock: socket.socket, **attributes: str) -> str:
         assert chunk, f"connection closed after {answer!r}"
         answer += chunk
     assert answer.startswith(b"action=") and answer.count(b"\n") == 2, answer
-    return answer[len(b"action="):-2].decode()
+    return answer[len(b"action=") : -2].decode()
 
 
 def test_first_sight_is_deferred_then_passes_with_a_header_once_per_message(daemon: Daemon) -> None:
@@ -86,8 +92,14 @@ def test_a_broken_request_closes_the_connection(daemon: Daemon) -> None:
 
 
 def test_stopping_closes_idle_connections_at_once(tmp_path: Path) -> None:
-    d = start_daemon(tmp_path, "--policy-listen", "127.0.0.1:0", workers=1, metrics=False,
-                     config="greylist: {enabled: true}\ndaemon: {grace_period: 30s}\n")
+    d = start_daemon(
+        tmp_path,
+        "--policy-listen",
+        "127.0.0.1:0",
+        workers=1,
+        metrics=False,
+        config="greylist: {enabled: true}\ndaemon: {grace_period: 30s}\n",
+    )
     try:
         with connect(d) as sock:
             assert ask(sock, client_address="127.0.0.1", sender="a@b.example", recipient="c@d.example") == "DUNNO"

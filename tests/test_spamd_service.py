@@ -123,8 +123,10 @@ def test_too_big_to_scan_is_handed_back_without_forged_auth_results(
     config = dataclasses.replace(engine.config, auth=dataclasses.replace(engine.config.auth, authserv_id=OURS))
     service = SpamdService(engine, config, WorkerMetrics())
     # (An X-Filterd-Skipped goes back as well: nothing was scanned, and spamc expects its bytes.)
-    head = (b"From: Alice <alice@sender.test>\r\nTo: bob@local.test\r\nSubject: an offer\r\nX-Spam-Flag: NO\r\n"
-            b"X-Filterd-Skipped: an earlier hop's\r\n")
+    head = (
+        b"From: Alice <alice@sender.test>\r\nTo: bob@local.test\r\nSubject: an offer\r\nX-Spam-Flag: NO\r\n"
+        b"X-Filterd-Skipped: an earlier hop's\r\n"
+    )
     body = b"\r\n" + b"An offer you cannot refuse.\r\n" * 100
     message = head + FORGED + b"Message-ID: <1@sender.test>\r\n" + body
     assert len(message) > 1024

@@ -173,18 +173,12 @@ def _read(file: Path, problems: list[Problem]) -> _Tree | None:
     if root is None or _is_null(root):
         return {}
     if not isinstance(root, yaml.MappingNode):
-        problems.append(
-            _problem(
-                root, "", f"expected a mapping of settings at the top level, got {_show(root)}"
-            )
-        )
+        problems.append(_problem(root, "", f"expected a mapping of settings at the top level, got {_show(root)}"))
         return None
     return _tree(root, "", problems, frozenset())
 
 
-def _tree(
-    node: yaml.MappingNode, path: str, problems: list[Problem], open_: frozenset[int]
-) -> _Tree:
+def _tree(node: yaml.MappingNode, path: str, problems: list[Problem], open_: frozenset[int]) -> _Tree:
     """A mapping node as a `_Tree`; reports duplicate, non-scalar and recursive keys."""
     open_ = open_ | {id(node)}
     tree: _Tree = {}
@@ -261,9 +255,7 @@ def _build(
         key_path = _join(path, f.name)
         if f.info is None:
             if isinstance(entry.value, dict):
-                values[f.name] = _build(
-                    f.type, entry.value, key_path, entry.key, constructor, problems
-                )
+                values[f.name] = _build(f.type, entry.value, key_path, entry.key, constructor, problems)
             else:
                 message = f"expected a section (a mapping of settings), got {_show(entry.value)}"
                 problems.append(_problem(entry.key, key_path, message))
@@ -280,9 +272,7 @@ def _build(
             node = blamed.key if blamed is not None else where
             key_path = _join(path, name)
             problems.append(
-                _problem(node, key_path, message)
-                if node is not None
-                else Problem("<config>", None, key_path, message)
+                _problem(node, key_path, message) if node is not None else Problem("<config>", None, key_path, message)
             )
     return result
 
@@ -338,9 +328,7 @@ def _value(
         for i, item_node in enumerate(node.value):
             item = _Entry(item_node, item_node)
             try:
-                result.append(
-                    _scalar_at(args[0], None, item, f"{path}[{i}]", constructor, problems)
-                )
+                result.append(_scalar_at(args[0], None, item, f"{path}[{i}]", constructor, problems))
             except _Invalid:
                 bad = True
         if bad:

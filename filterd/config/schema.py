@@ -158,9 +158,7 @@ def schema_fields(cls: type[Section]) -> tuple[SchemaField, ...]:
 class ScoringConfig(Section):
     """How hits become a verdict and how spam is marked."""
 
-    required_score: float = setting(
-        5.0, min=-1000, max=1000, doc="Score at or above which a message is spam."
-    )
+    required_score: float = setting(5.0, min=-1000, max=1000, doc="Score at or above which a message is spam.")
     report_safe: int = setting(
         1, min=0, max=2,
         doc="0: add headers only; 1: attach the original as message/rfc822; 2: as text/plain.",
@@ -168,12 +166,8 @@ class ScoringConfig(Section):
     rewrite_subject: str = setting(
         "", doc="Prefix added to the Subject of spam, e.g. '[SPAM]'; empty = leave it alone."
     )
-    report_hostname: str = setting(
-        "", doc="Host name shown in reports and headers; empty = this machine's FQDN."
-    )
-    report_contact: str = setting(
-        "the administrator of that system", doc="Who to contact, as shown in spam reports."
-    )
+    report_hostname: str = setting("", doc="Host name shown in reports and headers; empty = this machine's FQDN.")
+    report_contact: str = setting("the administrator of that system", doc="Who to contact, as shown in spam reports.")
     score_overrides: FrozenMap[str, float] = setting(
         FrozenMap[str, float](),
         doc="Rule name -> score, replacing the shipped score; 0 disables the rule.",
@@ -187,9 +181,7 @@ class RulesConfig(Section):
     dirs: tuple[str, ...] = setting(
         (), doc="Rule directories to load instead of the shipped set; empty = the shipped set."
     )
-    extra_dirs: tuple[str, ...] = setting(
-        (), doc="Rule directories loaded after `dirs`, for local rules."
-    )
+    extra_dirs: tuple[str, ...] = setting((), doc="Rule directories loaded after `dirs`, for local rules.")
     rule_timeout: Duration = setting(
         parse_duration("50ms"), min=parse_duration("1ms"), max=parse_duration("10s"),
         doc="Time limit per rule in the fallback regex engine.",
@@ -226,9 +218,7 @@ _LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"
 class NetworkConfig(Section):
     """Which relays are ours, and whether checks that ask the network run at all."""
 
-    enabled: bool = setting(
-        True, doc="Run network checks (DNSBL, URIBL, SPF, DKIM, DMARC); false = local tests only."
-    )
+    enabled: bool = setting(True, doc="Run network checks (DNSBL, URIBL, SPF, DKIM, DMARC); false = local tests only.")
     trusted_networks: tuple[Network, ...] = setting(
         _LOOPBACK, doc="Relays whose Received headers are believed (ours and those we trust); loopback always is."
     )
@@ -283,9 +273,7 @@ class DnsblZone(Section):
     sources: tuple[str, ...] = setting(
         ("uri",), doc="domain lists: which domains to check, any of uri, helo, sender, from."
     )
-    answers: FrozenMap[str, str] = setting(
-        FrozenMap(), doc="Answer address (127.0.0.x) -> rule name that fires."
-    )
+    answers: FrozenMap[str, str] = setting(FrozenMap(), doc="Answer address (127.0.0.x) -> rule name that fires.")
     last_octet: FrozenMap[str, str] = setting(
         FrozenMap(), doc="Value of the last octet (0..255) -> rule name (DNSWL style: 127.0.<category>.<trust>)."
     )
@@ -389,9 +377,7 @@ class AuthConfig(Section):
     dkim: bool = setting(True, doc="Verify every DKIM signature (dkimpy).")
     arc: bool = setting(True, doc="Verify the ARC chain when a message has one.")
     dmarc: bool = setting(True, doc="Look up the author domain's DMARC policy and check alignment.")
-    authserv_id: str = setting(
-        "", doc="The name in Authentication-Results headers; empty = this host's name."
-    )
+    authserv_id: str = setting("", doc="The name in Authentication-Results headers; empty = this host's name.")
     add_header: bool = setting(True, doc="Add an RFC 8601 Authentication-Results header to the message.")
     max_signatures: int = setting(5, min=0, max=100, doc="DKIM signatures verified per message at most.")
     dkim_keys: FrozenMap[str, str] = setting(
@@ -431,9 +417,7 @@ class AntivirusConfig(Section):
     """Virus scanning with clamd (rules AV_VIRUS and AV_ERROR; facts for the milter and MTA)."""
 
     enabled: bool = setting(False, doc="Scan messages with clamd.")
-    clamd: str = setting(
-        "/run/clamav/clamd.ctl", doc="clamd's socket: a Unix socket path or HOST:PORT."
-    )
+    clamd: str = setting("/run/clamav/clamd.ctl", doc="clamd's socket: a Unix socket path or HOST:PORT.")
     timeout: Duration = setting(
         parse_duration("10s"), min=parse_duration("100ms"), max=parse_duration("10m"),
         doc="How long clamd may take over one message, its attachments included (capped by the scan deadline).",
@@ -511,9 +495,7 @@ class ListsConfig(Section):
     welcomelist_from: tuple[str, ...] = setting(
         (), doc="Sender address globs (*, ?) whose mail is welcome: USER_IN_WELCOMELIST."
     )
-    blocklist_from: tuple[str, ...] = setting(
-        (), doc="Sender address globs whose mail is spam: USER_IN_BLOCKLIST."
-    )
+    blocklist_from: tuple[str, ...] = setting((), doc="Sender address globs whose mail is spam: USER_IN_BLOCKLIST.")
     welcomelist_auth: tuple[str, ...] = setting(
         (), doc="Sender address globs welcome only when SPF or DKIM authenticates the sender's domain."
     )
@@ -579,9 +561,7 @@ class BayesConfig(Section):
         0.1, min=1e-6, max=10.0, doc="Lidstone smoothing of the naive_bayes and complement_nb combiners."
     )
     autolearn: bool = setting(True, doc="Learn from messages whose score without Bayes is clear enough.")
-    autolearn_ham_below: float = setting(
-        0.1, min=-1000, max=1000, doc="Learn as ham below this many autolearn points."
-    )
+    autolearn_ham_below: float = setting(0.1, min=-1000, max=1000, doc="Learn as ham below this many autolearn points.")
     autolearn_spam_at: float = setting(
         12.0, min=-1000, max=1000, doc="Learn as spam at or above this many autolearn points."
     )
@@ -675,9 +655,7 @@ class GreylistConfig(Section):
         ):  # fmt: skip
             problems.append(("message", f"expected '4xx 4.x.x text', got {self.message!r}"))
         if self.retry_window < self.delay:
-            problems.append(
-                ("retry_window", f"expected a duration >= delay ({format_duration(self.delay)})")
-            )
+            problems.append(("retry_window", f"expected a duration >= delay ({format_duration(self.delay)})"))
         return problems
 
 
@@ -989,9 +967,7 @@ class DeliverConfig(Section):
     """`filterd deliver`, the local delivery agent: the daemon it asks, and how it stores mail."""
 
     filter: bool = setting(True, doc="Ask the daemon about each message before the recipes run (--no-filter: not).")
-    daemon: str = setting(
-        "127.0.0.1:783", doc="The spamd-protocol daemon: a Unix socket path or HOST:PORT (--daemon)."
-    )
+    daemon: str = setting("127.0.0.1:783", doc="The spamd-protocol daemon: a Unix socket path or HOST:PORT (--daemon).")
     method: Literal["process", "headers"] = setting(
         "process", doc="process: store the message as the daemon rewrote it (spamc); headers: its new headers only."
     )
@@ -1080,11 +1056,13 @@ class Config(Section):
 
     def check(self) -> Sequence[tuple[str, str]]:
         if self.milter.reject_score < self.scoring.required_score:
-            return [(
-                "milter",
-                f"reject_score: expected a number >= scoring.required_score ({self.scoring.required_score}), "
-                f"got {self.milter.reject_score}",
-            )]
+            return [
+                (
+                    "milter",
+                    f"reject_score: expected a number >= scoring.required_score ({self.scoring.required_score}), "
+                    f"got {self.milter.reject_score}",
+                )
+            ]
         return ()
 
     @property

@@ -150,8 +150,12 @@ class Master:
             if profile_dir:  # for performance work: one cProfile dump per worker
                 import cProfile
 
-                cProfile.runctx("asyncio.run(worker.serve())", globals(), {"worker": worker, "asyncio": asyncio},
-                                os.path.join(profile_dir, f"worker-{os.getpid()}.prof"))
+                cProfile.runctx(
+                    "asyncio.run(worker.serve())",
+                    globals(),
+                    {"worker": worker, "asyncio": asyncio},
+                    os.path.join(profile_dir, f"worker-{os.getpid()}.prof"),
+                )
             else:
                 asyncio.run(worker.serve())
         except BaseException:  # noqa: BLE001 - a worker must never return into the master's code

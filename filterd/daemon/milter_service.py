@@ -363,8 +363,13 @@ class _Session:
             return []
         rules = ",".join(h.rule for h in hits)
         self.service.metrics.verdicts["milter:rejected_connect"] += 1
-        log.info("milter client=%s [%s] refused at connect: score=%.1f hits=%s", self.client_name or "-",
-                 self.client_ip, score, rules)
+        log.info(
+            "milter client=%s [%s] refused at connect: score=%.1f hits=%s",
+            self.client_name or "-",
+            self.client_ip,
+            score,
+            rules,
+        )
         return [ReplyCode(550, f"Connection refused: {rules}", "5.7.1")]
 
     async def _rcpt(self, event: RcptTo) -> list[Reply]:
@@ -390,8 +395,13 @@ class _Session:
             else:
                 if decision.deferred:
                     self.service.metrics.verdicts["milter:greylisted"] += 1
-                    log.info("milter greylisted client=%s from=<%s> rcpt=<%s>: %s", self.client_ip,
-                             message.sender, rcpt, decision.reason)
+                    log.info(
+                        "milter greylisted client=%s from=<%s> rcpt=<%s>: %s",
+                        self.client_ip,
+                        message.sender,
+                        rcpt,
+                        decision.reason,
+                    )
                     code, status, text = decision.reply.split(" ", 2)
                     return [ReplyCode(int(code), text, status)]
                 message.greylist_delay = max(message.greylist_delay, decision.delayed)
@@ -443,8 +453,14 @@ class _Session:
         queue_id = event.macros.get("i") or message.queue_id
         if message.truncated and self.cfg.oversize == "accept":
             reason = f"message larger than {self.cfg.max_size} bytes, not scanned"
-            return self._done("skipped", message, queue_id, started, None,
-                              [*_inbound_deleted(message), AddHeader(_SKIPPED, reason), Continue()])
+            return self._done(
+                "skipped",
+                message,
+                queue_id,
+                started,
+                None,
+                [*_inbound_deleted(message), AddHeader(_SKIPPED, reason), Continue()],
+            )
         raw = self._raw(message)
         user, prefs = service.user_prefs(message.rcpts[0] if message.rcpts else "")
         required = prefs.required_score if prefs.required_score is not None else service.config.scoring.required_score
@@ -473,12 +489,18 @@ class _Session:
                 result = await service.engine.finish(scan, raw, required_score=required)
         except Exception as exc:  # TimeoutError included
             service.metrics.errors["scan_failed"] += 1
-            log.error("milter scan failed (qid=%s): %s: %s", queue_id or "-", type(exc).__name__, exc,
-                      exc_info=not isinstance(exc, TimeoutError))
+            log.error(
+                "milter scan failed (qid=%s): %s: %s",
+                queue_id or "-",
+                type(exc).__name__,
+                exc,
+                exc_info=not isinstance(exc, TimeoutError),
+            )
             return self._failed(f"scan failed: {type(exc).__name__}", message, queue_id, started)
         verdict = self._verdict(result, message, max(self.cfg.reject_score, required))
-        service.metrics.observe_scan("spam" if result.is_spam else "ham", time.perf_counter() - started,
-                                     result.rule_names, len(raw))
+        service.metrics.observe_scan(
+            "spam" if result.is_spam else "ham", time.perf_counter() - started, result.rule_names, len(raw)
+        )
         service.metrics.observe_async_checks(result.async_timings)
         return self._done(verdict.name, message, queue_id, started, result, verdict.replies)
 
@@ -488,8 +510,14 @@ class _Session:
             reply: list[Reply] = [ReplyCode(451, "Temporary failure in the mail filter, try again later", "4.3.0")]
             return self._done("tempfailed", message, queue_id, started, None, reply)
         log.warning("milter on_error=accept (qid=%s): %s; accepted unscanned", queue_id or "-", why)
-        return self._done("accepted", message, queue_id, started, None,
-                          [*_inbound_deleted(message), AddHeader(_SKIPPED, why), Continue()])
+        return self._done(
+            "accepted",
+            message,
+            queue_id,
+            started,
+            None,
+            [*_inbound_deleted(message), AddHeader(_SKIPPED, why), Continue()],
+        )
 
     def _verdict(self, result: Result, message: _Message, reject_at: float) -> _Verdict:
         cfg = self.cfg
@@ -517,8 +545,7 @@ class _Session:
         if action == "discard":
             return _Verdict("discarded", [Discard()])
         if action == "tempfail":
-            return _Verdict("tempfailed", [ReplyCode(451, "Message deferred as likely spam, try again later",
-                                                     "4.7.1")])
+            return _Verdict("tempfailed", [ReplyCode(451, "Message deferred as likely spam, try again later", "4.7.1")])
         if action == "reject":
             text = cfg.reject_message.format(score=result.score, required=result.required_score)
             return _Verdict("rejected", [ReplyCode(550, text, "5.7.1")])
@@ -526,8 +553,10 @@ class _Session:
 
     def _header_edits(self, result: Result, message: _Message) -> list[Reply]:
         edits = _inbound_deleted(message)
-        edits += [AddHeader(name, value) for name, value in header_fields(
-            spam_headers(self.service.engine, result, self.service.options))]
+        edits += [
+            AddHeader(name, value)
+            for name, value in header_fields(spam_headers(self.service.engine, result, self.service.options))
+        ]
         prefix = self.service.options.rewrite_subject
         if result.is_spam and prefix:
             subject = next((value for name, value in message.headers if name.lower() == "subject"), None)
@@ -549,8 +578,15 @@ class _Session:
         head = "".join(f"{name}: {value}".replace("\n", "\r\n") + "\r\n" for name, value in message.headers)
         return head.encode("utf-8", "surrogateescape") + b"\r\n" + bytes(message.body)
 
-    def _done(self, verdict: str, message: _Message, queue_id: str, started: float, result: Result | None,
-              replies: Sequence[Reply]) -> Sequence[Reply]:
+    def _done(
+        self,
+        verdict: str,
+        message: _Message,
+        queue_id: str,
+        started: float,
+        result: Result | None,
+        replies: Sequence[Reply],
+    ) -> Sequence[Reply]:
         self.service.metrics.verdicts[f"milter:{verdict}"] += 1
         log.info(
             "milter qid=%s client=%s from=<%s> rcpt=%s score=%s verdict=%s hits=%s time=%.1fms size=%d%s",

@@ -64,8 +64,9 @@ class PolicyService:
                 event = conn.next_event()
                 if isinstance(event, NeedData):
                     read = asyncio.ensure_future(reader.read(65536))
-                    done, _ = await asyncio.wait({read, stop}, timeout=self.config.milter.idle_timeout,
-                                                 return_when=asyncio.FIRST_COMPLETED)
+                    done, _ = await asyncio.wait(
+                        {read, stop}, timeout=self.config.milter.idle_timeout, return_when=asyncio.FIRST_COMPLETED
+                    )
                     if read not in done:  # idle too long, or the worker is stopping
                         read.cancel()
                         with contextlib.suppress(asyncio.CancelledError, OSError):

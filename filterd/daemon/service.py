@@ -87,8 +87,11 @@ class SpamdService:
             return render_error(EX_UNAVAILABLE, "Service Unavailable: Bayes is disabled (bayes.enabled)")
         if len(request.body) > self.config.rules.max_scan_size:
             return render_error(EX_DATAERR, "Data error: message larger than rules.max_scan_size, not learnt")
-        msg = parse_message(original_message(request.body), uri_parser=self.engine.uri_parser,
-                            body_scan_size=self.config.rules.body_scan_size)
+        msg = parse_message(
+            original_message(request.body),
+            uri_parser=self.engine.uri_parser,
+            body_scan_size=self.config.rules.body_scan_size,
+        )
         learn_as = request.message_class if "local" in request.set_targets else None
         did_set: list[str] = []
         did_remove: list[str] = []
@@ -107,10 +110,16 @@ class SpamdService:
             log.exception("TELL failed (user=%s)", request.user or "-")
             return render_error(EX_SOFTWARE, "Internal error: learning failed, see the daemon log")
         self.metrics.requests["learn"] += 1
-        log.info("tell user=%s class=%s set=%s remove=%s did_set=%s did_remove=%s msgid=%s", request.user or "-",
-                 request.message_class or "-", ",".join(sorted(request.set_targets)) or "-",
-                 ",".join(sorted(request.remove_targets)) or "-", ",".join(did_set) or "-",
-                 ",".join(did_remove) or "-", msg.get("message-id").strip()[:200] or "-")
+        log.info(
+            "tell user=%s class=%s set=%s remove=%s did_set=%s did_remove=%s msgid=%s",
+            request.user or "-",
+            request.message_class or "-",
+            ",".join(sorted(request.set_targets)) or "-",
+            ",".join(sorted(request.remove_targets)) or "-",
+            ",".join(did_set) or "-",
+            ",".join(did_remove) or "-",
+            msg.get("message-id").strip()[:200] or "-",
+        )
         return render_tell(did_set, did_remove)
 
     async def _scan(self, request: SpamdRequest, prefs: UserPrefs) -> bytes:

@@ -134,8 +134,12 @@ class Worker:
             fd = listener.sock.fileno()
             loop.remove_reader(fd)
             stopping = self._stopping
-            loop.call_later(0.1, lambda: None if stopping is None or stopping.is_set()
-                            else loop.add_reader(fd, self._accept_one, listener))
+            loop.call_later(
+                0.1,
+                lambda: (
+                    None if stopping is None or stopping.is_set() else loop.add_reader(fd, self._accept_one, listener)
+                ),
+            )
             return
         self._spawn(conn, listener)
 
@@ -221,8 +225,12 @@ class Worker:
             return
         if self.active >= self.config.daemon.max_connections:
             self.metrics.refused += 1
-            log.warning("refused connection from %s (%s): %d connections open (daemon.max_connections)", peer,
-                        protocol, self.active)
+            log.warning(
+                "refused connection from %s (%s): %d connections open (daemon.max_connections)",
+                peer,
+                protocol,
+                self.active,
+            )
             if protocol == "spamd":
                 await self._refuse(reader, writer, render_error(EX_TEMPFAIL, "Temporary failure: too many connections"))
             else:  # the MTA applies its default action (milter) or retries (policy)

@@ -252,7 +252,6 @@ class Engine:
         scan.stages_done.add(Stage.BODY)
         body_checks = [c for c in self.checks if c.stage == Stage.BODY]
 
-
         def regex_rules() -> None:
             t0 = time.perf_counter()
             self._run_regex_rules(scan, msg)
@@ -528,9 +527,11 @@ class Engine:
         if found is not None:
             return found
         if rule == "RULE_TIMEOUT":
-            return RuleInfo(rule, "engine", "A rule ran past its time limit and was stopped", 0.0,
-                            frozenset(), "", "<engine>")
+            return RuleInfo(
+                rule, "engine", "A rule ran past its time limit and was stopped", 0.0, frozenset(), "", "<engine>"
+            )
         if rule.startswith("CHECK_ERROR_"):
-            return RuleInfo(rule, "engine", f"The {rule[12:].lower()} check failed; see the log", 0.0,
-                            frozenset(), "", "<engine>")
+            return RuleInfo(
+                rule, "engine", f"The {rule[12:].lower()} check failed; see the log", 0.0, frozenset(), "", "<engine>"
+            )
         return None

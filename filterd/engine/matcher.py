@@ -102,8 +102,15 @@ def _compile_db(patterns: Sequence[CompiledPattern]) -> object | None:
     expressions = [p.source.encode("utf-8") for p in patterns]
     flags = [_hs_flags(p.flags) for p in patterns]
     key = hashlib.sha256(
-        repr((expressions, flags, hyperscan.__version__ if hasattr(hyperscan, "__version__") else "",
-              platform.machine(), platform.python_version())).encode()
+        repr(
+            (
+                expressions,
+                flags,
+                hyperscan.__version__ if hasattr(hyperscan, "__version__") else "",
+                platform.machine(),
+                platform.python_version(),
+            )
+        ).encode()
     ).hexdigest()
     cache = _cache_dir()
     if cache is not None:

@@ -46,9 +46,7 @@ class StateStore(Protocol):
         """Merge ``fields`` into the record (creating it); ``ttl`` as in the module docstring."""
         ...
 
-    async def incr_fields(
-        self, key: str, deltas: Mapping[str, float], *, ttl: float | None = None
-    ) -> dict[str, float]:
+    async def incr_fields(self, key: str, deltas: Mapping[str, float], *, ttl: float | None = None) -> dict[str, float]:
         """Add each delta to its field (absent = 0) atomically; returns the new values.
 
         Raises ValueError when a field holds text that is not a number."""

@@ -113,9 +113,7 @@ class RedisStateStore:
             pipe.pexpire(name, _milliseconds(ttl))
         await self._do(pipe.execute())
 
-    async def incr_fields(
-        self, key: str, deltas: Mapping[str, float], *, ttl: float | None = None
-    ) -> dict[str, float]:
+    async def incr_fields(self, key: str, deltas: Mapping[str, float], *, ttl: float | None = None) -> dict[str, float]:
         if not deltas:
             raise ValueError("expected at least one field")
         self._redis()

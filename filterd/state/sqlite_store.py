@@ -84,9 +84,7 @@ class SqliteStateStore:
 
         await self._call(self._write, key, merge, ttl)
 
-    async def incr_fields(
-        self, key: str, deltas: Mapping[str, float], *, ttl: float | None = None
-    ) -> dict[str, float]:
+    async def incr_fields(self, key: str, deltas: Mapping[str, float], *, ttl: float | None = None) -> dict[str, float]:
         if not deltas:
             raise ValueError("expected at least one field")
         result: dict[str, float] = {}

@@ -242,8 +242,7 @@ def test_a_later_layer_fixes_an_earlier_value(cwd: Path) -> None:
 def test_wrong_type_names_file_line_and_key(cwd: Path) -> None:
     text = "# filterd\n\nscoring:\n  report_safe: 1\n  required_score: banana\n"
     assert only_problem(text) == (
-        "filterd.yaml:5: scoring.required_score: expected a number between -1000 and 1000,"
-        " got 'banana'"
+        "filterd.yaml:5: scoring.required_score: expected a number between -1000 and 1000, got 'banana'"
     )
 
 
@@ -276,20 +275,17 @@ def test_problem_fields(tmp_path: Path) -> None:
         ),
         pytest.param(
             "scoring:\n  required_score: true\n",
-            "filterd.yaml:2: scoring.required_score: expected a number between -1000 and 1000,"
-            " got true",
+            "filterd.yaml:2: scoring.required_score: expected a number between -1000 and 1000, got true",
             id="bool-for-float",
         ),
         pytest.param(
             "scoring:\n  required_score: .nan\n",
-            "filterd.yaml:2: scoring.required_score: expected a number between -1000 and 1000,"
-            " got nan",
+            "filterd.yaml:2: scoring.required_score: expected a number between -1000 and 1000, got nan",
             id="nan",
         ),
         pytest.param(
             "scoring:\n  required_score: 1000.5\n",
-            "filterd.yaml:2: scoring.required_score: expected a number between -1000 and 1000,"
-            " got 1000.5",
+            "filterd.yaml:2: scoring.required_score: expected a number between -1000 and 1000, got 1000.5",
             id="above-max",
         ),
         pytest.param(
@@ -309,14 +305,12 @@ def test_problem_fields(tmp_path: Path) -> None:
         ),
         pytest.param(
             "scoring:\n  required_score: [1, 2]\n",
-            "filterd.yaml:2: scoring.required_score: expected a number between -1000 and 1000,"
-            " got a list",
+            "filterd.yaml:2: scoring.required_score: expected a number between -1000 and 1000, got a list",
             id="list-for-scalar",
         ),
         pytest.param(
             "scoring:\n  required_score:\n    a: 1\n",
-            "filterd.yaml:2: scoring.required_score: expected a number between -1000 and 1000,"
-            " got a mapping",
+            "filterd.yaml:2: scoring.required_score: expected a number between -1000 and 1000, got a mapping",
             id="mapping-for-scalar",
         ),
         pytest.param(
@@ -341,8 +335,7 @@ def test_problem_fields(tmp_path: Path) -> None:
         ),
         pytest.param(
             "scoring:\n  score_overrides: [A, B]\n",
-            "filterd.yaml:2: scoring.score_overrides: expected a mapping of names to numbers,"
-            " got a list",
+            "filterd.yaml:2: scoring.score_overrides: expected a mapping of names to numbers, got a list",
             id="list-for-mapping",
         ),
         pytest.param(
@@ -370,8 +363,7 @@ def test_problem_fields(tmp_path: Path) -> None:
         ),
         pytest.param(
             "rules:\n  rule_timeout: 20s\n",
-            "filterd.yaml:2: rules.rule_timeout: expected a duration between 1ms and 10s,"
-            " got '20s'",
+            "filterd.yaml:2: rules.rule_timeout: expected a duration between 1ms and 10s, got '20s'",
             id="duration-above-max",
         ),
         pytest.param(
@@ -416,8 +408,7 @@ def test_problem_fields(tmp_path: Path) -> None:
         ),
         pytest.param(
             "rules:\n  rule_timeout: 5s\n  scan_deadline: 1s\n",
-            "filterd.yaml:2: rules.rule_timeout: expected a duration <= scan_deadline (1s),"
-            " got '5s'",
+            "filterd.yaml:2: rules.rule_timeout: expected a duration <= scan_deadline (1s), got '5s'",
             id="cross-check",
         ),
         pytest.param(
@@ -445,8 +436,7 @@ def test_unknown_key_suggests_the_closest(cwd: Path) -> None:
 
 def test_unknown_key_suggests_another_section(cwd: Path) -> None:
     assert only_problem("rules:\n  trusted_networks: []\n") == (
-        "filterd.yaml:2: rules.trusted_networks: unknown key here,"
-        " did you mean 'network.trusted_networks'?"
+        "filterd.yaml:2: rules.trusted_networks: unknown key here, did you mean 'network.trusted_networks'?"
     )
 
 
@@ -488,8 +478,7 @@ def test_bad_yaml_in_a_layer_does_not_hide_other_problems(cwd: Path) -> None:
     write(cwd / "local.d/10.yaml", "rules: [unclosed\n")
     assert problems() == [
         "filterd.yaml:2: scoring.report_safe: expected an integer between 0 and 2, got 9",
-        "local.d/10.yaml:2: invalid YAML: expected ',' or ']', but got '<stream end>'"
-        " (while parsing a flow sequence)",
+        "local.d/10.yaml:2: invalid YAML: expected ',' or ']', but got '<stream end>' (while parsing a flow sequence)",
     ]
 
 
@@ -510,15 +499,11 @@ def test_several_documents(cwd: Path) -> None:
     [("- scoring\n", "a list"), ("just words\n", "'just words'")],
 )
 def test_top_level_must_be_a_mapping(cwd: Path, text: str, got: str) -> None:
-    assert only_problem(text) == (
-        f"filterd.yaml:1: expected a mapping of settings at the top level, got {got}"
-    )
+    assert only_problem(text) == (f"filterd.yaml:1: expected a mapping of settings at the top level, got {got}")
 
 
 def test_keys_must_be_names(cwd: Path) -> None:
-    assert only_problem("scoring:\n  ? [a, b]\n  : 1\n") == (
-        "filterd.yaml:2: scoring: expected a setting name as key"
-    )
+    assert only_problem("scoring:\n  ? [a, b]\n  : 1\n") == ("filterd.yaml:2: scoring: expected a setting name as key")
 
 
 def test_recursive_alias(cwd: Path) -> None:
@@ -547,10 +532,8 @@ def test_many_problems_reported_at_once_in_file_order(cwd: Path) -> None:
     )
     write(cwd / "local.d/10.yaml", "state_dir: 5\n")
     assert problems() == [
-        "filterd.yaml:2: network.trusted_networks[0]: expected an IP network such as"
-        " 192.0.2.0/24, got 'not-a-net'",
-        "filterd.yaml:4: scoring.required_score: expected a number between -1000 and 1000,"
-        " got 'banana'",
+        "filterd.yaml:2: network.trusted_networks[0]: expected an IP network such as 192.0.2.0/24, got 'not-a-net'",
+        "filterd.yaml:4: scoring.required_score: expected a number between -1000 and 1000, got 'banana'",
         "filterd.yaml:5: scoring.report_safe: expected an integer between 0 and 2, got 1.5",
         "filterd.yaml:6: scoring.colour: unknown key; expected one of: required_score,"
         " report_safe, rewrite_subject, report_hostname, report_contact, score_overrides",

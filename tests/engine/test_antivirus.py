@@ -55,13 +55,14 @@ def plain_message(body: bytes, subject: str = "Minutes of the meeting") -> bytes
 def message_with(*attachments: tuple[str, str, bytes], subject: str = "The files you asked for") -> bytes:
     """A multipart/mixed message: a short text part, then (filename, content type, bytes) each in base64."""
     head = HEADERS.format(subject=subject, subject_id=abs(hash(subject)))
-    parts = [b'Content-Type: text/plain; charset=us-ascii\n\nHere they are, as promised.\n']
+    parts = [b"Content-Type: text/plain; charset=us-ascii\n\nHere they are, as promised.\n"]
     for filename, ctype, data in attachments:
         encoded = base64.encodebytes(data)
         parts.append(
             f'Content-Type: {ctype}; name="{filename}"\n'
             f'Content-Disposition: attachment; filename="{filename}"\n'
-            "Content-Transfer-Encoding: base64\n\n".encode() + encoded
+            "Content-Transfer-Encoding: base64\n\n".encode()
+            + encoded
         )
     body = b"".join(b"--BOUNDARY\n" + p for p in parts) + b"--BOUNDARY--\n"
     return (head + 'Content-Type: multipart/mixed; boundary="BOUNDARY"\n\n').encode() + body
@@ -206,8 +207,10 @@ def test_identical_attachments_are_sent_once_and_names_are_merged(clamd: Clamd) 
 
 
 def test_clean_message_and_clean_attachments(clamd: Clamd) -> None:
-    raw = message_with(("a.bin", "application/octet-stream", bytes(range(256)) * 10), ("b.zip", "application/zip",
-                       zip_with("x.txt", b"nothing to see")))
+    raw = message_with(
+        ("a.bin", "application/octet-stream", bytes(range(256)) * 10),
+        ("b.zip", "application/zip", zip_with("x.txt", b"nothing to see")),
+    )
     assert run_check(av_config(clamd.unix_spec), raw) == ([], {})
 
 

@@ -164,7 +164,6 @@ def test_a_write_only_handle_writes_the_snapshot_learning_made_due(
     check_consistent(path)
 
 
-
 def test_a_write_only_handle_snapshots_a_new_store(tmp_path: Path) -> None:
     """SQLite: a store a worker's writer creates and learns into first gets a snapshot at once (as
     when the writer loaded the counts itself), so that readers do not read the whole table."""
@@ -181,6 +180,7 @@ def test_a_write_only_handle_snapshots_a_new_store(tmp_path: Path) -> None:
     with BayesStore.open(path, cfg.bayes, upkeep=False) as reader:
         assert reader._snapshot_due is False  # it loaded the snapshot, not the table
     check_consistent(path)
+
 
 # -- Redis errors on the writer's and the expiry's paths -----------------------------------------------
 

@@ -45,8 +45,13 @@ def hits(engine: Engine, raw: bytes) -> set[str]:
     return set(result.rule_names) | set(result.subrules)
 
 
-def msg(headers: bytes = b"", body: bytes = b"Hello Dana,\n\nsee you on Tuesday.\n", *,
-        ctype: bytes = PLAIN, head: bytes = HEAD) -> bytes:
+def msg(
+    headers: bytes = b"",
+    body: bytes = b"Hello Dana,\n\nsee you on Tuesday.\n",
+    *,
+    ctype: bytes = PLAIN,
+    head: bytes = HEAD,
+) -> bytes:
     return head + headers + ctype + b"\n" + body
 
 
@@ -159,11 +164,13 @@ def test_unparseable_date(engine: Engine) -> None:
 
 
 def test_display_name_showing_another_address(engine: Engine) -> None:
-    spoof = HEAD.replace(b"From: Alex Sender <alex@sender.example>",
-                         b'From: "billing@bank.example" <refunds@other.test>')
+    spoof = HEAD.replace(
+        b"From: Alex Sender <alex@sender.example>", b'From: "billing@bank.example" <refunds@other.test>'
+    )
     assert "HDR_FROM_NAME_OTHER_ADDR" in hits(engine, msg(head=spoof))
-    same = HEAD.replace(b"From: Alex Sender <alex@sender.example>",
-                        b'From: "alex@sender.example" <alex@sender.example>')
+    same = HEAD.replace(
+        b"From: Alex Sender <alex@sender.example>", b'From: "alex@sender.example" <alex@sender.example>'
+    )
     assert "HDR_FROM_NAME_OTHER_ADDR" not in hits(engine, msg(head=same))
 
 
@@ -181,16 +188,26 @@ def test_free_mail_sender_replying_into_the_same_service(engine: Engine) -> None
 def test_bulk_pitch_phrases(engine: Engine) -> None:
     cases = {
         "BODY_DEAR_SIR_LINE": (b"Dear Sir,\n\nWe are a bathtub manufacturer.\n", b"Dear Sir Humphrey,\nthanks.\n"),
-        "BODY_MAKE_MONEY_ONLINE": (b"Start making extra money on the internet today.\n",
-                                   b"They make money on the side by teaching.\n"),
-        "BODY_BUSINESS_OPPORTUNITY": (b"A ground floor opportunity like no other.\n",
-                                      b"The workshop is an opportunity to meet.\n"),
-        "BODY_RECEIVING_BECAUSE": (b"You are receiving this email because you visited us.\n",
-                                   b"Are you receiving my emails at all?\n"),
-        "BODY_REMOVE_INSTRUCTIONS": (b"Please reply to webmaster@x.example with 'remove' in the subject.\n",
-                                     b"Remove the old cable first.\n"),
-        "BODY_OPT_IN_CLAIM": (b"This is a one-time mailing, so no removal is necessary.\n",
-                              b"Removal of the tree is necessary.\n"),
+        "BODY_MAKE_MONEY_ONLINE": (
+            b"Start making extra money on the internet today.\n",
+            b"They make money on the side by teaching.\n",
+        ),
+        "BODY_BUSINESS_OPPORTUNITY": (
+            b"A ground floor opportunity like no other.\n",
+            b"The workshop is an opportunity to meet.\n",
+        ),
+        "BODY_RECEIVING_BECAUSE": (
+            b"You are receiving this email because you visited us.\n",
+            b"Are you receiving my emails at all?\n",
+        ),
+        "BODY_REMOVE_INSTRUCTIONS": (
+            b"Please reply to webmaster@x.example with 'remove' in the subject.\n",
+            b"Remove the old cable first.\n",
+        ),
+        "BODY_OPT_IN_CLAIM": (
+            b"This is a one-time mailing, so no removal is necessary.\n",
+            b"Removal of the tree is necessary.\n",
+        ),
     }
     for rule, (spammy, plain) in cases.items():
         assert rule in hits(engine, msg(body=spammy)), rule
@@ -203,10 +220,14 @@ def test_reply_to_freemail_in_other_domain(engine: Engine) -> None:
 
 
 def test_helo_claiming_big_provider_without_matching_rdns(engine: Engine) -> None:
-    forged = (b"Received: from mail-yw1-f50.google.com (unknown [203.0.113.88])\n"
-              b"\tby mx1.example.net (Postfix) with ESMTP id 1; Mon, 12 Jan 2026 10:00:05 +0000\n")
-    genuine = (b"Received: from mail-yw1-f50.google.com (mail-yw1-f50.google.com [203.0.113.88])\n"
-               b"\tby mx1.example.net (Postfix) with ESMTP id 1; Mon, 12 Jan 2026 10:00:05 +0000\n")
+    forged = (
+        b"Received: from mail-yw1-f50.google.com (unknown [203.0.113.88])\n"
+        b"\tby mx1.example.net (Postfix) with ESMTP id 1; Mon, 12 Jan 2026 10:00:05 +0000\n"
+    )
+    genuine = (
+        b"Received: from mail-yw1-f50.google.com (mail-yw1-f50.google.com [203.0.113.88])\n"
+        b"\tby mx1.example.net (Postfix) with ESMTP id 1; Mon, 12 Jan 2026 10:00:05 +0000\n"
+    )
     rest = HEAD.split(b"\n", 3)[3]
     assert "HDR_RCVD_HELO_PROVIDER_FORGED" in hits(engine, msg(head=forged + rest))
     assert "HDR_RCVD_HELO_PROVIDER_FORGED" not in hits(engine, msg(head=genuine + rest))
@@ -214,8 +235,10 @@ def test_helo_claiming_big_provider_without_matching_rdns(engine: Engine) -> Non
 
 def test_border_hop_without_rdns_and_with_bare_word_helo(engine: Engine) -> None:
     rest = HEAD.split(b"\n", 3)[3]
-    bot = (b"Received: from WIN-7Q2M0D8 (unknown [203.0.113.201])\n"
-           b"\tby mx1.example.net (Postfix) with ESMTP id 2; Mon, 12 Jan 2026 10:00:05 +0000\n")
+    bot = (
+        b"Received: from WIN-7Q2M0D8 (unknown [203.0.113.201])\n"
+        b"\tby mx1.example.net (Postfix) with ESMTP id 2; Mon, 12 Jan 2026 10:00:05 +0000\n"
+    )
     found = hits(engine, msg(head=bot + rest))
     assert {"HDR_RCVD_NO_RDNS", "HDR_RCVD_HELO_NO_DOT"} <= found
     # A bare-word HELO from a private address (a laptop inside the office) is normal.
@@ -224,10 +247,12 @@ def test_border_hop_without_rdns_and_with_bare_word_helo(engine: Engine) -> None
 
 
 def test_received_time_going_backwards(engine: Engine) -> None:
-    chain = (b"Received: from relay.example.org (relay.example.org [198.51.100.9])\n"
-             b"\tby mx1.example.net with ESMTP id 3; Mon, 12 Jan 2026 10:00:05 +0000\n"
-             b"Received: from a.example.org (a.example.org [198.51.100.7])\n"
-             b"\tby relay.example.org with ESMTP id 4; Mon, 12 Jan 2026 19:00:00 +0000\n")
+    chain = (
+        b"Received: from relay.example.org (relay.example.org [198.51.100.9])\n"
+        b"\tby mx1.example.net with ESMTP id 3; Mon, 12 Jan 2026 10:00:05 +0000\n"
+        b"Received: from a.example.org (a.example.org [198.51.100.7])\n"
+        b"\tby relay.example.org with ESMTP id 4; Mon, 12 Jan 2026 19:00:00 +0000\n"
+    )
     rest = HEAD.split(b"\n", 3)[3]
     assert "HDR_RCVD_TIME_BACKWARDS" in hits(engine, msg(head=chain + rest))
     ordered = chain.replace(b"19:00:00", b"09:59:00")
@@ -245,11 +270,13 @@ def test_header_check_runs_at_headers_stage() -> None:
 
 def test_double_extension_executable(engine: Engine) -> None:
     def with_attachment(name: bytes) -> bytes:
-        body = (b"--b1\nContent-Type: text/plain\n\nPlease see the invoice.\n"
-                b"--b1\nContent-Type: application/octet-stream; name=\"" + name + b"\"\n"
-                b"Content-Transfer-Encoding: base64\n"
-                b"Content-Disposition: attachment; filename=\"" + name + b"\"\n\nTVqQAAMAAAAEAAAA\n"
-                b"--b1--\n")
+        body = (
+            b"--b1\nContent-Type: text/plain\n\nPlease see the invoice.\n"
+            b'--b1\nContent-Type: application/octet-stream; name="' + name + b'"\n'
+            b"Content-Transfer-Encoding: base64\n"
+            b'Content-Disposition: attachment; filename="' + name + b'"\n\nTVqQAAMAAAAEAAAA\n'
+            b"--b1--\n"
+        )
         return msg(body=body, ctype=b'Content-Type: multipart/mixed; boundary="b1"\n')
 
     found = hits(engine, with_attachment(b"invoice.pdf.exe"))
@@ -268,16 +295,17 @@ def test_missing_closing_boundary(engine: Engine) -> None:
 
 def test_base64_for_plain_ascii_text(engine: Engine) -> None:
     ctype = PLAIN + b"Content-Transfer-Encoding: base64\n"
-    assert "MIME_BASE64_ASCII_TEXT" in hits(engine, msg(body=b"SGVsbG8gRGFuYSwgc2VlIHlvdSBzb29uLgo=\n",
-                                                        ctype=ctype))
+    assert "MIME_BASE64_ASCII_TEXT" in hits(engine, msg(body=b"SGVsbG8gRGFuYSwgc2VlIHlvdSBzb29uLgo=\n", ctype=ctype))
     assert "MIME_BASE64_ASCII_TEXT" not in hits(engine, msg())
 
 
 def test_html_without_text_alternative(engine: Engine) -> None:
     html = b"<html><body><p>Hello Dana, the agenda is attached below.</p></body></html>\n"
     assert "MIME_HTML_ONLY" in hits(engine, msg(body=html, ctype=b"Content-Type: text/html\n"))
-    alt = (b"--b1\nContent-Type: text/plain\n\nHello Dana, the agenda is attached below.\n"
-           b"--b1\nContent-Type: text/html\n\n" + html + b"--b1--\n")
+    alt = (
+        b"--b1\nContent-Type: text/plain\n\nHello Dana, the agenda is attached below.\n"
+        b"--b1\nContent-Type: text/html\n\n" + html + b"--b1--\n"
+    )
     ctype = b'Content-Type: multipart/alternative; boundary="b1"\n'
     assert "MIME_HTML_ONLY" not in hits(engine, msg(body=alt, ctype=ctype))
 
@@ -295,8 +323,10 @@ HTML = b"Content-Type: text/html; charset=utf-8\n"
 
 
 def test_link_text_showing_another_domain(engine: Engine) -> None:
-    trick = (b'<p>Sign in at <a href="http://203.0.113.7/login">https://www.bank.example/login</a>'
-             b" to keep your account.</p>\n")
+    trick = (
+        b'<p>Sign in at <a href="http://203.0.113.7/login">https://www.bank.example/login</a>'
+        b" to keep your account.</p>\n"
+    )
     assert "HTML_LINK_SHOWS_OTHER_DOMAIN" in hits(engine, msg(body=trick, ctype=HTML))
     honest = trick.replace(b"http://203.0.113.7/login", b"https://secure.bank.example/login")
     assert "HTML_LINK_SHOWS_OTHER_DOMAIN" not in hits(engine, msg(body=honest, ctype=HTML))
@@ -387,8 +417,10 @@ def test_obfuscated_drug_name_caught_in_nbody(engine: Engine) -> None:
 
 
 def test_reply_with_quote_is_a_ham_sign(engine: Engine) -> None:
-    reply = msg(b"In-Reply-To: <xyz@example.net>\nSubject: Re: Tuesday\n",
-                body=b"Dana wrote:\n> Tuesday at ten?\n> Or later?\n\nTen is fine.\n")
+    reply = msg(
+        b"In-Reply-To: <xyz@example.net>\nSubject: Re: Tuesday\n",
+        body=b"Dana wrote:\n> Tuesday at ten?\n> Or later?\n\nTen is fine.\n",
+    )
     result = scan(engine, reply)
     assert "META_REPLY_WITH_QUOTE" in result.rule_names
     assert result.score < 0
@@ -399,9 +431,11 @@ def test_reply_with_quote_is_a_ham_sign(engine: Engine) -> None:
 
 
 def test_advance_fee_meta_needs_several_marks(engine: Engine) -> None:
-    letter = (b"I am Barrister James Okoro, solicitor to the late client who died in a plane crash.\n\n"
-              b"I seek your assistance as next of kin to receive the sum of US$15,500,000.00.\n\n"
-              b"This is strictly confidential. You will take 30% of the total sum.\n")
+    letter = (
+        b"I am Barrister James Okoro, solicitor to the late client who died in a plane crash.\n\n"
+        b"I seek your assistance as next of kin to receive the sum of US$15,500,000.00.\n\n"
+        b"This is strictly confidential. You will take 30% of the total sum.\n"
+    )
     found = hits(engine, msg(body=letter))
     assert {"META_ADVANCE_FEE_3", "META_ADVANCE_FEE_5"} <= found
     one_mark = b"The late client left the house to her nephew.\n"

@@ -94,8 +94,7 @@ def test_parse_wrong_and_missing_charsets_fall_back() -> None:
     msg = parse(b"Content-Type: text/plain; charset=x-martian\n\nplain")
     assert "charset-unknown-charset" in msg.problems
     msg = parse(
-        b"Content-Type: text/plain; charset=koi8-r\n\n"
-        + "\u041f\u0440\u0438\u0432\u0435\u0442".encode("koi8-r")
+        b"Content-Type: text/plain; charset=koi8-r\n\n" + "\u041f\u0440\u0438\u0432\u0435\u0442".encode("koi8-r")
     )
     assert msg.parts[0].text == "\u041f\u0440\u0438\u0432\u0435\u0442"
 

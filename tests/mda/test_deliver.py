@@ -496,9 +496,7 @@ def test_a_forward_loop_skips_only_the_forward(tmp_path: Path, deliver: Deliver)
     assert calls(tmp_path, "sendmail") == [] and only(tmp_path / "Maildir", ".Kept").endswith(looped)
 
 
-def test_filtered_mail_keeps_one_return_path_and_delivered_to(
-    tmp_path: Path, deliver: Deliver, daemon: Daemon
-) -> None:
+def test_filtered_mail_keeps_one_return_path_and_delivered_to(tmp_path: Path, deliver: Deliver, daemon: Daemon) -> None:
     """The daemon adds its X-Spam-* fields after the first header line, between the two we
     prepended; neither may then be prepended a second time (ham, tagged spam, wrapped spam)."""
     for n, (data, user) in enumerate(((HAM, "alice"), (GTUBE, "alice"), (GTUBE, "wrapped"))):

@@ -432,9 +432,7 @@ def test_active_limit_holds_the_rest_back_without_spinning(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize(("milter", "flag"), [("", "--filter"), ("127.0.0.1:9", "--no-filter")])
-def test_filter_placeholder_says_whether_the_milter_scored_the_message(
-    tmp_path: Path, milter: str, flag: str
-) -> None:
+def test_filter_placeholder_says_whether_the_milter_scored_the_message(tmp_path: Path, milter: str, flag: str) -> None:
     """{filter} tells `filterd deliver` not to ask the daemon again after the MTA's milter did."""
     recorder = mta_config(tmp_path).mta.local_delivery_command
     config = mta_config(tmp_path, milter=milter, local_delivery_command=(*recorder, "{filter}"))

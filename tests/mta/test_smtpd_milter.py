@@ -120,7 +120,6 @@ def test_filter_down_applies_milter_default_action(tmp_path: Path, action: str) 
 # -- each verdict, against a scripted filter (the sans-IO filter side) and an in-process server ----
 
 
-
 def run_scripted(
     tmp_path: Path, script: Script, client: Callable[[smtplib.SMTP], object], *, leadspc: bool = False
 ) -> tuple[object, Queue]:

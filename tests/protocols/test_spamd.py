@@ -562,6 +562,7 @@ def test_exit_codes_are_sysexits() -> None:
 def test_requests_built_by_aiospamc_parse() -> None:
     import aiospamc.header_values as hv
     import aiospamc.requests as requests
+
     message = b"Subject: hi\r\n\r\nbody\r\n"
     for verb in sorted(METHODS - {"PING", "SKIP", "TELL"}):
         for compress in (False, True):

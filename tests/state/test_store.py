@@ -333,4 +333,3 @@ def test_format_number_and_ip_block() -> None:
     assert ip_block("::ffff:192.0.2.77", 16, 64) == "192.0.0.0/16"
     assert ip_block("[2001:db8:1:2:3::4]", 24, 48) == "2001:db8:1::/48"
     assert ip_block("unknown", 24, 64) is None
-

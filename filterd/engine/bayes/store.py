@@ -460,9 +460,7 @@ class BayesStore(BayesStoreBase):
                     conn.execute("INSERT INTO messages VALUES (?, ?, ?, ?)", (digest, int(is_spam), now, blob))
                 known[digest] = (is_spam, blob)
             if plan.changes:
-                self._commit_delta(
-                    conn, aggregate(plan.inc), aggregate(plan.dec), EMPTY_IDS, plan.d_spam, plan.d_ham
-                )
+                self._commit_delta(conn, aggregate(plan.inc), aggregate(plan.dec), EMPTY_IDS, plan.d_spam, plan.d_ham)
         if plan.changes:
             self.refresh()
             self._maybe_snapshot()

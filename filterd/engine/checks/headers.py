@@ -36,10 +36,23 @@ _PROVIDER_DOMAINS = frozenset(_RELAY_PROVIDER)
 _PROVIDER_SUFFIXES = tuple("." + d for d in _RELAY_PROVIDER)
 _HOUR = 3600.0
 _DAY = 86400.0
-_MONTHS = {m: i for i, m in enumerate(
-    ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], 1)}
-_ZONES = {"ut": 0, "utc": 0, "gmt": 0, "z": 0, "est": -5, "edt": -4, "cst": -6, "cdt": -5,
-          "mst": -7, "mdt": -6, "pst": -8, "pdt": -7}
+_MONTHS = {
+    m: i for i, m in enumerate(["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], 1)
+}
+_ZONES = {
+    "ut": 0,
+    "utc": 0,
+    "gmt": 0,
+    "z": 0,
+    "est": -5,
+    "edt": -4,
+    "cst": -6,
+    "cdt": -5,
+    "mst": -7,
+    "mdt": -6,
+    "pst": -8,
+    "pdt": -7,
+}
 _DATE = re.compile(
     r"(\d{1,2})\s+([A-Za-z]{3})[A-Za-z]*\.?\s+(\d{2,4})\s+(\d{1,2}):(\d\d)(?::(\d\d))?"
     r"(?:\s*([+-]\d{4}|[A-Za-z]{1,5}\b))?"
@@ -85,9 +98,7 @@ def _epoch(text: str) -> float | None:
     return float(stamp)
 
 
-def _receipt_time(
-    relays: Sequence[Relay], stamps: Sequence[float | None], client_ip: str, now: float
-) -> float | None:
+def _receipt_time(relays: Sequence[Relay], stamps: Sequence[float | None], client_ip: str, now: float) -> float | None:
     """When the receiving MTA took the message in: what the Date checks compare Date with.
 
     That is the date of the Received header the receiving MTA wrote (SpamAssassin's
@@ -164,30 +175,32 @@ class HeaderCheck:
 
     name: ClassVar[str] = "headers"
     stage: ClassVar[Stage] = Stage.HEADERS
-    emits: ClassVar[frozenset[str]] = frozenset({
-        "HDR_DATE_UNPARSEABLE",
-        "HDR_DATE_FUTURE_3H",
-        "HDR_DATE_FUTURE_2D",
-        "HDR_DATE_PAST_4D",
-        "HDR_DATE_PAST_1Y",
-        "HDR_FROM_NAME_OTHER_ADDR",
-        "HDR_REPLYTO_FREEMAIL",
-        "HDR_FREEMAIL_REPLYTO_SAME",
-        "__HDR_REPLYTO_OTHER_DOMAIN",
-        "__HDR_FROM_FREEMAIL",
-        "HDR_FROM_PROVIDER_NOT_RCVD",
-        "HDR_MANY_RECIPIENTS",
-        "HDR_RCVD_HELO_PROVIDER_FORGED",
-        "HDR_RCVD_HELO_BARE_IP",
-        "HDR_RCVD_HELO_IP_MISMATCH",
-        "HDR_RCVD_HELO_IS_RECEIVER",
-        "HDR_RCVD_NO_RDNS",
-        "HDR_RCVD_HELO_NO_DOT",
-        "HDR_RCVD_HELO_LITERAL_NO_RDNS",
-        "HDR_FROM_IS_TO",
-        "HDR_RCVD_TIME_BACKWARDS",
-        "__HDR_RCVD_NONE",
-    })
+    emits: ClassVar[frozenset[str]] = frozenset(
+        {
+            "HDR_DATE_UNPARSEABLE",
+            "HDR_DATE_FUTURE_3H",
+            "HDR_DATE_FUTURE_2D",
+            "HDR_DATE_PAST_4D",
+            "HDR_DATE_PAST_1Y",
+            "HDR_FROM_NAME_OTHER_ADDR",
+            "HDR_REPLYTO_FREEMAIL",
+            "HDR_FREEMAIL_REPLYTO_SAME",
+            "__HDR_REPLYTO_OTHER_DOMAIN",
+            "__HDR_FROM_FREEMAIL",
+            "HDR_FROM_PROVIDER_NOT_RCVD",
+            "HDR_MANY_RECIPIENTS",
+            "HDR_RCVD_HELO_PROVIDER_FORGED",
+            "HDR_RCVD_HELO_BARE_IP",
+            "HDR_RCVD_HELO_IP_MISMATCH",
+            "HDR_RCVD_HELO_IS_RECEIVER",
+            "HDR_RCVD_NO_RDNS",
+            "HDR_RCVD_HELO_NO_DOT",
+            "HDR_RCVD_HELO_LITERAL_NO_RDNS",
+            "HDR_FROM_IS_TO",
+            "HDR_RCVD_TIME_BACKWARDS",
+            "__HDR_RCVD_NONE",
+        }
+    )
 
     def __init__(self, setup: CheckSetup) -> None:
         self._setup = setup
@@ -253,8 +266,7 @@ class HeaderCheck:
                 hits.append(Hit("HDR_FREEMAIL_REPLYTO_SAME", reply_domain))
         if from_domain in BIG_MAIL_PROVIDERS and msg.relays:
             relay_domains = PROVIDER_RELAY_DOMAINS[BIG_MAIL_PROVIDERS[from_domain]]
-            if not any(_parent_in(name, relay_domains)
-                       for r in msg.relays for name in (r.by, r.rdns, r.helo) if name):
+            if not any(_parent_in(name, relay_domains) for r in msg.relays for name in (r.by, r.rdns, r.helo) if name):
                 hits.append(Hit("HDR_FROM_PROVIDER_NOT_RCVD", from_domain))
         to_addr = _first_address(msg.get("to"))[1].lower()
         if from_addr and to_addr == from_addr.lower() and msg.count("to") == 1 and "," not in msg.get("to"):
@@ -277,8 +289,9 @@ class HeaderCheck:
             if stamped is not None:
                 # Each hop is older than the one above it; allow for sloppy clocks.
                 if newer and stamped - newer > 6 * _HOUR:
-                    fired.setdefault("HDR_RCVD_TIME_BACKWARDS",
-                                     f"{(stamped - newer) / _HOUR:.0f} h later than the next hop")
+                    fired.setdefault(
+                        "HDR_RCVD_TIME_BACKWARDS", f"{(stamped - newer) / _HOUR:.0f} h later than the next hop"
+                    )
                 newer = stamped
             ip = relay.ip
             if not ip or relay.auth or private_ip(ip):
@@ -302,8 +315,11 @@ class HeaderCheck:
                     fired.setdefault("HDR_RCVD_HELO_IP_MISMATCH", f"helo={helo} ip={ip}")
                 continue
             by = relay.by.lower().rstrip(".")
-            if by and (helo == by or by.endswith("." + helo)) and not (
-                    relay.rdns and (relay.rdns == helo or relay.rdns.endswith("." + helo))):
+            if (
+                by
+                and (helo == by or by.endswith("." + helo))
+                and not (relay.rdns and (relay.rdns == helo or relay.rdns.endswith("." + helo)))
+            ):
                 # Greeting with the receiver's own name, or the domain it belongs to.
                 fired.setdefault("HDR_RCVD_HELO_IS_RECEIVER", f"helo={helo} by={by}")
             if "." not in helo:
@@ -312,6 +328,7 @@ class HeaderCheck:
                 provider = _parent_in(helo, _PROVIDER_DOMAINS)
                 allowed = PROVIDER_RELAY_DOMAINS[_RELAY_PROVIDER[provider]]
                 if (relay.rdns and not _parent_in(relay.rdns, allowed)) or (
-                        not relay.rdns and _says_no_rdns(relay.raw)):
+                    not relay.rdns and _says_no_rdns(relay.raw)
+                ):
                     fired.setdefault("HDR_RCVD_HELO_PROVIDER_FORGED", f"helo={helo} rdns={relay.rdns}")
         hits.extend(Hit(rule, detail) for rule, detail in fired.items())

@@ -32,24 +32,26 @@ class HtmlCheck:
 
     name: ClassVar[str] = "html"
     stage: ClassVar[Stage] = Stage.BODY
-    emits: ClassVar[frozenset[str]] = frozenset({
-        "HTML_IMAGE_ONLY",
-        "HTML_IMAGE_MOSTLY",
-        "HTML_HIDDEN_TEXT",
-        "HTML_HIDDEN_TEXT_MOSTLY",
-        "HTML_TINY_TEXT",
-        "HTML_LINK_SHOWS_OTHER_DOMAIN",
-        "HTML_FORM",
-        "HTML_PASSWORD_FIELD",
-        "HTML_SCRIPT",
-        "__HTML_IFRAME",
-        "__HTML_EMBEDDED_OBJECT",
-        "HTML_META_REFRESH",
-        "HTML_COMMENT_SPLITS_WORD",
-        "HTML_MANY_UNKNOWN_TAGS",
-        "HTML_NO_VISIBLE_TEXT",
-        "HTML_SHORT_WITH_LINK",
-    })
+    emits: ClassVar[frozenset[str]] = frozenset(
+        {
+            "HTML_IMAGE_ONLY",
+            "HTML_IMAGE_MOSTLY",
+            "HTML_HIDDEN_TEXT",
+            "HTML_HIDDEN_TEXT_MOSTLY",
+            "HTML_TINY_TEXT",
+            "HTML_LINK_SHOWS_OTHER_DOMAIN",
+            "HTML_FORM",
+            "HTML_PASSWORD_FIELD",
+            "HTML_SCRIPT",
+            "__HTML_IFRAME",
+            "__HTML_EMBEDDED_OBJECT",
+            "HTML_META_REFRESH",
+            "HTML_COMMENT_SPLITS_WORD",
+            "HTML_MANY_UNKNOWN_TAGS",
+            "HTML_NO_VISIBLE_TEXT",
+            "HTML_SHORT_WITH_LINK",
+        }
+    )
 
     def __init__(self, setup: CheckSetup) -> None:
         self._uris: UriParser = setup.uri_parser

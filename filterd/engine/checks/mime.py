@@ -27,8 +27,21 @@ _PROBLEM_RULES: dict[str, str] = {
     "charset-bad-bytes": "MIME_CHARSET_WRONG",
     "charset-undeclared-8bit": "MIME_8BIT_UNDECLARED",
 }
-_EAST_ASIAN = ("gb2312", "gbk", "gb18030", "big5", "euc-kr", "ks_c_5601", "iso-2022-jp",
-               "shift_jis", "shift-jis", "euc-jp", "iso-2022-kr", "x-sjis", "hz-gb-2312")
+_EAST_ASIAN = (
+    "gb2312",
+    "gbk",
+    "gb18030",
+    "big5",
+    "euc-kr",
+    "ks_c_5601",
+    "iso-2022-jp",
+    "shift_jis",
+    "shift-jis",
+    "euc-jp",
+    "iso-2022-kr",
+    "x-sjis",
+    "hz-gb-2312",
+)
 _MANY_PARTS = 12
 _ARCHIVES = frozenset({"zip", "rar", "7z", "ace", "arj", "cab", "iso", "img", "gz", "tgz"})
 _WEB_PAGES = frozenset({"htm", "html", "shtml", "xhtml", "svg", "mht", "mhtml"})
@@ -39,22 +52,24 @@ class MimeCheck:
 
     name: ClassVar[str] = "mime"
     stage: ClassVar[Stage] = Stage.BODY
-    emits: ClassVar[frozenset[str]] = frozenset({
-        *_PROBLEM_RULES.values(),
-        "MIME_BASE64_TEXT",
-        "MIME_BASE64_ASCII_TEXT",
-        "MIME_EXEC_ATTACHMENT",
-        "MIME_DOUBLE_EXTENSION",
-        "MIME_ARCHIVE_ATTACHMENT",
-        "MIME_HTML_ATTACHMENT",
-        "MIME_MANY_PARTS",
-        "MIME_HTML_ONLY",
-        "MIME_HTML_IN_PLAIN_PART",
-        "MIME_ALT_TEXT_MISMATCH",
-        "MIME_ALT_TEXT_EMPTY",
-        "MIME_NO_TEXT_PART",
-        "MIME_CHARSET_EAST_ASIAN",
-    })
+    emits: ClassVar[frozenset[str]] = frozenset(
+        {
+            *_PROBLEM_RULES.values(),
+            "MIME_BASE64_TEXT",
+            "MIME_BASE64_ASCII_TEXT",
+            "MIME_EXEC_ATTACHMENT",
+            "MIME_DOUBLE_EXTENSION",
+            "MIME_ARCHIVE_ATTACHMENT",
+            "MIME_HTML_ATTACHMENT",
+            "MIME_MANY_PARTS",
+            "MIME_HTML_ONLY",
+            "MIME_HTML_IN_PLAIN_PART",
+            "MIME_ALT_TEXT_MISMATCH",
+            "MIME_ALT_TEXT_EMPTY",
+            "MIME_NO_TEXT_PART",
+            "MIME_CHARSET_EAST_ASIAN",
+        }
+    )
 
     def __init__(self, setup: CheckSetup) -> None:
         self._setup = setup

@@ -22,9 +22,7 @@ _NOT_LETTER = bytes(b for b in range(256) if not (65 <= b <= 90 or 97 <= b <= 12
 _ZERO_WIDTH = "\u200b\u200c\u200d\u2060\ufeff\u180e"
 _ZW_IN_WORD = re.compile(r"\w[\u200b\u200c\u200d\u2060\ufeff\u180e]+\w")
 # A Latin letter next to a Cyrillic or Greek one inside a single word.
-_MIXED_SCRIPT = re.compile(
-    r"[A-Za-z][\u0370-\u03ff\u0400-\u04ff]|[\u0370-\u03ff\u0400-\u04ff][A-Za-z]"
-)
+_MIXED_SCRIPT = re.compile(r"[A-Za-z][\u0370-\u03ff\u0400-\u04ff]|[\u0370-\u03ff\u0400-\u04ff][A-Za-z]")
 _CYRILLIC_OR_GREEK = re.compile(r"[\u0370-\u03ff\u0400-\u04ff]")
 
 
@@ -33,17 +31,19 @@ class TextCheck:
 
     name: ClassVar[str] = "text"
     stage: ClassVar[Stage] = Stage.BODY
-    emits: ClassVar[frozenset[str]] = frozenset({
-        "TEXT_CAPS_50",
-        "TEXT_CAPS_70",
-        "TEXT_EXCLAIM_MANY",
-        "TEXT_EXCLAIM_RUNS",
-        "TEXT_DOLLAR_MANY",
-        "TEXT_ZERO_WIDTH_IN_WORD",
-        "TEXT_MIXED_SCRIPT_WORD",
-        "TEXT_EMPTY_BODY",
-        "TEXT_SHORT_BODY",
-    })
+    emits: ClassVar[frozenset[str]] = frozenset(
+        {
+            "TEXT_CAPS_50",
+            "TEXT_CAPS_70",
+            "TEXT_EXCLAIM_MANY",
+            "TEXT_EXCLAIM_RUNS",
+            "TEXT_DOLLAR_MANY",
+            "TEXT_ZERO_WIDTH_IN_WORD",
+            "TEXT_MIXED_SCRIPT_WORD",
+            "TEXT_EMPTY_BODY",
+            "TEXT_SHORT_BODY",
+        }
+    )
 
     def __init__(self, setup: CheckSetup) -> None:
         self._setup = setup

@@ -30,20 +30,22 @@ class UriCheck:
 
     name: ClassVar[str] = "uri"
     stage: ClassVar[Stage] = Stage.BODY
-    emits: ClassVar[frozenset[str]] = frozenset({
-        "URI_IP_HOST",
-        "URI_IP_ENCODED",
-        "URI_USERINFO",
-        "URI_OBFUSCATED",
-        "URI_SHORTENER",
-        "__URI_MANY_DOMAINS",
-        "URI_ODD_PORT",
-        "URI_PUNYCODE_HOST",
-        "URI_BRAND_IN_HOST",
-        "URI_DEEP_SUBDOMAIN",
-        "__URI_ANY",
-        "__URI_ONE_DOMAIN",
-    })
+    emits: ClassVar[frozenset[str]] = frozenset(
+        {
+            "URI_IP_HOST",
+            "URI_IP_ENCODED",
+            "URI_USERINFO",
+            "URI_OBFUSCATED",
+            "URI_SHORTENER",
+            "__URI_MANY_DOMAINS",
+            "URI_ODD_PORT",
+            "URI_PUNYCODE_HOST",
+            "URI_BRAND_IN_HOST",
+            "URI_DEEP_SUBDOMAIN",
+            "__URI_ANY",
+            "__URI_ONE_DOMAIN",
+        }
+    )
 
     def __init__(self, setup: CheckSetup) -> None:
         self._setup = setup

@@ -273,4 +273,3 @@ def _done(task: asyncio.Task[T] | None) -> T | None:
     if task is None or not task.done() or task.cancelled():
         return None
     return task.result()
-
