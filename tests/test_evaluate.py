@@ -21,10 +21,12 @@ from filterd.evaluate import (
     add_eval_arguments,
     apply_split,
     assign_folds,
+    auc_interval,
     body_key,
     compute_metrics,
     plot_roc,
     plot_scores,
+    rate_interval,
     read_split,
     run_eval,
     strip_x_spam,
@@ -57,6 +59,47 @@ def test_metrics_small_case_by_hand() -> None:
     # No ham may be flagged: score >= 4 catches 4, 5, 6 and no ham; >= 3 would flag ham 3.
     for at in m.at_fpr:
         assert at.recall == pytest.approx(0.75) and at.fpr == 0.0 and at.threshold == 4.0
+
+
+def test_rate_intervals_are_exact_binomial() -> None:
+    # At the edges Clopper-Pearson has a closed form: k = 0 gives [0, 1 - (a/2)^(1/n)].
+    assert rate_interval(0, 100) == (0.0, pytest.approx(1 - 0.025 ** (1 / 100)))
+    assert rate_interval(100, 100) == (pytest.approx(0.025 ** (1 / 100)), 1.0)
+    lo, hi = rate_interval(2, 2080)  # two false positives in the corpus's test ham
+    assert lo < 0.001 < hi and hi == pytest.approx(0.00347, abs=1e-5)
+    # k of n and n - k of n mirror each other.
+    for k, n in ((1, 7), (30, 957), (907, 957)):
+        a, b = rate_interval(k, n)
+        c, d = rate_interval(n - k, n)
+        assert (a, b) == (pytest.approx(1 - d), pytest.approx(1 - c))
+        assert a < k / n < b
+
+
+def test_auc_interval_brackets_the_auc_and_narrows_with_more_messages() -> None:
+    import random
+
+    rng = random.Random(1)
+
+    def sample(n: int) -> tuple[list[bool], list[float]]:
+        y = [True] * n + [False] * 2 * n
+        return y, [rng.gauss(2.0, 1.0) for _ in range(n)] + [rng.gauss(0.0, 1.0) for _ in range(2 * n)]
+
+    y, v = sample(100)
+    m = compute_metrics("x", y, v, 1.0)
+    assert m.auc is not None and m.auc_ci is not None
+    assert m.auc_ci[0] < m.auc < m.auc_ci[1]
+    assert auc_interval(y, v) == m.auc_ci  # seeded: the same resamples every run
+    wide = m.auc_ci[1] - m.auc_ci[0]
+    y, v = sample(1000)
+    lo, hi = auc_interval(y, v)
+    assert hi - lo < wide / 2  # ten times the messages: about a third of the width
+    assert auc_interval([True, True, False], [3.0, 2.0, 1.0]) == (1.0, 1.0)  # no resample can misrank
+
+
+def test_metrics_count_what_was_caught_and_flagged() -> None:
+    m = compute_metrics("x", [False] * 4 + [True] * 4, [0, 1, 2, 5, 2, 4, 5, 6], 5.0)
+    assert (m.caught, m.flagged_ham) == (2, 1)
+    assert m.recall_ci == rate_interval(2, 4) and m.fpr_ci == rate_interval(1, 4)
 
 
 def test_recall_at_fpr_limits_and_their_thresholds() -> None:
@@ -342,6 +385,9 @@ def test_eval_runs_end_to_end_with_folds(
     for row in ("rules + Bayes", "rules alone"):
         assert any(line.startswith(row) and "%" in line for line in out.splitlines())
     assert any(line.startswith("Bayes alone") and "silent" in line for line in out.splitlines())
+    assert "95% intervals (the test messages are a sample" in out
+    full = next(line for line in out.splitlines() if line.startswith("  rules + Bayes:"))
+    assert "(1-AUC)% " in full and f"/{n_spam - 1} [" in full and f"/{n_ham} [" in full
     with (tmp_path / "out" / "scores.tsv").open(newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     assert len(rows) == n_ham + n_spam
