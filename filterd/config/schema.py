@@ -888,12 +888,12 @@ class MtaConfig(Section):
     )  # fmt: skip
     dns_breaker_failures: int = setting(
         5, min=0, max=10_000,
-        doc="Client name lookups in a row that get no answer at all (timeouts; NXDOMAIN and SERVFAIL are "
-        "answers) before the resolver is asked for the root zone's NS records (1 s at most); if that gets no "
-        "answer either, the DNS resolver counts as dead: clients are then 'unknown' at once and remote "
-        "deliveries are deferred (4.4.3) without an MX lookup, for dns_breaker_cooldown, after which one lookup "
-        "tries it again. If it answers, the timeouts were slow or lame zones (spam bots' reverse DNS) and "
-        "lookups go on. 0 = always wait.",
+        doc="DNS lookups in a row (client names, MX, addresses) that get no answer at all (timeouts; NXDOMAIN "
+        "and SERVFAIL are answers) before the resolver is asked for the root zone's NS records (1 s at most); "
+        "if that gets no answer either, the resolver counts as dead: for dns_breaker_cooldown only cached "
+        "answers are used (other clients are 'unknown' at once, other remote deliveries deferred with 4.4.3), "
+        "then one lookup tries it again. If it answers, the timeouts were slow or lame zones (spam bots' "
+        "reverse DNS, dead domains) and lookups go on. 0 = always wait.",
     )  # fmt: skip
     dns_breaker_cooldown: Duration = setting(
         parse_duration("30s"), min=parse_duration("1s"), max=parse_duration("1h"),

@@ -82,7 +82,6 @@ from filterd.config import Config, DeliverConfig, MtaConfig
 from filterd.dkimsign import sign_message
 from filterd.errors import DeliveryError, PermanentDeliveryError
 from filterd.mda.main import DeliveryRequest, deliver_message
-from filterd.mta.dnsbreaker import DnsBreaker
 from filterd.mta.mx import NextHop, next_hops
 from filterd.mta.smtp_client import Reply, SessionError, SmtpOptions, TlsError, send
 from filterd.net.dns import Resolver
@@ -463,12 +462,10 @@ class RemoteDelivery:
         *,
         hostname: str,
         rng: random.Random | None = None,
-        dns_breaker: DnsBreaker | None = None,
     ) -> None:
         mta = config.mta
         self.config = config
         self.resolver = resolver
-        self.dns_breaker = dns_breaker  # the SMTP server's: while it says DNS is dead, defer at once
         self.rng = rng or random.Random()
         self.options = SmtpOptions(
             helo_name=mta.smtp_helo_name or hostname,
@@ -527,7 +524,7 @@ class RemoteDelivery:
                     for r in recipients]  # fmt: skip
 
         try:
-            hops = await next_hops(self.resolver, domain, rng=self.rng, breaker=self.dns_breaker)
+            hops = await next_hops(self.resolver, domain, rng=self.rng)
             shared = MessageData.of(data)
             with shared.in_use():  # one read for the signature and the message
                 message = await self._signed(shared)

@@ -126,7 +126,6 @@ def run_mta_command(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: Config, users: dict[str, str], tls: ssl.SSLContext | None, *, deliver: bool) -> int:
-    from filterd.mta.dnsbreaker import mta_dns_breaker
     from filterd.mta.queue import Queue
     from filterd.mta.smtpd import SmtpServer
 
@@ -137,15 +136,15 @@ async def _serve(config: Config, users: dict[str, str], tls: ssl.SSLContext | No
         if deliver or config.mta.peername_lookup:
             from filterd.net.dns import Resolver
 
-            resolver = Resolver(config.dns)  # one cache for MX and client name lookups
-        # One per process: client name lookups find a dead resolver, deliveries stop waiting for it too.
-        breaker = mta_dns_breaker(config.mta, resolver)
+            # One cache for MX and client name lookups, and one judgement of whether the resolver
+            # is alive (the server and the queue manager guard it: `Resolver.guard_resolver`).
+            resolver = Resolver(config.dns)
         qmgr = None
         if deliver:
             from filterd.mta.qmgr import QueueManager
 
             assert resolver is not None
-            qmgr = QueueManager(config, queue, resolver, dns_breaker=breaker)
+            qmgr = QueueManager(config, queue, resolver)
         server = SmtpServer(
             config.mta,
             queue,
@@ -153,7 +152,6 @@ async def _serve(config: Config, users: dict[str, str], tls: ssl.SSLContext | No
             tls_context=tls,
             on_queued=qmgr.wake if qmgr is not None else None,
             resolver=resolver,
-            dns_breaker=breaker,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from filterd.errors import PermanentDeliveryError, TemporaryDeliveryError
-from filterd.mta.dnsbreaker import DnsBreaker
 from filterd.net.dns import DnsAnswer
 
 # Addresses tried per delivery attempt at most, across all MX hosts (Postfix's
@@ -84,19 +83,13 @@ async def _addresses(resolver: Resolver, host: str) -> tuple[list[str], bool, st
     return addresses, bool(failed), detail
 
 
-async def next_hops(
-    resolver: Resolver, domain: str, *, rng: random.Random, breaker: DnsBreaker | None = None
-) -> list[NextHop]:
+async def next_hops(resolver: Resolver, domain: str, *, rng: random.Random) -> list[NextHop]:
     """The addresses to try for ``domain``, best first (at most `MAX_ADDRESSES`)."""
     literal = _address_literal(domain)
     if literal is not None:
         return [NextHop(domain, 0, literal)]
     domain = domain.lower().rstrip(".")
-    if breaker is not None and not breaker.allow():
-        raise TemporaryDeliveryError(f"MX lookup for {domain} skipped: DNS resolver not answering", "4.4.3")
     mx = await resolver.query(domain, "MX")
-    if breaker is not None and not mx.cached:  # a domain's dead name servers time out too: not counted
-        await breaker.record(timed_out=mx.status == "timeout", count=False)
     if mx.status == "nxdomain":
         raise PermanentDeliveryError(f"Host or domain name not found: {domain} (MX: NXDOMAIN)", "5.1.2")
     if mx.temporary:

@@ -29,7 +29,6 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from filterd.mta.dnsbreaker import DnsBreaker
 from filterd.mta.mx import Resolver
 from filterd.net.dns import DnsAnswer
 
@@ -64,17 +63,13 @@ def valid_hostname(text: str) -> str:
     return name
 
 
-async def lookup_peername(
-    resolver: Resolver, client_ip: str, *, budget: float, breaker: DnsBreaker | None = None
-) -> PeerName:
+async def lookup_peername(resolver: Resolver, client_ip: str, *, budget: float) -> PeerName:
     """The client's names (see the module's docstring); never raises for DNS trouble and
     returns within ``budget`` seconds."""
     try:
         address = ipaddress.ip_address(client_ip)
     except ValueError:
         return PeerName(detail=f"not an IP address: {client_ip!r}")
-    if breaker is not None and not breaker.allow():
-        return PeerName(status="TEMP", detail="DNS resolver not answering: lookup skipped")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + budget
 
@@ -83,8 +78,6 @@ async def lookup_peername(
 
     # No breaker zone: one client's broken reverse zone must not stop lookups for the others.
     ptr = await resolver.query(address.reverse_pointer, "PTR", limit=left())
-    if breaker is not None and not ptr.cached:  # any answer to the PTR query shows the resolver alive
-        await breaker.record(timed_out=ptr.status == "timeout")
     if not ptr.ok:  # no PTR is common and needs no word in the log; a failed lookup does
         return PeerName(status="TEMP", detail=f"PTR lookup: {_failure(ptr)}") if ptr.temporary else PeerName()
     records = sorted(ptr.records)[:MAX_PTR_NAMES]  # sorted: the same reverse_name every time

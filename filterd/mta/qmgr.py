@@ -69,7 +69,6 @@ from filterd.config import Config
 from filterd.errors import QueueError
 from filterd.mta.bounce import DsnRecipient, build_dsn
 from filterd.mta.delivery import DeliveryResult, LocalDelivery, MessageData, RemoteDelivery
-from filterd.mta.dnsbreaker import DnsBreaker
 from filterd.mta.names import own_domains, own_hostname
 from filterd.mta.queue import Envelope, Queue, QueueState, Recipient, Recovery, fsync_dir
 from filterd.net.dns import Resolver
@@ -141,7 +140,6 @@ class QueueManager:
         *,
         local: LocalDelivery | None = None,
         remote: RemoteDelivery | None = None,
-        dns_breaker: DnsBreaker | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         poll_interval: float = 1.0,
@@ -160,9 +158,9 @@ class QueueManager:
             mta, state_dir=str(config.state_path), hostname=self.hostname, tmp_dir=str(queue.tmp),
             deliver=deliver,
         )  # fmt: skip
-        self.remote = remote or RemoteDelivery(
-            config, resolver, hostname=self.hostname, rng=rng, dns_breaker=dns_breaker
-        )
+        # A dead resolver is not waited for: deliveries are deferred at once (shared with the server).
+        resolver.guard_resolver(failures=mta.dns_breaker_failures, cooldown=mta.dns_breaker_cooldown)
+        self.remote = remote or RemoteDelivery(config, resolver, hostname=self.hostname, rng=rng)
         self.clock = clock
         self.rng = rng or random.Random()
         self.poll_interval = poll_interval

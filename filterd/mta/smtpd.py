@@ -4,9 +4,9 @@ pre-queue milter, and the durable queue.
 One asyncio task per connection owns one `SmtpServerConnection`. Before the greeting, the
 client's name is looked up as Postfix does (`filterd.mta.peername`: PTR, then forward-confirmed,
 within ``mta.peername_timeout``; "unknown" when that fails), for the log, our Received header and
-the milter's macros. A resolver found dead (``mta.dns_breaker_failures`` timeouts in a row) is not
-waited for: the server's `DnsBreaker` skips the lookups for ``mta.dns_breaker_cooldown``. What
-each command meets:
+the milter's macros. A resolver found dead (``mta.dns_breaker_failures`` timeouts in a row, and
+no answer to a ping) is not waited for: its breaker (`Resolver.guard_resolver`) skips the
+lookups for ``mta.dns_breaker_cooldown``. What each command meets:
 
 * RCPT: mail for ``mta.local_domains`` (and our hostname, and a bare ``postmaster``) from
   anyone; any other domain only from ``mta.mynetworks`` or an authenticated client, else
@@ -50,7 +50,6 @@ from filterd import __version__
 from filterd.config.schema import MtaConfig
 from filterd.errors import QueueError
 from filterd.mta.auth import check_user
-from filterd.mta.dnsbreaker import DnsBreaker, mta_dns_breaker
 from filterd.mta.milter_client import (
     HeaderSplit,
     MessageEdits,
@@ -153,13 +152,12 @@ class SmtpServer:
         tls_context: ssl.SSLContext | None = None,
         on_queued: Callable[[], None] | None = None,
         resolver: Resolver | None = None,
-        dns_breaker: DnsBreaker | None = None,
     ) -> None:
         self.config = config
         # None: no client name lookups (every client is "unknown"), as peername_lookup false
         self.resolver = resolver if config.peername_lookup else None
-        # Whether the resolver is worth waiting for; `filterd mta` shares it with the queue manager.
-        self.dns_breaker = dns_breaker or mta_dns_breaker(config, resolver)
+        if self.resolver is not None:  # a dead resolver is not waited for (the queue manager shares it)
+            self.resolver.guard_resolver(failures=config.dns_breaker_failures, cooldown=config.dns_breaker_cooldown)
         self.on_queued = on_queued  # the queue manager's wake()
         self.queue = queue
         self.hostname = own_hostname(config)
@@ -295,9 +293,7 @@ class _Session:
         resolver = self.server.resolver
         if resolver is None:
             return
-        self.peer = peer = await lookup_peername(
-            resolver, self.client_ip, budget=self.config.peername_timeout, breaker=self.server.dns_breaker
-        )
+        self.peer = peer = await lookup_peername(resolver, self.client_ip, budget=self.config.peername_timeout)
         if peer.status == "FORGED":  # Postfix's words
             log.warning("%shostname %s does not resolve to address %s", self.prefix, peer.reverse_name, self.client_ip)
         elif peer.detail:

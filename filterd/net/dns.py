@@ -15,6 +15,9 @@ One `Resolver` per worker process is shared by every scan in it:
 - A circuit breaker per ``zone`` (any key the caller names: a DNSBL zone, "spf", ...) opens
   after ``breaker_failures`` consecutive timeouts or server failures; while open, queries for
   that zone are answered SKIPPED at once, and after ``breaker_cooldown`` one query probes it.
+- Optionally (`guard_resolver`, for ``filterd mta``) a breaker over the resolver as a whole
+  (`filterd.net.dnsbreaker`): a resolver found dead — timeouts in a row, and no answer to
+  `ping` — is not asked for a while: lookups not in the cache are answered SKIPPED at once.
 - Failures never raise: the answer's ``status`` says what happened.
 
 Synchronous libraries (pyspf) run in a thread and call `query_from_thread`, which hands the
@@ -44,6 +47,7 @@ import dns.rdatatype
 import dns.resolver
 
 from filterd.config import DnsConfig
+from filterd.net.dnsbreaker import PING_LIMIT, DnsBreaker
 
 __all__ = ["DnsAnswer", "Resolver", "Status", "ZoneHealth", "parse_nameserver"]
 
@@ -146,6 +150,8 @@ class Resolver:
         # cancelled (its scan hit the deadline) leaves it running for the cache and the breaker.
         self._inflight: dict[Key, asyncio.Task[DnsAnswer]] = {}
         self.zones: dict[str, ZoneHealth] = {}
+        # Over the resolver as a whole (`guard_resolver`); None: every lookup is made.
+        self.resolver_breaker: DnsBreaker | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- public ---------------------------------------------------------------------------
@@ -182,11 +188,25 @@ class Resolver:
                 health.skipped += 1
                 return DnsAnswer(key[0], key[1], "skipped", detail=f"zone {zone} skipped: {health.last_error}")
             probe = True
+        if self.resolver_breaker is not None and not self.resolver_breaker.allow():
+            return DnsAnswer(key[0], key[1], "skipped", detail="DNS resolver not answering: lookup skipped")
         task = loop.create_task(self._lookup(key, wait, zone, health, probe))
         self._inflight[key] = task
         task.add_done_callback(functools.partial(self._forget, key))
         # The lookup ends by `wait` on its own; shielded, so that our being cancelled leaves it be.
         return await asyncio.shield(task)
+
+    def guard_resolver(self, *, failures: int, cooldown: float) -> DnsBreaker:
+        """Install a breaker over the resolver as a whole (`filterd.net.dnsbreaker`), confirmed by
+        `ping`, or return the one installed already. Cached answers are served whatever it says;
+        while it is open, lookups are answered "skipped" at once."""
+        if self.resolver_breaker is None:
+
+            async def confirm() -> bool:
+                return await self.ping(min(PING_LIMIT, float(self.config.timeout)))
+
+            self.resolver_breaker = DnsBreaker(failures=failures, cooldown=cooldown, confirm=confirm, clock=self._clock)
+        return self.resolver_breaker
 
     async def ping(self, limit: float) -> bool:
         """Whether the resolver answers at all now, past the cache: one query for the root
@@ -263,7 +283,10 @@ class Resolver:
 
     async def _lookup(self, key: Key, limit: float, zone: str, health: ZoneHealth | None, probe: bool) -> DnsAnswer:
         try:
-            return await self._ask(key[0], key[1], limit, zone, health)
+            answer = await self._ask(key[0], key[1], limit, zone, health)
+            if self.resolver_breaker is not None:  # in the task: a caller that gave up does not lose it
+                await self.resolver_breaker.record(timed_out=answer.status == "timeout")
+            return answer
         finally:
             if probe and health is not None and health.probing:
                 # A probe cancelled before it was accounted (its loop is shutting down): let

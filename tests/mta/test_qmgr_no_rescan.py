@@ -8,12 +8,14 @@ from pathlib import Path
 from filterd.config import default_config
 from filterd.mta.qmgr import QueueManager
 from filterd.mta.queue import Queue
+from filterd.net.dns import Resolver
 
 
 def _manager(tmp_path: Path, milter: str) -> QueueManager:
     config = default_config()
     config = dataclasses.replace(config, mta=dataclasses.replace(config.mta, milter=milter))
-    return QueueManager(config, Queue(tmp_path / "queue"), None)  # type: ignore[arg-type]
+    resolver = Resolver(dataclasses.replace(config.dns, nameservers=("127.0.0.1:9",)))  # never asked here
+    return QueueManager(config, Queue(tmp_path / "queue"), resolver)
 
 
 def test_delivery_filters_only_without_a_milter(tmp_path: Path) -> None:

@@ -413,6 +413,32 @@ def test_blocked_mark_is_news_once(knot: DnsServer) -> None:
     assert not resolver.zones["bl.test"].blocked
 
 
+def test_a_guarded_resolver_found_dead_answers_from_its_cache_and_skips_the_rest(
+    knot: DnsServer, make_delaying_proxy: MakeDelayingProxy
+) -> None:
+    proxy = make_delaying_proxy(knot, delay=0.0)
+    clock = FakeClock()
+    resolver = make_resolver(proxy, clock, timeout=0.3)
+    breaker = resolver.guard_resolver(failures=2, cooldown=30.0)
+    assert resolver.guard_resolver(failures=9, cooldown=1.0) is breaker  # one per resolver
+
+    async def ask(name: str) -> DnsAnswer:
+        return await resolver.query(name, "A")
+
+    assert run(ask("two.bl.test")).ok  # cached from now on
+    proxy.delay = 10.0  # nothing comes back in time any more, the ping included
+    assert [run(ask(f"{i}.x.bl.test")).status for i in range(2)] == ["timeout"] * 2
+    assert breaker.is_open and (".", "NS") in proxy.queries
+    cached = run(ask("two.bl.test"))
+    assert cached.ok and cached.cached
+    skipped = run(ask("short.bl.test"))
+    assert skipped.status == "skipped" and "DNS resolver not answering" in skipped.detail
+    assert ("short.bl.test.", "A") not in proxy.queries
+    proxy.delay = 0.0
+    clock.now += 31  # the cool-off is over: the next lookup is the probe, and it is answered
+    assert run(ask("short.bl.test")).ok and not breaker.is_open and breaker.stats.recoveries == 1
+
+
 # --- ping ------------------------------------------------------------------------------------------
 
 

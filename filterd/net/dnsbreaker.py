@@ -1,41 +1,36 @@
-"""Whether the MTA's DNS resolver is worth waiting for: a circuit breaker over the resolver as a
-whole, one per ``filterd mta`` process (the SMTP server owns it; the queue manager reads it).
+"""Whether a DNS resolver is worth waiting for: a circuit breaker over the resolver as a whole
+(`Resolver.guard_resolver` installs one; the per-zone breakers of `filterd.net.dns` are another
+matter: one DNSBL failing says nothing about the others). ``filterd mta`` guards its resolver so
+that a dead one stalls neither SMTP greetings nor the queue.
+
+The resolver consults its cache first, then asks `allow`; a lookup it does make reports its
+outcome to `record`:
 
     breaker = DnsBreaker(failures=5, cooldown=30.0, confirm=lambda: resolver.ping(1.0))
     if breaker.allow():                  # False: skip the lookup, the resolver is dead
-        answer = await resolver.query(...)
-        if not answer.cached:            # the cache says nothing about the resolver
-            await breaker.record(timed_out=answer.status == "timeout")
+        answer = ...                     # ask
+        await breaker.record(timed_out=answer.status == "timeout")
 
 A lookup that got no answer at all (a timeout) counts against the resolver; any answer, NXDOMAIN
-and SERVFAIL included, shows that it is alive (SERVFAIL and REFUSED come back at once: they cost
-no waiting, and a client's broken reverse zone commonly gives them). After ``failures`` timeouts
-in a row the breaker asks ``confirm`` whether the resolver answers at all (`Resolver.ping`):
-timeouts are ambiguous, since a live recursive resolver may take longer than we wait for one
-lame zone, and a wave of spam bots with dead reverse zones must not make the MTA call its
-resolver dead and defer all outbound mail. Only when the resolver does not answer that either
-does the breaker open: `allow` says False for ``cooldown`` seconds, then True to one caller, the
-probe, whose answer closes it again; if the probe times out, ``confirm`` decides again whether
-to close or to open for another ``cooldown``. Each change is logged once, and counted in
+and SERVFAIL included, shows that it is alive. After ``failures`` timeouts in a row the breaker
+asks ``confirm`` whether the resolver answers at all (`Resolver.ping`): timeouts are ambiguous,
+since a live recursive resolver may take longer than we wait for one lame zone — spam bots'
+reverse zones, a bounce's dead domain — and those must not make the MTA call its resolver dead
+and defer all outbound mail. Only when the resolver does not answer that either does the
+breaker open: `allow` says False for ``cooldown`` seconds, then True to one caller, the probe,
+whose answer closes it again; if the probe times out, ``confirm`` decides again whether to close
+or to open for another ``cooldown``. Each change is logged once, and counted in
 `DnsBreakerStats`. Without ``confirm`` the timeouts alone decide.
-
-A caller whose timeouts say even less (the queue manager: a domain's dead name servers) passes
-``count=False``: its timeouts then count only when it is the probe; its answers always count.
 """
 
 from __future__ import annotations
 
-__all__ = ["DnsBreaker", "DnsBreakerStats", "mta_dns_breaker"]
+__all__ = ["PING_LIMIT", "DnsBreaker", "DnsBreakerStats"]
 
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from filterd.config import MtaConfig
-    from filterd.net.dns import Resolver
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +88,8 @@ class DnsBreaker:
         self.stats.probes += 1
         return True
 
-    async def record(self, *, timed_out: bool, count: bool = True) -> None:
-        """A lookup's outcome: no answer at all (``timed_out``), or some answer. ``count`` False:
-        a timeout counts only if this lookup was the probe (see the module docstring)."""
+    async def record(self, *, timed_out: bool) -> None:
+        """A lookup's outcome: no answer at all (``timed_out``), or some answer."""
         if not timed_out:
             self._answered()
             return
@@ -107,7 +101,7 @@ class DnsBreaker:
             elif self._open_until:  # another cool-off, from now
                 self._open_until = self._clock() + self.cooldown
             return
-        if not count or self._open_until or not self.failures:
+        if self._open_until or not self.failures:
             return
         self._consecutive += 1
         if self._consecutive < self.failures or self._confirming:
@@ -149,18 +143,3 @@ class DnsBreaker:
             return await self.confirm()
         finally:
             self._confirming = False
-
-
-def mta_dns_breaker(config: MtaConfig, resolver: Resolver | None) -> DnsBreaker:
-    """The breaker of one ``filterd mta`` process: ``mta.dns_breaker_*``, confirmed by pinging
-    ``resolver`` (when there is one)."""
-
-    async def confirm() -> bool:
-        assert resolver is not None
-        return await resolver.ping(min(PING_LIMIT, float(resolver.config.timeout)))
-
-    return DnsBreaker(
-        failures=config.dns_breaker_failures,
-        cooldown=config.dns_breaker_cooldown,
-        confirm=confirm if resolver is not None else None,
-    )
