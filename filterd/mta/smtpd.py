@@ -233,8 +233,13 @@ class SmtpServer:
             self._connections -= 1
             self._tasks.discard(task)
             writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            try:  # close() first sends what is buffered: a client that reads nothing gets it cut
+                async with asyncio.timeout(self.config.smtpd_timeout):
+                    await writer.wait_closed()
+            except TimeoutError:
+                writer.transport.abort()
+            except Exception:  # noqa: S110 - the connection is gone either way
+                pass
 
 
 class _Session:
@@ -327,14 +332,28 @@ class _Session:
                 self.smtp.receive_data(data)
                 if await self._events():
                     return
-                self.writer.write(self.smtp.data_to_send())
-                await self.writer.drain()
+                if not await self._send():
+                    return
         finally:
             with contextlib.suppress(Exception):
                 self.writer.write(self.smtp.data_to_send())
             if self.milter is not None:
                 await self.milter.close()
             log.info("%sdisconnect from %s[%s]", self.prefix, self.client_name, self.client_ip)
+
+    async def _send(self) -> bool:
+        """Write the replies due; False when the client has not read them within smtpd_timeout
+        (the connection is then dropped). A client that pipelines commands and never reads the
+        replies would otherwise hold its connection slot for as long as TCP keeps it open."""
+        self.writer.write(self.smtp.data_to_send())
+        try:
+            async with asyncio.timeout(self.config.smtpd_timeout):
+                await self.writer.drain()
+        except TimeoutError:
+            log.info("%stimeout writing to the client after %s; dropped", self.prefix, self.smtp.state.value)
+            self.writer.transport.abort()
+            return False
+        return True
 
     async def _events(self) -> bool:
         """Handle every event buffered; True when the connection is to be closed."""
@@ -445,8 +464,8 @@ class _Session:
         context = self.server.tls_context
         assert context is not None
         self.smtp.send(Reply(220, "Ready to start TLS", "2.0.0"))
-        self.writer.write(self.smtp.data_to_send())
-        await self.writer.drain()
+        if not await self._send():
+            return True
         # bytes the client sent after STARTTLS and before the handshake are plaintext that must
         # not count as part of the TLS session (CVE-2011-0411); asyncio has no public way to
         # drop what its StreamReader has buffered, so reach in
