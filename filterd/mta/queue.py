@@ -68,7 +68,9 @@ tmp/ and fsync'd; envelope written in tmp/ and fsync'd; data renamed into data/,
 envelope renamed into ``incoming/``, that directory fsync'd. A crash before the last rename
 leaves at most an orphan data file (no envelope anywhere), which `recover` deletes: no 250
 was given for it. A crash after it leaves a complete message (delivered, perhaps twice if the
-client retries: duplicates are the accepted price, loss is not).
+client retries: duplicates are the accepted price, loss is not). An exception before that
+rename (an envelope that cannot be encoded, a full disk) removes what `enqueue` wrote before
+it propagates; after it the message exists and stays.
 
 `recover` (with the lock held): deletes everything in tmp/; moves active/ back to incoming/
 (the manager died mid-work); sends envelopes in deferred/ and hold/ that do not parse, whose
@@ -236,6 +238,17 @@ class Envelope:
         )
 
 
+def _unencodable(envelope: Envelope) -> str:
+    """What in an envelope that `Envelope.to_json` cannot encode is not UTF-8."""
+    addresses = [("sender", envelope.mail_from), *(("recipient", r.address) for r in envelope.rcpts)]
+    for what, address in addresses:
+        try:
+            address.encode()
+        except UnicodeEncodeError:
+            return f"the {what} address {address!r} is not valid UTF-8"
+    return "a field is not valid UTF-8"
+
+
 _MISSING: Any = object()
 
 
@@ -339,16 +352,29 @@ class Queue:
             qid = self.new_id()
         self._check_id(qid)
         envelope.id, envelope.size = qid, len(data)
-        tmp_data = self._write_tmp(f"{qid}.data", data)
-        self._step("data-written")
-        tmp_env = self._write_tmp(f"{qid}.env", envelope.to_json())
-        self._step("envelope-written")
-        if (self.data / qid).exists():  # os.rename would silently replace it
-            raise QueueError(f"queue id {qid} is already in use")
-        os.rename(tmp_data, self.data / qid)
-        fsync_dir(self.data)
-        self._step("data-renamed")
-        os.rename(tmp_env, self.root / state / qid)
+        try:
+            encoded = envelope.to_json()
+        except UnicodeEncodeError:  # surrogate escapes of undecodable bytes, say from a milter's edit
+            raise QueueError(f"{qid}: cannot store the envelope: {_unencodable(envelope)}") from None
+        written: list[Path] = []  # removed again if anything fails before the envelope's rename
+        try:
+            written.append(self._write_tmp(f"{qid}.data", data))
+            self._step("data-written")
+            written.append(self._write_tmp(f"{qid}.env", encoded))
+            self._step("envelope-written")
+            if (self.data / qid).exists():  # os.rename would silently replace it
+                raise QueueError(f"queue id {qid} is already in use")
+            os.rename(written[0], self.data / qid)
+            written[0] = self.data / qid
+            fsync_dir(self.data)
+            self._step("data-renamed")
+            os.rename(written[1], self.root / state / qid)
+        except BaseException:
+            for path in reversed(written):
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
+            raise
+        # The message exists now: the queue manager may already be working on it.
         self._step("envelope-renamed")
         fsync_dir(self.root / state)
         self._step("done")
