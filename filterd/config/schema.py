@@ -654,6 +654,9 @@ class GreylistConfig(Section):
             and status_parts[0] == "4" and all(p.isdigit() for p in status_parts)
         ):  # fmt: skip
             problems.append(("message", f"expected '4xx 4.x.x text', got {self.message!r}"))
+        elif not (self.message.isascii() and self.message.isprintable() and len(self.message) <= 510):
+            # It goes out as an SMTP reply (milter, policy service): one line of ASCII, 512 bytes with CRLF.
+            problems.append(("message", f"expected one line of printable ASCII (510 at most), got {self.message!r}"))
         if self.retry_window < self.delay:
             problems.append(("retry_window", f"expected a duration >= delay ({format_duration(self.delay)})"))
         return problems

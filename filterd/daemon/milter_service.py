@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 
 from filterd.config import Config
 from filterd.daemon.metrics import WorkerMetrics
+from filterd.daemon.streams import drain
 from filterd.engine.checks.auth.authserv import HEADER as AUTH_RESULTS
 from filterd.engine.checks.auth.authserv import claims_authserv_id, effective_authserv_id
 from filterd.engine.checks.lists import compile_globs
@@ -72,6 +73,7 @@ from filterd.engine.prefs import BadUserName, UserPrefs, UserPrefsStore
 from filterd.errors import LocalProtocolError, RemoteProtocolError
 from filterd.greylist import Greylist
 from filterd.protocols.milter import (
+    TEMPFAIL_PACKET,
     Abort,
     Action,
     AddHeader,
@@ -258,6 +260,7 @@ class _Session:
 
     async def run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = self.conn
+        write_timeout = self.service.config.daemon.read_timeout
         try:
             while True:
                 try:
@@ -270,13 +273,13 @@ class _Session:
                 while not isinstance(event := conn.next_event(), NeedData):
                     if isinstance(event, ConnectionClosed):
                         return
-                    replies = await self._handle(event)
-                    if conn.pending is not None and not replies:
-                        replies = [Continue()]
-                    out = b"".join(conn.send(reply) for reply in self._granted(replies))
+                    out = await self._answer(event)
                     if out:
                         writer.write(out)
-                await writer.drain()
+                    if isinstance(event, Quit):  # QUIT ends the connection (QUIT_NC keeps it for another CONNECT)
+                        await drain(writer, write_timeout)
+                        return
+                await drain(writer, write_timeout)
                 if not data:
                     return
         except RemoteProtocolError as exc:
@@ -284,10 +287,37 @@ class _Session:
             log.warning("milter protocol error from %s: %s", self.peer, exc)
             if exc.reply:
                 writer.write(exc.reply)
-        except LocalProtocolError:  # a bug of ours: say tempfail rather than leave the MTA waiting
+        except LocalProtocolError:  # a bug of ours that _answer could not turn into a reply
             self.service.metrics.errors["milter_internal"] += 1
-            log.exception("milter: reply refused by the protocol layer (%s)", self.peer)
-            writer.write(ReplyCode(451, "Internal error in the mail filter", "4.3.0").render().encode())
+            log.exception("milter: protocol layer refused to go on (%s); tempfail and close", self.peer)
+            writer.write(TEMPFAIL_PACKET)
+
+    async def _answer(self, event: Event) -> bytes:
+        """The packets answering ``event``. A failure of ours (a reply the protocol layer refuses,
+        an exception while deciding) becomes a tempfail, framed like every packet: anything else
+        would desynchronise the MTA, which then applies its default action to the rest of the
+        session, unscanned."""
+        conn = self.conn
+        try:
+            replies = await self._handle(event)
+            if conn.pending is not None and not replies:
+                replies = [Continue()]
+            return b"".join(conn.send(reply) for reply in self._granted(replies))
+        except Exception as exc:
+            self.service.metrics.errors["milter_internal"] += 1
+            log.error(
+                "milter: internal error answering %s from %s, tempfail: %s: %s",
+                type(event).__name__,
+                self.peer,
+                type(exc).__name__,
+                exc,
+                exc_info=not isinstance(exc, LocalProtocolError),
+            )
+            if conn.pending is None:  # the MTA waits for nothing; the replies are dropped
+                return b""
+            # Raises again when even this is refused (at negotiation): then run() sends a TEMPFAIL
+            # packet and closes.
+            return conn.send(ReplyCode(451, "Internal error in the mail filter, try again later", "4.3.0"))
 
     def _granted(self, replies: Sequence[Reply]) -> list[Reply]:
         """Drop edits the MTA did not allow (an MTA may offer fewer actions than we ask for)."""
@@ -321,7 +351,7 @@ class _Session:
         elif isinstance(event, EndOfMessage):
             return [*await self._end_of_message(event)]
         elif isinstance(event, Abort | Quit):
-            self.message = None  # the connection, and what is known of its client, goes on
+            self.message = None  # after ABORT the connection, and what is known of its client, goes on
         elif isinstance(event, QuitNewConnection):  # another CONNECT follows: another client
             self.message = None
             self.client_ip = self.client_name = self.helo = ""
