@@ -19,12 +19,15 @@ connection) raises `SessionError`: the caller tries the next MX. Once MAIL FROM 
 recipient gets a `Reply`: the RCPT refusal, or the reply to the final dot (shared by all the
 accepted ones), or a synthesised 4xx when the connection is lost or times out on the way (a
 loss after the final dot was sent may mean the message was delivered: a retry then
-duplicates it, which is the price of never losing one).
+duplicates it, which is the price of never losing one). An address that cannot be written in
+a command at all (control characters, a space or angle bracket outside a quoted local part:
+`unsendable`) is refused before connecting, permanently: the recipient with 5.1.3, or every
+recipient with 5.1.7 when it is the sender's; the other recipients go as usual.
 """
 
 from __future__ import annotations
 
-__all__ = ["Reply", "SessionError", "SmtpOptions", "TlsError", "TransactionResult", "send"]
+__all__ = ["Reply", "SessionError", "SmtpOptions", "TlsError", "TransactionResult", "send", "unsendable"]
 
 import asyncio
 import contextlib
@@ -33,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from filterd.errors import ProtocolError
-from filterd.protocols.smtp_client import CLOSED, NEED_DATA, ClientConnection, Reply, Response
+from filterd.protocols.smtp_client import CLOSED, NEED_DATA, ClientConnection, Reply, Response, path_problem
 
 _READ = 65536
 
@@ -81,9 +84,17 @@ def _tls_context() -> ssl.SSLContext:
     return context
 
 
-def _safe(address: str) -> bool:
-    """Nothing that could end or extend the command line it goes on."""
-    return not any(c in address for c in "<>\r\n\0") and " " not in address.strip('"')
+def unsendable(sender: str, recipients: Sequence[str]) -> dict[str, Reply]:
+    """A permanent local refusal for each recipient that no server can ever be sent
+    (`path_problem`): 5.1.3 for a bad recipient address, or for every recipient, 5.1.7 when
+    the sender's is bad. The others may go."""
+    if problem := sender and path_problem(sender):
+        return dict.fromkeys(recipients, Reply(501, f"5.1.7 bad sender address syntax: {problem}", local=True))
+    return {
+        r: Reply(501, f"5.1.3 bad recipient address syntax: {problem}", local=True)
+        for r in recipients
+        if (problem := path_problem(r))
+    }
 
 
 class _Lost(Exception):
@@ -175,7 +186,10 @@ async def send(
     before MAIL FROM; afterwards every recipient has a reply in the result."""
     where = f"{server_name}[{address}]" if server_name and server_name != address else f"[{address}]"
     starttls = options.starttls if use_tls is None else use_tls
-    result = TransactionResult(where)
+    result = TransactionResult(where, unsendable(sender, recipients))
+    recipients = [r for r in recipients if r not in result.replies]
+    if not recipients:  # nothing can go: no connection
+        return result
     try:
         async with asyncio.timeout(options.connect_timeout):
             reader, writer = await asyncio.open_connection(
@@ -230,12 +244,6 @@ async def _transaction(
         for rcpt in pending:
             replies.setdefault(rcpt, reply)
 
-    for rcpt in [r for r in pending if not _safe(r)]:
-        replies[rcpt] = Reply(501, "5.1.3 bad recipient address syntax", local=True)
-    pending = [r for r in pending if r not in replies]
-    if not _safe(sender) or not pending:
-        settle(Reply(501, "5.1.7 bad sender address syntax", local=True))
-        return
     limit_text = conn.extensions.get("size", "")
     limit = int(limit_text) if limit_text.isdigit() else 0
     if limit and len(data) > limit:

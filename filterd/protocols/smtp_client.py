@@ -23,7 +23,7 @@ not yet handed over when the handshake began is beyond it (the driver's concern)
 
 from __future__ import annotations
 
-__all__ = ["CLOSED", "NEED_DATA", "ClientConnection", "Closed", "Reply", "Response", "dot_stuffed"]
+__all__ = ["CLOSED", "NEED_DATA", "ClientConnection", "Closed", "Reply", "Response", "dot_stuffed", "path_problem"]
 
 import enum
 import re
@@ -41,6 +41,8 @@ _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 # Commands after which the client may write the next one before the reply (RFC 2920 section 3.1).
 _GROUPABLE = frozenset({"MAIL", "RCPT", "RSET"})
+# C0, DEL and C1 controls, and lone surrogates (undecodable bytes kept by surrogateescape).
+_UNSENDABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +100,48 @@ def dot_stuffed(data: bytes) -> bytes:
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
     return _LEADING_DOT.sub(b"..", data) + b".\r\n"
+
+
+def path_problem(address: str) -> str:
+    """Why ``address`` cannot go between the angle brackets of MAIL FROM or RCPT TO; "" if it can.
+
+    Anything RFC 5321 calls a Mailbox can (a dot-string or quoted-string local part, a domain
+    or an address literal), in the UTF-8 of RFC 6531 too (whether the server takes that is the
+    caller's concern), and so can the null path. This guards the command line rather than
+    checking the whole grammar: no control character anywhere, no space or '>' outside the
+    quoted string (they would end the path or add parameters), and no '<' or '"' outside it
+    or an address literal's brackets (RFC 5321's dcontent allows those two)."""
+    if bad := _UNSENDABLE.search(address):
+        code = ord(bad[0])
+        return f"invalid UTF-8 (U+{code:04X})" if code > 0x9F else f"control character U+{code:04X}"
+    rest = address
+    if address.startswith('"'):
+        escaped = False
+        for i, c in enumerate(address[1:], 1):
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                rest = address[i + 1 :]
+                break
+        else:
+            return "unterminated quoted string"
+        if rest and not rest.startswith("@"):
+            return "quoted string not followed by @"
+    at = rest.find("@[")
+    if at >= 0 and rest.endswith("]"):
+        rest, literal = rest[:at], rest[at + 2 : -1]
+        for c in " >":
+            if c in literal:
+                return f"{_NAMES[c]} in an address literal"
+    for c in ' <>"':
+        if c in rest:
+            return f"{_NAMES[c]} outside a quoted string"
+    return ""
+
+
+_NAMES = {" ": "space", "<": "'<'", ">": "'>'", '"': "'\"'"}
 
 
 class ClientConnection:
