@@ -71,6 +71,15 @@ def xtext_address(address: str) -> str:
     return f"utf-8; {escaped}"
 
 
+def _to_field(sender: str) -> str:
+    """The DSN's To: the sender's address, when it can stand in a header (printable, valid
+    Unicode: a milter may have set anything); else the group syntax naming no one (the envelope
+    recipient is what delivers it)."""
+    if sender.isprintable() and not any("\ud800" <= c <= "\udfff" for c in sender) and "<" not in sender:
+        return f"<{sender}>"
+    return "undisclosed-recipients:;"
+
+
 def _clean(text: str, limit: int = _MAX_DIAGNOSTIC) -> str:
     """One line of printable ASCII: diagnostics quote remote servers and command output."""
     text = " ".join(text.split())
@@ -141,15 +150,18 @@ def build_dsn(
     if not recipients:
         raise ValueError("a DSN needs at least one recipient")
     delayed = all(r.action == "delayed" for r in recipients)
-    boundary = f"{queue_id}.{int(now)}.{secrets.token_hex(4)}/{reporting_mta}"
+    # RFC 2046: at most 70 characters; the host name only makes it easier to read.
+    boundary = f"{queue_id}.{int(now)}.{secrets.token_hex(4)}/{reporting_mta}"[:70]
     subject = "Delayed Mail (still being retried)" if delayed else "Undelivered Mail Returned to Sender"
     headers = header_block(original)
-    eight_bit = any(b > 127 for b in headers)
-    # An 8-bit header block can only travel as 8bit; everything we write ourselves is ASCII.
+    # An 8-bit header block can only travel as 8bit; everything we write ourselves is ASCII but
+    # for an internationalised sender's address in To (RFC 6532; the DSN then goes out SMTPUTF8).
+    to = _to_field(sender)
+    eight_bit = any(b > 127 for b in headers) or not to.isascii()
     cte = "8bit" if eight_bit else "7bit"
     top = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
-        f"To: <{sender}>",
+        f"To: {to}",
         f"Subject: {subject}",
         f"Date: {_date(now)}",
         f"Message-ID: <{queue_id}.{secrets.token_hex(6)}@{reporting_mta}>",
@@ -195,7 +207,7 @@ def build_dsn(
         f"Content-Transfer-Encoding: {cte}",
         "",
     ]
-    body = "\r\n".join(top).encode("ascii") + b"\r\n"
+    body = "\r\n".join(top).encode("utf-8") + b"\r\n"
     # The returned header keeps its own bytes; only bare LFs become CRLF, as SMTP requires.
     body += re.sub(rb"(?<!\r)\n", b"\r\n", headers)
     body += f"\r\n--{boundary}--\r\n".encode("ascii")

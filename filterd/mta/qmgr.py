@@ -75,6 +75,18 @@ from filterd.net.dns import Resolver
 
 log = logging.getLogger(__name__)
 
+Failure = tuple[Recipient, DeliveryResult, str]  # a recipient that failed for good, and why (for the DSN)
+
+
+@dataclasses.dataclass(slots=True)
+class _Failures:
+    """One pass's permanent failures over all its groups, for its one DSN; with the original's
+    head, taken while a delivery still held the data (the DSN then reads no file)."""
+
+    items: list[Failure] = dataclasses.field(default_factory=list)
+    head: bytes | None = None
+
+
 CONTROL_DIR = "control"
 JITTER = 0.1  # retries of messages deferred together spread over 10% of their backoff
 
@@ -379,13 +391,17 @@ class QueueManager:
         due = [r for r in envelope.pending if everything or r.next_attempt <= now]
         lock = asyncio.Lock()  # one envelope write at a time
         message = MessageData(data_path)  # read when a group needs it, kept while groups deliver
+        failed = _Failures()  # this pass's permanent failures, all groups: one DSN for them
         if envelope.hops > self.config.mta.max_hops:
             limit = self.config.mta.max_hops
             text = f"mail loop: too many hops ({envelope.hops} Received headers, the limit is {limit})"
             results = [DeliveryResult(r.address, "5.4.6", text, f"x-filterd; {text}") for r in due]
-            await self._record(qid, envelope, message, results, lock)
+            await self._record(qid, envelope, message, results, lock, failed)
         else:
-            await asyncio.gather(*(self._attempt(qid, envelope, message, rcpts, lock) for rcpts in self._groups(due)))
+            groups = self._groups(due)
+            await asyncio.gather(*(self._attempt(qid, envelope, message, rcpts, lock, failed) for rcpts in groups))
+        if failed.items:
+            await self._bounce(qid, envelope, message, failed)
         await self._sync_claim(qid)
         if qid in self._doomed:
             self._doomed.discard(qid)
@@ -439,7 +455,13 @@ class QueueManager:
                 del self._destinations[destination]
 
     async def _attempt(
-        self, qid: str, envelope: Envelope, message: MessageData, rcpts: list[Recipient], lock: asyncio.Lock
+        self,
+        qid: str,
+        envelope: Envelope,
+        message: MessageData,
+        rcpts: list[Recipient],
+        lock: asyncio.Lock,
+        failed: _Failures,
     ) -> None:
         destination = self._destination(rcpts[0].address)
         with contextlib.ExitStack() as held:
@@ -451,7 +473,7 @@ class QueueManager:
                 # delivery only waits for a slot.
                 held.enter_context(message.in_use())
                 results = await self._deliver_group(qid, envelope, message, rcpts, destination)
-            await self._record(qid, envelope, message, results, lock)
+            await self._record(qid, envelope, message, results, lock, failed)
 
     async def _deliver_group(
         self, qid: str, envelope: Envelope, message: MessageData, rcpts: list[Recipient], destination: str
@@ -470,9 +492,17 @@ class QueueManager:
             return [DeliveryResult(r.address, "4.3.0", text, f"x-filterd; {text}") for r in rcpts]
 
     async def _record(
-        self, qid: str, envelope: Envelope, message: MessageData, results: list[DeliveryResult], lock: asyncio.Lock
+        self,
+        qid: str,
+        envelope: Envelope,
+        message: MessageData,
+        results: list[DeliveryResult],
+        lock: asyncio.Lock,
+        failed: _Failures,
     ) -> None:
-        """Apply one attempt's results to the envelope and write it (bounces first)."""
+        """Apply one attempt's results to the envelope and write it. Permanent failures go to
+        ``failed`` and stay pending until `_bounce` has queued the pass's one DSN for them (a
+        crash before then tries them again: a duplicate attempt, never a lost bounce)."""
         async with lock:
             await self._sync_claim(qid)
             now = self.clock()
@@ -485,7 +515,6 @@ class QueueManager:
             for r in envelope.rcpts:
                 if r.status == "pending":
                     by_address.setdefault(r.address, []).append(r)
-            failed: list[tuple[Recipient, DeliveryResult, str]] = []
             copies: list[list[Recipient]] = []  # the result went to the first; the rest follow it
             for result in results:
                 same = by_address.pop(result.recipient, [])
@@ -517,12 +546,9 @@ class QueueManager:
                     if outcome == "deferred":
                         days = lifetime / 86400
                         why = f"{result.detail} (gave up: still failing after {days:g} days in the queue)"
-                    failed.append((rcpt, result, why))
-            if failed:
-                await self._bounce(qid, envelope, message, failed, now)
-                for rcpt, _, _ in failed:
-                    rcpt.status = "bounced"
-                    self.stats.bounced += 1
+                    failed.items.append((rcpt, result, why))
+                    if failed.head is None and envelope.mail_from:
+                        failed.head = await message.head(_DSN_HEAD)
             for rcpt, *others in copies:
                 for other in others:
                     other.status, other.attempts = rcpt.status, rcpt.attempts
@@ -543,36 +569,59 @@ class QueueManager:
             result.detail,
         )  # fmt: skip
 
-    async def _bounce(
-        self,
-        qid: str,
-        envelope: Envelope,
-        message: MessageData,
-        failed: list[tuple[Recipient, DeliveryResult, str]],
-        now: float,
-    ) -> None:
+    async def _bounce(self, qid: str, envelope: Envelope, message: MessageData, failures: _Failures) -> None:
+        """One DSN for all of a pass's permanent failures (RFC 3464: one report per message, as
+        Postfix sends), queued before they are marked bounced and the envelope is written."""
+        now = self.clock()
+        failed = failures.items
         if envelope.mail_from == "":
             for rcpt, _, why in failed:
                 self.stats.dropped += 1
                 log.warning("%s: bounce to <%s> undeliverable, dropped (a bounce is never bounced): %s",
                             qid, rcpt.address, why)  # fmt: skip
-            return
-        recipients = [
-            DsnRecipient(
-                rcpt.address, "failed", result.status, result.diagnostic, result.remote_mta, last_attempt=now, text=why
-            )
-            for rcpt, result, why in failed
-        ]
-        await self._send_dsn(qid, envelope, message, recipients, now)
+        else:
+            recipients = [
+                DsnRecipient(
+                    rcpt.address,
+                    "failed",
+                    result.status,
+                    result.diagnostic,
+                    result.remote_mta,
+                    last_attempt=now,
+                    text=why,
+                )  # fmt: skip
+                for rcpt, result, why in failed
+            ]
+            await self._send_dsn(qid, envelope, message, recipients, now, head=failures.head)
+        bounced = {rcpt.address for rcpt, _, _ in failed}
+        for rcpt in envelope.rcpts:  # copies of an address (an older envelope) follow it
+            if rcpt.status == "pending" and rcpt.address in bounced:
+                rcpt.status = "bounced"
+        self.stats.bounced += len(failed)
+        if envelope.pending:
+            await asyncio.to_thread(self.queue.save_envelope, qid, envelope)
 
     async def _send_dsn(
-        self, qid: str, envelope: Envelope, message: MessageData, recipients: list[DsnRecipient], now: float
+        self,
+        qid: str,
+        envelope: Envelope,
+        message: MessageData,
+        recipients: list[DsnRecipient],
+        now: float,
+        *,
+        head: bytes | None = None,
     ) -> None:
-        original = await message.head(_DSN_HEAD)  # enough for the header block (the DSN returns only that)
-        dsn = build_dsn(
-            reporting_mta=self.hostname, sender=envelope.mail_from, queue_id=qid, arrival=envelope.received_at,
-            original=original, recipients=recipients, now=now,
-        )  # fmt: skip
+        # Enough for the header block (the DSN returns only that).
+        original = head if head is not None else await message.head(_DSN_HEAD)
+        try:
+            dsn = build_dsn(
+                reporting_mta=self.hostname, sender=envelope.mail_from, queue_id=qid, arrival=envelope.received_at,
+                original=original, recipients=recipients, now=now,
+            )  # fmt: skip
+        except (ValueError, UnicodeError) as exc:  # a bug: trying again would fail the same way for ever
+            log.error("%s: cannot write the %s notification for <%s>, the sender is not told: %s",
+                      qid, recipients[0].action, envelope.mail_from, exc)  # fmt: skip
+            return
         bounce = Envelope(
             mail_from="",
             rcpts=[Recipient(envelope.mail_from)],

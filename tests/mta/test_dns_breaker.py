@@ -344,7 +344,12 @@ def test_filterd_mta_logs_dead_and_back_once_and_defers_remote_mail_at_once(
         mta.wait_for_log(r"to=<bob@d\.remote\.test>.*status=deferred")
         # Queued once the resolver was found dead (after b's connection): no MX lookup at all.
         assert ("d.remote.test.", "MX") not in dns.queries
-        deferred = {e.rcpts[0].address: e.rcpts[0] for e, _ in mta.queued("deferred")}
+        # The log line comes before the move into deferred/: wait for the move.
+        for _ in range(500):
+            deferred = {e.rcpts[0].address: e.rcpts[0] for e, _ in mta.queued("deferred")}
+            if "bob@d.remote.test" in deferred:
+                break
+            time.sleep(0.02)
         last = deferred["bob@d.remote.test"]
         assert last.last_status == "4.4.3" and "DNS resolver not answering" in last.last_error, last
         dns.mode = "nxdomain"
