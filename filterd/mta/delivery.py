@@ -45,7 +45,9 @@ Remote delivery looks up the domain's MX hosts (`filterd.mta.mx`), DKIM-signs th
 its From: domain has a key in ``auth.dkim_keys``, and tries the addresses in order until one
 holds a transaction (`filterd.mta.smtp_client`): a refused connection, a 4xx or 5xx greeting or
 EHLO, or a lost session before MAIL FROM moves on to the next address; once a server takes the
-transaction its replies decide, per recipient.
+transaction its replies decide, per recipient. A recipient whose address cannot be written in
+an RCPT TO at all (`filterd.mta.smtp_client.unsendable`) fails for good at once, the others
+go; a sender's that cannot be written fails them all.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ from filterd.dkimsign import sign_message
 from filterd.errors import DeliveryError, PermanentDeliveryError
 from filterd.mda.main import DeliveryRequest, deliver_message
 from filterd.mta.mx import NextHop, next_hops
-from filterd.mta.smtp_client import Reply, SessionError, SmtpOptions, TlsError, send
+from filterd.mta.smtp_client import Reply, SessionError, SmtpOptions, TlsError, send, unsendable
 from filterd.net.dns import Resolver
 
 log = logging.getLogger(__name__)
@@ -516,6 +518,21 @@ class RemoteDelivery:
         """One attempt for ``recipients`` (all at ``domain``); a result for each. ``data`` is the
         data file's path, or the attempt's `MessageData` that the message's other destinations
         share (then the message is read and signed once for all of them)."""
+        if refused := unsendable(sender, recipients):
+            # Addresses no server can be sent fail alone and for good, before any lookup or
+            # connection: retrying could never help, and they must not hold up the others.
+            rest = [r for r in recipients if r not in refused]
+            sent = iter(
+                await self.deliver(queue_id, sender, domain, rest, data, eight_bit=eight_bit, smtputf8=smtputf8)
+                if rest
+                else []
+            )
+            return [
+                DeliveryResult(r, refused[r].status, str(refused[r]), f"x-filterd; {refused[r]}", relay=domain)
+                if r in refused
+                else next(sent)
+                for r in recipients
+            ]
 
         def everyone(status: str, detail: str, reply: Reply | None = None) -> list[DeliveryResult]:
             diag = f"smtp; {reply}" if reply is not None else f"x-filterd; {detail}"

@@ -20,13 +20,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from filterd.mta.delivery import RemoteDelivery
+from filterd.mta.qmgr import QueueManager
+from filterd.mta.queue import Queue
 from filterd.mta.smtp_client import SmtpOptions, send, unsendable
+from filterd.net.dns import Resolver
 from filterd.protocols import smtp_server
 from filterd.protocols.smtp_client import ClientConnection, path_problem
 from tests._servers import free_port, greeting, spawn, stop_process, wait_until
 from tests.daemon_fixture import need_binary
-from tests.mta.qmgr_helpers import MESSAGE
-from tests.mta.smtp_sink import Refuser
+from tests.mta.qmgr_helpers import MESSAGE, all_ids, enqueue, mta_config, run_until
+from tests.mta.smtp_sink import Refuser, Sink
 from tests.mta.smtp_sink import free_port as free_port_on
 
 # -- which paths can go: the server's grammar against the client's check ------------------------
@@ -195,5 +199,84 @@ def test_send_does_not_connect_when_nothing_can_go() -> None:
         )
         assert str(bad_rcpt.replies["b\0@x.net"]) == "501 5.1.3 bad recipient address syntax: control character U+0000"
         assert refuser.connections == 0
+
+    asyncio.run(scenario())
+
+
+# -- remote delivery: decided before the MX lookup, and through the queue ------------------------
+
+
+def test_remote_delivery_delivers_the_others_and_bounces_the_bad_recipient(tmp_path: Path) -> None:
+    data = tmp_path / "msg"
+    data.write_bytes(MESSAGE)
+    rcpts = ["ok@[127.0.0.2]", "ba\td@[127.0.0.2]", '"john doe"@[127.0.0.2]']
+
+    async def scenario() -> None:
+        port = free_port_on("127.0.0.2")
+        config = mta_config(tmp_path, smtp_port=port, smtp_connect_timeout=2.0)
+        sink = await Sink("127.0.0.2", port, pipelining=True).start()
+        remote = RemoteDelivery(config, Resolver(config.dns), hostname="relay.example.org")
+        try:
+            results = await remote.deliver("QID", "alice@example.org", "[127.0.0.2]", rcpts, data)
+        finally:
+            await sink.stop()
+        assert [r.recipient for r in results] == rcpts
+        by = {r.recipient: r for r in results}
+        assert by["ok@[127.0.0.2]"].outcome == by['"john doe"@[127.0.0.2]'].outcome == "delivered"
+        bad = by["ba\td@[127.0.0.2]"]
+        assert (bad.outcome, bad.status, bad.reply_code) == ("bounced", "5.1.3", 0)
+        assert bad.detail == "501 5.1.3 bad recipient address syntax: control character U+0009"
+        assert bad.diagnostic == f"x-filterd; {bad.detail}"
+        [got] = sink.messages
+        assert got.rcpt_tos == ["ok@[127.0.0.2]", '"john doe"@[127.0.0.2]']
+
+    asyncio.run(scenario())
+
+
+def test_remote_delivery_decides_before_the_mx_lookup(tmp_path: Path) -> None:
+    """With no DNS server answering, the good recipient waits for DNS (deferred); the bad one
+    and a bad sender's recipients are failed for good at once, not held up by the lookup."""
+    data = tmp_path / "msg"
+    data.write_bytes(MESSAGE)
+    config = mta_config(tmp_path)  # its resolver asks 127.0.0.1:9, where nothing answers
+    remote = RemoteDelivery(config, Resolver(config.dns), hostname="relay.example.org")
+    rcpts = ["ok@example.net", "ba\td@example.net"]
+    results = asyncio.run(remote.deliver("QID", "alice@example.org", "example.net", rcpts, data))
+    assert [(r.recipient, r.outcome, r.status[:2]) for r in results] == [
+        ("ok@example.net", "deferred", "4."),
+        ("ba\td@example.net", "bounced", "5."),
+    ]
+    assert results[1].status == "5.1.3" and "control character U+0009" in results[1].detail
+    results = asyncio.run(remote.deliver("QID", "ali\rce@example.org", "example.net", rcpts, data))
+    assert [(r.recipient, r.status) for r in results] == [("ok@example.net", "5.1.7"), ("ba\td@example.net", "5.1.7")]
+    assert results[0].detail == "501 5.1.7 bad sender address syntax: control character U+000D"
+
+
+def test_through_the_queue_the_good_recipient_is_delivered_and_the_bad_one_bounced_at_once(tmp_path: Path) -> None:
+    """A milter's ADDRCPT with a TAB used to make the whole transaction 4.3.0, retried until
+    both recipients bounced days later; now one attempt delivers one and bounces the other
+    (the next attempt would be a minute away)."""
+
+    async def scenario() -> None:
+        port = free_port_on("127.0.0.2")
+        config = mta_config(tmp_path, smtp_port=port, smtp_connect_timeout=2.0, min_backoff=60.0, max_backoff=60.0)
+        queue = Queue(config.state_path / "queue")
+        out = tmp_path / "out"
+        sink = await Sink("127.0.0.2", port).start()
+        qid = enqueue(queue, "ok@[127.0.0.2]", "ba\td@[127.0.0.2]")  # the sender, alice, is local
+        qmgr = QueueManager(config, queue, Resolver(config.dns), poll_interval=0.05)
+        try:
+            await run_until(qmgr, lambda: not all_ids(queue) and (out / "alice@example.org.1").exists())
+        finally:
+            await sink.stop()
+        assert (qmgr.stats.delivered, qmgr.stats.bounced, qmgr.stats.dsns) == (2, 1, 1)  # ok, the DSN; bad
+        [got] = sink.messages
+        assert got.rcpt_tos == ["ok@[127.0.0.2]"]
+        dsn = (out / "alice@example.org.1").read_bytes()
+        assert f"X-Filterd-Queue-ID: {qid}".encode() in dsn
+        assert b"Final-Recipient: utf-8; ba\\x{9}d@[127.0.0.2]" in dsn and b"Status: 5.1.3" in dsn
+        reason = b"Diagnostic-Code: x-filterd; 501 5.1.3 bad recipient address syntax: control character U+0009"
+        assert reason in b" ".join(dsn.split())  # unfolded
+        assert b"ok@[127.0.0.2]" not in dsn.split(b"message/delivery-status")[1].split(b"text/rfc822-headers")[0]
 
     asyncio.run(scenario())
