@@ -67,7 +67,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import pwd
 import random
 import re
 import signal
@@ -84,6 +83,7 @@ from filterd.config import Config, DeliverConfig, MtaConfig
 from filterd.dkimsign import sign_message
 from filterd.errors import DeliveryError, PermanentDeliveryError
 from filterd.mda.main import DeliveryRequest, deliver_message
+from filterd.mta.localusers import home_directory, local_user, unknown_user_reason
 from filterd.mta.mx import NextHop, next_hops
 from filterd.mta.smtp_client import Reply, SessionError, SmtpOptions, TlsError, send, unsendable
 from filterd.net.dns import Resolver
@@ -274,7 +274,7 @@ class LocalDelivery:
         self.hostname = hostname
         self.tmp_dir = tmp_dir
         self.deliver_config = deliver or DeliverConfig()
-        self._home_of = lookup_user or _home_directory
+        self._home_of = lookup_user or home_directory
         euid = os.geteuid() if euid is None else euid
         self.mode = delivery_mode(config, euid)
         # Worker threads of their own, so that mailbox fsyncs never queue up before the
@@ -287,20 +287,17 @@ class LocalDelivery:
 
     def _fields(self, queue_id: str, sender: str, recipient: str) -> dict[str, str] | DeliveryResult:
         local, domain = _split_address(recipient)
-        local = local.lower()
-        user, extension = local, ""
-        if self.config.recipient_delimiter:
-            user, _, extension = local.partition(self.config.recipient_delimiter)
-        if not user or user.startswith(".") or any(c in user for c in "/\0") or not user.isprintable():
-            return self._bounce(recipient, "5.1.1", f"unknown user: {user!r}")
+        # The SMTP server refused unknown users at RCPT with the same test; mail can still get
+        # here for one (queued before the user was removed, or by a milter's ADDRCPT).
+        if (reason := unknown_user_reason(self.config, local, self._home_of)) is not None:
+            return self._bounce(recipient, "5.1.1", reason)
+        user, extension = local_user(self.config, local)
         fields = {
             "user": user, "extension": extension, "domain": domain.lower(), "recipient": recipient,
             "sender": sender, "home": "", "queue_id": queue_id, "state_dir": self.state_dir,
         }  # fmt: skip
         template = self.config.mailboxes.get(user, self.config.mailbox)
         home = self._home_of(user)
-        if home is None and "{home}" in template:
-            return self._bounce(recipient, "5.1.1", f"unknown user: {user!r}")
         fields["home"] = home or ""
         fields["mailbox"] = template.format(**fields)
         return fields
@@ -445,13 +442,6 @@ def _problems_logged() -> Iterator[list[str]]:
 def _kill(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
-
-
-def _home_directory(user: str) -> str | None:
-    try:
-        return pwd.getpwnam(user).pw_dir
-    except KeyError:
-        return None
 
 
 class RemoteDelivery:

@@ -50,6 +50,7 @@ from filterd import __version__
 from filterd.config.schema import MtaConfig
 from filterd.errors import QueueError
 from filterd.mta.auth import check_user
+from filterd.mta.localusers import home_directory, unknown_user_reason
 from filterd.mta.milter_client import (
     HeaderSplit,
     MessageEdits,
@@ -152,8 +153,10 @@ class SmtpServer:
         tls_context: ssl.SSLContext | None = None,
         on_queued: Callable[[], None] | None = None,
         resolver: Resolver | None = None,
+        home_of: Callable[[str], str | None] = home_directory,
     ) -> None:
         self.config = config
+        self._home_of = home_of
         # None: no client name lookups (every client is "unknown"), as peername_lookup false
         self.resolver = resolver if config.peername_lookup else None
         if self.resolver is not None:  # a dead resolver is not waited for (the queue manager shares it)
@@ -170,6 +173,14 @@ class SmtpServer:
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self.accepted = 0  # messages queued, for tests and benchmarks
+
+    def unknown_local_user(self, address: str) -> str | None:
+        """Why local mail for ``address`` has no mailbox here (refused at RCPT), or None. The
+        postmaster is always accepted (RFC 5321 4.5.1), whatever becomes of it at delivery."""
+        local_part = address.rpartition("@")[0] if "@" in address else address
+        if local_part.lower() == "postmaster":
+            return None
+        return unknown_user_reason(self.config, local_part, self._home_of)
 
     # -- listening ------------------------------------------------------------------------
 
@@ -541,6 +552,12 @@ class _Session:
         if not (local or self.mynetworks or self.auth_user):
             log.info("%sreject RCPT from %s: <%s>: relay access denied", self.prefix, self.client_ip, address)
             self.smtp.send(Reply(554, f"<{address}>: Relay access denied", "5.7.1"))
+            return
+        if local and (reason := self.server.unknown_local_user(address)) is not None:
+            log.info("%sreject RCPT from %s: <%s>: %s", self.prefix, self.client_ip, address, reason)
+            self.smtp.send(
+                Reply(550, f"<{address}>: Recipient address rejected: User unknown in local recipient table", "5.1.1")
+            )
             return
         if self._milter_wanted():
             assert self.milter is not None

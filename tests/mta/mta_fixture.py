@@ -52,9 +52,11 @@ def start_mta(
     run.mkdir()
     cfg = run / "filterd.yaml"
     cfg.write_text("network: {enabled: false}\n" + config)
+    (run / "local.d").mkdir()
     if "dns:" not in config:  # a layer of its own, so that it merges with the test's mta: section
-        (run / "local.d").mkdir()
         (run / "local.d" / "00-no-peername.yaml").write_text("mta: {peername_lookup: false}\n")
+    if "mailbox" not in config:  # every local user exists (no home directory needed): none refused at RCPT
+        (run / "local.d" / "01-any-user.yaml").write_text("mta: {mailbox: '{state_dir}/mail/{user}/'}\n")
     log_path = run / "mta.log"
     cmd = [
         sys.executable,

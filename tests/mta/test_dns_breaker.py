@@ -186,7 +186,9 @@ def _serve(tmp_path: Path, nameserver: Nameserver, clients: Callable[[int, SmtpS
     thread. dns.timeout is longer than any peername_timeout here: that one sets the wait."""
     defaults = default_config()
     dns_config = dataclasses.replace(defaults.dns, nameservers=(nameserver.spec,), timeout=Duration(10.0))
-    config = dataclasses.replace(defaults.mta, local_domains=("example.net",), hostname="mx.test", **mta)
+    config = dataclasses.replace(
+        defaults.mta, local_domains=("example.net",), hostname="mx.test", mailbox="{state_dir}/mail/{user}/", **mta
+    )
     queue = Queue(tmp_path / "queue")
 
     async def main() -> T:

@@ -128,7 +128,9 @@ def run_scripted(
         protocol=ProtocolFlag.NOUNKNOWN | (ProtocolFlag.HDR_LEADSPC if leadspc else ProtocolFlag(0)),
     )
     queue = Queue(tmp_path / "queue")
-    config = dataclasses.replace(default_config().mta, local_domains=("example.net",), hostname="mx.test")
+    config = dataclasses.replace(
+        default_config().mta, local_domains=("example.net",), hostname="mx.test", mailbox="{state_dir}/mail/{user}/"
+    )
 
     def session(port: int) -> object:
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:

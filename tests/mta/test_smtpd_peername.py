@@ -87,7 +87,10 @@ def run_session(tmp_path: Path, nameserver: Nameserver, source: str, **mta_setti
     """One message from ``source`` through an in-process server whose DNS is ``nameserver``."""
     defaults = default_config()
     dns_config = dataclasses.replace(defaults.dns, nameservers=(nameserver.spec,))
-    config = dataclasses.replace(defaults.mta, local_domains=("example.net",), hostname="mx.test", **mta_settings)
+    config = dataclasses.replace(
+        defaults.mta, local_domains=("example.net",), hostname="mx.test", mailbox="{state_dir}/mail/{user}/",
+        **mta_settings,
+    )  # fmt: skip
     queue = Queue(tmp_path / "queue")
     connects: list[Connect] = []
 
