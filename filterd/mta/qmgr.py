@@ -78,6 +78,13 @@ log = logging.getLogger(__name__)
 Failure = tuple[Recipient, DeliveryResult, str]  # a recipient that failed for good, and why (for the DSN)
 
 
+def _storable(text: str) -> str:
+    """``text`` as the envelope (UTF-8 JSON) can store it: a remote reply's undecodable bytes,
+    kept as surrogate escapes, become U+FFFD (they made the envelope unwritable: the message was
+    stuck, each attempt failing on the save)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 @dataclasses.dataclass(slots=True)
 class _Failures:
     """One pass's permanent failures over all its groups, for its one DSN; with the original's
@@ -527,7 +534,7 @@ class QueueManager:
                 # The status first: `filterd mta queue list` shows it; a delay warning takes it
                 # from last_status.
                 failed_now = result.outcome != "delivered"
-                rcpt.last_error = f"{result.status} {result.detail}" if failed_now else ""
+                rcpt.last_error = _storable(f"{result.status} {result.detail}") if failed_now else ""
                 rcpt.last_status = result.status if failed_now else ""
                 rcpt.last_reply_code, rcpt.last_reply_status = result.reply_code, result.reply_status
                 outcome = result.outcome
