@@ -406,7 +406,15 @@ class QueueManager:
             await self._record(qid, envelope, message, results, lock, failed)
         else:
             groups = self._groups(due)
-            await asyncio.gather(*(self._attempt(qid, envelope, message, rcpts, lock, failed) for rcpts in groups))
+            # Every group ends before anything fails the pass: one still running would write the
+            # envelope after the message was parked (see _process).
+            done = await asyncio.gather(
+                *(self._attempt(qid, envelope, message, rcpts, lock, failed) for rcpts in groups),
+                return_exceptions=True,
+            )
+            for outcome in done:
+                if isinstance(outcome, BaseException):
+                    raise outcome
         if failed.items:
             await self._bounce(qid, envelope, message, failed)
         await self._sync_claim(qid)
