@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 __all__ = ["SCAN_BUCKETS", "Aggregate", "WorkerMetrics", "render_prometheus"]
 
 # Snapshot keys that are gauges (the state now), not counters: a retired worker's are dropped.
-_GAUGES = ("dns_zone_blocked", "dns_zone_breaker_open")
+_GAUGES = ("dns_zone_blocked", "dns_zone_breaker_open", "connections")
 
 # Seconds: bucket bounds of the scan-time and async-check-time histograms.
 SCAN_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -41,6 +41,7 @@ class WorkerMetrics:
     check_seconds_sum: dict[str, float] = field(default_factory=dict)
     bytes_scanned: int = 0
     refused: int = 0
+    connections: Counter[str] = field(default_factory=Counter)  # gauge: open now, by protocol
     # "milter:rejected", "policy:greylisted", ...: what the milter and the policy service answered.
     verdicts: Counter[str] = field(default_factory=Counter)
     # Per DNS zone (a DNSBL zone, "spf", ...): the resolver's counters, copied at each report.
@@ -88,6 +89,7 @@ class WorkerMetrics:
             "check_seconds_sum": self.check_seconds_sum,
             "bytes_scanned": self.bytes_scanned,
             "refused": self.refused,
+            "connections": self.connections,
             "verdicts": self.verdicts,
             "dns_queries": self.dns_queries,
             "dns_failures": self.dns_failures,
@@ -198,8 +200,12 @@ def render_prometheus(agg: Aggregate, *, workers: int, generation: int) -> bytes
     for key, n in sorted(dict(t.get("verdicts") or {}).items()):  # type: ignore[call-overload]
         service, _, verdict = key.partition(":")
         lines.append(f'filterd_verdicts_total{{service="{_label(service)}",verdict="{_label(verdict)}"}} {n}')
-    family("filterd_connections_refused_total", "counter", "Connections refused (not allowed, or too many).")
+    family("filterd_connections_refused_total", "counter", "Connections refused (not in daemon.allowed_ips).")
     lines.append(f"filterd_connections_refused_total {t.get('refused') or 0}")
+    family("filterd_connections_open", "gauge",
+           "Connections open, by protocol (a worker with max_connections of one accepts no more of it).")  # fmt: skip
+    for protocol, n in sorted(dict(t.get("connections") or {}).items()):  # type: ignore[call-overload]
+        lines.append(f'filterd_connections_open{{protocol="{_label(protocol)}"}} {n}')
     dns = (
         ("filterd_dns_queries_total", "counter", "dns_queries", "DNS lookups sent, by zone (cache hits not counted)."),
         ("filterd_dns_failures_total", "counter", "dns_failures", "DNS lookups that timed out or failed, by zone."),

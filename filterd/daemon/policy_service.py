@@ -29,6 +29,7 @@ import logging
 from filterd.config import Config
 from filterd.daemon.metrics import WorkerMetrics
 from filterd.daemon.milter_service import recipient_prefs, sender_welcomelisted
+from filterd.daemon.streams import drain
 from filterd.engine.prefs import UserPrefsStore
 from filterd.errors import RemoteProtocolError
 from filterd.greylist import Greylist
@@ -81,7 +82,7 @@ class PolicyService:
                     last_prepended = event.instance or ""
                 self.metrics.verdicts[f"policy:{verdict}"] += 1
                 writer.write(conn.send(reply))
-                await writer.drain()
+                await drain(writer, self.config.daemon.read_timeout)
         except RemoteProtocolError as exc:  # closing without an answer makes Postfix retry
             self.metrics.errors["policy_protocol"] += 1
             log.warning("policy protocol error from %s: %s", peer, exc)

@@ -3,8 +3,16 @@ engine (the milter and the policy service live in milter_service.py and policy_s
 
 CPU work (parsing, rules) runs inline and is short; network checks are awaited, so one slow
 lookup never holds up other messages. Every read has an idle timeout and the whole request a
-read timeout. SIGTERM stops accepting and lets the connections in flight finish within the
-grace period. A worker whose master has gone away exits by itself.
+read timeout; a client gets the same read timeout to take each answer, else it is dropped.
+SIGTERM stops accepting and lets the connections in flight finish within the grace period. A
+worker whose master has gone away exits by itself.
+
+``daemon.max_connections`` bounds the connections a worker holds of each protocol (spamd,
+milter, policy) on its own: MTAs keep milter and policy connections for whole SMTP sessions, and
+they must not lock spamd clients out, nor the other way round. A worker at the limit stops
+accepting that protocol until one closes: new clients wait in the kernel's listen backlog or
+another worker takes them, as with spamd's own children. Nothing is refused for being one too
+many; the connections accepted at shutdown (already waiting in the backlog) may go past it.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import random
 import signal
 import socket
 import time
+from collections import Counter
 from collections.abc import Sequence
 
 from filterd.config import Config
@@ -26,11 +35,11 @@ from filterd.daemon.metrics import WorkerMetrics
 from filterd.daemon.milter_service import MilterService
 from filterd.daemon.policy_service import PolicyService
 from filterd.daemon.service import SpamdService
+from filterd.daemon.streams import WriteTimeout, close, drain
 from filterd.engine.engine import Engine
 from filterd.errors import RemoteProtocolError
 from filterd.greylist import Greylist
 from filterd.protocols.spamd import (
-    EX_TEMPFAIL,
     EX_TIMEOUT,
     NEED_DATA,
     SpamdRequest,
@@ -69,7 +78,9 @@ class Worker:
             engine, config, self.metrics, greylist=greylist, prefs=self.service.prefs, scans=self.service.scans
         )
         self.policy = PolicyService(config, self.metrics, greylist=greylist, prefs=self.service.prefs)
-        self.active = 0
+        self._open: Counter[str] = Counter()  # connections held, by protocol (max_connections each)
+        self._reading: set[int] = set()  # the listening sockets we accept on now
+        self._backoff: set[int] = set()  # ... and those resting after a failed accept
         self._allowed = [ipaddress.ip_network(n) for n in config.daemon.allowed_ips]
         self._stopping: asyncio.Event | None = None
         self._parent = os.getppid()
@@ -82,13 +93,10 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the master reloads, not us
-        for listener in self.listeners:
-            loop.add_reader(listener.sock.fileno(), self._accept_one, listener)
+        self._update_readers()
         reporter = asyncio.create_task(self._report_loop())
         await self._stopping.wait()
-        for listener in self.listeners:
-            # Stop accepting; the master keeps the sockets open for the next generation.
-            loop.remove_reader(listener.sock.fileno())
+        self._update_readers()  # stop accepting; the master keeps the sockets open for the next generation
         log.info("worker %d: stopping; %d connection(s) in flight", os.getpid(), len(self._tasks))
         upkeep = self._upkeep
         if upkeep is not None:
@@ -115,6 +123,27 @@ class Worker:
                 await self.store.close()
         self._report()
 
+    @property
+    def active(self) -> int:
+        """Connections open now, all protocols."""
+        return sum(self._open.values())
+
+    def _update_readers(self) -> None:
+        """Accept on a listening socket while the worker is not stopping, the socket is not resting
+        after a failed accept, and fewer than max_connections of its protocol are open."""
+        loop = asyncio.get_running_loop()
+        stopping = self._stopping is None or self._stopping.is_set()
+        limit = self.config.daemon.max_connections
+        for listener in self.listeners:
+            fd = listener.sock.fileno()
+            wanted = not stopping and fd not in self._backoff and self._open[listener.protocol] < limit
+            if wanted and fd not in self._reading:
+                loop.add_reader(fd, self._accept_one, listener)
+                self._reading.add(fd)
+            elif not wanted and fd in self._reading:
+                loop.remove_reader(fd)
+                self._reading.discard(fd)
+
     def _accept_one(self, listener: Listener) -> None:
         """Take one connection per readiness event, then let handlers run.
 
@@ -130,24 +159,34 @@ class Worker:
             return
         except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: back off, keep listening
             log.error("accept on %s failed: %s; pausing 100 ms", listener.bound, exc)
-            loop = asyncio.get_running_loop()
             fd = listener.sock.fileno()
-            loop.remove_reader(fd)
-            stopping = self._stopping
-            loop.call_later(
-                0.1,
-                lambda: (
-                    None if stopping is None or stopping.is_set() else loop.add_reader(fd, self._accept_one, listener)
-                ),
-            )
+            self._backoff.add(fd)
+            self._update_readers()
+
+            def resume() -> None:
+                self._backoff.discard(fd)
+                self._update_readers()
+
+            asyncio.get_running_loop().call_later(0.1, resume)
             return
         self._spawn(conn, listener)
 
     def _spawn(self, conn: socket.socket, listener: Listener) -> None:
+        """Serve ``conn``; it counts against max_connections from now until it is closed."""
         conn.setblocking(False)
+        protocol = listener.protocol
+        self._open[protocol] += 1
+        if self._open[protocol] >= self.config.daemon.max_connections:
+            self._update_readers()
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            self._open[protocol] -= 1
+            self._update_readers()
+
         task = asyncio.create_task(self._socket(conn, listener))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(done)
 
     def _take_pending(self) -> None:
         """Serve the connections already waiting in the backlog: their clients have connected."""
@@ -195,6 +234,8 @@ class Worker:
             return
         if self.engine.resolver is not None:
             self.metrics.observe_dns(self.engine.resolver)
+        for protocol in {listener.protocol for listener in self.listeners}:
+            self.metrics.connections[protocol] = self._open[protocol]
         for kind, count in (("autolearn_failed", self.engine.autolearn_failed),
                             ("autolearn_skipped", self.engine.autolearn_skipped)):  # fmt: skip
             if count:
@@ -217,67 +258,46 @@ class Worker:
     async def _connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, protocol: str = "spamd"
     ) -> None:
+        """Serve one connection and close it; the time a client has to take what we write is
+        daemon.read_timeout, as for sending its request, past which it is dropped."""
+        write_timeout = self.config.daemon.read_timeout
         allowed, peer = self._allowed_peer(writer)
-        if not allowed:
-            self.metrics.refused += 1
-            log.warning("refused connection from %s (%s): not in daemon.allowed_ips", peer, protocol)
-            writer.close()
-            return
-        if self.active >= self.config.daemon.max_connections:
-            self.metrics.refused += 1
-            log.warning(
-                "refused connection from %s (%s): %d connections open (daemon.max_connections)",
-                peer,
-                protocol,
-                self.active,
-            )
-            if protocol == "spamd":
-                await self._refuse(reader, writer, render_error(EX_TEMPFAIL, "Temporary failure: too many connections"))
-            else:  # the MTA applies its default action (milter) or retries (policy)
-                writer.close()
-            return
-        self.active += 1
-        if protocol != "spamd":
-            try:
-                if protocol == "milter":
-                    await self.milter.serve(reader, writer, peer)
-                else:
-                    assert self._stopping is not None
-                    await self.policy.serve(reader, writer, peer, self._stopping)
-            except (ConnectionError, OSError) as exc:
-                log.info("%s connection from %s lost: %s", protocol, peer, exc)
-            finally:
-                self.active -= 1
-                with contextlib.suppress(OSError, RuntimeError):
-                    writer.close()
-            return
         try:
-            reply, whole = await self._exchange(reader)
-            if not whole:  # an error before the request was read to its end
-                await self._refuse(reader, writer, reply)
-            elif reply:
-                writer.write(reply)
-                await writer.drain()
+            if not allowed:
+                self.metrics.refused += 1
+                log.warning("refused connection from %s (%s): not in daemon.allowed_ips", peer, protocol)
+            elif protocol == "milter":
+                await self.milter.serve(reader, writer, peer)
+            elif protocol == "policy":
+                assert self._stopping is not None
+                await self.policy.serve(reader, writer, peer, self._stopping)
+            else:
+                reply, whole = await self._exchange(reader)
+                if not whole:  # an error before the request was read to its end
+                    await self._refuse(reader, writer, reply)
+                elif reply:
+                    writer.write(reply)
+                    await drain(writer, write_timeout)
+        except WriteTimeout as exc:
+            self.metrics.errors["write_timeout"] += 1
+            log.warning("%s connection from %s dropped: %s", protocol, peer, exc)
         except (ConnectionError, OSError) as exc:
-            log.info("connection from %s lost: %s", peer, exc)
+            log.info("%s connection from %s lost: %s", protocol, peer, exc)
         finally:
-            self.active -= 1
-            with contextlib.suppress(OSError, RuntimeError):
-                writer.close()
+            if not await close(writer, write_timeout):
+                self.metrics.errors["write_timeout"] += 1
+                log.warning("%s connection from %s dropped: the peer did not take our last bytes", protocol, peer)
 
-    @staticmethod
-    async def _refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reply: bytes) -> None:
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reply: bytes) -> None:
         """Answer and close without a reset: closing with the request unread would send an RST
         that can overtake the answer, so the request is read and dropped first (for 1 s at most)."""
-        with contextlib.suppress(OSError, RuntimeError):
+        with contextlib.suppress(OSError, RuntimeError, TimeoutError):
             writer.write(reply)
-            await writer.drain()
+            await drain(writer, self.config.daemon.read_timeout)
             writer.write_eof()
             async with asyncio.timeout(1.0):
                 while await reader.read(65536):
                     pass
-        with contextlib.suppress(OSError, RuntimeError, TimeoutError):
-            writer.close()
 
     async def _exchange(self, reader: asyncio.StreamReader) -> tuple[bytes, bool]:
         """Read one request and answer it; the flag says whether the request was read whole."""
