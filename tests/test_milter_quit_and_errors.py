@@ -6,9 +6,12 @@ bare text that the MTA would read as a packet length."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import smtplib
 import socket
 import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from filterd.errors import ConfigError
 from filterd.greylist import Greylist
 from filterd.state import open_state_store
 from tests.daemon_fixture import Daemon, milter_daemon
+from tests.postfix_fixture import start_postfix
 
 GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 EN_DASH_MESSAGE = "451 4.7.1 Greylisted \u2013 please retry later"
@@ -160,3 +164,62 @@ def test_a_reply_the_protocol_layer_refuses_goes_out_as_a_framed_tempfail(tmp_pa
     tempfail = (b"y", b"451 4.3.0 Internal error in the mail filter, try again later\x00")
     assert replies[1:] == [tempfail, tempfail]
     assert metrics.errors["milter_internal"] == 2
+
+
+@contextlib.contextmanager
+def serving_milter(tmp_path: Path, message: str) -> Iterator[tuple[int, WorkerMetrics]]:
+    """A MilterService (greylisting on, ``message`` not checked) served on a loopback port from a
+    loop in a thread, closing each connection when it ends as the worker does."""
+    base = default_config()
+    config = dataclasses.replace(
+        base,
+        network=dataclasses.replace(base.network, enabled=False),
+        greylist=dataclasses.replace(base.greylist, enabled=True, message=message),
+    )
+    engine = Engine.load(config, state_dir=str(tmp_path))
+    store = open_state_store(config, tmp_path)
+    metrics = WorkerMetrics()
+    loop = asyncio.new_event_loop()
+    service = MilterService(engine, config, metrics, greylist=Greylist.from_config(config, store),
+                            prefs=UserPrefsStore(""), scans=asyncio.Semaphore(4))  # fmt: skip
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await service.serve(reader, writer, "postfix")
+        finally:
+            writer.close()
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = asyncio.run_coroutine_threadsafe(asyncio.start_server(serve, "127.0.0.1", 0), loop).result(30)
+    try:
+        yield server.sockets[0].getsockname()[1], metrics
+    finally:
+        server.close()
+        asyncio.run_coroutine_threadsafe(store.close(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+        loop.close()
+
+
+def test_through_postfix_a_refused_reply_tempfails_the_recipient_not_the_whole_session(tmp_path: Path) -> None:
+    """The reviewer's case behind Postfix 3.7 with milter_default_action=accept: the greylisted
+    RCPT used to pass and the GTUBE message be delivered unscanned (Postfix read '451 ' as a
+    packet length and gave up on the milter); now the RCPT gets 451 4.3.0."""
+    with serving_milter(tmp_path, EN_DASH_MESSAGE) as (port, metrics):
+        pf = start_postfix(tmp_path / "postfix", services={
+            "milter": {"smtpd_milters": f"inet:127.0.0.1:{port}", "milter_default_action": "accept"},
+        })  # fmt: skip
+        try:
+            s = smtplib.SMTP("127.0.0.1", pf.ports["milter"], local_hostname="client.example.net", timeout=60)
+            with s:
+                s.ehlo()
+                code, text = s.docmd("XCLIENT", "ADDR=192.0.2.10 NAME=mail.example.net")
+                assert code == 220, (code, text)
+                s.ehlo()
+                assert s.mail("alice@example.net")[0] == 250
+                assert s.rcpt("bob@example.org") == (451, b"4.3.0 Internal error in the mail filter, try again later")
+                assert s.rcpt("carol@example.org")[0] == 451  # still in step with the milter
+            assert metrics.errors["milter_internal"] == 2
+        finally:
+            pf.stop()
