@@ -404,11 +404,18 @@ def test_limits_pid_file_socket_mode_and_unscanned_big_mail(tmp_path: Path) -> N
         holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         holder.connect(str(d.unix_path))
         holder.sendall(b"CHECK SPAMC/1.5\r\n")  # holds the only connection slot
-        time.sleep(0.3)
-        assert d.request(b"PING SPAMC/1.5\r\n\r\n").startswith(b"SPAMD/1.0 75 ")
+        # A second client waits (the worker accepts nothing more, as spamd leaves it in the listen
+        # backlog): no answer, no refusal while the slot is held; served once it frees.
+        waiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        waiting.connect(str(d.unix_path))
+        waiting.sendall(b"PING SPAMC/1.5\r\n\r\n")
+        waiting.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            waiting.recv(100)
+        waiting.settimeout(30)
         holder.close()
-        time.sleep(0.3)
-        assert d.request(b"PING SPAMC/1.5\r\n\r\n").startswith(b"SPAMD/1.5 0 PONG")
+        assert waiting.recv(100).startswith(b"SPAMD/1.5 0 PONG")
+        waiting.close()
     finally:
         assert d.stop() == 0
     assert not pid_file.exists()

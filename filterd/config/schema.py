@@ -464,14 +464,20 @@ class DaemonConfig(Section):
     )  # fmt: skip
     read_timeout: Duration = setting(
         parse_duration("30s"), min=parse_duration("100ms"), max=parse_duration("1h"),
-        doc="Time a client has to send its whole request.",
+        doc="Time a client has to send its whole request, and to take each answer (past it the "
+        "connection is dropped: a client that never reads cannot hold a slot).",
     )  # fmt: skip
     idle_timeout: Duration = setting(
         parse_duration("10s"), min=parse_duration("100ms"), max=parse_duration("1h"),
         doc="Time a client may stay silent while sending.",
     )  # fmt: skip
     max_connections: int = setting(
-        256, min=1, max=100_000, doc="Open connections per worker; more get EX_TEMPFAIL at once."
+        256,
+        min=1,
+        max=100_000,
+        doc="Open connections per worker and protocol (spamd, milter, policy); a worker at the limit accepts "
+        "no more until one closes, so the next client goes to another worker or waits in the listen backlog, "
+        "as with spamd.",
     )
     max_concurrent_scans: int = setting(
         64, min=1, max=10_000, doc="Scans in progress per worker; further requests wait their turn."
