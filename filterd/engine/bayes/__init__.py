@@ -15,14 +15,14 @@ alternatives.
 
 from typing import TYPE_CHECKING
 
-from filterd.engine.bayes.autolearn import autolearn_decision
 from filterd.engine.bayes.backend import open_bayes_store, open_existing_bayes_store
 from filterd.engine.bayes.base import BayesStoreBase, LearnResult, StoreError
-from filterd.engine.bayes.check import BayesCheck, bayes_rules
 from filterd.engine.bayes.store import BayesStore
 from filterd.engine.bayes.tokenizer import message_digest, token_hashes, token_ids, tokenize
 
 if TYPE_CHECKING:
+    from filterd.engine.bayes.autolearn import autolearn_decision
+    from filterd.engine.bayes.check import BayesCheck, bayes_rules
     from filterd.engine.bayes.redis_store import RedisBayesStore
 
 __all__ = [
@@ -44,9 +44,19 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    # The redis client costs ~0.1 s to import; only sites with state.backend redis pay it.
+    # Imported on first use: the redis client costs ~0.1 s and only sites with state.backend
+    # redis need it; the check and autolearn bring the engine's plugin machinery and asyncio,
+    # which `filterd learn` (started per run, often from cron) does not use.
     if name == "RedisBayesStore":
         from filterd.engine.bayes.redis_store import RedisBayesStore
 
         return RedisBayesStore
+    if name in ("BayesCheck", "bayes_rules"):
+        from filterd.engine.bayes import check
+
+        return getattr(check, name)
+    if name == "autolearn_decision":
+        from filterd.engine.bayes.autolearn import autolearn_decision
+
+        return autolearn_decision
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
