@@ -433,6 +433,7 @@ class _Message:
         "threshold",
         "content_length",
         "alloced",
+        "answer_headers",
     )
 
     def __init__(self, max_len: int) -> None:
@@ -444,6 +445,7 @@ class _Message:
         self.msg = b""
         self.post = b""
         self.out = b""
+        self.answer_headers: bytes | None = None  # HEADERS: the daemon's header block, as it came
         self.is_spam = EX_NOHOST  # spamc's default when the daemon is never reached
         self.score = 0.0
         self.threshold = 0.0
@@ -1338,6 +1340,7 @@ class _Client:
             return EX_OK  # spamc then prints the message as it came in
         start = min(starts)
         body = raw[start + (4 if raw[start] == 0x0D else 2) :]
+        m.answer_headers = m.out
         body = body[: max(0, m.alloced - 1 - len(m.out))]
         nul = body.find(b"\0")
         if nul >= 0:  # spamc copies the body with strncpy
@@ -1543,11 +1546,25 @@ def spamd_request(
     code = client.message_filter(m)
     if code != EX_OK:
         raise SpamdError(code)
+    out = m.out
+    if m.answer_headers is not None:
+        # HEADERS: spamc rebuilds the message in its C buffer (cut to fit, a NUL ends the body);
+        # a delivery agent stores what it gets, so the original body goes back as it was.
+        out = m.answer_headers + _body_of(message)
     if m.is_spam == EX_TOOBIG:  # no Spam: header in the answer
-        return SpamdAnswer(m.out, None, None, None)
+        return SpamdAnswer(out, None, None, None)
     # libspamc keeps C floats (4.9 -> 4.9000001); the daemon writes at most a few decimals
     score, threshold = round(m.score, 3), round(m.threshold, 3)
-    return SpamdAnswer(m.out, score, threshold, m.is_spam == EX_ISSPAM)
+    return SpamdAnswer(out, score, threshold, m.is_spam == EX_ISSPAM)
+
+
+def _body_of(message: bytes) -> bytes:
+    """The body after the first empty line, by libspamc's rule (the earlier of CRLF CRLF, LF LF)."""
+    starts = [i for i in (message.find(b"\r\n\r\n"), message.find(b"\n\n")) if i >= 0]
+    if not starts:
+        return b""
+    start = min(starts)
+    return message[start + (4 if message[start] == 0x0D else 2) :]
 
 
 def _stderr(text: str) -> None:

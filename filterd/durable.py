@@ -6,8 +6,9 @@ into place, then fsync the directory that holds the new name, and only then repl
 
 from __future__ import annotations
 
-__all__ = ["fsync_dir", "write_all"]
+__all__ = ["fsync_dir", "make_dirs", "write_all"]
 
+import errno
 import os
 from pathlib import Path
 
@@ -27,3 +28,19 @@ def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def make_dirs(path: Path) -> None:
+    """mkdir -p, each new directory made durable in its parent (fsync); a directory another
+    delivery makes at the same moment is fine; a file in the way is NotADirectoryError."""
+    if path.is_dir():
+        return
+    if path.parent != path:
+        make_dirs(path.parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not path.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(path)) from None
+        return
+    fsync_dir(path.parent)

@@ -30,7 +30,7 @@ import socket
 import time
 from pathlib import Path
 
-from filterd.durable import fsync_dir, write_all
+from filterd.durable import fsync_dir, make_dirs, write_all
 
 _SUBDIRS = ("cur", "new", "tmp")
 # errors of link() that mean "this file system cannot hard-link": fall back to rename()
@@ -111,13 +111,13 @@ class Maildir:
         """Create ``folder`` (and the Maildir) if missing; returns its directory."""
         path = self.folder_path(folder)
         if not (path / "tmp").is_dir() or not (path / "new").is_dir() or not (path / "cur").is_dir():
-            _make_dirs(self.root)
+            make_dirs(self.root)
             for sub in _SUBDIRS:
-                _make_dir(self.root / sub)
+                make_dirs(self.root / sub)
             if path != self.root:
-                _make_dir(path)
+                make_dirs(path)
                 for sub in _SUBDIRS:
-                    _make_dir(path / sub)
+                    make_dirs(path / sub)
                 marker = path / "maildirfolder"
                 if not marker.exists():
                     fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -163,22 +163,3 @@ class Maildir:
 def _unlink_quietly(path: Path) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
-
-
-def _make_dir(path: Path) -> None:
-    """mkdir that tolerates a concurrent delivery making it first; fsyncs the parent."""
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        if not path.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(path)) from None
-        return
-    fsync_dir(path.parent)
-
-
-def _make_dirs(path: Path) -> None:
-    if path.is_dir():
-        return
-    if path.parent != path:
-        _make_dirs(path.parent)
-    _make_dir(path)

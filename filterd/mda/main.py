@@ -74,6 +74,7 @@ from typing import NoReturn
 from filterd.client import SpamdError, spamd_request
 from filterd.config import DeliverConfig, format_size, load_config
 from filterd.config.schema import clamd_address
+from filterd.durable import make_dirs
 from filterd.errors import ConfigError, PermanentDeliveryError, TemporaryDeliveryError
 from filterd.headerblock import without_fields
 from filterd.mda.headers import split_fields
@@ -291,13 +292,18 @@ def deliver_message(data: bytes, request: DeliveryRequest, config: DeliverConfig
                 log.warning("daemon %s failed (%s); delivering unfiltered", daemon, code)
                 skipped = f"daemon {daemon} failed ({code})"
             else:
-                # The daemon puts its X-Spam-* fields at the top (ours no longer lead), and a
-                # report_safe wrapper has ours inside only: take them out of its header block,
-                # once each, and put them back in front.
-                message = _ours_in_front(answer.message, prefix)
-                score = answer.score
-                if answer.is_spam is not None:
-                    verdict = "spam" if answer.is_spam else "ham"
+                if not _has_header(answer.message):  # a broken or foreign daemon: never store that
+                    log.warning("daemon %s returned no message (%d bytes); delivering unfiltered", daemon,
+                                len(answer.message))  # fmt: skip
+                    skipped = f"daemon {daemon} returned no message"
+                else:
+                    # The daemon puts its X-Spam-* fields at the top (ours no longer lead), and a
+                    # report_safe wrapper has ours inside only: take them out of its header block,
+                    # once each, and put them back in front.
+                    message = _ours_in_front(answer.message, prefix)
+                    score = answer.score
+                    if answer.is_spam is not None:
+                        verdict = "spam" if answer.is_spam else "ham"
         message = without_fields(message, _SKIPPED.lower())
         if skipped and config.mark_unfiltered:
             message = prefix + b"%s: %s\n" % (_SKIPPED, skipped.encode()) + message[len(prefix) :]
@@ -343,6 +349,15 @@ def _lead(message: bytes, recipient: str) -> tuple[dict[bytes, list[str]], bool]
         if key == b"delivered-to" and text.lower() == recipient.lower():
             loop = True
     return lead, loop
+
+
+def _has_header(message: bytes) -> bool:
+    """Whether ``message`` starts with a header field (``Name:``), as any answer to PROCESS or
+    HEADERS does: the daemon adds its own fields even to a message that had none."""
+    lines = message.split(b"\n", 2)
+    first = lines[1] if lines[0].startswith(b"From ") and len(lines) > 1 else lines[0]  # mbox From_ line
+    name, colon, _ = first.partition(b":")
+    return bool(colon) and bool(name) and all(33 <= c <= 126 for c in name)
 
 
 def _ours_in_front(message: bytes, prefix: bytes) -> bytes:
@@ -421,10 +436,11 @@ def _carry_out(
             continue
         if action.kind in ("forward", "pipe"):
             code = _run_command(action, message, request, config, sender=sender, where=step.where)
-            if code != EX_OK:
-                return code
             if action.stop:
-                return EX_OK
+                return code
+            if code != EX_OK:  # a side copy (procmail's c flag): its failure is not the message's
+                log.warning("%s (%s) failed with exit %d; delivery goes on with the next rule",
+                            action.kind, step.where, code)  # fmt: skip
             continue
         assert isinstance(action.target, str)
         code = _store(message, action.target, request, config, sender=sender, where=step.where)
@@ -454,7 +470,7 @@ def _store(
             assert request.mbox is not None
             path = _mbox_path(folder, request, config)
             if path != request.mbox:
-                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # e.g. ~/mail on first use
+                make_dirs(path.parent)  # e.g. ~/mail on first use, durable before we say delivered
             for warning in deliver_mbox(
                 path, message, sender=sender, lock_timeout=config.lock_timeout, stale_lock=config.stale_lock
             ):

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from filterd.durable import write_all
+from filterd.durable import fsync_dir, write_all
 from filterd.errors import PermanentDeliveryError, TemporaryDeliveryError
 
 _FROM_LINE = re.compile(rb"^(>*From )", re.M)
@@ -174,6 +174,8 @@ def deliver_mbox(
                     entry = (b"" if tail == b"\n\n" else b"\n" if tail.endswith(b"\n") else b"\n\n") + entry
                 write_all(fd, entry)
                 os.fsync(fd)
+                if not size:  # a new file: its name must be durable too
+                    fsync_dir(path.parent)
             except BaseException:
                 _truncate(fd, size)
                 raise

@@ -300,7 +300,15 @@ def parse_recipes(text: bytes | str, file: str = "<recipes>", *, check_folder: F
     if not isinstance(root, yaml.SequenceNode):
         parser.problem(root, "", "expected a list of rules (each starting with '- ')")
     else:
-        rules = [parser.rule(i + 1, node) for i, node in enumerate(root.value)]
+        rules = []
+        for i, node in enumerate(root.value):
+            try:
+                rules.append(parser.rule(i + 1, node))
+            except (ValueError, TypeError, RecursionError, yaml.YAMLError) as exc:
+                # YAML that parses but holds no usable value (a date like 2024-02-30, an unknown
+                # tag, a recursive alias): a problem of the file like any other, never a crash
+                # that would defer the user's mail instead of delivering it to the inbox.
+                parser.problem(node, "", f"unusable value: {' '.join(str(exc).split())[:200]}")
         if not parser.problems:
             return Recipes(file, tuple(r for r in rules if r is not None))
     raise ConfigError(sorted(parser.problems, key=lambda p: p.line or 0))

@@ -1,0 +1,122 @@
+"""`filterd deliver` stores what it was given, whatever the daemon or the recipe file does:
+
+- with ``method: headers`` the original body goes back byte for byte (spamc's C buffer rules —
+  cut to fit, a NUL ends the body — are for spamc's output, not for a stored message);
+- a daemon answer with no header at all is not stored: the message goes in unfiltered;
+- a recipe file that parses as YAML but holds an unusable value is a problem of the file like a
+  syntax error: the mail goes to the inbox, it is not deferred for ever;
+- a side copy (``stop: false``) that fails does not stop the delivery.
+
+The daemon here is a scripted spamd on a Unix socket (one answer per test)."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from filterd.errors import ConfigError
+from filterd.mda.recipes import parse_recipes
+
+
+@pytest.fixture
+def spamd(tmp_path: Path) -> Iterator[Callable[[Callable[[bytes], bytes]], str]]:
+    """A one-shot spamd: ``answer(message) -> the message part of the reply``."""
+    servers: list[socket.socket] = []
+
+    def start(answer: Callable[[bytes], bytes]) -> str:
+        path = str(tmp_path / f"spamd{len(servers)}.sock")
+        srv = socket.socket(socket.AF_UNIX)
+        srv.bind(path)
+        srv.listen(1)
+        servers.append(srv)
+
+        def serve() -> None:
+            conn, _ = srv.accept()
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            match = re.search(rb"(?im)^content-length: *(\d+)", head)
+            assert match is not None
+            while len(body) < int(match.group(1)):
+                body += conn.recv(65536)
+            out = answer(body)
+            conn.sendall(
+                b"SPAMD/1.1 0 EX_OK\r\nContent-length: %d\r\nSpam: False ; 0.0 / 5.0\r\n\r\n%s" % (len(out), out)
+            )
+            conn.close()
+
+        threading.Thread(target=serve, daemon=True).start()
+        return path
+
+    yield start
+    for srv in servers:
+        srv.close()
+
+
+def deliver(tmp_path: Path, message: bytes, config: str, *args: str) -> tuple[int, list[bytes]]:
+    cfg = tmp_path / "filterd.yaml"
+    cfg.write_text(config)
+    md = tmp_path / "md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "filterd", "deliver", "--config", str(cfg), "--maildir", str(md), *args],
+        input=message,
+        capture_output=True,
+        timeout=120,
+    )
+    stored = sorted((md / "new").iterdir()) if (md / "new").is_dir() else []
+    return proc.returncode, [p.read_bytes() for p in stored]
+
+
+def test_headers_method_keeps_the_body_byte_for_byte(tmp_path: Path, spamd: Callable[..., str]) -> None:
+    # A NUL in the body, and headers from the daemon 20 KB longer than the message's own.
+    body = b"line one\nbinary\x00part\n" + b"".join(b"line %05d of the body\n" % i for i in range(20_000))
+    message = b"From: a@example.org\nSubject: big\n\n" + body
+
+    def answer(got: bytes) -> bytes:
+        report = b"X-Spam-Report: " + b"\n\t* 0.1 SOME_RULE description of the rule that hit" * 400 + b"\n"
+        return report + got.split(b"\n\n", 1)[0] + b"\n\n"
+
+    path = spamd(answer)
+    config = "deliver: {recipes: '', method: headers, max_size: 500K}\n"
+    code, [stored] = deliver(tmp_path, message, config, "--user", "nobody9", "--daemon", path)
+    assert code == 0
+    assert stored.endswith(b"\n\n" + body)  # the whole body, the NUL and what follows it included
+    assert b"X-Spam-Report: " in stored
+
+
+def test_an_answer_without_a_message_is_not_stored(tmp_path: Path, spamd: Callable[..., str]) -> None:
+    message = b"From: a@example.org\nSubject: hi\n\nhello\n"
+    path = spamd(lambda got: b"")
+    code, [stored] = deliver(tmp_path, message, "deliver: {recipes: ''}\n", "--user", "nobody9", "--daemon", path)
+    assert code == 0 and stored.endswith(message)
+
+
+@pytest.mark.parametrize("value", ["name: 2024-02-30", "name: !include x", "score: !!int abc", "verdict: {[1]: 2}"])
+def test_a_recipe_value_that_cannot_be_used_is_a_problem_of_the_file(tmp_path: Path, value: str) -> None:
+    text = f"- {value}\n  sender: '*@example.org'\n  folder: Junk\n"
+    with pytest.raises(ConfigError, match="<recipes>:1: unusable value"):
+        parse_recipes(text)
+    recipes = tmp_path / "recipes.yaml"
+    recipes.write_text(text)
+    message = b"From: a@example.org\nSubject: hi\n\nhello\n"
+    config = "deliver: {filter: false}\n"
+    code, [stored] = deliver(tmp_path, message, config, "--user", "nobody9", "--recipes", str(recipes))
+    assert code == 0 and stored.endswith(message)  # in the inbox, not deferred (75) for ever
+
+
+def test_a_failing_side_copy_does_not_stop_the_delivery(tmp_path: Path) -> None:
+    recipes = tmp_path / "recipes.yaml"
+    recipes.write_text("- size: '> 1'\n  pipe: 'cat >/dev/null; exit 1'\n  stop: false\n")
+    message = b"From: a@example.org\nSubject: hi\n\nhello\n"
+    code, [stored] = deliver(
+        tmp_path, message, "deliver: {filter: false}\n", "--user", "nobody9", "--recipes", str(recipes)
+    )
+    assert code == 0 and stored.endswith(message)
