@@ -41,7 +41,7 @@ def unknown_user_reason(
 ) -> str | None:
     """Why mail for ``local_part`` cannot be delivered here (no such user), or None."""
     user, _ = local_user(config, local_part)
-    if not user or user.startswith(".") or any(c in user for c in "/\0") or not user.isprintable():
+    if not user or user.startswith((".", "-")) or any(c in user for c in "/\0") or not user.isprintable():
         return f"unknown user: {user!r}"
     template = config.mailboxes.get(user, config.mailbox)
     if "{home}" in template and home_of(user) is None:
