@@ -61,6 +61,7 @@ __all__ = [
 ]
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
@@ -390,6 +391,9 @@ def _load_recipes(request: DeliveryRequest, config: DeliverConfig) -> Recipes | 
         path = _expand_home(config.recipes, request.home)
         if path is None or not path.exists():
             return None  # no recipes of one's own: everything goes to INBOX
+    if (distrust := _untrusted(path, request.user)) is not None:
+        log.warning("recipes in %s ignored (%s): delivering to INBOX", path, distrust)
+        return None
     check = _check_maildir_folder if request.maildir is not None else _check_mbox_folder
     try:
         return read_recipes(path, check_folder=check)
@@ -398,6 +402,24 @@ def _load_recipes(request: DeliveryRequest, config: DeliverConfig) -> Recipes | 
             log.warning("recipe error: %s", problem)
         log.warning("recipes in %s ignored: delivering to INBOX", path)
         return None
+
+
+def _untrusted(path: Path, user: str) -> str | None:
+    """Why a recipe file must not be followed, or None. As procmail with its rcfiles: the file
+    must belong to the recipient (or root, or whoever runs the delivery) and be writable by no
+    one else, since its pipe and forward rules run commands as the recipient (or as the MTA)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None  # read_recipes reports it
+    owners = {0, os.geteuid()}
+    with contextlib.suppress(KeyError):
+        owners.add(pwd.getpwnam(user).pw_uid)
+    if st.st_uid not in owners:
+        return f"owned by uid {st.st_uid}, not by {user}"
+    if st.st_mode & 0o022:
+        return f"writable by {'others' if st.st_mode & 0o002 else 'its group'} (mode {st.st_mode & 0o777:o})"
+    return None
 
 
 def _check_maildir_folder(name: str) -> str | None:

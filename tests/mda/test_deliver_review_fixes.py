@@ -11,6 +11,7 @@ The daemon here is a scripted spamd on a Unix socket (one answer per test)."""
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -120,3 +121,22 @@ def test_a_failing_side_copy_does_not_stop_the_delivery(tmp_path: Path) -> None:
         tmp_path, message, "deliver: {filter: false}\n", "--user", "nobody9", "--recipes", str(recipes)
     )
     assert code == 0 and stored.endswith(message)
+
+
+@pytest.mark.parametrize(("owner_uid", "mode"), [(1, 0o644), (None, 0o666), (None, 0o664)])
+def test_recipes_someone_else_could_write_are_not_followed(tmp_path: Path, owner_uid: int | None, mode: int) -> None:
+    """As procmail with its rcfiles: a recipe file owned by another user, or writable by group
+    or others, could make the recipient (or the MTA) run anyone's commands: it is ignored."""
+    out = tmp_path / "ran"
+    recipes = tmp_path / "recipes.yaml"
+    recipes.write_text(f"- size: '> 1'\n  pipe: 'cat > {out}'\n  stop: false\n")
+    recipes.chmod(mode)
+    if owner_uid is not None:
+        if os.geteuid() != 0:  # only root can give a file away: then it is root's own file to test
+            pytest.fail("this test needs root, as CI runs it (os.chown)")
+        os.chown(recipes, owner_uid, -1)
+    message = b"From: a@example.org\nSubject: hi\n\nhello\n"
+    code, [stored] = deliver(
+        tmp_path, message, "deliver: {filter: false}\n", "--user", "nobody9", "--recipes", str(recipes)
+    )
+    assert code == 0 and stored.endswith(message) and not out.exists()
