@@ -75,7 +75,7 @@ from typing import NoReturn
 from filterd.client import SpamdError, spamd_request
 from filterd.config import DeliverConfig, format_size, load_config
 from filterd.config.schema import clamd_address
-from filterd.durable import make_dirs
+from filterd.durable import fsync_dir, make_dirs
 from filterd.errors import ConfigError, PermanentDeliveryError, TemporaryDeliveryError
 from filterd.headerblock import without_fields
 from filterd.mda.headers import split_fields
@@ -217,6 +217,8 @@ def _run(args: argparse.Namespace) -> int:
         log.error("no such user: %s", user)
         return EX_NOUSER
     if entry is not None and os.geteuid() == 0 and entry.pw_uid != 0 and config.drop_privileges:
+        if args.mbox is not None:
+            _create_spool_mbox(Path(args.mbox), entry)
         try:
             os.setgid(entry.pw_gid)
             os.initgroups(entry.pw_name, entry.pw_gid)
@@ -241,6 +243,26 @@ def _run(args: argparse.Namespace) -> int:
         home=Path(entry.pw_dir) if entry is not None and entry.pw_dir else None,
     )
     return deliver_message(data, request, config)
+
+
+def _create_spool_mbox(path: Path, entry: pwd.struct_passwd) -> None:
+    """Create the user's mbox (0600, theirs) while still root, as Postfix's local does: a mail
+    spool such as /var/mail (root:mail 2775) lets no user create a file of their own, and the
+    first delivery would be refused (77). An mbox that exists, or a directory that does not, is
+    left to the delivery to judge."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return
+    try:
+        os.fchown(fd, entry.pw_uid, entry.pw_gid)
+        os.fsync(fd)
+    except OSError as exc:
+        log.warning("cannot give the new mbox %s to %s: %s", path, entry.pw_name, exc.strerror or exc)
+    finally:
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        fsync_dir(path.parent)
 
 
 # ------------------------------------------------------------------------------ delivery

@@ -12,10 +12,13 @@ The daemon here is a scripted spamd on a Unix socket (one answer per test)."""
 from __future__ import annotations
 
 import os
+import pwd
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -140,3 +143,32 @@ def test_recipes_someone_else_could_write_are_not_followed(tmp_path: Path, owner
         tmp_path, message, "deliver: {filter: false}\n", "--user", "nobody9", "--recipes", str(recipes)
     )
     assert code == 0 and stored.endswith(message) and not out.exists()
+
+
+def test_the_first_delivery_to_a_root_owned_spool_creates_the_users_mbox() -> None:
+    """/var/mail is root:mail 2775: no user may create a file there. Started as root, deliver
+    creates the user's mbox (0600, theirs) before it becomes the user, as Postfix's local does;
+    the first delivery used to be refused (77)."""
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root, as CI runs it (deliver changes user only when started as root)")
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="filterd-spool-"))  # outside pytest's 0700 tmp tree
+    try:
+        base.chmod(0o755)
+        spool = base / "mail"
+        spool.mkdir(mode=0o755)  # root's: nobody cannot create a file here
+        message = b"From: a@example.org\nSubject: hi\n\nhello\n"
+        config = base / "filterd.yaml"
+        config.write_text("deliver: {filter: false}\n")
+        mbox = spool / "nobody"
+        proc = subprocess.run(
+            [sys.executable, "-m", "filterd", "deliver", "--config", str(config), "--user", "nobody",
+             "--mbox", str(mbox)],
+            input=message, capture_output=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        st = mbox.stat()
+        assert (st.st_uid, st.st_mode & 0o777) == (nobody.pw_uid, 0o600)
+        assert mbox.read_bytes().startswith(b"From ") and b"\nhello\n" in mbox.read_bytes()
+    finally:
+        shutil.rmtree(base)
