@@ -118,48 +118,19 @@ def test_a_reply_the_protocol_layer_refuses_goes_out_as_a_framed_tempfail(tmp_pa
     greylisted RCPT gets a framed 451 4.3.0 and the session goes on in step with the MTA; it used
     to get the text "451 4.3.0 ..." unframed, which an MTA reads as a packet of 0x34353120 bytes
     (Postfix: then milter_default_action for the rest of the session, unscanned)."""
-    base = default_config()
-    config = dataclasses.replace(
-        base,
-        network=dataclasses.replace(base.network, enabled=False),
-        greylist=dataclasses.replace(base.greylist, enabled=True, message=EN_DASH_MESSAGE),
-    )
-    engine = Engine.load(config, state_dir=str(tmp_path))
-    store = open_state_store(config, tmp_path)
-    metrics = WorkerMetrics()
-    service = MilterService(engine, config, metrics, greylist=Greylist.from_config(config, store),
-                            prefs=UserPrefsStore(""), scans=asyncio.Semaphore(4))  # fmt: skip
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await service.serve(reader, writer, "test")
-        finally:  # as the worker does
-            writer.close()
-
-    async def converse() -> list[tuple[bytes, bytes]]:
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-
-        def mta() -> list[tuple[bytes, bytes]]:
-            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-                sock.sendall(NEGOTIATE)
-                replies = [read_packet(sock)]
-                sock.sendall(connect(b"192.0.2.10") + packet(b"H", b"c.example.net\x00"))
-                sock.sendall(packet(b"M", b"<a@example.net>\x00") + packet(b"R", b"<bob@example.org>\x00"))
-                replies.append(read_packet(sock))
-                sock.sendall(packet(b"R", b"<carol@example.org>\x00"))  # in step: the next RCPT is answered
-                replies.append(read_packet(sock))
-                sock.sendall(packet(b"Q"))
-                assert sock.recv(100) == b""
-                return replies
-
-        try:
-            return await asyncio.to_thread(mta)
-        finally:
-            server.close()
-            await store.close()
-
-    replies = asyncio.run(converse())
+    with (
+        serving_milter(tmp_path, EN_DASH_MESSAGE) as (port, metrics),
+        socket.create_connection(("127.0.0.1", port), timeout=30) as sock,
+    ):
+        sock.sendall(NEGOTIATE)
+        replies = [read_packet(sock)]
+        sock.sendall(connect(b"192.0.2.10") + packet(b"H", b"c.example.net\x00"))
+        sock.sendall(packet(b"M", b"<a@example.net>\x00") + packet(b"R", b"<bob@example.org>\x00"))
+        replies.append(read_packet(sock))
+        sock.sendall(packet(b"R", b"<carol@example.org>\x00"))  # in step: the next RCPT is answered
+        replies.append(read_packet(sock))
+        sock.sendall(packet(b"Q"))
+        assert sock.recv(100) == b""
     assert replies[0][0] == b"O"
     tempfail = (b"y", b"451 4.3.0 Internal error in the mail filter, try again later\x00")
     assert replies[1:] == [tempfail, tempfail]
