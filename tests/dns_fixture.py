@@ -25,7 +25,7 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
 
@@ -541,24 +541,39 @@ class DelayingDnsProxy(Nameserver):
         self.in_flight -= 1
 
     def _received_udp(self, data: bytes, addr: Any) -> None:
-        self._spawn(self._answer_udp(data, addr))
+        async def send(answer: bytes, answered: Callable[[], None]) -> None:
+            if self._udp is not None:
+                answered()
+                self._udp.sendto(answer, addr)
 
-    async def _answer_udp(self, data: bytes, addr: Any) -> None:
+        self._spawn(self._answer(data, self._forward_udp, send))
+
+    async def _answer(
+        self,
+        data: bytes,
+        forward: Callable[[bytes], Awaitable[bytes | None]],
+        send: Callable[[bytes, Callable[[], None]], Awaitable[None]],
+    ) -> None:
+        """Forward one query, hold its answer back until its delay is up, and send it. ``send``
+        calls ``answered`` just before the answer leaves (a client holding it already sees it
+        counted); a query that never got that far counts as dropped."""
         loop = asyncio.get_running_loop()
         due = loop.time() + self._note(data)
-        done = False
+        counted = False
+
+        def answered() -> None:
+            nonlocal counted
+            self._done(answered=True)
+            counted = True
+
         try:
-            answer = await self._forward_udp(data)
+            answer = await forward(data)
             if answer is None:
                 return
             await asyncio.sleep(max(0.0, due - loop.time()))
-            if self._udp is not None:
-                # Counted before it leaves: a client holding the answer already sees it counted.
-                self._done(answered=True)
-                done = True
-                self._udp.sendto(answer, addr)
+            await send(answer, answered)
         finally:
-            if not done:
+            if not counted:
                 self._done(answered=False)
 
     async def _forward_udp(self, data: bytes) -> bytes | None:
@@ -586,22 +601,13 @@ class DelayingDnsProxy(Nameserver):
         writer.close()
 
     async def _answer_tcp(self, data: bytes, writer: asyncio.StreamWriter, lock: asyncio.Lock) -> None:
-        loop = asyncio.get_running_loop()
-        due = loop.time() + self._note(data)
-        done = False
-        try:
-            answer = await self._forward_tcp(data)
-            if answer is None:
-                return
-            await asyncio.sleep(max(0.0, due - loop.time()))
+        async def send(answer: bytes, answered: Callable[[], None]) -> None:
             async with lock:
-                self._done(answered=True)  # before it leaves, as for UDP
-                done = True
+                answered()
                 writer.write(len(answer).to_bytes(2, "big") + answer)
                 await writer.drain()
-        finally:
-            if not done:
-                self._done(answered=False)
+
+        await self._answer(data, self._forward_tcp, send)
 
     async def _forward_tcp(self, data: bytes) -> bytes | None:
         async def exchange() -> bytes:
