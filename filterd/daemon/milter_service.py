@@ -62,7 +62,6 @@ from dataclasses import dataclass, field
 
 from filterd.config import Config
 from filterd.daemon.metrics import WorkerMetrics
-from filterd.daemon.streams import drain
 from filterd.engine.checks.auth.authserv import HEADER as AUTH_RESULTS
 from filterd.engine.checks.auth.authserv import claims_authserv_id, effective_authserv_id
 from filterd.engine.checks.lists import compile_globs
@@ -104,6 +103,7 @@ from filterd.protocols.milter import (
     ReplyCode,
     Skip,
 )
+from filterd.streams import drain
 
 __all__ = ["MilterService", "header_fields", "user_for"]
 

@@ -29,12 +29,12 @@ import logging
 from filterd.config import Config
 from filterd.daemon.metrics import WorkerMetrics
 from filterd.daemon.milter_service import recipient_prefs, sender_welcomelisted
-from filterd.daemon.streams import drain
 from filterd.engine.prefs import UserPrefsStore
 from filterd.errors import RemoteProtocolError
 from filterd.greylist import Greylist
 from filterd.net.hostname import fqdn
 from filterd.protocols.policy import ConnectionClosed, NeedData, PolicyReply, PolicyRequest, PolicyServerConnection
+from filterd.streams import drain
 
 __all__ = ["PolicyService"]
 

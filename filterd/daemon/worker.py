@@ -35,7 +35,6 @@ from filterd.daemon.metrics import WorkerMetrics
 from filterd.daemon.milter_service import MilterService
 from filterd.daemon.policy_service import PolicyService
 from filterd.daemon.service import SpamdService
-from filterd.daemon.streams import WriteTimeout, close, drain
 from filterd.engine.engine import Engine
 from filterd.errors import RemoteProtocolError
 from filterd.greylist import Greylist
@@ -47,6 +46,7 @@ from filterd.protocols.spamd import (
     render_error,
 )
 from filterd.state import StateStore, open_state_store
+from filterd.streams import WriteTimeout, close, drain
 
 __all__ = ["Worker"]
 

@@ -80,6 +80,7 @@ from filterd.protocols.smtp_server import (
     SmtpServerConnection,
     StartTls,
 )
+from filterd.streams import WriteTimeout, close, drain
 
 log = logging.getLogger(__name__)
 
@@ -243,14 +244,7 @@ class SmtpServer:
         finally:
             self._connections -= 1
             self._tasks.discard(task)
-            writer.close()
-            try:  # close() first sends what is buffered: a client that reads nothing gets it cut
-                async with asyncio.timeout(self.config.smtpd_timeout):
-                    await writer.wait_closed()
-            except TimeoutError:
-                writer.transport.abort()
-            except Exception:  # noqa: S110 - the connection is gone either way
-                pass
+            await close(writer, self.config.smtpd_timeout)  # a client that reads nothing gets it cut
 
 
 class _Session:
@@ -358,11 +352,9 @@ class _Session:
         replies would otherwise hold its connection slot for as long as TCP keeps it open."""
         self.writer.write(self.smtp.data_to_send())
         try:
-            async with asyncio.timeout(self.config.smtpd_timeout):
-                await self.writer.drain()
-        except TimeoutError:
+            await drain(self.writer, self.config.smtpd_timeout)
+        except WriteTimeout:
             log.info("%stimeout writing to the client after %s; dropped", self.prefix, self.smtp.state.value)
-            self.writer.transport.abort()
             return False
         return True
 

@@ -1,4 +1,5 @@
-"""Writing to a client that may never read: every wait on the peer is bounded.
+"""Writing to a client that may never read: every wait on the peer is bounded (the daemon's
+spamd, milter and policy connections, the MTA's SMTP sessions).
 
 asyncio's ``drain()`` and ``wait_closed()`` wait as long as the peer keeps its window shut, and a
 transport closed with data still queued keeps it (and the connection) until the peer reads. A
