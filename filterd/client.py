@@ -1333,13 +1333,12 @@ class _Client:
         """HEADERS: after the returned header block, the body of the message as read."""
         # libspamc searches its input buffer, which -B has unstuffed in place
         raw = m.scanned if m.type == MESSAGE_BSMTP else m.raw
-        starts = [i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0]
-        if not starts:
+        start = _body_start(raw)
+        if start is None:
             self.log("failed to find end-of-headers")
             self.use_msg_for_out(m)
             return EX_OK  # spamc then prints the message as it came in
-        start = min(starts)
-        body = raw[start + (4 if raw[start] == 0x0D else 2) :]
+        body = raw[start:]
         m.answer_headers = m.out
         body = body[: max(0, m.alloced - 1 - len(m.out))]
         nul = body.find(b"\0")
@@ -1550,7 +1549,7 @@ def spamd_request(
     if m.answer_headers is not None:
         # HEADERS: spamc rebuilds the message in its C buffer (cut to fit, a NUL ends the body);
         # a delivery agent stores what it gets, so the original body goes back as it was.
-        out = m.answer_headers + _body_of(message)
+        out = m.answer_headers + message[_body_start(message) or len(message) :]
     if m.is_spam == EX_TOOBIG:  # no Spam: header in the answer
         return SpamdAnswer(out, None, None, None)
     # libspamc keeps C floats (4.9 -> 4.9000001); the daemon writes at most a few decimals
@@ -1558,13 +1557,14 @@ def spamd_request(
     return SpamdAnswer(out, score, threshold, m.is_spam == EX_ISSPAM)
 
 
-def _body_of(message: bytes) -> bytes:
-    """The body after the first empty line, by libspamc's rule (the earlier of CRLF CRLF, LF LF)."""
+def _body_start(message: bytes) -> int | None:
+    """Where the body starts, by libspamc's rule (after the earlier of CRLF CRLF and LF LF), or
+    None without an empty line."""
     starts = [i for i in (message.find(b"\r\n\r\n"), message.find(b"\n\n")) if i >= 0]
     if not starts:
-        return b""
+        return None
     start = min(starts)
-    return message[start + (4 if message[start] == 0x0D else 2) :]
+    return start + (4 if message[start] == 0x0D else 2)
 
 
 def _stderr(text: str) -> None:
