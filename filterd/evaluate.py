@@ -270,18 +270,30 @@ class Metrics:
     n_spam: int
     threshold: float
     strict: bool  # spam when value > threshold (True) or >= threshold (False)
-    recall: float | None
-    fpr: float | None
+    caught: int  # spam at or over the threshold
+    flagged_ham: int  # ham at or over the threshold
     auc: float | None  # None when the test set lacks ham or spam
+    auc_ci: tuple[float, float] | None  # its 95% interval (`auc_interval`)
     at_fpr: tuple[AtFpr, ...]
     curve_fpr: tuple[float, ...]
     curve_tpr: tuple[float, ...]
-    caught: int = 0  # spam at or over the threshold
-    flagged_ham: int = 0  # ham at or over the threshold
+
+    @property
+    def recall(self) -> float | None:
+        return self.caught / self.n_spam if self.n_spam else None
+
+    @property
+    def fpr(self) -> float | None:
+        return self.flagged_ham / self.n_ham if self.n_ham else None
+
     # 95% intervals: the test messages are a sample of the mail a site gets (see `rate_interval`).
-    recall_ci: tuple[float, float] | None = None
-    fpr_ci: tuple[float, float] | None = None
-    auc_ci: tuple[float, float] | None = None
+    @property
+    def recall_ci(self) -> tuple[float, float] | None:
+        return rate_interval(self.caught, self.n_spam) if self.n_spam else None
+
+    @property
+    def fpr_ci(self) -> tuple[float, float] | None:
+        return rate_interval(self.flagged_ham, self.n_ham) if self.n_ham else None
 
 
 CONFIDENCE = 0.95
@@ -350,14 +362,8 @@ def compute_metrics(
     over = [(v > threshold) if strict else (v >= threshold) for v in values]
     caught = sum(o and s for o, s in zip(over, is_spam, strict=True))
     false = sum(o and not s for o, s in zip(over, is_spam, strict=True))
-    recall = caught / n_spam if n_spam else None
-    fpr = false / n_ham if n_ham else None
-    recall_ci = rate_interval(caught, n_spam) if n_spam else None
-    fpr_ci = rate_interval(false, n_ham) if n_ham else None
     if not (n_spam and n_ham):
-        return Metrics(
-            name, n_ham, n_spam, threshold, strict, recall, fpr, None, (), (), (), caught, false, recall_ci, fpr_ci
-        )  # fmt: skip
+        return Metrics(name, n_ham, n_spam, threshold, strict, caught, false, None, None, (), (), ())
     from sklearn.metrics import roc_auc_score, roc_curve
 
     y = [1 if s else 0 for s in is_spam]
@@ -370,9 +376,8 @@ def compute_metrics(
         thr = float(thresholds[best]) if tprs[best] > 0 else None
         at.append(AtFpr(limit, float(tprs[best]), float(fprs[best]), thr))
     return Metrics(
-        name, n_ham, n_spam, threshold, strict, recall, fpr, auc, tuple(at),
+        name, n_ham, n_spam, threshold, strict, caught, false, auc, auc_interval(is_spam, values), tuple(at),
         tuple(float(x) for x in fprs), tuple(float(x) for x in tprs),
-        caught, false, recall_ci, fpr_ci, auc_interval(is_spam, values),
     )  # fmt: skip
 
 
