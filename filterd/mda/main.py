@@ -82,6 +82,7 @@ from filterd.mda.headers import split_fields
 from filterd.mda.maildir import Maildir, folder_dirname
 from filterd.mda.mbox import deliver_mbox
 from filterd.mda.recipes import Action, Recipes, Step, Verdict, evaluate, facts_from_message, read_recipes
+from filterd.mta.localusers import is_user_name
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ def _run(args: argparse.Namespace) -> int:
         log.error("configuration error, delivery deferred:\n%s", exc)
         return EX_TEMPFAIL
     user = args.user
-    if not user or user.startswith("-") or any(c in user for c in "/\0\n") or user in (".", ".."):
+    if not is_user_name(user):
         log.error("%r is not a user name", user)
         return EX_NOUSER
     try:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from filterd.config import MtaConfig
 
-__all__ = ["home_directory", "local_user", "unknown_user_reason"]
+__all__ = ["home_directory", "is_user_name", "local_user", "unknown_user_reason"]
 
 
 def home_directory(user: str) -> str | None:
@@ -25,6 +25,12 @@ def home_directory(user: str) -> str | None:
         return pwd.getpwnam(user).pw_dir
     except KeyError:
         return None
+
+
+def is_user_name(user: str) -> bool:
+    """Whether ``user`` can name a mailbox: printable, no path separator, not hidden, and not
+    taken for an option by the delivery command that gets it as an argument."""
+    return bool(user) and not user.startswith((".", "-")) and "/" not in user and user.isprintable()
 
 
 def local_user(config: MtaConfig, local_part: str) -> tuple[str, str]:
@@ -41,7 +47,7 @@ def unknown_user_reason(
 ) -> str | None:
     """Why mail for ``local_part`` cannot be delivered here (no such user), or None."""
     user, _ = local_user(config, local_part)
-    if not user or user.startswith((".", "-")) or any(c in user for c in "/\0") or not user.isprintable():
+    if not is_user_name(user):
         return f"unknown user: {user!r}"
     template = config.mailboxes.get(user, config.mailbox)
     if "{home}" in template and home_of(user) is None:
