@@ -77,7 +77,7 @@ from filterd.config import DeliverConfig, format_size, load_config
 from filterd.config.schema import clamd_address
 from filterd.durable import fsync_dir, make_dirs
 from filterd.errors import ConfigError, PermanentDeliveryError, TemporaryDeliveryError
-from filterd.headerblock import without_fields
+from filterd.headerblock import mbox_from_end, split_header_fields, without_fields
 from filterd.mda.headers import split_fields
 from filterd.mda.maildir import Maildir, folder_dirname
 from filterd.mda.mbox import deliver_mbox
@@ -376,12 +376,10 @@ def _lead(message: bytes, recipient: str) -> tuple[dict[bytes, list[str]], bool]
 
 
 def _has_header(message: bytes) -> bool:
-    """Whether ``message`` starts with a header field (``Name:``), as any answer to PROCESS or
-    HEADERS does: the daemon adds its own fields even to a message that had none."""
-    lines = message.split(b"\n", 2)
-    first = lines[1] if lines[0].startswith(b"From ") and len(lines) > 1 else lines[0]  # mbox From_ line
-    name, colon, _ = first.partition(b":")
-    return bool(colon) and bool(name) and all(33 <= c <= 126 for c in name)
+    """Whether ``message`` (after an mbox From_ line) starts with a header field, as any answer
+    to PROCESS or HEADERS does: the daemon adds its own fields even to a message that had none."""
+    fields = split_header_fields(message[mbox_from_end(message) :], 1).fields
+    return bool(fields) and bool(fields[0][0])
 
 
 def _ours_in_front(message: bytes, prefix: bytes) -> bytes:
