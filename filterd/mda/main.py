@@ -82,7 +82,7 @@ from filterd.mda.headers import split_fields
 from filterd.mda.maildir import Maildir, folder_dirname
 from filterd.mda.mbox import deliver_mbox
 from filterd.mda.recipes import Action, Recipes, Step, Verdict, evaluate, facts_from_message, read_recipes
-from filterd.mta.localusers import is_user_name
+from filterd.mda.users import is_user_name
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,9 @@ import pwd
 from collections.abc import Callable
 
 from filterd.config import MtaConfig
+from filterd.mda.users import is_user_name
 
-__all__ = ["home_directory", "is_user_name", "local_user", "unknown_user_reason"]
+__all__ = ["home_directory", "local_user", "unknown_user_reason"]
 
 
 def home_directory(user: str) -> str | None:
@@ -25,12 +26,6 @@ def home_directory(user: str) -> str | None:
         return pwd.getpwnam(user).pw_dir
     except KeyError:
         return None
-
-
-def is_user_name(user: str) -> bool:
-    """Whether ``user`` can name a mailbox: printable, no path separator, not hidden, and not
-    taken for an option by the delivery command that gets it as an argument."""
-    return bool(user) and not user.startswith((".", "-")) and "/" not in user and user.isprintable()
 
 
 def local_user(config: MtaConfig, local_part: str) -> tuple[str, str]:
