@@ -809,7 +809,8 @@ class MtaConfig(Section):
         "auto",
         doc="maildir: deliver in the MTA's process, into the recipient's mailbox (a Maildir) with the user's "
         "recipes and the deliver.* settings, as `filterd deliver` would but without starting a process per "
-        "message, and as the MTA's own user; command: run local_delivery_command per recipient, which drops to each "
+        "message, and as the MTA's own user (so the pipe and forward rules of a recipe file it does not own are "
+        "skipped); command: run local_delivery_command per recipient, which drops to each "
         "user's privileges when started as root; auto: command when filterd mta runs as root or "
         "local_delivery_command is not the default, else maildir.",
     )

@@ -333,9 +333,10 @@ def deliver_message(data: bytes, request: DeliveryRequest, config: DeliverConfig
             message = prefix + b"%s: %s\n" % (_SKIPPED, skipped.encode()) + message[len(prefix) :]
     log.info("user %s: %s, score %s", request.user, verdict, score)
 
-    recipes = _load_recipes(request, config)
+    recipes, commands = _load_recipes(request, config)
     facts = facts_from_message(message, score=score, verdict=verdict, size=len(data), sender=sender)
-    return _carry_out(evaluate(recipes, facts), message, request, config, sender=sender, loop=loop)
+    steps = evaluate(recipes, facts)
+    return _carry_out(steps, message, request, config, sender=sender, loop=loop, commands=commands)
 
 
 def _strip_from_line(data: bytes) -> tuple[bytes, str | None]:
@@ -404,43 +405,53 @@ def _expand_home(template: str, home: Path | None) -> Path | None:
     return Path(template)
 
 
-def _load_recipes(request: DeliveryRequest, config: DeliverConfig) -> Recipes | None:
+def _load_recipes(request: DeliveryRequest, config: DeliverConfig) -> tuple[Recipes | None, bool]:
+    """The recipient's recipes (None: everything goes to INBOX), and whether their pipe and
+    forward rules may run here (`_trust`)."""
     path = request.recipes
     if path is None:
         if not config.recipes:
-            return None
+            return None, False
         path = _expand_home(config.recipes, request.home)
         if path is None or not path.exists():
-            return None  # no recipes of one's own: everything goes to INBOX
-    if (distrust := _untrusted(path, request.user)) is not None:
+            return None, False  # no recipes of one's own: everything goes to INBOX
+    distrust, commands = _trust(path, request.user)
+    if distrust is not None:
         log.warning("recipes in %s ignored (%s): delivering to INBOX", path, distrust)
-        return None
+        return None, False
     check = _check_maildir_folder if request.maildir is not None else _check_mbox_folder
     try:
-        return read_recipes(path, check_folder=check)
+        return read_recipes(path, check_folder=check), commands
     except ConfigError as exc:
         for problem in exc.problems:
             log.warning("recipe error: %s", problem)
         log.warning("recipes in %s ignored: delivering to INBOX", path)
-        return None
+        return None, False
 
 
-def _untrusted(path: Path, user: str) -> str | None:
-    """Why a recipe file must not be followed, or None. As procmail with its rcfiles: the file
-    must belong to the recipient (or root, or whoever runs the delivery) and be writable by no
-    one else, since its pipe and forward rules run commands as the recipient (or as the MTA)."""
+def _trust(path: Path, user: str) -> tuple[str | None, bool]:
+    """Why a recipe file must not be followed at all (or None), and whether its pipe and forward
+    rules may run commands in this process.
+
+    As procmail with its rcfiles: the file must belong to the recipient (or root, or whoever
+    runs the delivery) and be writable by no one else. Its commands run with this process's
+    rights, so they run only if the file's owner is who we are (deliver became the recipient)
+    or root: a shell user's recipe file read by in-process delivery (``mta.local_delivery:
+    maildir``) or by a deliver that kept root's rights must not run their commands as the
+    MTA's account or as root."""
     try:
         st = path.stat()
     except OSError:
-        return None  # read_recipes reports it
-    owners = {0, os.geteuid()}
+        return None, False  # read_recipes reports it
+    euid = os.geteuid()
+    owners = {0, euid}
     with contextlib.suppress(KeyError):
         owners.add(pwd.getpwnam(user).pw_uid)
     if st.st_uid not in owners:
-        return f"owned by uid {st.st_uid}, not by {user}"
+        return f"owned by uid {st.st_uid}, not by {user}", False
     if st.st_mode & 0o022:
-        return f"writable by {'others' if st.st_mode & 0o002 else 'its group'} (mode {st.st_mode & 0o777:o})"
-    return None
+        return f"writable by {'others' if st.st_mode & 0o002 else 'its group'} (mode {st.st_mode & 0o777:o})", False
+    return None, st.st_uid in (0, euid)
 
 
 def _check_maildir_folder(name: str) -> str | None:
@@ -465,9 +476,16 @@ def _carry_out(
     *,
     sender: str | None,
     loop: bool,
+    commands: bool,
 ) -> int:
     for step in steps:
         action = step.action
+        if action.kind in ("forward", "pipe") and not commands:
+            log.warning("%s (%s) not run: the recipe file's owner is not the account this delivery runs as%s",
+                        action.kind, step.where, "; delivering to INBOX" if action.stop else "")  # fmt: skip
+            if action.stop:
+                return _store(message, "INBOX", request, config, sender=sender, where="fallback")
+            continue
         if action.kind == "discard":
             log.info("discarded by %s", step.where)
             return EX_OK

@@ -38,7 +38,8 @@ user's recipes, ``deliver.*``, `filterd.mda.maildir`'s tmp/ -> fsync -> link int
 of new/), without a Python interpreter to start for each recipient. Its exit code is read as the
 command's would be (ENOSPC, EDQUOT -> 75, deferred; a mailbox path that cannot be a Maildir -> 73,
 bounced) and the warnings it logged stand in for stderr. It cannot change user: files are the
-MTA's, and recipe commands (pipe, forward) run as the MTA's user. ``auto`` (the default) picks
+MTA's, and recipe commands (pipe, forward) run as the MTA's user, so only those of recipe files
+the MTA's user owns (or root does) run (`filterd.mda.main._trust`). ``auto`` (the default) picks
 this unless the MTA runs as root or ``local_delivery_command`` was changed; see `delivery_mode`.
 
 Remote delivery looks up the domain's MX hosts (`filterd.mta.mx`), DKIM-signs the message when
@@ -283,7 +284,9 @@ class LocalDelivery:
         if self.mode == "maildir":
             self._threads = ThreadPoolExecutor(config.per_destination_concurrency, thread_name_prefix="deliver")
             if euid == 0:
-                log.warning("local delivery in-process as root: mailboxes are written and recipe commands run as root")
+                log.warning(
+                    "in-process local delivery as root: root writes the mailboxes and runs root-owned recipes' commands"
+                )
 
     def _fields(self, queue_id: str, sender: str, recipient: str) -> dict[str, str] | DeliveryResult:
         local, domain = _split_address(recipient)

@@ -172,3 +172,18 @@ def test_the_first_delivery_to_a_root_owned_spool_creates_the_users_mbox() -> No
         assert mbox.read_bytes().startswith(b"From ") and b"\nhello\n" in mbox.read_bytes()
     finally:
         shutil.rmtree(base)
+
+
+def test_a_deliver_kept_as_root_runs_no_command_of_a_users_recipe_file(tmp_path: Path) -> None:
+    """With ``drop_privileges: false`` a root deliver follows nobody's own recipe file (its folder
+    rules) but not its pipe rule, which would run as root; the message goes to INBOX."""
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root, as CI runs it (os.chown, and deliver keeping root's rights)")
+    out = tmp_path / "ran"
+    recipes = tmp_path / "recipes.yaml"
+    recipes.write_text(f"- size: '> 1'\n  pipe: 'cat > {out}'\n")
+    os.chown(recipes, pwd.getpwnam("nobody").pw_uid, -1)
+    message = b"From: a@example.org\nSubject: hi\n\nhello\n"
+    config = "deliver: {filter: false, drop_privileges: false}\n"
+    code, [stored] = deliver(tmp_path, message, config, "--user", "nobody", "--recipes", str(recipes))
+    assert code == 0 and stored.endswith(message) and not out.exists()

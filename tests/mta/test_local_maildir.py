@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import os
+import pwd
 import smtplib
 import time
 from pathlib import Path
@@ -107,6 +109,27 @@ def test_pipe_recipes_run_as_the_command_would(tmp_path: Path) -> None:
     assert _deliver(local, tmp_path, "bob@example.org").outcome == "delivered"
     assert out.read_bytes().endswith(b"Hi Bob.\n.leading dot\nbob@example.org\n")
     assert not (tmp_path / "home" / "bob" / "Maildir").exists()
+
+
+def test_a_users_own_pipe_recipe_does_not_run_as_the_mta(tmp_path: Path) -> None:
+    """In-process delivery runs with the MTA's rights: a recipe file that is the recipient's own
+    (theirs, writable by them alone, so it is followed) must not make the MTA run its commands.
+    Its pipe rule falls back to INBOX, and the rest of the file is still followed."""
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root, as CI runs it (os.chown)")
+    nobody = pwd.getpwnam("nobody")
+    out = tmp_path / "piped"
+    local = _local(
+        tmp_path,
+        recipes=f"- {{header: {{Subject: '/^hello/'}}, folder: Greetings, stop: false}}\n- {{pipe: 'cat > {out}'}}\n",
+    )
+    os.chown(tmp_path / "recipes.yaml", nobody.pw_uid, -1)
+    assert _deliver(local, tmp_path, "nobody@example.org").outcome == "delivered"
+    assert not out.exists()
+    maildir = tmp_path / "home" / "nobody" / "Maildir"
+    [inbox] = _messages(maildir)
+    [copy] = _messages(maildir / ".Greetings")
+    assert inbox == copy and inbox.endswith(b"Hi Bob.\n.leading dot\n")
 
 
 @pytest.mark.parametrize(("code", "status"), [(75, "4.3.0"), (67, "5.1.1")])
