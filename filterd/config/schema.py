@@ -267,8 +267,12 @@ class DnsblZone(Section):
     enabled: bool = setting(True, doc="Use this list (set false to turn off a shipped one).")
     zone: str = setting("", doc="The list's DNS zone, e.g. zen.spamhaus.org.")
     type: Literal["ip", "domain"] = setting("ip", doc="ip: relay addresses (reversed); domain: domain names.")
-    relays: Literal["last_external", "all_untrusted"] = setting(
-        "last_external", doc="ip lists: check the last external relay only, or every untrusted one."
+    relays: Literal["last_external", "first_untrusted", "all_untrusted"] = setting(
+        "last_external",
+        doc="ip lists: check the last external relay (the one that handed the message to our internal "
+        "network, a trusted partner's relay included), the first untrusted relay (the one that handed it to "
+        "the trusted ones: what an allowlist should vouch for, as SpamAssassin's -firsttrusted), or every "
+        "untrusted one.",
     )
     sources: tuple[str, ...] = setting(
         ("uri",), doc="domain lists: which domains to check, any of uri, helo, sender, from."
@@ -328,7 +332,7 @@ def _shipped_zones() -> FrozenMap[str, DnsblZone]:
         # An allowlist: its rules are nice (negative scores). 127.0.0.255 means "over the free
         # query limit / public resolver", never a listing.
         "dnswl": DnsblZone(
-            zone="list.dnswl.org", type="ip", relays="last_external",
+            zone="list.dnswl.org", type="ip", relays="first_untrusted",
             last_octet=m({"0": "RCVD_IN_DNSWL_NONE", "1": "RCVD_IN_DNSWL_LOW", "2": "RCVD_IN_DNSWL_MED",
                           "3": "RCVD_IN_DNSWL_HI"}),
             blocked_answers=("127.0.0.255",), blocked_rule="RCVD_IN_DNSWL_BLOCKED",

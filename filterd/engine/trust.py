@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from filterd.config import NetworkConfig
     from filterd.engine.plugin import Scan
 
-__all__ = ["TrustPath", "build_trust_path", "client_is_external", "in_networks", "names_connection", "trust_path_of"]
+__all__ = ["TrustPath", "build_trust_path", "connection_trust_path", "in_networks", "names_connection", "trust_path_of"]
 
 _LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
@@ -146,16 +146,15 @@ def trust_path_of(scan: Scan, network: NetworkConfig) -> TrustPath:
     return scan.trust
 
 
-def client_is_external(scan: Scan, network: NetworkConfig) -> bool:
-    """Whether the connecting client, with no Received header known yet (CONNECT stage), is the
-    last external relay. False for an internal or authenticated client: the headers will say
-    who is behind it."""
+def connection_trust_path(scan: Scan, network: NetworkConfig) -> TrustPath:
+    """The trust path of the connecting client alone, with no Received header known yet (CONNECT
+    stage): its ``last_external`` is the client unless it is internal or authenticated (the
+    headers will say who is behind it), its ``untrusted`` holds the client unless it is trusted."""
     ctx = scan.ctx
-    path = build_trust_path(
+    return build_trust_path(
         (),
         trusted_networks=network.trusted_networks,
         internal_networks=network.internal_networks,
         client_ip=ctx.client_ip,
         authenticated=ctx.authenticated,
     )
-    return path.last_external is not None

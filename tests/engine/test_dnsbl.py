@@ -24,7 +24,7 @@ from filterd.config import Config, DnsblConfig, DnsblZone, FrozenMap, load_confi
 from filterd.daemon.metrics import Aggregate, WorkerMetrics, render_prometheus
 from filterd.engine.checks.dnsbl import DnsblCheck, answer_rules, reversed_ip
 from filterd.engine.engine import Engine, Result, shipped_rules_dir
-from filterd.engine.plugin import ScanContext
+from filterd.engine.plugin import ScanContext, Stage
 from filterd.errors import ConfigError
 from filterd.net.dns import Resolver
 from tests.daemon_fixture import start_daemon
@@ -202,7 +202,7 @@ def test_answer_rules_exact_then_bitmask_then_any() -> None:
 
 def test_answer_rules_by_last_octet_value() -> None:
     dnswl = DnsblConfig().zones["dnswl"]  # the shipped allowlist
-    assert dnswl.zone == "list.dnswl.org" and dnswl.enabled and dnswl.relays == "last_external"
+    assert dnswl.zone == "list.dnswl.org" and dnswl.enabled and dnswl.relays == "first_untrusted"
     assert answer_rules(dnswl, "127.0.15.0") == ["RCVD_IN_DNSWL_NONE"]
     assert answer_rules(dnswl, "127.0.5.1") == ["RCVD_IN_DNSWL_LOW"]
     assert answer_rules(dnswl, "127.0.10.2") == ["RCVD_IN_DNSWL_MED"]
@@ -575,6 +575,46 @@ def test_dnswl_asks_only_the_last_external_relay(
                                                f"{DNSWL_ON}}}"))  # fmt: skip
     assert dnsbl_hits(scan(ours, raw)) == {"RCVD_IN_DNSWL_HI": (-5.0, "listed in dnswl.test: 81.2.3.13 -> 127.0.2.3")}
     assert asked(proxy, "dnswl.test") == ["99.3.2.81", "12.3.2.81", "13.3.2.81"]
+
+
+def test_behind_a_trusted_partner_relay_dnswl_vouches_for_its_client_a_blocklist_for_the_partner(
+    knot: DnsServer, site: Site, make_delaying_proxy: MakeDelayingProxy
+) -> None:
+    """A partner's relay (trusted, not internal) handed us what 11.22.33.44 gave it. The
+    blocklist judges the last external relay, the partner; the allowlist the host the trusted
+    part received the message from, whose address a trusted relay wrote down (SpamAssassin's
+    -lastexternal and -firsttrusted). At connect, only the blocklist asks about the partner."""
+    proxy = make_delaying_proxy(knot, delay=0.0)
+    raw = message(INTERNAL_HOP, received("33.44.55.66"), received("11.22.33.44", by="relay.partner.example"))
+    partner = f"{{network: {{trusted_networks: [33.44.55.0/24]}}, {DNSWL_ON}}}"
+    engine = Engine.load(site.config(proxy.spec, partner))
+    assert dnsbl_hits(scan(engine, raw)) == {
+        "RCVD_IN_PBL": (3.558, "listed in zen.test: 33.44.55.66 -> 127.0.0.10"),
+        "RCVD_IN_DNSWL_LOW": (-0.7, "listed in dnswl.test: 11.22.33.44 -> 127.0.20.1"),
+    }
+    assert asked(proxy, "zen.test") == ["66.55.44.33"] and asked(proxy, "dnswl.test") == ["44.33.22.11"]
+    # The partner connecting (a milter's CONNECT): the blocklist asks about it there and then,
+    # the allowlist waits for the headers to name the host behind it.
+    ctx = ScanContext(client_ip="33.44.55.66", helo="relay.partner.example", no_autolearn=True)
+
+    async def staged(fresh: Engine) -> tuple[list[str], Result]:
+        staged_scan = fresh.new_scan(ctx)
+        at_connect = [h.rule for h in await fresh.run_stage(staged_scan, Stage.CONNECT)]
+        return at_connect, await fresh.finish(staged_scan, raw)
+
+    before = len(proxy.queries)
+    at_connect, result = asyncio.run(staged(Engine.load(site.config(proxy.spec, partner))))  # a cold cache
+    assert at_connect == ["RCVD_IN_PBL"]
+    assert {"RCVD_IN_PBL", "RCVD_IN_DNSWL_LOW"} <= set(dnsbl_hits(result))
+    later = [name for name, _ in proxy.queries[before:] if name.endswith((".zen.test.", ".dnswl.test."))]
+    assert sorted(later) == ["44.33.22.11.dnswl.test.", "66.55.44.33.zen.test."]  # each asked once
+    # In last_external mode the allowlist asks about the partner instead: not listed.
+    before = len(proxy.queries)
+    last = "{network: {trusted_networks: [33.44.55.0/24]}, dnsbl: {zones: {dnswl: "
+    last += "{enabled: true, relays: last_external}}}}"
+    assert "RCVD_IN_DNSWL_LOW" not in dnsbl_hits(scan(Engine.load(site.config(proxy.spec, last)), raw))
+    dnswl_asked = [name for name, _ in proxy.queries[before:] if name.endswith(".dnswl.test.")]
+    assert dnswl_asked == ["66.55.44.33.dnswl.test."]
 
 
 def test_dnswl_and_a_blocklist_on_the_same_relay(knot: DnsServer, site: Site) -> None:

@@ -2,7 +2,10 @@
 
 Each enabled zone of `dnsbl.zones` is asked about what its type says:
 
-- ``type: ip``: the last external relay of the trust path (``relays: last_external``) or every
+- ``type: ip``: the last external relay of the trust path (``relays: last_external``: the one
+  that handed the message to our internal network, a trusted partner's relay included), the
+  first untrusted one (``first_untrusted``: the one that handed it to the trusted relays, whose
+  address a trusted relay wrote down; SpamAssassin's ``-firsttrusted``, for allowlists) or every
   untrusted relay (``all_untrusted``), as ``7.2.0.192.zen.spamhaus.org`` (octets reversed) or,
   for IPv6, its 32 nibbles reversed (RFC 5782). Private and reserved addresses are never asked.
 - ``type: domain``: registered domains (the public suffix list decides, through the engine's
@@ -18,8 +21,8 @@ of the last octet that has a rule fires it), then ``any_answer``. Answers outsid
 that ``answers`` does not name are ignored: that is a resolver rewriting NXDOMAIN, not a listing.
 
 An allowlist is a zone like the others whose rules are ``nice`` (negative scores): the shipped
-``dnswl`` zone (list.dnswl.org) fires RCVD_IN_DNSWL_NONE/LOW/MED/HI for trust 0..3 of the last
-external relay.
+``dnswl`` zone (list.dnswl.org) fires RCVD_IN_DNSWL_NONE/LOW/MED/HI for trust 0..3 of the first
+untrusted relay.
 
 Lists refuse queries from big public resolvers and answer with a special code instead
 (``blocked_answers``). Such an answer never fires a listing rule: the zone is marked blocked in
@@ -45,7 +48,7 @@ from typing import ClassVar
 
 from filterd.config import DnsblConfig, DnsblZone
 from filterd.engine.plugin import CheckSetup, Hit, Scan, Stage
-from filterd.engine.trust import client_is_external, trust_path_of
+from filterd.engine.trust import connection_trust_path, trust_path_of
 from filterd.net.dns import DnsAnswer
 
 __all__ = ["CONNECT_DONE", "DnsblCheck", "DnsblConnectCheck", "answer_rules", "reversed_ip", "zone_rules"]
@@ -184,8 +187,11 @@ class DnsblCheck:
         asked_at_connect = scan.facts.get(CONNECT_DONE)
         for zone in self._zones:
             if zone.type == "ip":
-                if zone.relays == "last_external":
-                    ips = [trust.last_external.ip] if trust.last_external is not None else []
+                if zone.relays in ("last_external", "first_untrusted"):
+                    if zone.relays == "last_external":
+                        ips = [trust.last_external.ip] if trust.last_external is not None else []
+                    else:
+                        ips = trust.untrusted_ips[:1]
                     if asked_at_connect in ips:
                         continue  # DnsblConnectCheck looked this client up already
                 else:
@@ -304,7 +310,9 @@ def _is_ip(text: str) -> bool:
 
 
 class DnsblConnectCheck(DnsblCheck):
-    """The IP lists of the last external relay, at connect, when a milter or MTA names the client.
+    """The IP lists of the last external (or first untrusted) relay, at connect, when a milter or
+    MTA names the client: zones asking about the last external relay ask about an external
+    client, and zones asking about the first untrusted one about an untrusted client.
 
     That lets a milter refuse a listed client before MAIL FROM (milter.reject_at_connect). With
     the message already known (spamd, `filterd check`) it does nothing and DnsblCheck asks
@@ -318,10 +326,12 @@ class DnsblConnectCheck(DnsblCheck):
         ctx = scan.ctx
         if self._resolver is None or scan.msg is not None or not ctx.client_ip or ctx.local_only:
             return ()
-        if not client_is_external(scan, self._network):
+        path = connection_trust_path(scan, self._network)
+        if path.last_external is None:
             return ()  # an internal client: the Received headers will say who is behind it
         label = reversed_ip(ctx.client_ip)
-        zones = [z for z in self._zones if z.type == "ip" and z.relays == "last_external"]
+        asks = ("last_external", "first_untrusted") if path.untrusted else ("last_external",)
+        zones = [z for z in self._zones if z.type == "ip" and z.relays in asks]
         if label is None or not zones:
             return ()
         scan.facts[CONNECT_DONE] = ctx.client_ip

@@ -23,7 +23,7 @@ from typing import ClassVar
 
 from filterd.config import Network
 from filterd.engine.plugin import CheckSetup, Hit, Scan, Stage
-from filterd.engine.trust import client_is_external, in_networks, trust_path_of
+from filterd.engine.trust import connection_trust_path, in_networks, trust_path_of
 
 __all__ = ["AuthListsCheck", "ConnectListsCheck", "ListsCheck", "compile_globs"]
 
@@ -131,7 +131,7 @@ class ConnectListsCheck:
         # With the message already known (spamd, `filterd check`), ListsCheck does it all.
         if scan.msg is not None or not ctx.client_ip or not (self._welcome_ip or self._block_ip):
             return ()
-        if not client_is_external(scan, self._network):
+        if connection_trust_path(scan, self._network).last_external is None:
             return ()  # an internal client relaying: the headers will say who is behind it
         scan.facts[_CONNECT_DONE] = ctx.client_ip
         return _network_hits(ctx.client_ip, self._welcome_ip, self._block_ip)
