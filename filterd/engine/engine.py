@@ -33,6 +33,7 @@ from typing import cast
 
 from filterd.config import Config, default_config
 from filterd.engine.bayes import BayesCheck, LearnResult, autolearn_decision
+from filterd.engine.bayes.autolearn import autolearn_shares
 from filterd.engine.bayes.base import Hashed, StoreInterrupted
 from filterd.engine.checks import builtin_checks
 from filterd.engine.message import ParsedMessage, parse_message
@@ -107,6 +108,10 @@ class Engine:
         self.checks = list(checks)
         self.uri_parser = uri_parser
         self._is_async = {c.name: inspect.iscoroutinefunction(c.run) for c in checks}
+        sides = {c.name: getattr(c, "autolearn_side", "") for c in checks}  # "": a plugin that says nothing
+        self.autolearn_shares = autolearn_shares(
+            rules.info, {rule: sides.get(check, "") for rule, check in rules.eval_rules.items()}, rules.meta_deps
+        )
         self._pending_learn: list[Hashed] = []  # (digest, token hashes, is_spam)
         # Batches handed to the writer: (future, size, set once a failure of it has been counted,
         # which its done-callback does after the future is done).
@@ -414,7 +419,7 @@ class Engine:
         if check is None:
             scan.autolearn = "unavailable"
             return
-        decision = autolearn_decision(scan.hits, self.rules.info, self.config)
+        decision = autolearn_decision(scan.hits, self.rules.info, self.config, shares=self.autolearn_shares)
         if decision is None:
             scan.autolearn = "no"
             return

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from filterd.config import Config
@@ -23,7 +23,11 @@ if TYPE_CHECKING:
     from filterd.engine.uris import UriParser
     from filterd.net.dns import Resolver
 
-__all__ = ["Check", "CheckSetup", "Hit", "Scan", "ScanContext", "Stage"]
+__all__ = ["AutolearnSide", "Check", "CheckSetup", "Hit", "Scan", "ScanContext", "Stage"]
+
+# Where a check's rules count towards autolearn's header and body minimums (SpamAssassin counts
+# an eval rule by the kind of test it is): "" for neither (lists, reputation, Bayes itself).
+AutolearnSide = Literal["header", "body", ""]
 
 
 class Stage(enum.IntEnum):
@@ -121,5 +125,6 @@ class Check(Protocol):
     name: ClassVar[str]
     stage: ClassVar[Stage]
     emits: ClassVar[frozenset[str]]
+    autolearn_side: ClassVar[AutolearnSide]  # a rule's tflags autolearn_header/_body override it
 
     def run(self, scan: Scan) -> Sequence[Hit] | Awaitable[Sequence[Hit]]: ...

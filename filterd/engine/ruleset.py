@@ -73,6 +73,7 @@ class CompiledRules:
     nosubject: dict[str, regex.Pattern[str]]  # body rules that must not match the Subject line
     metas: Callable[[dict[str, float]], list[str]]
     meta_names: tuple[str, ...]
+    meta_deps: dict[str, frozenset[str]]  # meta rule -> the rules its expression names
     eval_rules: dict[str, str]  # rule name -> check name
     fallback_rules: tuple[str, ...] = ()
     problems: list[Problem] = field(default_factory=list)  # warnings (lint)
@@ -199,7 +200,7 @@ def _div(a: float, b: float) -> float:
 
 def _build_meta_function(
     metas: list[RuleDef], known: Mapping[str, object], problems: list[Problem]
-) -> tuple[Callable[[dict[str, float]], list[str]], tuple[str, ...]]:
+) -> tuple[Callable[[dict[str, float]], list[str]], tuple[str, ...], dict[str, frozenset[str]]]:
     compiled: dict[str, tuple[str, set[str]]] = {}
     for rule in metas:
         result = _meta_code(rule, known, problems)
@@ -238,7 +239,8 @@ def _build_meta_function(
         "__builtins__": {"float": float, "isinstance": isinstance, "bool": bool},
     }
     exec(compile("\n".join(lines), "<meta rules>", "exec"), namespace)
-    return namespace["_metas"], tuple(order)  # type: ignore[return-value]
+    deps = {name: frozenset(compiled[name][1]) for name in order}
+    return namespace["_metas"], tuple(order), deps  # type: ignore[return-value]
 
 
 def compile_rules(
@@ -342,7 +344,7 @@ def compile_rules(
             problems.append(Problem("<checks>", None, n, f"emitted by check {check!r} but not declared in rules/"))
     known = {**rules}
     metas = [r for r in rules.values() if r.type == "meta"]
-    meta_fn, meta_order = _build_meta_function(metas, known, problems)
+    meta_fn, meta_order, meta_deps = _build_meta_function(metas, known, problems)
     if problems:
         raise RuleError(problems)
     matchers = {g: MultiMatcher.build(p, rule_timeout) for g, p in groups.items()}
@@ -358,6 +360,7 @@ def compile_rules(
         nosubject=nosubject,
         metas=meta_fn,
         meta_names=meta_order,
+        meta_deps=meta_deps,
         eval_rules=eval_rules,
         fallback_rules=tuple(fallback),
         problems=warnings,

@@ -827,8 +827,60 @@ def test_autolearn_points_use_the_set_without_bayes_and_the_verdict_the_set_with
     assert autolearn_decision([*hits, Hit("BAYES_50")], infos, config) is None
 
 
-def test_autolearn_accepts_a_scan_hit_dict_and_kinds_for_eval_rules() -> None:
+def test_autolearn_accepts_a_scan_hit_dict_and_shares_for_eval_rules() -> None:
     config = offline_config()
     hits = {n: Hit(n) for n in ("HDR_A", "HDR_B", "EVAL_A")}
     assert autolearn_decision(hits, INFOS, config) is None
-    assert autolearn_decision(hits, INFOS, config, kinds={"EVAL_A": "body"}) is True
+    assert autolearn_decision(hits, INFOS, config, shares={"EVAL_A": (0.0, 1.0)}) is True
+    assert autolearn_decision(hits, INFOS, config, shares={"EVAL_A": (0.4, 0.6)}) is True  # 3 body points
+    assert autolearn_decision(hits, INFOS, config, shares={"EVAL_A": (0.5, 0.5)}) is None  # 2.5 < 3
+
+
+def _shipped() -> tuple[Engine, list[str], list[str]]:
+    """The shipped rule set, and its strongest plain header and body rules (no Bayes, no tflags)."""
+    engine = Engine.load(offline_config())
+    plain = [i for i in engine.rules.info.values() if not i.tflags and not i.is_sub and i.score >= 1.0]
+    top = sorted(plain, key=lambda i: -i.score)
+    header = [i.name for i in top if i.type == "header"][:3]
+    body = [i.name for i in top if i.type == "body"][:3]
+    return engine, header, body
+
+
+def test_autolearn_learned_points_come_from_the_scores_with_bayes_on_the_shipped_rules() -> None:
+    """With the shipped scores every BAYES_xx rule is worth 0 without Bayes: learned points must
+    use the set the engine scored with (SpamAssassin: "the original scoreset"), or Bayes's own
+    verdict could never stop autolearn from going against it."""
+    engine, header, body = _shipped()
+    infos, config = engine.rules.info, engine.config
+    assert infos["BAYES_00"].score == 0 and infos["BAYES_00"].score_bayes is not None
+    assert infos["BAYES_00"].score_bayes < -1 and infos["BAYES_99"].score_bayes is not None
+    spam = [Hit(n) for n in header + body]
+    assert autolearn_decision(spam, infos, config) is True
+    assert autolearn_decision([*spam, Hit("BAYES_00")], infos, config) is None  # Bayes says ham
+    ham = [Hit("RCVD_IN_DNSWL_HI")]
+    assert autolearn_decision(ham, infos, config) is False
+    assert autolearn_decision([*ham, Hit("BAYES_99"), Hit("BAYES_999")], infos, config) is None  # Bayes says spam
+
+
+def test_autolearn_counts_eval_rules_by_their_check_and_metas_by_their_rules_on_the_shipped_rules() -> None:
+    engine, header, body = _shipped()
+    shares, infos = engine.autolearn_shares, engine.rules.info
+    assert shares["RCVD_IN_SBL"] == (1.0, 0.0) and shares["URIBL_BLACK"] == (0.0, 1.0)  # dnsbl, tflags
+    assert shares["SPF_FAIL"] == (1.0, 0.0) and shares["HTML_IMAGE_ONLY"] == (0.0, 1.0)
+    assert "BAYES_99" not in shares and "USER_IN_WELCOMELIST" not in shares
+    metas = [n for n in engine.rules.meta_deps if n in shares and infos[n].score >= 1.0 and not infos[n].tflags]
+    assert metas  # the shipped metas name header and body rules
+    for name in metas:
+        assert sum(shares[name]) == pytest.approx(1.0)
+    # Header points from header-side evals and metas alone, body points from body rules: learnt
+    # as spam only when both count.
+    on_header = sorted((n for n in shares if shares[n] == (1.0, 0.0) and infos[n].score >= 1.0 and not infos[n].tflags
+                        and infos[n].type in ("eval", "meta")), key=lambda n: -infos[n].score)  # fmt: skip
+    hits, header_points = [Hit(n) for n in body], 0.0
+    while (header_points < 3.0 or sum(infos[h.rule].score for h in hits) < 12.0) and on_header:
+        name = on_header.pop(0)
+        hits.append(Hit(name))
+        header_points += infos[name].score
+    assert header_points >= 3.0 and sum(infos[h.rule].score for h in hits) >= 12.0
+    assert autolearn_decision(hits, infos, engine.config, shares=shares) is True
+    assert autolearn_decision(hits, infos, engine.config, shares={}) is None  # no header points at all

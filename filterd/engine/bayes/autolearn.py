@@ -1,9 +1,11 @@
 """Whether a scanned message is clear enough to be learnt on its own (SpamAssassin's autolearn).
 
 The decision uses *autolearn points*: the scores (from the set without Bayes) of the rules that
-hit, leaving out rules flagged ``noautolearn`` or ``userconf``, rules scoring 0, and the
-``learn`` rules (Bayes itself) whose scores are tallied apart as *learned points*, so that
-Bayes does not train on its own opinion. Points are also split into header and body points:
+hit, leaving out rules flagged ``noautolearn`` or ``userconf``, rules scoring 0 in that set, and
+the ``learn`` rules (Bayes itself), so that Bayes does not train on its own opinion. Those are
+tallied apart as *learned points*, with the scores the engine used (the set with Bayes: without
+it they are all 0), so that autolearn does not go against what Bayes already believes. Points
+are also split into header and body points:
 
 * points < autolearn_ham_below: learn as ham, unless learned points > +1.0 (Bayes thinks it is
   spam) or the final score says spam;
@@ -13,20 +15,23 @@ Bayes does not train on its own opinion. Points are also split into header and b
 * otherwise, or with autolearn off: no learning.
 
 Header rules are ``header`` rules; body rules are body/nbody/rawbody/uri/full rules; tflags
-``autolearn_header``/``autolearn_body`` override. Eval and meta rules count on a side only
-when ``kinds`` says which (the engine knows the stage of the check that emitted an eval rule
-and the rules a meta depends on); otherwise they count in the total only.
+``autolearn_header``/``autolearn_body`` override. Eval and meta rules count on the sides
+``shares`` gives them (header share, body share): the engine gives an eval rule the side of
+the check that emits it, and a meta rule the shares of its header and body dependencies, as
+SpamAssassin splits a meta's score; a rule with no shares counts in the total only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Literal, Protocol
+from typing import Protocol
 
 from filterd.config import Config
 from filterd.engine.plugin import Hit
 
-__all__ = ["RuleFacts", "autolearn_decision", "autolearn_points"]
+__all__ = ["RuleFacts", "Shares", "autolearn_decision", "autolearn_points", "autolearn_shares"]
+
+Shares = tuple[float, float]  # of a rule's score: (on the header side, on the body side)
 
 _BODY_TYPES = frozenset({"body", "nbody", "rawbody", "uri", "full"})
 _LEARNED_HAM_LIMIT = 1.0  # learned points above this refuse learning as ham
@@ -44,16 +49,45 @@ class RuleFacts(Protocol):
     def type(self) -> str: ...
 
 
-def _side(name: str, info: RuleFacts, kinds: Mapping[str, str] | None) -> str:
-    if "autolearn_header" in info.tflags:
-        return "header"
-    if "autolearn_body" in info.tflags:
-        return "body"
-    if info.type == "header":
-        return "header"
-    if info.type in _BODY_TYPES:
-        return "body"
-    return kinds.get(name, "") if kinds is not None else ""
+def _shares(name: str, info: RuleFacts, shares: Mapping[str, Shares] | None) -> Shares:
+    if "autolearn_header" in info.tflags or info.type == "header":
+        return 1.0, 0.0
+    if "autolearn_body" in info.tflags or info.type in _BODY_TYPES:
+        return 0.0, 1.0
+    return shares.get(name, (0.0, 0.0)) if shares is not None else (0.0, 0.0)
+
+
+def autolearn_shares(
+    rule_infos: Mapping[str, RuleFacts],
+    eval_sides: Mapping[str, str],
+    meta_deps: Mapping[str, Iterable[str]],
+) -> dict[str, Shares]:
+    """The header and body shares of eval and meta rules: an eval rule wholly on the side of
+    the check emitting it (``eval_sides``: rule -> "header", "body" or ""), a meta rule split in
+    proportion to how many of the rules it names are header and how many body rules (metas it
+    names count on neither side), as SpamAssassin splits a meta's score."""
+
+    def side(name: str) -> str:
+        info = rule_infos.get(name)
+        if info is None:
+            return ""
+        if "autolearn_header" in info.tflags or info.type == "header":
+            return "header"
+        if "autolearn_body" in info.tflags or info.type in _BODY_TYPES:
+            return "body"
+        return eval_sides.get(name, "") if info.type == "eval" else ""
+
+    shares: dict[str, Shares] = {}
+    for name in eval_sides:
+        on = side(name)
+        if on:
+            shares[name] = (1.0, 0.0) if on == "header" else (0.0, 1.0)
+    for name, deps in meta_deps.items():
+        sides = [side(dep) for dep in deps]
+        on_header, on_body = sides.count("header"), sides.count("body")
+        if on_header + on_body:
+            shares[name] = (on_header / (on_header + on_body), on_body / (on_header + on_body))
+    return shares
 
 
 def _final_score(info: RuleFacts, bayes_active: bool) -> float:
@@ -64,12 +98,12 @@ def _final_score(info: RuleFacts, bayes_active: bool) -> float:
 
 
 def autolearn_points(
-    hits: Iterable[Hit], rule_infos: Mapping[str, RuleFacts], kinds: Mapping[str, str] | None = None
+    hits: Iterable[Hit], rule_infos: Mapping[str, RuleFacts], shares: Mapping[str, Shares] | None = None
 ) -> tuple[float, float, float, float, float, bool]:
     """(points, header points, body points, learned points, final score, autolearn_force hit).
 
-    Points use each rule's score without Bayes; the final score uses the set the engine scored
-    the message with.
+    Points use each rule's score without Bayes; learned points and the final score use the set
+    the engine scored the message with.
     """
     found = [(hit, rule_infos.get(hit.rule)) for hit in hits if not hit.rule.startswith("__")]
     bayes_active = any(info is not None and "learn" in info.tflags for _, info in found)
@@ -83,20 +117,18 @@ def autolearn_points(
         else:
             score = final = 0.0
         total += final
-        if info is None or score == 0:
-            continue
-        if "noautolearn" in info.tflags or "userconf" in info.tflags:
+        if info is None or "noautolearn" in info.tflags or "userconf" in info.tflags:
             continue
         if "learn" in info.tflags:
-            learned += score
+            learned += final
             continue
         force = force or "autolearn_force" in info.tflags
+        if score == 0:
+            continue
         points += score
-        side = _side(hit.rule, info, kinds)
-        if side == "header":
-            header += score
-        elif side == "body":
-            body += score
+        on_header, on_body = _shares(hit.rule, info, shares)
+        header += score * on_header
+        body += score * on_body
     return points, header, body, learned, total, force
 
 
@@ -105,7 +137,7 @@ def autolearn_decision(
     rule_infos: Mapping[str, RuleFacts],
     config: Config,
     *,
-    kinds: Mapping[str, Literal["header", "body"]] | None = None,
+    shares: Mapping[str, Shares] | None = None,
 ) -> bool | None:
     """True: learn as spam; False: learn as ham; None: leave it (see the module docstring).
 
@@ -116,7 +148,7 @@ def autolearn_decision(
     if not bayes.enabled or not bayes.autolearn:
         return None
     found = hits.values() if isinstance(hits, Mapping) else hits
-    points, header, body, learned, total, force = autolearn_points(found, rule_infos, kinds)
+    points, header, body, learned, total, force = autolearn_points(found, rule_infos, shares)
     is_spam = total >= config.scoring.required_score
     if points < bayes.autolearn_ham_below:
         if learned > _LEARNED_HAM_LIMIT or is_spam:

@@ -50,7 +50,7 @@ from filterd.engine.bayes.base import BayesStoreBase, Hashed, Ids, LearnResult, 
 from filterd.engine.bayes.tokenizer import Tokenizer, message_digest
 from filterd.engine.bayes.writer import BayesWriter
 from filterd.engine.message import ParsedMessage
-from filterd.engine.plugin import CheckSetup, Hit, Scan, Stage
+from filterd.engine.plugin import AutolearnSide, CheckSetup, Hit, Scan, Stage
 from filterd.errors import StateError
 
 __all__ = ["BANDS", "STORE_FILE", "BayesCheck", "ExpiryJob", "bayes_rules"]
@@ -126,6 +126,7 @@ class BayesCheck:
 
     name: ClassVar[str] = "bayes"
     stage: ClassVar[Stage] = Stage.BODY
+    autolearn_side: ClassVar[AutolearnSide] = ""
     emits: ClassVar[frozenset[str]] = frozenset(name for name, _, _ in BANDS)
 
     def __init__(self, setup: CheckSetup) -> None:

@@ -41,7 +41,7 @@ from typing import ClassVar
 
 from filterd.config.schema import clamd_address
 from filterd.engine.message import ParsedMessage
-from filterd.engine.plugin import CheckSetup, Hit, Scan, Stage
+from filterd.engine.plugin import AutolearnSide, CheckSetup, Hit, Scan, Stage
 from filterd.errors import RemoteProtocolError
 from filterd.protocols.clamd import INSTREAM_COMMAND, MAX_REPLY, ScanReply, instream_frames, parse_reply
 
@@ -145,6 +145,7 @@ class AntivirusCheck:
 
     name: ClassVar[str] = "antivirus"
     stage: ClassVar[Stage] = Stage.BODY
+    autolearn_side: ClassVar[AutolearnSide] = "body"
     emits: ClassVar[frozenset[str]] = frozenset({"AV_VIRUS", "AV_ERROR"})
 
     def __init__(self, setup: CheckSetup) -> None:

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from filterd.config import DnsblConfig, DnsblZone
-from filterd.engine.plugin import CheckSetup, Hit, Scan, Stage
+from filterd.engine.plugin import AutolearnSide, CheckSetup, Hit, Scan, Stage
 from filterd.engine.trust import connection_trust_path, trust_path_of
 from filterd.net.dns import DnsAnswer
 
@@ -133,6 +133,7 @@ class DnsblCheck:
 
     name: ClassVar[str] = "dnsbl"
     stage: ClassVar[Stage] = Stage.BODY  # domain lists need the body's URIs
+    autolearn_side: ClassVar[AutolearnSide] = "header"  # relays; the URI domain lists' rules are tflags autolearn_body
     # The shipped zones' rules; an instance adds those of zones the configuration brings, so that
     # a site's own list can fire rules it declares in its own rule files.
     emits: frozenset[str] = zone_rules(DnsblConfig())

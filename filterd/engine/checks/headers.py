@@ -19,7 +19,7 @@ from filterd.engine.checks._facts import (
     PROVIDER_RELAY_DOMAINS,
     private_ip,
 )
-from filterd.engine.plugin import CheckSetup, Hit, Scan, Stage
+from filterd.engine.plugin import AutolearnSide, CheckSetup, Hit, Scan, Stage
 from filterd.engine.received import Relay
 from filterd.engine.trust import names_connection
 
@@ -175,6 +175,7 @@ class HeaderCheck:
 
     name: ClassVar[str] = "headers"
     stage: ClassVar[Stage] = Stage.HEADERS
+    autolearn_side: ClassVar[AutolearnSide] = "header"
     emits: ClassVar[frozenset[str]] = frozenset(
         {
             "HDR_DATE_UNPARSEABLE",

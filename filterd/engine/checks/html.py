@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from filterd.engine.html import HtmlLink
-from filterd.engine.plugin import CheckSetup, Hit, Scan, Stage
+from filterd.engine.plugin import AutolearnSide, CheckSetup, Hit, Scan, Stage
 from filterd.engine.uris import UriParser
 
 __all__ = ["HtmlCheck"]
@@ -32,6 +32,7 @@ class HtmlCheck:
 
     name: ClassVar[str] = "html"
     stage: ClassVar[Stage] = Stage.BODY
+    autolearn_side: ClassVar[AutolearnSide] = "body"
     emits: ClassVar[frozenset[str]] = frozenset(
         {
             "HTML_IMAGE_ONLY",

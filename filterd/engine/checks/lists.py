@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from typing import ClassVar
 
 from filterd.config import Network
-from filterd.engine.plugin import CheckSetup, Hit, Scan, Stage
+from filterd.engine.plugin import AutolearnSide, CheckSetup, Hit, Scan, Stage
 from filterd.engine.trust import connection_trust_path, in_networks, trust_path_of
 
 __all__ = ["AuthListsCheck", "ConnectListsCheck", "ListsCheck", "compile_globs"]
@@ -76,6 +76,7 @@ class ListsCheck:
 
     name: ClassVar[str] = "lists"
     stage: ClassVar[Stage] = Stage.HEADERS
+    autolearn_side: ClassVar[AutolearnSide] = ""
     emits: ClassVar[frozenset[str]] = frozenset(
         {"USER_IN_WELCOMELIST", "USER_IN_BLOCKLIST", "CLIENT_IN_WELCOMELIST", "CLIENT_IN_BLOCKLIST"}
     )
@@ -119,6 +120,7 @@ class ConnectListsCheck:
 
     name: ClassVar[str] = "lists_connect"
     stage: ClassVar[Stage] = Stage.CONNECT
+    autolearn_side: ClassVar[AutolearnSide] = ""
     emits: ClassVar[frozenset[str]] = frozenset({"CLIENT_IN_WELCOMELIST", "CLIENT_IN_BLOCKLIST"})
 
     def __init__(self, setup: CheckSetup) -> None:
@@ -142,6 +144,7 @@ class AuthListsCheck:
 
     name: ClassVar[str] = "lists_auth"
     stage: ClassVar[Stage] = Stage.POST  # after the auth check has left its results in scan.facts
+    autolearn_side: ClassVar[AutolearnSide] = ""
     emits: ClassVar[frozenset[str]] = frozenset({"USER_IN_WELCOMELIST"})
 
     def __init__(self, setup: CheckSetup) -> None:

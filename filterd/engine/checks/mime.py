@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from filterd.engine.checks._facts import EXECUTABLE_EXTENSIONS
-from filterd.engine.plugin import CheckSetup, Hit, Scan, Stage
+from filterd.engine.plugin import AutolearnSide, CheckSetup, Hit, Scan, Stage
 
 __all__ = ["MimeCheck"]
 
@@ -52,6 +52,7 @@ class MimeCheck:
 
     name: ClassVar[str] = "mime"
     stage: ClassVar[Stage] = Stage.BODY
+    autolearn_side: ClassVar[AutolearnSide] = "body"
     emits: ClassVar[frozenset[str]] = frozenset(
         {
             *_PROBLEM_RULES.values(),

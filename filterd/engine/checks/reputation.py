@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from filterd.config import Config
-from filterd.engine.plugin import CheckSetup, Hit, Scan, Stage
+from filterd.engine.plugin import AutolearnSide, CheckSetup, Hit, Scan, Stage
 from filterd.engine.trust import trust_path_of
 from filterd.state import StateStore, ip_block, open_state_store
 
@@ -100,6 +100,7 @@ class ReputationCheck:
 
     name: ClassVar[str] = "reputation"
     stage: ClassVar[Stage] = Stage.POST
+    autolearn_side: ClassVar[AutolearnSide] = ""
     emits: ClassVar[frozenset[str]] = frozenset({"REPUTATION"})
 
     def __init__(self, setup: CheckSetup) -> None:

@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from typing import ClassVar
 
-from filterd.engine.plugin import CheckSetup, Hit, Scan, Stage
+from filterd.engine.plugin import AutolearnSide, CheckSetup, Hit, Scan, Stage
 
 __all__ = ["TextCheck"]
 
@@ -31,6 +31,7 @@ class TextCheck:
 
     name: ClassVar[str] = "text"
     stage: ClassVar[Stage] = Stage.BODY
+    autolearn_side: ClassVar[AutolearnSide] = "body"
     emits: ClassVar[frozenset[str]] = frozenset(
         {
             "TEXT_CAPS_50",

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from filterd.engine.checks._facts import IMPERSONATED_BRANDS, URL_SHORTENERS, private_ip
-from filterd.engine.plugin import CheckSetup, Hit, Scan, Stage
+from filterd.engine.plugin import AutolearnSide, CheckSetup, Hit, Scan, Stage
 
 __all__ = ["UriCheck"]
 
@@ -30,6 +30,7 @@ class UriCheck:
 
     name: ClassVar[str] = "uri"
     stage: ClassVar[Stage] = Stage.BODY
+    autolearn_side: ClassVar[AutolearnSide] = "body"
     emits: ClassVar[frozenset[str]] = frozenset(
         {
             "URI_IP_HOST",

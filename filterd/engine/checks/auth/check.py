@@ -48,7 +48,7 @@ from filterd.engine.checks.auth.dmarc import DmarcResult, PolicyLookup, evaluate
 from filterd.engine.checks.auth.results import authentication_results
 from filterd.engine.checks.auth.spf import RESULTS, SpfResult, check_spf
 from filterd.engine.message import ParsedMessage
-from filterd.engine.plugin import CheckSetup, Hit, Scan, Stage
+from filterd.engine.plugin import AutolearnSide, CheckSetup, Hit, Scan, Stage
 from filterd.engine.trust import trust_path_of
 from filterd.net.dns import DnsAnswer
 
@@ -90,6 +90,7 @@ class AuthCheck:
 
     name: ClassVar[str] = "auth"
     stage: ClassVar[Stage] = Stage.BODY  # DKIM needs the body; DMARC needs DKIM
+    autolearn_side: ClassVar[AutolearnSide] = "header"  # who sent it, though DKIM needs the body to tell
     emits: ClassVar[frozenset[str]] = frozenset(
         {f"SPF_{r.upper()}" for r in RESULTS}
         | {f"SPF_HELO_{r.upper()}" for r in RESULTS}

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from filterd.engine.checks.auth.authserv import HEADER, claims_authserv_id, effective_authserv_id
-from filterd.engine.plugin import CheckSetup, Hit, Scan, Stage
+from filterd.engine.plugin import AutolearnSide, CheckSetup, Hit, Scan, Stage
 
 __all__ = ["RecordedAuthCheck"]
 
@@ -36,6 +36,7 @@ class RecordedAuthCheck:
 
     name: ClassVar[str] = "recorded_auth"
     stage: ClassVar[Stage] = Stage.HEADERS
+    autolearn_side: ClassVar[AutolearnSide] = "header"
     emits: ClassVar[frozenset[str]] = frozenset(rule for rule, _ in _RULES)
 
     def __init__(self, setup: CheckSetup) -> None:
