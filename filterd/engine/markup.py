@@ -2,9 +2,10 @@
 
 X-Spam-Checker-Version, X-Spam-Flag (spam), X-Spam-Level, X-Spam-Status, X-Spam-Report (spam with
 report_safe 0) go at the top of the header block; with report_safe 1 or 2 spam is wrapped in a
-new message that carries the report and the original as an attachment. Existing X-Spam-*
-headers are dropped first (they are never trusted). Nothing taken from the message can put a CR
-or LF into a header we write: values are cleaned, folded by us, and non-ASCII is RFC 2047-encoded.
+new message that carries the report and the original, byte for byte, as an attachment. Existing
+X-Spam-* headers are dropped first (they are never trusted), but for X-Spam-Prev-*, which
+SpamAssassin keeps. Nothing taken from the message or the configuration can put a CR or LF into
+a header we write: values are cleaned, folded by us, and non-ASCII is RFC 2047-encoded.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from filterd import __version__
 from filterd.engine.engine import Engine, Result
 from filterd.engine.message import ParsedMessage
 from filterd.engine.mime import content_params, split_header_block, split_multipart
+from filterd.engine.textcodec import decode_header_value
+from filterd.headerblock import split_header_fields
 from filterd.net.hostname import fqdn
 
 __all__ = [
@@ -173,18 +176,45 @@ def process_message(engine: Engine, result: Result, options: MarkupOptions) -> b
 
     A leading mbox ``From `` line goes back in front, as SpamAssassin's rewrite_mail does:
     procmail's ``:0fw | spamc`` hands it through and writes what comes back to the mbox.
+    Wrapped, the original part is the input byte for byte; marked up, only the header fields
+    change, and the empty line (or its absence) and the body stay as they came.
     """
     msg = result.message
     nl = msg.newline
-    header_block = msg.header_block
-    if options.rewrite_subject and result.is_spam:
-        header_block = _rewrite_subject(header_block, options.rewrite_subject, nl)
+    rewrite = bool(options.rewrite_subject) and result.is_spam
     if result.is_spam and options.report_safe in (1, 2):
+        header_block = msg.header_block
+        if rewrite:
+            header_block = _rewrite_subject(header_block, options.rewrite_subject, nl)
         return _mbox_separator(msg) + _wrap(engine, result, options, header_block)
+    header_block = _with_prev_fields(msg).decode("ascii", "surrogateescape")
+    if rewrite:
+        header_block = _rewrite_subject(header_block, options.rewrite_subject, nl)
     first, rest = _header_block_without_spam(header_block)
     added = spam_headers(engine, result, options, nl)
     head = (first + added + rest).encode("ascii", "surrogateescape")
-    return _mbox_separator(msg) + head + nl.encode() + msg.body_raw
+    return _mbox_separator(msg) + head + msg.separator + msg.body_raw
+
+
+def _with_prev_fields(msg: ParsedMessage) -> bytes:
+    """``msg.header_block`` with the input's X-Spam-Prev-* fields back where they were:
+    SpamAssassin drops the other X-Spam-* fields and keeps those (the Subject before an
+    earlier rewrite). The header block is what the caller leaves of the input's fields (it may
+    have removed some), so the input's fields are matched against it in order."""
+    block = msg.header_block.encode("ascii", "surrogateescape")
+    out: list[bytes] = []
+    pos = 0
+    for name, raw in split_header_fields(msg.pristine[: msg.header_end]).fields:
+        lower = name.lower()
+        if not raw.endswith(b"\n"):  # the last line of a message that is only headers: the
+            raw += b"\n"  # parser gave it this newline in the header block too
+        if lower.startswith(b"x-spam-prev-"):
+            out.append(raw)
+        elif not lower.startswith(b"x-spam-") and block.startswith(raw, pos):
+            out.append(raw)
+            pos += len(raw)
+    out.append(block[pos:])
+    return b"".join(out)
 
 
 def _mbox_separator(msg: ParsedMessage) -> bytes:
@@ -203,13 +233,38 @@ def _mbox_separator(msg: ParsedMessage) -> bytes:
 def rewritten_subject(old: str | None, prefix: str) -> tuple[str, str | None] | None:
     """The Subject of spam with ``prefix`` in front, and the Subject it replaces (for
     X-Spam-Prev-Subject; None when there was none); None when it starts with the prefix already
-    (a message scanned twice is tagged once). spamd's PROCESS and the milter both use this."""
+    (a message scanned twice is tagged once). spamd's PROCESS and the milter both use this.
+
+    ``old`` is the raw value and stays as it was behind the prefix; a non-ASCII prefix goes in
+    RFC 2047-encoded, so the new value is a valid header whatever the prefix."""
     prefix = _clean(prefix)
+    tag = _encoded_words(prefix)
     if old is None:
-        return prefix, None
-    if old.lstrip().startswith(prefix):
+        return tag, None
+    if old.lstrip().startswith((prefix, tag)) or decode_header_value(old).lstrip().startswith(prefix):
         return None
-    return f"{prefix} {old}", old
+    if tag != prefix and old.lstrip().startswith("=?"):
+        # Blanks between two encoded words vanish when decoded: the space goes inside.
+        tag = _encoded_words(prefix + " ")
+    return f"{tag} {old}", old
+
+
+def _encoded_words(text: str) -> str:
+    """``text`` itself when ASCII, else RFC 2047 encoded words on one line, blank-separated."""
+    if text.isascii():
+        return text
+    return " ".join(Header(text, "utf-8").encode().split())
+
+
+def _host(name: str) -> str:
+    """A host name for a Received field: one line of ASCII (IDNA when it can be)."""
+    name = _clean(name).strip()
+    if name.isascii():
+        return name
+    try:
+        return name.encode("idna").decode("ascii")
+    except UnicodeError:
+        return name.encode("ascii", "replace").decode("ascii")
 
 
 def _rewrite_subject(header_block: str, prefix: str, nl: str) -> str:
@@ -226,14 +281,17 @@ def _rewrite_subject(header_block: str, prefix: str, nl: str) -> str:
 def _wrap(engine: Engine, result: Result, options: MarkupOptions, header_block: str) -> bytes:
     msg = result.message
     nl = msg.newline
+    original = msg.pristine  # SpamAssassin's get_pristine: X-Spam-* fields and all
     boundary = f"----------=_{int(time.time()):08X}.{os.urandom(4).hex().upper()}"
+    while b"--" + boundary.encode() in original:
+        boundary += "/" + os.urandom(4).hex().upper()
     copied = []
     for name in ("From", "To", "Cc", "Subject", "Date", "Message-Id"):
         m = re.search(rf"^{name}:[^\n]*\n(?:[ \t][^\n]*\n)*", header_block, re.I | re.M)
         if m:
             copied.append(m.group(0).replace("\r\n", "\n").replace("\n", nl))
     lines = [
-        f"Received: from localhost by {options.hostname or fqdn()}{nl}"
+        f"Received: from localhost by {_host(options.hostname or fqdn())}{nl}"
         f"\twith filterd (version {__version__});{nl}\t{formatdate(localtime=True)}{nl}",
         *copied,
         spam_headers(engine, result, options, nl),
@@ -257,7 +315,6 @@ def _wrap(engine: Engine, result: Result, options: MarkupOptions, header_block: 
         f"Content-Disposition: {disposition}{nl}Content-Transfer-Encoding: 8bit{nl}{nl}"
     )
     head = "".join(lines).encode("ascii", "surrogateescape") + report.encode("utf-8")
-    original = msg.raw
     tail = f"{nl}--{boundary}{nl}{part_head}".encode()
     return head + tail + original + f"{nl}--{boundary}--{nl}{nl}".encode()
 

@@ -105,11 +105,14 @@ class ParsedMessage:
 
     raw: bytes  # the message as received, X-Spam-* headers removed, mbox From line removed
     original: bytes  # exactly the input bytes
+    pristine: bytes  # the input without its mbox From line (SpamAssassin's get_pristine)
+    header_end: int  # in pristine: where the header fields end
+    body_start: int  # in pristine: where the body starts (after the empty line, if any)
     newline: str  # "\r\n" or "\n": the message's own line ending
     mbox_from: str
     headers: tuple[HeaderField, ...]  # in order, X-Spam-* excluded
     header_block: str  # raw header block (no X-Spam-*), surrogate-escaped text
-    body_raw: bytes
+    body_raw: bytes  # the body byte for byte: pristine[body_start:]
     parts: tuple[Part, ...]
     problems: tuple[str, ...]  # parse problems: "missing-boundary", "bad-base64", ...
     rendered_text: str  # visible text of all text parts, paragraphs separated by blank lines
@@ -125,6 +128,11 @@ class ParsedMessage:
     @property
     def size(self) -> int:
         return len(self.original)
+
+    @property
+    def separator(self) -> bytes:
+        """The empty line between header and body as it came: b"\n", b"\r\n", or b"" (none)."""
+        return self.pristine[self.header_end : self.body_start]
 
     def get_all(self, name: str) -> list[str]:
         """Decoded values of every field called ``name`` (case-insensitive), in order."""
@@ -298,11 +306,14 @@ def parse_message(
     return ParsedMessage(
         raw=raw,
         original=data,
+        pristine=data_no_from,
+        header_end=block.fields_end,
+        body_start=block.body_start,
         newline=newline,
         mbox_from=mbox_from,
         headers=tuple(headers),
         header_block=header_bytes.decode("ascii", "surrogateescape"),
-        body_raw=block.body,
+        body_raw=data_no_from[block.body_start :],
         parts=tuple(parts),
         problems=tuple(dict.fromkeys(problems)),
         rendered_text=rendered_text,

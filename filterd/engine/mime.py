@@ -34,13 +34,16 @@ class RawField:
 @dataclass(slots=True)
 class HeaderBlock:
     fields: list[RawField]
-    body: bytes
+    body: bytes  # what the MIME walk reads: may lack the data's last newline (below)
     problems: list[str] = field(default_factory=list)
+    fields_end: int = 0  # offsets into the data: the fields end here, the body starts at
+    body_start: int = 0  # body_start; the bytes between are the empty line, if there was one
 
 
 def split_header_block(data: bytes) -> HeaderBlock:
     """Split a header block into fields (`filterd.headerblock.split_header_fields`, at most
-    `_MAX_HEADERS`) and return the body after the blank line."""
+    `_MAX_HEADERS`) and return the body after the blank line. ``data[body_start:]`` is the body
+    byte for byte; ``body`` is the text the parser reads."""
     split = split_header_fields(data, _MAX_HEADERS)
     found = split.fields
     problems: list[str] = []
@@ -55,8 +58,11 @@ def split_header_block(data: bytes) -> HeaderBlock:
         # Neither a field nor a fold: the header block ended without a blank line.
         problems.append("too-many-headers" if len(fields) >= _MAX_HEADERS else "no-header-body-separator")
         if body[-1:] == b"\n" and header_block_bounds(data)[0] == len(data):
-            body = body[:-1]  # the line loop this replaced lost a final newline here: kept as it was
-    return HeaderBlock(fields, body, problems)
+            # The line loop this replaced lost a final newline here. Kept in the text the parser
+            # reads, so rule texts and Bayes tokens stay as they were; the output, which must
+            # not lose it, takes the body from body_start.
+            body = body[:-1]
+    return HeaderBlock(fields, body, problems, split.end, split.body)
 
 
 def _raw_field(raw: bytes) -> RawField:
