@@ -42,6 +42,7 @@ import base64
 import contextlib
 import enum
 import os
+import re
 import threading
 import time
 from collections import Counter
@@ -53,6 +54,7 @@ import numpy as np
 import numpy.typing as npt
 
 from filterd.config import BayesConfig
+from filterd.config.schema import schema_fields
 from filterd.engine.bayes.classifier import ClassifierParams, complement_nb_norms, pooled_probability, spam_probability
 from filterd.engine.bayes.tokenizer import TOKENIZER_VERSION, Tokenizer, TokenViews, message_digest
 from filterd.engine.message import ParsedMessage
@@ -295,51 +297,132 @@ def write_backup(
     out.write(f"end\t{n_b}\t{n_m}\n")
 
 
+def _n_features_bounds() -> tuple[int, int]:
+    info = next(f.info for f in schema_fields(BayesConfig) if f.name == "n_features")
+    assert info is not None and info.min is not None and info.max is not None
+    return int(info.min), int(info.max)
+
+
+# What a restore can store: bayes.n_features's range, int32 counts (the in-memory arrays), uint32
+# atimes (Redis keeps them so), int64 learnt times (SQLite), SHA-1 hexdigests (`message_digest`).
+_N_FEATURES_MIN, _N_FEATURES_MAX = _n_features_bounds()
+_COUNT_MAX = 2**31 - 1
+_ATIME_MAX = 2**32 - 1
+_LEARNT_MAX = 2**63 - 1
+_DIGEST = re.compile(r"[0-9a-f]{40}")
+
+
+def _header(inp: IO[str], number: int, name: str, n_values: int) -> list[int]:
+    """The integers of the header record expected on line ``number``."""
+    fields = inp.readline().rstrip("\n").split("\t")
+    if fields[0] != name or len(fields) != n_values + 1:
+        raise StoreError(f"line {number}: expected the {name} record ({n_values} value(s))")
+    try:
+        return [int(x) for x in fields[1:]]
+    except ValueError as exc:
+        raise StoreError(f"line {number}: {exc}") from exc
+
+
+def _bad_bucket(last: int, n_features: int, bucket: int, spam: int, ham: int, atime: int) -> str:
+    """What is wrong with a b record that failed the combined check in `read_backup`."""
+    if not 0 <= bucket < n_features:
+        return f"bucket {bucket} outside 0 .. {n_features - 1} (n_features {n_features})"
+    if bucket == last:
+        return f"bucket {bucket} repeats"
+    if bucket < last:
+        return f"bucket {bucket} after bucket {last} (the b records go by bucket)"
+    if not (0 <= spam <= _COUNT_MAX and 0 <= ham <= _COUNT_MAX):
+        return f"bucket {bucket}: counts {spam}, {ham} outside 0 .. {_COUNT_MAX}"
+    if not spam + ham:
+        return f"bucket {bucket}: both counts 0 (only non-empty buckets have a record)"
+    return f"bucket {bucket}: atime {atime} outside 0 .. {_ATIME_MAX}"
+
+
 def read_backup(inp: IO[str]) -> Backup:
-    """Read and check a whole backup. Raises StoreError naming the first bad line."""
+    """Read and check a whole backup. Raises StoreError naming the first bad line.
+
+    Every value is checked against what a store can hold, so that a restore of a hand-edited
+    or damaged file fails here, before either backend has changed anything."""
     buckets: list[BucketRow] = []
     messages: list[MessageRow] = []
-    n_features = counts = None
+    digest_lines: dict[str, int] = {}
+    last = -1  # the previous b record's bucket
     ended = False
-    first = inp.readline().rstrip("\n").split("\t")
-    if first[0] != _BACKUP_MAGIC or len(first) != 2 or first[1] != str(BACKUP_VERSION):
-        raise StoreError("not a filterd Bayes backup (or another version)")
-    for number, line in enumerate(inp, start=2):
-        if ended:
-            raise StoreError(f"line {number}: data after the end marker")
-        fields = line.rstrip("\n").split("\t")
-        try:
+    number = 0  # the last line read
+    try:
+        first = inp.readline().rstrip("\n").split("\t")
+        if first[0] != _BACKUP_MAGIC or len(first) != 2 or first[1] != str(BACKUP_VERSION):
+            raise StoreError("not a filterd Bayes backup (or another version)")
+        number = 1
+        (n_features,) = _header(inp, 2, "n_features", 1)
+        number = 2
+        if n_features & (n_features - 1) or not _N_FEATURES_MIN <= n_features <= _N_FEATURES_MAX:
+            raise StoreError(
+                f"line 2: n_features {n_features}: expected a power of two from {_N_FEATURES_MIN} to {_N_FEATURES_MAX}"
+            )
+        _header(inp, 3, "tokenizer", 1)
+        number = 3
+        counts = _header(inp, 4, "counts", 2)
+        number = 4
+        if min(counts) < 0:
+            raise StoreError(f"line 4: negative counts {counts[0]}, {counts[1]}")
+        for number, line in enumerate(inp, start=5):
+            if ended:
+                raise StoreError(f"line {number}: data after the end marker")
+            fields = line.rstrip("\n").split("\t")
             kind = fields[0]
-            if kind == "b":
-                bucket, spam, ham, atime = (int(x) for x in fields[1:5])
-                buckets.append((bucket, spam, ham, atime))
-            elif kind == "m":
-                if fields[1] not in ("s", "h"):
-                    raise ValueError(f"class {fields[1]!r}")
-                blob = base64.b64decode(fields[4], validate=True)
-                if len(blob) % 4:
-                    raise ValueError("token hashes of a length not a multiple of 4")
-                messages.append((fields[2], int(fields[1] == "s"), int(fields[3]), blob))
-            elif kind == "n_features":
-                n_features = int(fields[1])
-            elif kind == "tokenizer":
-                pass
-            elif kind == "counts":
-                counts = (int(fields[1]), int(fields[2]))
-            elif kind == "end":
-                if (int(fields[1]), int(fields[2])) != (len(buckets), len(messages)):
-                    raise ValueError("record counts do not match the end marker")
-                ended = True
-            else:
-                raise ValueError(f"unknown record {kind!r}")
-        except (ValueError, IndexError) as exc:
-            raise StoreError(f"line {number}: {exc}") from exc
+            try:
+                if kind == "b":
+                    if len(fields) != 5:
+                        raise ValueError(f"a b record has 4 values, not {len(fields) - 1}")
+                    bucket, spam, ham, atime = int(fields[1]), int(fields[2]), int(fields[3]), int(fields[4])
+                    # One comparison for the common case (a million lines); `_bad_bucket` says which failed.
+                    if not (
+                        last < bucket < n_features
+                        and 0 <= spam <= _COUNT_MAX
+                        and 0 <= ham <= _COUNT_MAX
+                        and spam + ham
+                        and 0 <= atime <= _ATIME_MAX
+                    ):
+                        raise ValueError(_bad_bucket(last, n_features, bucket, spam, ham, atime))
+                    last = bucket
+                    buckets.append((bucket, spam, ham, atime))
+                elif kind == "m":
+                    if len(fields) != 5:
+                        raise ValueError(f"an m record has 4 values, not {len(fields) - 1}")
+                    _, klass, digest, learnt_field, hashes = fields
+                    if klass not in ("s", "h"):
+                        raise ValueError(f"class {klass!r}")
+                    if not _DIGEST.fullmatch(digest):
+                        raise ValueError(f"message digest {digest!r} is not 40 lowercase hex digits")
+                    if digest in digest_lines:
+                        raise ValueError(f"message {digest} repeats (first on line {digest_lines[digest]})")
+                    learnt = int(learnt_field)
+                    if not 0 <= learnt <= _LEARNT_MAX:
+                        raise ValueError(f"message {digest}: learnt time {learnt} outside 0 .. {_LEARNT_MAX}")
+                    blob = base64.b64decode(hashes, validate=True)
+                    if len(blob) % 4:
+                        raise ValueError(f"message {digest}: token hashes of a length not a multiple of 4")
+                    digest_lines[digest] = number
+                    messages.append((digest, int(klass == "s"), learnt, blob))
+                elif kind == "end":
+                    if len(fields) != 3:
+                        raise ValueError(f"an end record has 2 values, not {len(fields) - 1}")
+                    if (int(fields[1]), int(fields[2])) != (len(buckets), len(messages)):
+                        raise ValueError("record counts do not match the end marker")
+                    ended = True
+                else:
+                    raise ValueError(f"unexpected record {kind!r}")
+            except ValueError as exc:
+                raise StoreError(f"line {number}: {exc}") from exc
+    except UnicodeDecodeError as exc:  # decoded a block at a time: the bad byte may be a few lines on
+        raise StoreError(f"line {number + 1} or soon after: not UTF-8 text ({exc.reason})") from exc
     if not ended:
         raise StoreError("the backup is truncated (no end marker)")
     nspam = sum(m[1] for m in messages)
     nham = len(messages) - nspam
-    if counts is None or n_features is None or counts != (nspam, nham):
-        raise StoreError("the backup's counts do not match its messages")
+    if (counts[0], counts[1]) != (nspam, nham):
+        raise StoreError(f"line 4: counts {counts[0]}, {counts[1]} but the messages are {nspam} spam, {nham} ham")
     return Backup(n_features, nspam, nham, buckets, messages)
 
 
