@@ -1,7 +1,14 @@
 """From a spamd request to the bytes of the answer: user settings, the scan, markup, logging.
 
 No sockets here: the worker's connection loop hands over a parsed `SpamdRequest` and writes
-back what `SpamdService.handle` returns.
+back what `SpamdService.handle` returns. A failure of ours, in the scan, in building the answer or
+anywhere else, is answered with an EX_SOFTWARE status line (and nothing after it), logged once
+with its traceback and counted in the error metrics, never a connection dropped in silence.
+Clients that read the code see it (aiospamc raises InternalSoftwareException); spamc takes any
+failed answer as it takes a lost daemon, and hands the message back unmarked unless run with -x.
+
+Any user name is scanned, as spamd scans a user it does not know: with the global settings when
+the name has no settings file, or cannot name one (`UserPrefsStore.get`).
 """
 
 from __future__ import annotations
@@ -21,11 +28,10 @@ from filterd.engine.engine import Engine, Result
 from filterd.engine.markup import MarkupOptions, build_report, original_message, process_message
 from filterd.engine.message import parse_message
 from filterd.engine.plugin import ScanContext
-from filterd.engine.prefs import BadUserName, UserPrefs, UserPrefsStore
+from filterd.engine.prefs import UserPrefs, UserPrefsStore
 from filterd.headerblock import without_fields
 from filterd.protocols.spamd import (
     EX_DATAERR,
-    EX_NOUSER,
     EX_SOFTWARE,
     EX_UNAVAILABLE,
     SpamdRequest,
@@ -55,8 +61,17 @@ class SpamdService:
         self._authserv_id = effective_authserv_id(config.auth)
 
     async def handle(self, request: SpamdRequest) -> bytes:
+        """The answer to ``request``; raises nothing but cancellation."""
+        self.metrics.requests[request.method] += 1
+        try:
+            return await self._answer(request)
+        except Exception:
+            self.metrics.errors["internal"] += 1
+            log.exception("%s failed (user=%s size=%d)", request.method, request.user or "-", len(request.body))
+            return render_error(EX_SOFTWARE, "Internal error: the request failed, see the daemon log")
+
+    async def _answer(self, request: SpamdRequest) -> bytes:
         method = request.method
-        self.metrics.requests[method] += 1
         if method == "PING":
             return render_pong()
         if method == "SKIP":
@@ -69,13 +84,7 @@ class SpamdService:
             return await self._tell(request)
         if method not in _SCANNING:  # the protocol layer only lets known verbs through
             return render_error(EX_SOFTWARE, f"Internal error: unhandled method {method}")
-        try:
-            prefs = self.prefs.get(request.user)
-        except BadUserName as exc:
-            self.metrics.errors["bad_user"] += 1
-            log.warning("refused request: %s", exc)
-            return render_error(EX_NOUSER, f"No such user: {exc}")
-        return await self._scan(request, prefs)
+        return await self._scan(request, self.prefs.get(request.user))
 
     async def _tell(self, request: SpamdRequest) -> bytes:
         """Learn or forget through Bayes (spamc -L). "remote" (Razor/Pyzor reporting) is not
@@ -147,7 +156,27 @@ class SpamdService:
         options = self._options
         if prefs.report_safe is not None:
             options = MarkupOptions(prefs.report_safe, options.rewrite_subject, options.hostname, options.contact)
-        reply_body = self._body(request.method, result, options)
+        try:
+            reply = render_response(
+                request,
+                is_spam=result.is_spam,
+                score=result.score,
+                threshold=required,
+                body=self._body(request.method, result, options),
+            )
+        except Exception:
+            # The verdict is in the log line; the message is counted as an error, not a verdict.
+            self.metrics.errors["reply_failed"] += 1
+            log.exception(
+                "msgid=%s user=%s score=%.1f/%.1f verdict=%s: building the %s answer failed",
+                (result.message.get("message-id") or "-").strip()[:200],
+                request.user or "-",
+                result.score,
+                required,
+                "spam" if result.is_spam else "ham",
+                request.method,
+            )
+            return render_error(EX_SOFTWARE, "Internal error: building the answer failed, see the daemon log")
         names = [h.rule for h in result.hits]
         self.metrics.observe_scan("spam" if result.is_spam else "ham", elapsed, names, len(body))
         self.metrics.observe_async_checks(result.async_timings)
@@ -162,7 +191,7 @@ class SpamdService:
             elapsed * 1000,
             len(body),
         )
-        return render_response(request, is_spam=result.is_spam, score=result.score, threshold=required, body=reply_body)
+        return reply
 
     def _body(self, method: str, result: Result, options: MarkupOptions) -> bytes:
         if method == "CHECK":

@@ -13,6 +13,12 @@ they must not lock spamd clients out, nor the other way round. A worker at the l
 accepting that protocol until one closes: new clients wait in the kernel's listen backlog or
 another worker takes them, as with spamd's own children. Nothing is refused for being one too
 many; the connections accepted at shutdown (already waiting in the backlog) may go past it.
+
+A failure of ours while serving a connection (a bug: the services answer their own errors) is
+logged once with its traceback, counted, and ends that connection only: a spamd client still gets
+an EX_SOFTWARE status line; a milter or policy client gets nothing more (never a stray byte
+between the milter's framed packets) and the connection is closed, which its MTA treats as the
+filter failing (milter_default_action, a retried policy lookup).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from filterd.engine.engine import Engine
 from filterd.errors import RemoteProtocolError
 from filterd.greylist import Greylist
 from filterd.protocols.spamd import (
+    EX_SOFTWARE,
     EX_TIMEOUT,
     NEED_DATA,
     SpamdRequest,
@@ -183,6 +190,8 @@ class Worker:
             self._tasks.discard(task)
             self._open[protocol] -= 1
             self._update_readers()
+            if not task.cancelled() and (exc := task.exception()) is not None:  # _connection let it out
+                log.error("%s connection task failed", protocol, exc_info=exc)
 
         task = asyncio.create_task(self._socket(conn, listener))
         self._tasks.add(task)
@@ -272,8 +281,15 @@ class Worker:
                 assert self._stopping is not None
                 await self.policy.serve(reader, writer, peer, self._stopping)
             else:
-                reply, whole = await self._exchange(reader)
-                if not whole:  # an error before the request was read to its end
+                try:
+                    reply, whole = await self._exchange(reader)
+                except OSError:
+                    raise
+                except Exception:
+                    self.metrics.errors["internal"] += 1
+                    log.exception("spamd connection from %s: internal error, answering EX_SOFTWARE", peer)
+                    reply, whole = render_error(EX_SOFTWARE, "Internal error: see the daemon log"), False
+                if not whole:  # an error before the request was read to its end, or ours
                     await self._refuse(reader, writer, reply)
                 elif reply:
                     writer.write(reply)
@@ -283,6 +299,9 @@ class Worker:
             log.warning("%s connection from %s dropped: %s", protocol, peer, exc)
         except (ConnectionError, OSError) as exc:
             log.info("%s connection from %s lost: %s", protocol, peer, exc)
+        except Exception:  # a bug: this connection ends, the worker goes on serving the others
+            self.metrics.errors["internal" if protocol == "spamd" else f"{protocol}_internal"] += 1
+            log.exception("%s connection from %s: internal error, closing", protocol, peer)
         finally:
             if not await close(writer, write_timeout):
                 self.metrics.errors["write_timeout"] += 1

@@ -2,8 +2,10 @@
 
 A directory holds one `<user>.yaml` per user (the spamd `User` header, or the recipient in the
 milter). Each file is checked like the main configuration; a user without a file, or with a
-broken one (logged), gets the global settings. A user name that could escape the directory
-is refused before any file is touched.
+broken one (logged), gets the global settings. So does a user whose name cannot name a file in
+that directory (a path separator, '..', a leading dot, too long): such a name is never put into
+a path, and the mail is still scanned, with the global settings, as spamd does for a user it
+does not know.
 """
 
 from __future__ import annotations
@@ -21,17 +23,36 @@ __all__ = ["BadUserName", "UserPrefs", "UserPrefsStore", "check_user_name"]
 
 log = logging.getLogger(__name__)
 
-_USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._@+=-]{0,127}$")
+# What keeps "<name>.yaml" a plain file right in the directory: no separator (a backslash is
+# refused too, for whoever copies the directory elsewhere), no NUL or other control characters,
+# no leading dot (".", "..", hidden files) and no ".." anywhere. Anything else an address's local
+# part may hold (o'brien, user#1, a!b, non-ASCII) names a file well enough.
+_NOT_IN_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
+_MAX_NAME = 128  # characters
+_MAX_NAME_BYTES = 200  # as a file name: with ".yaml", within NAME_MAX (255)
+_MAX_NOTED = 10_000  # names remembered as already logged, per store
 
 
 class BadUserName(ValueError):
-    """A user name that is not a plain name (path separators, '..', control characters)."""
+    """A user name that cannot name a settings file (path separators, '..', a leading dot,
+    control characters, too long)."""
 
 
 def check_user_name(name: str) -> str:
     """Return ``name`` if it can safely name a file in the prefs directory; else raise."""
-    if not _USER_NAME.match(name) or ".." in name:
-        raise BadUserName(f"user name not allowed: {name[:64]!r}")
+    try:
+        size = len(os.fsencode(name))
+    except UnicodeError:  # a lone surrogate the file system encoding cannot carry
+        size = _MAX_NAME_BYTES + 1
+    if (
+        not name
+        or name.startswith(".")
+        or ".." in name
+        or _NOT_IN_NAME.search(name)
+        or len(name) > _MAX_NAME
+        or size > _MAX_NAME_BYTES
+    ):
+        raise BadUserName(f"user name cannot name a settings file: {name[:64]!r}")
     return name
 
 
@@ -56,12 +77,23 @@ class UserPrefsStore:
     def __init__(self, directory: str) -> None:
         self.directory = Path(directory) if directory else None
         self._cache: dict[str, tuple[float, UserPrefs]] = {}
+        self._unnamable: set[str] = set()  # names already logged as unable to name a file
 
     def get(self, user: str | None) -> UserPrefs:
-        """The user's settings; raises BadUserName for names that could escape the directory."""
+        """The user's settings, or the global ones (all None): for no user, no directory, a name
+        that cannot name a file in it (logged once per name, and no file is touched), no file or
+        a broken one."""
         if not user or self.directory is None:
             return UserPrefs()
-        check_user_name(user)
+        try:
+            check_user_name(user)
+        except BadUserName as exc:
+            if user not in self._unnamable:
+                if len(self._unnamable) >= _MAX_NOTED:
+                    self._unnamable.clear()
+                self._unnamable.add(user)
+                log.info("%s; global settings for this user", exc)
+            return UserPrefs()
         path = self.directory / f"{user}.yaml"
         try:
             mtime = os.stat(path).st_mtime
