@@ -68,7 +68,7 @@ from filterd.engine.checks.lists import compile_globs
 from filterd.engine.engine import Engine, Result
 from filterd.engine.markup import MarkupOptions, rewritten_subject, spam_headers
 from filterd.engine.plugin import Hit, Scan, ScanContext, Stage
-from filterd.engine.prefs import BadUserName, UserPrefs, UserPrefsStore
+from filterd.engine.prefs import UserPrefs, UserPrefsStore
 from filterd.errors import LocalProtocolError, RemoteProtocolError
 from filterd.greylist import Greylist
 from filterd.protocols.milter import (
@@ -229,13 +229,11 @@ class MilterService:
 
 
 def recipient_prefs(config: Config, prefs: UserPrefsStore, recipient: str) -> tuple[str, UserPrefs]:
-    """The user a recipient maps to (``milter.user``) and their settings; ("", defaults) for a
-    name that cannot be a user. The milter and the policy service share it."""
+    """The user a recipient maps to (``milter.user``) and their settings (`UserPrefsStore.get`:
+    the global ones for a name that cannot name a settings file). The milter and the policy
+    service share it."""
     user = user_for(recipient, config.milter.user)
-    try:
-        return user, prefs.get(user)
-    except BadUserName:
-        return "", UserPrefs()
+    return user, prefs.get(user)
 
 
 def sender_welcomelisted(config: Config, prefs: UserPrefs, sender: str) -> bool:
