@@ -170,7 +170,9 @@ class ScoringConfig(Section):
     report_contact: str = setting("the administrator of that system", doc="Who to contact, as shown in spam reports.")
     score_overrides: FrozenMap[str, float] = setting(
         FrozenMap[str, float](),
-        doc="Rule name -> score, replacing the shipped score; 0 disables the rule.",
+        doc="Rule name -> score, replacing the shipped score in both score sets. 0 takes the rule's points "
+        "away; unlike SpamAssassin it still runs, feeds meta rules and is listed in reports (filterd's "
+        "informational rules, such as DNSBL_BLOCKED, score 0).",
     )
 
 
