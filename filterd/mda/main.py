@@ -66,6 +66,7 @@ import errno
 import logging
 import os
 import pwd
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -81,7 +82,7 @@ from filterd.headerblock import mbox_from_end, split_header_fields, without_fiel
 from filterd.mda.headers import split_fields
 from filterd.mda.maildir import Maildir, folder_dirname
 from filterd.mda.mbox import deliver_mbox
-from filterd.mda.recipes import Action, Recipes, Step, Verdict, evaluate, facts_from_message, read_recipes
+from filterd.mda.recipes import Action, Recipes, Step, Verdict, evaluate, facts_from_message, parse_recipes
 from filterd.mda.users import is_user_name
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ _CANTCREAT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, 
 _LEAD_FIELDS = (b"return-path", b"delivered-to", b"x-original-to")  # what MTAs prepend for delivery
 _SYSEXITS = range(64, 79)
 _SKIPPED = b"X-Filterd-Skipped"  # on a message delivered unscanned, saying why
+_MAX_RECIPES = 1024 * 1024  # bytes: a recipe file is a few rules
 # how spamc's failure codes read in logs and in X-Filterd-Skipped
 _SPAMC_FAILURES = {
     65: "message refused (EX_DATAERR)",
@@ -415,13 +417,26 @@ def _load_recipes(request: DeliveryRequest, config: DeliverConfig) -> tuple[Reci
         path = _expand_home(config.recipes, request.home)
         if path is None or not path.exists():
             return None, False  # no recipes of one's own: everything goes to INBOX
-    distrust, commands = _trust(path, request.user)
+    # One open: the checks judge the very file that is read, which its owner cannot swap
+    # (e.g. through a symlink in their home) between the check and the read. O_NONBLOCK: a
+    # FIFO put there opens at once (and is refused) instead of holding the delivery.
+    try:
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            st = os.fstat(f.fileno())
+            distrust, commands = _trust(st, request.user)
+            text = f.read(_MAX_RECIPES + 1) if distrust is None else b""
+    except OSError as exc:
+        log.warning("recipe error: %s: cannot read: %s", path, exc.strerror or exc)
+        log.warning("recipes in %s ignored: delivering to INBOX", path)
+        return None, False
+    if distrust is None and len(text) > _MAX_RECIPES:
+        distrust = f"larger than {_MAX_RECIPES // 1024} KiB"
     if distrust is not None:
         log.warning("recipes in %s ignored (%s): delivering to INBOX", path, distrust)
         return None, False
     check = _check_maildir_folder if request.maildir is not None else _check_mbox_folder
     try:
-        return read_recipes(path, check_folder=check), commands
+        return parse_recipes(text, str(path), check_folder=check), commands
     except ConfigError as exc:
         for problem in exc.problems:
             log.warning("recipe error: %s", problem)
@@ -429,20 +444,18 @@ def _load_recipes(request: DeliveryRequest, config: DeliverConfig) -> tuple[Reci
         return None, False
 
 
-def _trust(path: Path, user: str) -> tuple[str | None, bool]:
-    """Why a recipe file must not be followed at all (or None), and whether its pipe and forward
-    rules may run commands in this process.
+def _trust(st: os.stat_result, user: str) -> tuple[str | None, bool]:
+    """Why a recipe file (its ``fstat``) must not be followed at all (or None), and whether its
+    pipe and forward rules may run commands in this process.
 
-    As procmail with its rcfiles: the file must belong to the recipient (or root, or whoever
-    runs the delivery) and be writable by no one else. Its commands run with this process's
-    rights, so they run only if the file's owner is who we are (deliver became the recipient)
-    or root: a shell user's recipe file read by in-process delivery (``mta.local_delivery:
-    maildir``) or by a deliver that kept root's rights must not run their commands as the
-    MTA's account or as root."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None, False  # read_recipes reports it
+    As procmail with its rcfiles: the file must be a regular file belonging to the recipient (or
+    root, or whoever runs the delivery) and writable by no one else. Its commands run with this
+    process's rights, so they run only if the file's owner is who we are (deliver became the
+    recipient) or root: a shell user's recipe file read by in-process delivery (``mta.
+    local_delivery: maildir``) or by a deliver that kept root's rights must not run their
+    commands as the MTA's account or as root."""
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file", False
     euid = os.geteuid()
     owners = {0, euid}
     with contextlib.suppress(KeyError):

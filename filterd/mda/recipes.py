@@ -58,7 +58,6 @@ __all__ = [
     "evaluate",
     "facts_from_message",
     "parse_recipes",
-    "read_recipes",
 ]
 
 import difflib
@@ -70,7 +69,6 @@ import operator
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal, TypeAlias
 
 import yaml
@@ -272,16 +270,6 @@ def facts_from_message(
 
 
 # ----------------------------------------------------------------------------- parsing
-
-
-def read_recipes(path: str | Path, *, check_folder: FolderCheck | None = None) -> Recipes:
-    """Read and check a recipe file; raises ConfigError listing every problem (file:line)."""
-    name = str(path)
-    try:
-        text = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(Problem(name, None, "", f"cannot read: {exc.strerror or exc}")) from None
-    return parse_recipes(text, name, check_folder=check_folder)
 
 
 def parse_recipes(text: bytes | str, file: str = "<recipes>", *, check_folder: FolderCheck | None = None) -> Recipes:

@@ -10,6 +10,7 @@ import errno
 import os
 import pwd
 import smtplib
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,74 @@ def test_a_users_own_pipe_recipe_does_not_run_as_the_mta(tmp_path: Path) -> None
     [inbox] = _messages(maildir)
     [copy] = _messages(maildir / ".Greetings")
     assert inbox == copy and inbox.endswith(b"Hi Bob.\n.leading dot\n")
+
+
+def test_the_recipe_file_checked_is_the_one_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recipient's recipes path is a symlink they control. Swapped right after the owner
+    check, from a root-owned file to their own with a pipe rule, it must not get that pipe run
+    with the MTA's rights: the file that was checked is the file that is read."""
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root, as CI runs it (os.chown)")
+    out = tmp_path / "piped"
+    benign = tmp_path / "benign.yaml"
+    benign.write_text("- {header: {Subject: '/^hello/'}, folder: Greetings}\n")
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(f"- {{pipe: 'cat > {out}'}}\n")
+    os.chown(evil, pwd.getpwnam("nobody").pw_uid, -1)
+    local = _local(tmp_path, recipes="[]\n")
+    link = tmp_path / "recipes.yaml"
+    link.unlink()
+    link.symlink_to(benign)
+    real_stat, real_fstat = os.stat, os.fstat
+    swapped: list[bool] = []
+    looks: list[str] = []
+
+    def swap_after(result: os.stat_result) -> os.stat_result:
+        if not swapped:  # the owner's move, right after the file's owner was looked at
+            swapped.append(True)
+            link.unlink()
+            link.symlink_to(evil)
+        return result
+
+    def stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        result = real_stat(path, *args, **kwargs)
+        if str(path) != str(link):
+            return result
+        looks.append("stat")  # the first is "does it exist", the second would be the owner check
+        return swap_after(result) if len(looks) == 2 else result
+
+    def fstat(fd: int) -> os.stat_result:
+        result = real_fstat(fd)
+        return swap_after(result) if os.readlink(f"/proc/self/fd/{fd}") == str(benign) else result
+
+    monkeypatch.setattr(os, "stat", stat)
+    monkeypatch.setattr(os, "fstat", fstat)
+    assert _deliver(local, tmp_path, "nobody@example.org").outcome == "delivered"
+    assert swapped and not out.exists()
+    assert _messages(tmp_path / "home" / "nobody" / "Maildir" / ".Greetings")
+
+
+def test_a_fifo_for_recipes_is_refused_without_waiting(tmp_path: Path) -> None:
+    local = _local(tmp_path, recipes="[]\n")
+    fifo = tmp_path / "recipes.yaml"
+    fifo.unlink()
+    os.mkfifo(fifo)  # nobody writes to it: opening it to read would wait for a writer for ever
+    rescued = threading.Event()
+
+    def hang_guard() -> None:  # lets a delivery stuck on the FIFO finish, so the test fails, not hangs
+        if not done.wait(30):
+            rescued.set()
+            with open(fifo, "wb") as f:
+                f.write(b"[]\n")
+
+    done = threading.Event()
+    threading.Thread(target=hang_guard, daemon=True).start()
+    try:
+        assert _deliver(local, tmp_path, "bob@example.org").outcome == "delivered"
+    finally:
+        done.set()
+    assert not rescued.is_set()
+    assert _messages(tmp_path / "home" / "bob" / "Maildir")
 
 
 @pytest.mark.parametrize(("code", "status"), [(75, "4.3.0"), (67, "5.1.1")])
