@@ -17,6 +17,8 @@ To change a loaded config use ``dataclasses.replace`` (nested for a section:
 from __future__ import annotations
 
 __all__ = [
+    "N_FEATURES_MAX",
+    "N_FEATURES_MIN",
     "AntivirusConfig",
     "AuthConfig",
     "BayesConfig",
@@ -41,6 +43,7 @@ __all__ = [
     "SettingInfo",
     "StateConfig",
     "clamd_address",
+    "n_features_problem",
     "schema_fields",
     "section",
     "setting",
@@ -519,6 +522,16 @@ class ListsConfig(Section):
     )
 
 
+N_FEATURES_MIN, N_FEATURES_MAX = 1 << 12, 1 << 26
+
+
+def n_features_problem(n: int) -> str | None:
+    """Why ``n`` cannot be ``bayes.n_features`` (nor a Bayes backup's): a power of two in range."""
+    if n & (n - 1) or not N_FEATURES_MIN <= n <= N_FEATURES_MAX:
+        return f"expected a power of two from {N_FEATURES_MIN} to {N_FEATURES_MAX}, got {n}"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class BayesConfig(Section):
     """The Bayesian classifier: its store, when it may speak, and how it learns by itself."""
@@ -539,7 +552,7 @@ class BayesConfig(Section):
         doc="Time between expiries of old tokens, which the daemon and `filterd learn` run by themselves.",
     )  # fmt: skip
     n_features: int = setting(
-        1 << 22, min=1 << 12, max=1 << 26,
+        1 << 22, min=N_FEATURES_MIN, max=N_FEATURES_MAX,
         doc="Hash buckets (a power of two); each process keeps two int32 arrays of them (32 MB at 2**22), "
         "a daemon worker that learns (TELL, autolearn) a second pair in its writer thread.",
     )  # fmt: skip
@@ -586,8 +599,8 @@ class BayesConfig(Section):
 
     def check(self) -> Sequence[tuple[str, str]]:
         problems = []
-        if self.n_features & (self.n_features - 1):
-            problems.append(("n_features", f"expected a power of two, got {self.n_features}"))
+        if (problem := n_features_problem(self.n_features)) is not None:
+            problems.append(("n_features", problem))
         if self.autolearn_ham_below > self.autolearn_spam_at:
             problems.append(
                 ("autolearn_ham_below", f"expected a value <= autolearn_spam_at ({self.autolearn_spam_at})")

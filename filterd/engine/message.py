@@ -112,7 +112,6 @@ class ParsedMessage:
     mbox_from: str
     headers: tuple[HeaderField, ...]  # in order, X-Spam-* excluded
     header_block: str  # raw header block (no X-Spam-*), surrogate-escaped text
-    body_raw: bytes  # the body byte for byte: pristine[body_start:]
     parts: tuple[Part, ...]
     problems: tuple[str, ...]  # parse problems: "missing-boundary", "bad-base64", ...
     rendered_text: str  # visible text of all text parts, paragraphs separated by blank lines
@@ -128,6 +127,11 @@ class ParsedMessage:
     @property
     def size(self) -> int:
         return len(self.original)
+
+    @property
+    def body_raw(self) -> bytes:
+        """The body byte for byte (a copy: read it once)."""
+        return self.pristine[self.body_start :]
 
     @property
     def separator(self) -> bytes:
@@ -313,7 +317,6 @@ def parse_message(
         mbox_from=mbox_from,
         headers=tuple(headers),
         header_block=header_bytes.decode("ascii", "surrogateescape"),
-        body_raw=data_no_from[block.body_start :],
         parts=tuple(parts),
         problems=tuple(dict.fromkeys(problems)),
         rendered_text=rendered_text,

@@ -19,7 +19,7 @@ from pathlib import Path
 from filterd.config import Network, Section, load_section_file, setting
 from filterd.errors import ConfigError
 
-__all__ = ["BadUserName", "UserPrefs", "UserPrefsStore", "check_user_name"]
+__all__ = ["UserPrefs", "UserPrefsStore"]
 
 log = logging.getLogger(__name__)
 
@@ -33,27 +33,21 @@ _MAX_NAME_BYTES = 200  # as a file name: with ".yaml", within NAME_MAX (255)
 _MAX_NOTED = 10_000  # names remembered as already logged, per store
 
 
-class BadUserName(ValueError):
-    """A user name that cannot name a settings file (path separators, '..', a leading dot,
-    control characters, too long)."""
-
-
-def check_user_name(name: str) -> str:
-    """Return ``name`` if it can safely name a file in the prefs directory; else raise."""
+def _unnamable(name: str) -> bool:
+    """Whether ``name`` cannot safely name a file in the prefs directory: empty, a path
+    separator, a control character, a leading dot, "..", or too long for a file name."""
     try:
         size = len(os.fsencode(name))
     except UnicodeError:  # a lone surrogate the file system encoding cannot carry
-        size = _MAX_NAME_BYTES + 1
-    if (
+        return True
+    return (
         not name
         or name.startswith(".")
         or ".." in name
-        or _NOT_IN_NAME.search(name)
+        or _NOT_IN_NAME.search(name) is not None
         or len(name) > _MAX_NAME
         or size > _MAX_NAME_BYTES
-    ):
-        raise BadUserName(f"user name cannot name a settings file: {name[:64]!r}")
-    return name
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,14 +79,12 @@ class UserPrefsStore:
         a broken one."""
         if not user or self.directory is None:
             return UserPrefs()
-        try:
-            check_user_name(user)
-        except BadUserName as exc:
+        if _unnamable(user):
             if user not in self._unnamable:
                 if len(self._unnamable) >= _MAX_NOTED:
                     self._unnamable.clear()
                 self._unnamable.add(user)
-                log.info("%s; global settings for this user", exc)
+                log.info("user name cannot name a settings file: %r; global settings for this user", user[:64])
             return UserPrefs()
         path = self.directory / f"{user}.yaml"
         try:

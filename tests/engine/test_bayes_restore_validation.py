@@ -107,8 +107,14 @@ def upper_digest(recs: list[list[str]]) -> int:
 
 BAD: dict[str, tuple[Edit, str]] = {
     # n_features: a power of two within bayes.n_features's range
-    "n_features not a power of two": (set_field("n_features", 1, "65535"), "n_features 65535: expected a power of two"),
-    "n_features below the range": (set_field("n_features", 1, "2048"), "n_features 2048: expected a power of two"),
+    "n_features not a power of two": (
+        set_field("n_features", 1, "65535"),
+        "n_features: expected a power of two from 4096 to 67108864, got 65535",
+    ),
+    "n_features below the range": (
+        set_field("n_features", 1, "2048"),
+        "n_features: expected a power of two from 4096 to 67108864, got 2048",
+    ),
     "n_features above the range": (set_field("n_features", 1, str(1 << 27)), "expected a power of two from"),
     "tokenizer not a number": (set_field("tokenizer", 1, "x"), "invalid literal"),
     # b records

@@ -49,11 +49,19 @@ class RuleFacts(Protocol):
     def type(self) -> str: ...
 
 
-def _shares(name: str, info: RuleFacts, shares: Mapping[str, Shares] | None) -> Shares:
+def _own_side(info: RuleFacts) -> str:
+    """The side a rule's tflags or type put it on; "" for eval and meta rules (`autolearn_shares`)."""
     if "autolearn_header" in info.tflags or info.type == "header":
-        return 1.0, 0.0
+        return "header"
     if "autolearn_body" in info.tflags or info.type in _BODY_TYPES:
-        return 0.0, 1.0
+        return "body"
+    return ""
+
+
+def _shares(name: str, info: RuleFacts, shares: Mapping[str, Shares] | None) -> Shares:
+    side = _own_side(info)
+    if side:
+        return (1.0, 0.0) if side == "header" else (0.0, 1.0)
     return shares.get(name, (0.0, 0.0)) if shares is not None else (0.0, 0.0)
 
 
@@ -71,11 +79,7 @@ def autolearn_shares(
         info = rule_infos.get(name)
         if info is None:
             return ""
-        if "autolearn_header" in info.tflags or info.type == "header":
-            return "header"
-        if "autolearn_body" in info.tflags or info.type in _BODY_TYPES:
-            return "body"
-        return eval_sides.get(name, "") if info.type == "eval" else ""
+        return _own_side(info) or (eval_sides.get(name, "") if info.type == "eval" else "")
 
     shares: dict[str, Shares] = {}
     for name in eval_sides:

@@ -54,7 +54,7 @@ import numpy as np
 import numpy.typing as npt
 
 from filterd.config import BayesConfig
-from filterd.config.schema import schema_fields
+from filterd.config.schema import n_features_problem
 from filterd.engine.bayes.classifier import ClassifierParams, complement_nb_norms, pooled_probability, spam_probability
 from filterd.engine.bayes.tokenizer import TOKENIZER_VERSION, Tokenizer, TokenViews, message_digest
 from filterd.engine.message import ParsedMessage
@@ -297,15 +297,8 @@ def write_backup(
     out.write(f"end\t{n_b}\t{n_m}\n")
 
 
-def _n_features_bounds() -> tuple[int, int]:
-    info = next(f.info for f in schema_fields(BayesConfig) if f.name == "n_features")
-    assert info is not None and info.min is not None and info.max is not None
-    return int(info.min), int(info.max)
-
-
-# What a restore can store: bayes.n_features's range, int32 counts (the in-memory arrays), uint32
+# What a restore can store: bayes.n_features's values, int32 counts (the in-memory arrays), uint32
 # atimes (Redis keeps them so), int64 learnt times (SQLite), SHA-1 hexdigests (`message_digest`).
-_N_FEATURES_MIN, _N_FEATURES_MAX = _n_features_bounds()
 _COUNT_MAX = 2**31 - 1
 _ATIME_MAX = 2**32 - 1
 _LEARNT_MAX = 2**63 - 1
@@ -356,10 +349,8 @@ def read_backup(inp: IO[str]) -> Backup:
         number = 1
         (n_features,) = _header(inp, 2, "n_features", 1)
         number = 2
-        if n_features & (n_features - 1) or not _N_FEATURES_MIN <= n_features <= _N_FEATURES_MAX:
-            raise StoreError(
-                f"line 2: n_features {n_features}: expected a power of two from {_N_FEATURES_MIN} to {_N_FEATURES_MAX}"
-            )
+        if (problem := n_features_problem(n_features)) is not None:
+            raise StoreError(f"line 2: n_features: {problem}")
         _header(inp, 3, "tokenizer", 1)
         number = 3
         counts = _header(inp, 4, "counts", 2)
