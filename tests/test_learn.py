@@ -2,33 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from tests.daemon_fixture import need_binary, start_daemon
+from tests.learn_helpers import dump, learn
 
 ROOT = Path(__file__).resolve().parent.parent
 SPAM = sorted((ROOT / "corpora" / "spam").glob("*.eml"))
 HAM = sorted((ROOT / "corpora" / "ham").glob("*.eml"))
-
-
-def learn(state: Path, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "filterd", "learn", "--state-dir", str(state), *args],
-        input=stdin.decode("latin-1"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def dump(state: Path) -> dict[str, object]:
-    proc = learn(state, "--dump")
-    assert proc.returncode == 0, proc.stderr
-    return dict(json.loads(proc.stdout))
 
 
 def test_learn_relearn_move_forget_and_summary(tmp_path: Path) -> None:

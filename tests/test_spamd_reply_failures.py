@@ -29,9 +29,9 @@ import pytest
 import filterd.daemon.service as service_module
 from filterd.daemon.metrics import WorkerMetrics
 from filterd.daemon.service import SpamdService
-from filterd.protocols.spamd import SpamdRequest, SpamdServerConnection
 from tests.conftest import MakeEngine
 from tests.daemon_fixture import Daemon, need_binary, start_daemon
+from tests.spamd_helpers import spamd_request
 
 RULES = r"""
 OFFER: {body: '/offer/i', describe: an offer, score: 6.0}
@@ -55,15 +55,6 @@ def service(make_engine: MakeEngine) -> SpamdService:
     return SpamdService(engine, engine.config, WorkerMetrics())
 
 
-def request(method: str, message: bytes, user: str = "alice") -> SpamdRequest:
-    conn = SpamdServerConnection()
-    conn.receive_data(b"%s SPAMC/1.5\r\nUser: %s\r\nContent-length: %d\r\n\r\n%s" % (
-        method.encode(), user.encode(), len(message), message))  # fmt: skip
-    event = conn.next_event()
-    assert isinstance(event, SpamdRequest), event
-    return event
-
-
 def _broken(*args: object, **kwargs: object) -> bytes:
     raise RuntimeError("renderer broken by the test")
 
@@ -82,7 +73,7 @@ def test_a_failing_renderer_is_answered_ex_software_logged_once_and_counted(
 ) -> None:
     monkeypatch.setattr(service_module, renderer, _broken)
     caplog.set_level(logging.INFO, logger="filterd")
-    reply = asyncio.run(service.handle(request(method, SPAM)))
+    reply = asyncio.run(service.handle(spamd_request(method, SPAM)))
     assert reply == BROKEN_REPLY  # the status line and nothing after it, as spamd after an error
     assert service.metrics.errors == {"reply_failed": 1}
     assert not service.metrics.messages  # not counted as a verdict the client never got
@@ -91,7 +82,7 @@ def test_a_failing_renderer_is_answered_ex_software_logged_once_and_counted(
     assert "user=alice" in record.getMessage() and "verdict=spam" in record.getMessage()
     assert f"building the {method} answer failed" in record.getMessage()
     # The same service goes on answering what it can render.
-    ok = asyncio.run(service.handle(request("CHECK", SPAM)))
+    ok = asyncio.run(service.handle(spamd_request("CHECK", SPAM)))
     assert ok.startswith(b"SPAMD/1.1 0 EX_OK\r\nSpam: True ; ")
 
 
@@ -106,7 +97,7 @@ def test_failures_before_and_in_the_scan_are_answered_ex_software_by_kind(
 
     with monkeypatch.context() as mp:
         mp.setattr(service.engine, "scan", broken_scan)
-        reply = asyncio.run(service.handle(request("PROCESS", SPAM)))
+        reply = asyncio.run(service.handle(spamd_request("PROCESS", SPAM)))
     assert reply == b"SPAMD/1.0 70 Internal error: the scan failed, see the daemon log\r\n"
     assert service.metrics.errors == {"scan_failed": 1}
     (record,) = _errors_logged(caplog)
@@ -118,7 +109,7 @@ def test_failures_before_and_in_the_scan_are_answered_ex_software_by_kind(
 
     caplog.clear()
     monkeypatch.setattr(service_module, "_connection_context", broken_context)
-    reply = asyncio.run(service.handle(request("SYMBOLS", SPAM)))
+    reply = asyncio.run(service.handle(spamd_request("SYMBOLS", SPAM)))
     assert reply == b"SPAMD/1.0 70 Internal error: the request failed, see the daemon log\r\n"
     assert service.metrics.errors == {"scan_failed": 1, "internal": 1}
     (record,) = _errors_logged(caplog)

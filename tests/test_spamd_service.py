@@ -13,8 +13,8 @@ import pytest
 
 from filterd.daemon.metrics import WorkerMetrics
 from filterd.daemon.service import SpamdService
-from filterd.protocols.spamd import SpamdRequest, SpamdServerConnection
 from tests.conftest import MakeEngine
+from tests.spamd_helpers import spamd_request
 
 RULES = r"""
 OFFER: {body: '/offer/i', describe: an offer, score: 6.0}
@@ -36,15 +36,6 @@ def service(make_engine: MakeEngine, tmp_path: Path) -> SpamdService:
     return SpamdService(engine, dataclasses.replace(engine.config, daemon=daemon), WorkerMetrics())
 
 
-def request(method: str, user: str, message: bytes) -> SpamdRequest:
-    conn = SpamdServerConnection()
-    conn.receive_data(b"%s SPAMC/1.5\r\nUser: %s\r\nContent-length: %d\r\n\r\n%s" % (
-        method.encode(), user.encode(), len(message), message))  # fmt: skip
-    event = conn.next_event()
-    assert isinstance(event, SpamdRequest), event
-    return event
-
-
 def body_of(reply: bytes) -> bytes:
     """The reply's body, after checking it is exactly as long as its Content-length says."""
     head, _, body = reply.partition(b"\r\n\r\n")
@@ -60,8 +51,8 @@ def test_process_and_headers_keep_a_leading_mbox_from_line(service: SpamdService
 
     async def exchange(method: str, user: str, message: bytes) -> tuple[bytes, bytes]:
         message = message.replace(b"\n", newline)
-        with_line = await service.handle(request(method, user, separator + message))
-        return with_line, await service.handle(request(method, user, message))
+        with_line = await service.handle(spamd_request(method, separator + message, user))
+        return with_line, await service.handle(spamd_request(method, message, user))
 
     async def check() -> None:
         for user, message in ((u, m) for u in ("safe0", "safe1", "safe2") for m in (SPAM, HAM)):
@@ -95,7 +86,7 @@ def test_a_rewritten_message_carries_no_inbound_x_filterd_skipped(service: Spamd
         for user, message in ((u, m) for u in ("safe0", "safe1", "safe2") for m in (SPAM, HAM)):
             data = (message.replace(b"\n\n", b"\n" + forged + b"X-Other: kept\n\n", 1)).replace(b"\n", newline)
             for method in ("PROCESS", "HEADERS"):
-                out = body_of(await service.handle(request(method, user, data)))
+                out = body_of(await service.handle(spamd_request(method, data, user)))
                 top = out.partition(newline + newline)[0].lower()
                 assert b"x-filterd-skipped" not in top and b"not scanned" not in top, (user, method, out)
                 if message is HAM or user == "safe0":  # not wrapped: the rest of the header block stays
@@ -130,7 +121,7 @@ def test_too_big_to_scan_is_handed_back_without_forged_auth_results(
     body = b"\r\n" + b"An offer you cannot refuse.\r\n" * 100
     message = head + FORGED + b"Message-ID: <1@sender.test>\r\n" + body
     assert len(message) > 1024
-    reply = asyncio.run(service.handle(request(method, "", message)))
+    reply = asyncio.run(service.handle(spamd_request(method, message, "")))
     assert reply.partition(b"\r\n\r\n")[0].endswith(b"\r\nSpam: False ; 0.0 / 5.0"), reply[:200]
     returned = body_of(reply)
     kept = head + b"Authentication-Results: other.example; spf=pass smtp.mailfrom=alice@sender.test\r\n"

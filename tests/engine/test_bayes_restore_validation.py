@@ -7,10 +7,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
-import json
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +17,7 @@ from filterd.engine.bayes import BayesStore, BayesStoreBase, StoreError, open_ba
 from filterd.engine.bayes.base import read_backup
 from tests.conftest import offline_config
 from tests.engine.bayes_helpers import bayes_config, make_msg
+from tests.learn_helpers import dump, learn
 from tests.redis_fixture import RedisServer
 
 pytest_plugins = ["tests.redis_fixture"]
@@ -189,23 +187,6 @@ def test_read_backup_rejects_text_that_is_not_utf8(backup_text: str) -> None:
 # -- `filterd learn --restore` on SQLite --------------------------------------------------------
 
 
-def learn(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "filterd", "learn", "--state-dir", str(state), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def dump(state: Path) -> dict[str, object]:
-    proc = learn(state, "--dump")
-    assert proc.returncode == 0, proc.stderr
-    facts = dict(json.loads(proc.stdout))
-    facts.pop("size", None)  # the file's bytes, WAL included: a checkpoint may move them
-    return facts
-
-
 @pytest.fixture(scope="module")
 def learnt_state(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A state directory that learnt the corpora, and its backup as `filterd learn --backup` wrote it."""
@@ -228,13 +209,13 @@ def test_learn_restore_of_a_bad_backup_exits_65_and_keeps_the_store(
     state = tmp_path / "state"
     shutil.copytree(learnt_state[0], state)
     good = learnt_state[1]
-    before = dump(state)
+    before = dump(state, without_size=True)
     bad, number = edited(good, BAD[case][0])
     (tmp_path / "bad.txt").write_text(bad)
     proc = learn(state, "--restore", str(tmp_path / "bad.txt"))
     assert proc.returncode == 65, proc.stderr
     assert proc.stderr.startswith(f"filterd learn: line {number}: ") and "Traceback" not in proc.stderr, proc.stderr
-    assert dump(state) == before
+    assert dump(state, without_size=True) == before
     assert learn(state, "--backup", str(tmp_path / "again.txt")).returncode == 0
     assert (tmp_path / "again.txt").read_text() == good
 
