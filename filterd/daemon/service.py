@@ -156,6 +156,11 @@ class SpamdService:
         options = self._options
         if prefs.report_safe is not None:
             options = MarkupOptions(prefs.report_safe, options.rewrite_subject, options.hostname, options.contact)
+        msgid = (result.message.get("message-id") or "-").strip()[:200]
+        verdict = (
+            f"msgid={msgid} user={request.user or '-'} score={result.score:.1f}/{required:.1f} "
+            f"verdict={'spam' if result.is_spam else 'ham'}"
+        )
         try:
             reply = render_response(
                 request,
@@ -167,30 +172,12 @@ class SpamdService:
         except Exception:
             # The verdict is in the log line; the message is counted as an error, not a verdict.
             self.metrics.errors["reply_failed"] += 1
-            log.exception(
-                "msgid=%s user=%s score=%.1f/%.1f verdict=%s: building the %s answer failed",
-                (result.message.get("message-id") or "-").strip()[:200],
-                request.user or "-",
-                result.score,
-                required,
-                "spam" if result.is_spam else "ham",
-                request.method,
-            )
+            log.exception("%s: building the %s answer failed", verdict, request.method)
             return render_error(EX_SOFTWARE, "Internal error: building the answer failed, see the daemon log")
         names = [h.rule for h in result.hits]
         self.metrics.observe_scan("spam" if result.is_spam else "ham", elapsed, names, len(body))
         self.metrics.observe_async_checks(result.async_timings)
-        log.info(
-            "msgid=%s user=%s score=%.1f/%.1f verdict=%s hits=%s time=%.1fms size=%d",
-            (result.message.get("message-id") or "-").strip()[:200],
-            request.user or "-",
-            result.score,
-            required,
-            "spam" if result.is_spam else "ham",
-            ",".join(names) or "-",
-            elapsed * 1000,
-            len(body),
-        )
+        log.info("%s hits=%s time=%.1fms size=%d", verdict, ",".join(names) or "-", elapsed * 1000, len(body))
         return reply
 
     def _body(self, method: str, result: Result, options: MarkupOptions) -> bytes:
