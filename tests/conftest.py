@@ -6,6 +6,7 @@ import dataclasses
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import dns.resolver
 import pytest
@@ -41,7 +42,7 @@ def make_engine(tmp_path: Path) -> MakeEngine:
     """Build an engine over rule files written for the test (no shipped checks by default)."""
     counter = iter(range(1000))
 
-    def factory(files: dict[str, str] | str, *, checks: list[type] | None = None, **rules_settings: object) -> Engine:
+    def factory(files: dict[str, str] | str, *, checks: list[type] | None = None, **rules_settings: Any) -> Engine:
         rules_dir = tmp_path / f"rules{next(counter)}"
         rules_dir.mkdir()
         if isinstance(files, str):

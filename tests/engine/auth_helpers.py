@@ -14,11 +14,12 @@ import textwrap
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import dkim
 import pytest
 
-from filterd.config import Config, default_config
+from filterd.config import Config, Duration, default_config
 from filterd.dkimsign import DkimKey, generate_key
 from filterd.engine.checks.auth import AuthCheck
 from filterd.engine.message import parse_message
@@ -100,13 +101,13 @@ def uri_parser() -> UriParser:
     return UriParser()
 
 
-def auth_config(nameserver: str, *, timeout: float = 1.0, **auth: object) -> Config:
+def auth_config(nameserver: str, *, timeout: float = 1.0, **auth: Any) -> Config:
     """The default configuration with network checks on, asking only ``nameserver``."""
     cfg = default_config()
     return dataclasses.replace(
         cfg,
         network=dataclasses.replace(cfg.network, enabled=True),
-        dns=dataclasses.replace(cfg.dns, nameservers=(nameserver,), timeout=timeout),
+        dns=dataclasses.replace(cfg.dns, nameservers=(nameserver,), timeout=Duration(timeout)),
         auth=dataclasses.replace(cfg.auth, **{"authserv_id": AUTHSERV_ID, **auth}),
     )
 

@@ -9,10 +9,11 @@ import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from filterd.config import Config, load_config
+from filterd.config import Config, Duration, load_config
 from filterd.config.schema import clamd_address
 from filterd.engine.checks.antivirus import AntivirusCheck
 from filterd.engine.engine import Engine, Result
@@ -68,7 +69,7 @@ def message_with(*attachments: tuple[str, str, bytes], subject: str = "The files
     return (head + 'Content-Type: multipart/mixed; boundary="BOUNDARY"\n\n').encode() + body
 
 
-def av_config(clamd: str, **antivirus: object) -> Config:
+def av_config(clamd: str, **antivirus: Any) -> Config:
     cfg = offline_config()
     section = dataclasses.replace(cfg.antivirus, enabled=True, clamd=clamd, **antivirus)
     return dataclasses.replace(cfg, antivirus=section)
@@ -134,7 +135,7 @@ def test_an_error_is_a_zero_score_rule_with_facts_for_the_mta(tmp_path: Path) ->
 def test_the_scan_deadline_still_gives_av_error_not_check_error(make_clamd: MakeClamd) -> None:
     server = make_clamd()
     cfg = av_config(server.unix_spec, timeout=30.0)
-    cfg = dataclasses.replace(cfg, rules=dataclasses.replace(cfg.rules, scan_deadline=1.5))
+    cfg = dataclasses.replace(cfg, rules=dataclasses.replace(cfg.rules, scan_deadline=Duration(1.5)))
     engine = Engine.load(cfg)
     with server.paused():
         started = time.monotonic()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import dkim
 import pytest
@@ -15,14 +16,16 @@ from filterd.engine.plugin import ScanContext
 from filterd.engine.uris import UriParser
 from filterd.net.dns import Resolver
 from tests.dns_fixture import DnsServer, MakeDelayingProxy, MakeSilentDnsServer
-from tests.engine.auth_helpers import GOOD_IP, auth_config, make_message, run_auth, sign
+from tests.engine.auth_helpers import GOOD_IP, Outcome, auth_config, make_message, run_auth, sign
 
 pytest_plugins = ["tests.dns_fixture", "tests.engine.auth_helpers"]
 
 Keys = dict[str, DkimKey]
 
 
-def dkim_only(server: DnsServer, raw: bytes, uri_parser: UriParser, mail_from: str | None = None, **auth: object):  # type: ignore[no-untyped-def]
+def dkim_only(
+    server: DnsServer, raw: bytes, uri_parser: UriParser, mail_from: str | None = None, **auth: Any
+) -> Outcome:
     ctx = ScanContext(client_ip=GOOD_IP, helo="mail.example.com", mail_from=mail_from)
     return run_auth(auth_config(server.spec, spf=False, dmarc=False, **auth), raw, ctx, uri_parser=uri_parser)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from filterd.config import Config
+from filterd.config import Config, Duration
 from filterd.engine.bayes import BayesCheck, BayesStore, token_ids
 from filterd.engine.engine import Engine
 from tests.conftest import offline_config
@@ -37,7 +37,7 @@ def config(state_dir: Path) -> Config:
     cfg = offline_config()
     bayes = bayes_config(max_tokens=MAX_TOKENS, n_features=N_FEATURES)
     # An expiry waits for the test's lock up to state.timeout: longer than the tests hold it.
-    state = dataclasses.replace(cfg.state, timeout=60.0)
+    state = dataclasses.replace(cfg.state, timeout=Duration(60.0))
     return dataclasses.replace(cfg, state_dir=str(state_dir), bayes=bayes, state=state)
 
 

@@ -83,7 +83,7 @@ class Backend:
             conn.close()
             return
         with self.client() as r:
-            epoch = int(r.hget(self.prefix + "state", "epoch"))  # type: ignore[arg-type]
+            epoch = int(r.hget(self.prefix + "state", "epoch"))
             chunk = redis_store_module._CHUNK
             for n in range(-(-self.config().bayes.n_features // chunk)):
                 keys = [f"{self.prefix}g{epoch}:{kind}:{n}" for kind in "sha"]

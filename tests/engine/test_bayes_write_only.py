@@ -13,7 +13,7 @@ import sqlite3
 import time
 import tracemalloc
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -178,7 +178,8 @@ def test_a_write_only_handle_snapshots_a_new_store(tmp_path: Path) -> None:
     finally:
         conn.close()
     with BayesStore.open(path, cfg.bayes, upkeep=False) as reader:
-        assert reader._snapshot_due is False  # it loaded the snapshot, not the table
+        # BayesStoreBase.__enter__ is annotated as returning the base class; this is a BayesStore.
+        assert cast(BayesStore, reader)._snapshot_due is False  # it loaded the snapshot, not the table
     check_consistent(path)
 
 

@@ -429,7 +429,8 @@ def _learnt(state: Path, raw: bytes) -> bool:
     conn = sqlite3.connect(state / "bayes.sqlite")
     try:
         digest = message_digest(parse(raw))
-        return conn.execute("SELECT count(*) FROM messages WHERE digest = ?", (digest,)).fetchone()[0] == 1
+        count: int = conn.execute("SELECT count(*) FROM messages WHERE digest = ?", (digest,)).fetchone()[0]
+        return count == 1
     finally:
         conn.close()
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import email
 import re
+from email.message import Message
 from email.policy import compat32
+from typing import cast
 
 import pytest
 
@@ -83,12 +85,12 @@ def test_report_safe_1_wraps_original_as_rfc822(make_engine: MakeEngine) -> None
     out = process_message(engine, result, MarkupOptions(report_safe=1, hostname="mx.test"))
     msg = email.message_from_bytes(out, policy=compat32)
     assert msg.get_content_type() == "multipart/mixed"
-    report, original = msg.get_payload()
+    report, original = cast(list[Message], msg.get_payload())
     assert report.get_content_type() == "text/plain"
     assert "Content analysis details:   (5.4 points, 5.0 required)" in report.get_payload()
     assert original.get_content_type() == "message/rfc822"
     assert original.get_param("x-spam-type") == "original"
-    inner = original.get_payload()[0]
+    inner = cast(list[Message], original.get_payload())[0]
     assert inner["Subject"] == "An offer"
     assert msg["Subject"] == "An offer" and msg["X-Spam-Flag"] == "YES"
 
@@ -98,7 +100,7 @@ def test_report_safe_2_wraps_original_as_text(make_engine: MakeEngine) -> None:
     result = engine.scan_sync(SPAM)
     out = process_message(engine, result, MarkupOptions(report_safe=2, hostname="mx.test"))
     msg = email.message_from_bytes(out, policy=compat32)
-    assert msg.get_payload()[1].get_content_type() == "text/plain"
+    assert cast(list[Message], msg.get_payload())[1].get_content_type() == "text/plain"
     assert b"Content-Type: text/plain\n\nAn offer you cannot refuse." in out
 
 
