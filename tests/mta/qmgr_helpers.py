@@ -107,7 +107,7 @@ async def eventually(done: Callable[[], bool], limit: float = 20.0) -> None:
 
 
 async def run_until(
-    qmgr: QueueManager, done: Callable[[], bool], limit: float = 20.0, *, recovery: Recovery | None = None
+    qmgr: QueueManager, done: Callable[[], object], limit: float = 20.0, *, recovery: Recovery | None = None
 ) -> None:
     """Run the manager until ``done()`` holds (checked every 20 ms); fail after ``limit`` seconds.
     ``recovery``: what `Queue.recover` returned, passed on to `QueueManager.run`."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -49,7 +50,7 @@ def test_bad_base64_in_the_users_file_is_reported_with_its_line(tmp_path: Path) 
     users.chmod(0o600)
     with pytest.raises(ConfigError) as caught:
         load_users(users)
-    lines = sorted(problem.line for problem in caught.value.problems)
+    lines = sorted(cast(int, problem.line) for problem in caught.value.problems)
     assert lines == [2, 3], caught.value.problems
     assert f"{users}:2" in str(caught.value)
     # the same hashes handed to verify_password directly are refused, not raised

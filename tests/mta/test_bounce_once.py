@@ -6,7 +6,9 @@ SMTPUTF8 instead of the message being stuck in the queue for ever."""
 from __future__ import annotations
 
 import asyncio
+from email.message import Message
 from pathlib import Path
+from typing import cast
 
 from filterd.mta.bounce import DsnRecipient, build_dsn
 from filterd.mta.queue import Queue
@@ -25,7 +27,9 @@ def test_one_dsn_for_all_the_failed_recipients_of_a_message(tmp_path: Path) -> N
     assert calls(tmp_path / "out", "bob@example.org") == 1  # delivered, and not in the report
     [(envelope, dsn)] = bounces(queue)
     assert [r.address for r in envelope.rcpts] == [SENDER]
-    report = dsn.get_payload()[1].get_payload()  # message/delivery-status: the per-message block, then one each
+    parts = cast(list[Message], dsn.get_payload())
+    # message/delivery-status: the per-message block, then one each
+    report = cast(list[Message], parts[1].get_payload())
     finals = sorted(str(block["Final-Recipient"]) for block in report[1:])
     assert finals == sorted(f"rfc822; {r}" for r in rcpts[:5])
     assert qmgr.stats.bounced == 5 and qmgr.stats.dsns == 1

@@ -19,9 +19,8 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-
-import pytest
 
 from filterd.mta.queue import Queue
 from tests.mta.mta_fixture import Mta
@@ -113,7 +112,7 @@ class _Clients:
 
 
 def test_sigkill_while_mail_flows_loses_no_accepted_message(
-    tmp_path: Path, record_property: pytest.RecordProperty
+    tmp_path: Path, record_property: Callable[[str, object], None]
 ) -> None:
     mail = tmp_path / "mail"
     (tmp_path / "filterd.yaml").write_text(

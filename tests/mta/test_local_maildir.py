@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from filterd.config import DeliverConfig, MtaConfig
+from filterd.config import DeliverConfig, FrozenMap, MtaConfig
 from filterd.mda import maildir as maildir_module
 from filterd.mta.delivery import DeliveryResult, LocalDelivery, delivery_mode
 from filterd.mta.queue import Queue
@@ -27,7 +27,10 @@ from tests.mta.qmgr_helpers import MESSAGE, enqueue, make_qmgr, mta_config, run_
 
 def _local(tmp_path: Path, *, recipes: str = "", homes: bool = True, **deliver: Any) -> LocalDelivery:
     mta = dataclasses.replace(
-        MtaConfig(), local_delivery="maildir", mailbox="{home}/Maildir/", mailboxes={"file": str(tmp_path / "a-file")}
+        MtaConfig(),
+        local_delivery="maildir",
+        mailbox="{home}/Maildir/",
+        mailboxes=FrozenMap({"file": str(tmp_path / "a-file")}),
     )
     if recipes:
         (tmp_path / "recipes.yaml").write_text(recipes)
@@ -78,13 +81,13 @@ def test_delivers_into_new_with_the_lines_a_local_delivery_agent_adds(tmp_path: 
 
 def test_every_file_is_fsynced_and_linked_before_the_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     synced: list[str] = []
-    real_fsync = maildir_module.os.fsync
+    real_fsync = os.fsync
 
     def fsync(fd: int) -> None:
-        synced.append(maildir_module.os.readlink(f"/proc/self/fd/{fd}"))
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         real_fsync(fd)
 
-    monkeypatch.setattr(maildir_module.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)  # the os module filterd.mda.maildir calls
     result = _deliver(_local(tmp_path), tmp_path, "bob@example.org")
     assert result.outcome == "delivered"
     new = tmp_path / "home" / "bob" / "Maildir" / "new"
@@ -212,12 +215,12 @@ def test_a_failing_pipe_is_read_as_sysexits_with_its_stderr(tmp_path: Path, code
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EDQUOT, errno.EIO])
 def test_disk_full_or_quota_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int) -> None:
     def full(fd: int, data: bytes) -> None:
-        raise OSError(err, maildir_module.os.strerror(err))
+        raise OSError(err, os.strerror(err))
 
     monkeypatch.setattr(maildir_module, "write_all", full)
     result = _deliver(_local(tmp_path), tmp_path, "bob@example.org")
     assert (result.status, result.outcome) == ("4.3.0", "deferred")
-    assert maildir_module.os.strerror(err) in result.detail
+    assert os.strerror(err) in result.detail
     maildir = tmp_path / "home" / "bob" / "Maildir"
     assert not list((maildir / "tmp").iterdir()) and not list((maildir / "new").iterdir())
 

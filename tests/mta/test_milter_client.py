@@ -42,7 +42,7 @@ from filterd.protocols.milter import (
     ReplyCode,
     Tempfail,
 )
-from filterd.protocols.milter_client import MilterClientConnection, Negotiated, ReplyEvent, parse_reply_code
+from filterd.protocols.milter_client import Command, MilterClientConnection, Negotiated, ReplyEvent, parse_reply_code
 from tests.mta.milter_helpers import serve_filter
 
 Filter = Callable[[Event], list[Reply]]
@@ -355,7 +355,8 @@ def test_arbitrary_filter_bytes_give_replies_or_remote_errors(chunks: list[bytes
         client.negotiate()
     else:
         client = _negotiated_client(protocol=int(ProtocolFlag.SKIP))
-        command = {"helo": Helo("x", {}), "eom": EndOfMessage({}), "body": BodyChunk(b"x")}[stage]
+        commands: dict[str, Command] = {"helo": Helo("x", {}), "eom": EndOfMessage({}), "body": BodyChunk(b"x")}
+        command = commands[stage]
         client.send(command)
     try:
         for chunk in [*chunks, b""]:

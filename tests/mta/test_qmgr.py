@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from filterd.config import FrozenMap, default_config
-from filterd.mta.delivery import DeliveryResult, LocalDelivery
+from filterd.mta.delivery import DeliveryResult, LocalDelivery, MessageData
 from filterd.mta.qmgr import backoff, request_delete, request_flush
 from filterd.mta.queue import Envelope, Queue, Recipient
 from tests.mta.qmgr_helpers import (
@@ -398,7 +398,9 @@ def test_a_delivery_that_raises_is_deferred_and_the_rest_goes_on(tmp_path: Path)
     config = mta_config(tmp_path, min_backoff=60.0, max_backoff=60.0)
 
     class Broken(LocalDelivery):
-        async def deliver(self, queue_id: str, sender: str, recipient: str, data_path: Path) -> DeliveryResult:
+        async def deliver(
+            self, queue_id: str, sender: str, recipient: str, data_path: Path | MessageData
+        ) -> DeliveryResult:
             if recipient.startswith("bug"):
                 raise RuntimeError("a bug")
             return await super().deliver(queue_id, sender, recipient, data_path)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from filterd.config import load_config
+from filterd.config import Duration, load_config
 from filterd.errors import ConfigError
 
 
@@ -20,9 +20,9 @@ def _problems(tmp_path: Path, text: str) -> list[str]:
 
 def test_defaults_follow_postfix() -> None:
     mta = load_config(None).mta
-    assert (mta.min_backoff, mta.max_backoff, mta.max_lifetime) == (300, 4000, 5 * 86400)
+    assert (mta.min_backoff, mta.max_backoff, mta.max_lifetime) == (Duration(300), Duration(4000), Duration(5 * 86400))
     assert mta.per_destination_concurrency == 20 and mta.smtp_port == 25 and mta.smtp_starttls
-    assert mta.local_delivery_command[:2] == ("filterd", "deliver") and mta.delay_warning == 0
+    assert mta.local_delivery_command[:2] == ("filterd", "deliver") and mta.delay_warning == Duration(0)
 
 
 def test_settings_load_with_units(tmp_path: Path) -> None:
@@ -32,7 +32,7 @@ def test_settings_load_with_units(tmp_path: Path) -> None:
         "  mailboxes: {bob: /srv/mail/bob}\n  local_delivery_command: [/usr/bin/procmail, -d, '{user}']\n"
     )
     mta = load_config(path).mta
-    assert (mta.min_backoff, mta.max_backoff, mta.smtp_port) == (1, 120, 2525)
+    assert (mta.min_backoff, mta.max_backoff, mta.smtp_port) == (Duration(1), Duration(120), 2525)
     assert dict(mta.mailboxes) == {"bob": "/srv/mail/bob"}
 
 

@@ -10,9 +10,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-
-import pytest
 
 from filterd.mta.queue import Envelope, Queue, Recipient
 from tests.mta.mta_fixture import Mta
@@ -38,7 +37,7 @@ def _start(run: Path, n: int) -> Mta:
     return mta
 
 
-def test_sigkill_during_delivery_loses_nothing(tmp_path: Path, record_property: pytest.RecordProperty) -> None:
+def test_sigkill_during_delivery_loses_nothing(tmp_path: Path, record_property: Callable[[str, object], None]) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (tmp_path / "filterd.yaml").write_text(
