@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Iterator
 from email.utils import formatdate
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -186,7 +187,7 @@ def test_gtube_is_refused_with_its_score(postfix: Postfix, daemon: Daemon) -> No
     with smtp(postfix, "milter") as s, pytest.raises(smtplib.SMTPDataError) as refused:
         s.sendmail("alice@example.net", ["bob@example.org"], message(m, GTUBE + b"\r\n"))
     assert refused.value.smtp_code == 550
-    text = refused.value.smtp_error.decode()
+    text = cast(bytes, refused.value.smtp_error).decode()
     assert text.startswith("5.7.1 Message scored 10") and text.endswith(", rejected as spam"), text
     time.sleep(0.5)
     assert not postfix.was_delivered(m.encode())
@@ -218,7 +219,7 @@ def test_a_virus_is_refused(postfix: Postfix) -> None:
     with smtp(postfix, "milter") as s, pytest.raises(smtplib.SMTPDataError) as refused:
         s.sendmail("alice@example.net", ["bob@example.org"], message(m, EICAR + b"\r\n"))
     assert refused.value.smtp_code == 550
-    assert refused.value.smtp_error.startswith(b"5.7.1 Message contains a virus (Eicar-Test-")
+    assert cast(bytes, refused.value.smtp_error).startswith(b"5.7.1 Message contains a virus (Eicar-Test-")
 
 
 # -- greylisting ----------------------------------------------------------------------------------

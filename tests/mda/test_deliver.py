@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -452,7 +453,8 @@ def test_unscanned_mail_carries_our_x_filterd_skipped_alone(tmp_path: Path, deli
     assert stored.endswith(b"\n" + MSG) and b"not scanned" not in stored
     # too big to send, and not marked (deliver.mark_unfiltered off): no X-Filterd-Skipped at all
     big = UNSCANNED + b"y" * 3000 + b"\n"
-    for folder, settings in (("a", {}), ("b", {"mark_unfiltered": False})):
+    cases: tuple[tuple[str, dict[str, Any]], ...] = (("a", {}), ("b", {"mark_unfiltered": False}))
+    for folder, settings in cases:
         box = tmp_path / folder
         assert deliver("--user", "alice", "--maildir", str(box), "--daemon", gone, data=big, max_size="2K",
                        **settings).returncode == 0  # fmt: skip

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from filterd.config import GreylistConfig, default_config, load_config
+from filterd.config import Duration, GreylistConfig, default_config, load_config
 from filterd.errors import ConfigError, StateError
 from filterd.greylist import Greylist, GreylistDecision, normalize_sender
 from filterd.state import RedisStateStore
@@ -51,7 +51,7 @@ def with_greylist(make_store: MakeStore, scenario: Scenario, **changes: Any) -> 
 
 def test_defaults_and_config_problems(tmp_path: Path) -> None:
     cfg = default_config().greylist
-    assert (cfg.enabled, cfg.delay, cfg.retry_window, cfg.expiry) == (False, 300, 2 * DAY, 35 * DAY)
+    assert (cfg.enabled, cfg.delay, cfg.retry_window, cfg.expiry) == (False, Duration(300), 2 * DAY, 35 * DAY)
     assert (cfg.ipv4_prefix, cfg.ipv6_prefix, cfg.auto_whitelist_after, cfg.normalize_sender) == (24, 64, 5, True)
     assert cfg.message == "451 4.7.1 Greylisted, please try again later" and cfg.exempt_networks == ()
     path = tmp_path / "filterd.yaml"

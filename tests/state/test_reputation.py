@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from filterd.config import Config, default_config
+from filterd.config import Config, Duration, default_config
 from filterd.engine.checks.lists import ListsCheck
 from filterd.engine.checks.reputation import ReputationCheck, reputation_of
 from filterd.engine.engine import Engine, Result, shipped_rules_dir
@@ -99,7 +99,13 @@ def config_and_dir(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Conf
 
 def test_defaults() -> None:
     cfg = default_config().reputation
-    assert (cfg.enabled, cfg.factor, cfg.ipv4_prefix, cfg.ipv6_prefix, cfg.expiry) == (False, 0.5, 16, 48, 180 * 86400)
+    assert (cfg.enabled, cfg.factor, cfg.ipv4_prefix, cfg.ipv6_prefix, cfg.expiry) == (
+        False,
+        0.5,
+        16,
+        48,
+        Duration(180 * 86400),
+    )
     assert default_config().state.backend == "sqlite"
 
 
