@@ -13,7 +13,7 @@ import sqlite3
 import time
 import tracemalloc
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pytest
@@ -179,7 +179,7 @@ def test_a_write_only_handle_snapshots_a_new_store(tmp_path: Path) -> None:
         conn.close()
     with BayesStore.open(path, cfg.bayes, upkeep=False) as reader:
         # BayesStoreBase.__enter__ is annotated as returning the base class; this is a BayesStore.
-        assert cast(BayesStore, reader)._snapshot_due is False  # it loaded the snapshot, not the table
+        assert reader._snapshot_due is False  # it loaded the snapshot, not the table
     check_consistent(path)
 
 

@@ -48,7 +48,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import IO, Literal
+from typing import IO, Literal, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -602,7 +602,7 @@ class BayesStoreBase(abc.ABC):
     def _flush_touches(self) -> None:
         """Write the atime of the buckets marked as seen, and unmark them."""
 
-    def __enter__(self) -> BayesStoreBase:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
