@@ -178,7 +178,6 @@ def test_a_write_only_handle_snapshots_a_new_store(tmp_path: Path) -> None:
     finally:
         conn.close()
     with BayesStore.open(path, cfg.bayes, upkeep=False) as reader:
-        # BayesStoreBase.__enter__ is annotated as returning the base class; this is a BayesStore.
         assert reader._snapshot_due is False  # it loaded the snapshot, not the table
     check_consistent(path)
 
