@@ -107,13 +107,13 @@ def test_failures_before_and_in_the_scan_are_answered_ex_software_by_kind(
     def broken_context(*args: object, **kwargs: object) -> None:
         raise ValueError("context broken by the test")
 
+    # The worker answers those for the connection (the daemon tests below), not the service.
     caplog.clear()
     monkeypatch.setattr(service_module, "_connection_context", broken_context)
-    reply = asyncio.run(service.handle(spamd_request("SYMBOLS", SPAM)))
-    assert reply == b"SPAMD/1.0 70 Internal error: the request failed, see the daemon log\r\n"
-    assert service.metrics.errors == {"scan_failed": 1, "internal": 1}
-    (record,) = _errors_logged(caplog)
-    assert record.exc_info is not None and "context broken by the test" in str(record.exc_info[1])
+    with pytest.raises(ValueError, match="context broken by the test"):
+        asyncio.run(service.handle(spamd_request("SYMBOLS", SPAM)))
+    assert service.metrics.errors == {"scan_failed": 1}
+    assert not _errors_logged(caplog)
 
 
 # -- a real daemon, faults injected through sitecustomize ----------------------------------------
@@ -125,7 +125,7 @@ import filterd.daemon.policy_service as policy_service
 import filterd.daemon.service as service
 
 _process_message = service.process_message
-_serve_spamd = service.SpamdService.handle
+_connection_context = service._connection_context
 
 
 def process_message(engine, result, options):
@@ -134,10 +134,10 @@ def process_message(engine, result, options):
     return _process_message(engine, result, options)
 
 
-async def handle(self, request):
-    if request.user == "break-the-service":
+def connection_context(headers, *, user, prefs):
+    if user == "break-the-service":
         raise RuntimeError("service broken by the test")
-    return await _serve_spamd(self, request)
+    return _connection_context(headers, user=user, prefs=prefs)
 
 
 async def serve(self, *args, **kwargs):
@@ -145,7 +145,7 @@ async def serve(self, *args, **kwargs):
 
 
 service.process_message = process_message
-service.SpamdService.handle = handle
+service._connection_context = connection_context
 milter_service.MilterService.serve = serve
 policy_service.PolicyService.serve = serve
 '''

@@ -61,16 +61,10 @@ class SpamdService:
         self._authserv_id = effective_authserv_id(config.auth)
 
     async def handle(self, request: SpamdRequest) -> bytes:
-        """The answer to ``request``; raises nothing but cancellation."""
+        """The answer to ``request``. A failed scan, or a failure to render its answer, is answered
+        here (EX_SOFTWARE, logged with what is known of the message, counted by kind); any other
+        failure propagates to the worker, which answers EX_SOFTWARE for the connection."""
         self.metrics.requests[request.method] += 1
-        try:
-            return await self._answer(request)
-        except Exception:
-            self.metrics.errors["internal"] += 1
-            log.exception("%s failed (user=%s size=%d)", request.method, request.user or "-", len(request.body))
-            return render_error(EX_SOFTWARE, "Internal error: the request failed, see the daemon log")
-
-    async def _answer(self, request: SpamdRequest) -> bytes:
         method = request.method
         if method == "PING":
             return render_pong()
