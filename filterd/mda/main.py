@@ -411,12 +411,11 @@ def _load_recipes(request: DeliveryRequest, config: DeliverConfig) -> tuple[Reci
     """The recipient's recipes (None: everything goes to INBOX), and whether their pipe and
     forward rules may run here (`_trust`)."""
     path = request.recipes
+    named = path is not None  # --recipes: a file that must be there
     if path is None:
-        if not config.recipes:
+        path = _expand_home(config.recipes, request.home) if config.recipes else None
+        if path is None:
             return None, False
-        path = _expand_home(config.recipes, request.home)
-        if path is None or not path.exists():
-            return None, False  # no recipes of one's own: everything goes to INBOX
     # One open: the checks judge the very file that is read, which its owner cannot swap
     # (e.g. through a symlink in their home) between the check and the read. O_NONBLOCK: a
     # FIFO put there opens at once (and is refused) instead of holding the delivery.
@@ -425,6 +424,11 @@ def _load_recipes(request: DeliveryRequest, config: DeliverConfig) -> tuple[Reci
             st = os.fstat(f.fileno())
             distrust, commands = _trust(st, request.user)
             text = f.read(_MAX_RECIPES + 1) if distrust is None else b""
+    except FileNotFoundError as exc:
+        if named:
+            log.warning("recipe error: %s: cannot read: %s", path, exc.strerror or exc)
+            log.warning("recipes in %s ignored: delivering to INBOX", path)
+        return None, False  # the user has no recipes of their own: everything goes to INBOX
     except OSError as exc:
         log.warning("recipe error: %s: cannot read: %s", path, exc.strerror or exc)
         log.warning("recipes in %s ignored: delivering to INBOX", path)

@@ -167,7 +167,7 @@ def test_the_recipe_file_checked_is_the_one_read(tmp_path: Path, monkeypatch: py
         result = real_stat(path, *args, **kwargs)
         if str(path) != str(link):
             return result
-        looks.append("stat")  # the first is "does it exist", the second would be the owner check
+        looks.append("stat")  # a check by path: "does it exist", then the owner check (the second)
         return swap_after(result) if len(looks) == 2 else result
 
     def fstat(fd: int) -> os.stat_result:
